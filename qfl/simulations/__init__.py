@@ -1,0 +1,1 @@
+"""Flower apps, data, models, experiment runner and report for qfl."""
