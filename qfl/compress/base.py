@@ -1,0 +1,185 @@
+"""Operator protocol: immutable, composable, self-describing compressors.
+
+An operator is a frozen dataclass whose fields are its parameters. That gives value
+equality (``parse(str(op)) == op``), hashing, and a config that round-trips
+(``get_config`` / ``from_config``, as in numcodecs) for free — which is what lets the
+wire format name the operator in a header and the spec string name it in a config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from ._kernels import count_nonfinite
+from .payload import Part, Payload, Raw
+
+#: Every concrete operator, by spec name.
+REGISTRY: dict[str, type[Operator]] = {}
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+@dataclass(frozen=True)
+class Properties:
+    """Guarantees of an operator C on a tensor of ``n`` elements.
+
+    unbiased
+        E[C(x)] = x.
+    variance
+        For unbiased C: E||C(x) - x||^2 <= variance * ||x||^2.
+    contraction
+        For biased C: E||C(x) - x||^2 <= (1 - contraction) * ||x||^2 (0 < contraction <= 1),
+        the condition under which error feedback converges (Stich et al.; Basu et al.).
+    """
+
+    unbiased: bool
+    variance: float | None = None
+    contraction: float | None = None
+
+
+def draw_seed(generator: torch.Generator | None) -> np.uint64:
+    """One 62-bit seed from a torch generator (or torch's global one).
+
+    Operators take randomness in this single draw, so ``torch.manual_seed`` or an
+    explicit generator makes compression reproducible, and the kernels stay free of
+    shared generator state.
+    """
+    return np.uint64(torch.randint(0, 2**62, (1,), generator=generator).item())
+
+
+def as_numpy_f32(x: torch.Tensor) -> np.ndarray:
+    """Flat contiguous float32 numpy view (a copy only when the dtype differs)."""
+    return x.to(torch.float32).contiguous().numpy()
+
+
+def check_finite(x: torch.Tensor) -> None:
+    """Refuse NaN/Inf: they would poison the scales and, via error memory, every round after."""
+    if x.dtype == torch.float32:
+        bad = int(count_nonfinite(x.contiguous().numpy()))
+    else:
+        bad = int((~torch.isfinite(x)).sum())
+    if bad:
+        nan = int(torch.isnan(x).sum())
+        inf = int(torch.isinf(x).sum())
+        raise ValueError(
+            f"cannot compress a tensor with non-finite values: {nan} NaN and {inf} Inf "
+            f"among {x.numel()} elements"
+        )
+
+
+class Operator(ABC):
+    """Base class of every compression operator.
+
+    Subclasses are frozen dataclasses. ``compress`` accepts a tensor of any shape, float
+    dtype and device, and ``decompress`` returns a tensor of the original shape, dtype
+    and device. Non-float tensors (integer, boolean) pass through losslessly: their
+    payload names :class:`Identity` as its operator.
+    """
+
+    #: Spec name, e.g. ``"qsgd"``.
+    name: ClassVar[str]
+    #: Parameters that may be given positionally in a spec string, in order.
+    positional: ClassVar[tuple[str, ...]] = ()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "name" in cls.__dict__ and cls.name != "chain":
+            REGISTRY[cls.name] = cls
+
+    # ------------------------------------------------------------------ public API
+    def compress(self, x: torch.Tensor, generator: torch.Generator | None = None) -> Payload:
+        """Compress ``x``; randomness is drawn from ``generator`` (torch's global one if None)."""
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{self} expects a torch.Tensor, got {type(x).__name__}")
+        shape = tuple(x.shape)
+        flat = x.detach().reshape(-1).to("cpu")
+        if x.dtype not in FLOAT_DTYPES:
+            return Payload(IDENTITY, shape, x.dtype, Raw(flat.clone()), x.device)
+        check_finite(flat)
+        return Payload(self, shape, x.dtype, self._compress(flat, generator), x.device)
+
+    def decompress(self, payload: Payload) -> torch.Tensor:
+        """Rebuild the tensor a payload describes (always with the payload's own operator)."""
+        op = payload.op
+        flat = op._decompress(payload.body, payload.numel)
+        return flat.to(payload.dtype).reshape(payload.shape).to(payload.device)
+
+    @abstractmethod
+    def properties(self, n: int) -> Properties:
+        """Unbiasedness and variance/contraction bound for an ``n``-element tensor."""
+
+    # ------------------------------------------------------------- configuration
+    def get_config(self) -> dict[str, Any]:
+        """``{"id": name, **parameters}``; ``from_config`` inverts it."""
+        return {"id": self.name, **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)}}
+
+    @staticmethod
+    def from_config(config: dict[str, Any]) -> Operator:
+        """Build an operator (or chain) from ``get_config`` output; ValueError if invalid."""
+        config = dict(config)
+        name = config.pop("id", None)
+        if name == "chain":
+            from .chain import Chain
+
+            return Chain.of([Operator.from_config(c) for c in config.get("ops", [])])
+        if name not in REGISTRY:
+            raise ValueError(f"unknown operator {name!r}; known operators: {', '.join(sorted(REGISTRY))}")
+        try:
+            return REGISTRY[name](**config)
+        except TypeError as exc:
+            raise ValueError(f"bad parameters for {name}: {exc}") from None
+
+    def __str__(self) -> str:
+        args = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value != f.default:
+                args.append(f"{f.name}={_format(value)}")
+        return f"{self.name}({', '.join(args)})" if args else self.name
+
+    # --------------------------------------------------------------- subclass API
+    @abstractmethod
+    def _compress(self, x: torch.Tensor, generator: torch.Generator | None) -> Part:
+        """Compress a flat, finite, CPU tensor in its original float dtype."""
+
+    @abstractmethod
+    def _decompress(self, part: Part, n: int) -> torch.Tensor:
+        """Rebuild ``n`` values (float32, or the raw dtype for lossless parts)."""
+
+
+def _format(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return repr(value)
+    return str(value)
+
+
+class ValueOperator(Operator):
+    """An operator on values (quantizer, cast, sign, identity): may follow a sparsifier."""
+
+
+@dataclass(frozen=True)
+class Identity(ValueOperator):
+    """No compression: the values as they are. Unbiased, zero variance, lossless."""
+
+    name: ClassVar[str] = "identity"
+
+    def _compress(self, x: torch.Tensor, generator: torch.Generator | None) -> Part:
+        return Raw(x.clone())
+
+    def _decompress(self, part: Part, n: int) -> torch.Tensor:
+        assert isinstance(part, Raw)
+        return part.values
+
+    def properties(self, n: int) -> Properties:
+        return Properties(unbiased=True, variance=0.0)
+
+
+IDENTITY = Identity()

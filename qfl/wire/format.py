@@ -1,0 +1,514 @@
+"""Payload <-> bytes: the qfl wire format, version 1.
+
+Layout of one blob (all integers little-endian, varints unsigned LEB128)::
+
+    b"QF" | version u8 | length varint | crc32 u32 | content (length - 4 bytes)
+
+    content = op-count u8 | ops | dtype u8 | ndim u8 | dims varint* | body
+    op      = op-id u8 | field-count u8 | fields (tagged: none/int/float/bool/str)
+    body    = the payload's parts, laid out by the operators (see ``_Encoder``)
+
+The length prefix makes blobs self-delimiting, so several can travel in one Flower
+``Array`` (a downlink catching a client up over several versions). The CRC turns a
+flipped bit anywhere into a clean error instead of a silently wrong model. The
+decoder checks every declared count against the bytes actually present and against
+``Limits`` before it allocates, so a hostile or broken blob costs at most what its
+declared (and allowed) shape costs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import struct
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..compress import (
+    BF16,
+    FP16,
+    QSGD,
+    Bernoulli,
+    Chain,
+    Grid,
+    Identity,
+    Levels,
+    Operator,
+    Part,
+    Payload,
+    RandK,
+    Raw,
+    Sign,
+    Signs,
+    Sparse,
+    Sparsifier,
+    TopK,
+)
+from ..compress.quantizers import level_dtype
+from . import _bits as B
+
+MAGIC = b"QF"
+VERSION = 1
+
+#: Operator ids of format version 1. Never renumber: add new ids instead.
+OP_IDS: dict[type[Operator], int] = {
+    Identity: 1, FP16: 2, BF16: 3, QSGD: 4, Grid: 5, Sign: 6, TopK: 7, RandK: 8, Bernoulli: 9,
+}
+OPS_BY_ID = {v: k for k, v in OP_IDS.items()}
+
+#: dtype codes of format version 1.
+DTYPES: dict[torch.dtype, int] = {
+    torch.float32: 1, torch.float16: 2, torch.bfloat16: 3, torch.float64: 4, torch.uint8: 5,
+    torch.int8: 6, torch.int16: 7, torch.int32: 8, torch.int64: 9, torch.bool: 10,
+}
+DTYPES_BY_CODE = {v: k for k, v in DTYPES.items()}
+# numpy twins used to move raw bytes (bfloat16 travels as its 16 raw bits).
+_NP = {
+    torch.float32: "<f4", torch.float16: "<f2", torch.bfloat16: "<u2", torch.float64: "<f8",
+    torch.uint8: "u1", torch.int8: "i1", torch.int16: "<i2", torch.int32: "<i4", torch.int64: "<i8",
+    torch.bool: "u1",
+}
+_BITS_VIEW = {torch.bfloat16: torch.int16, torch.bool: torch.uint8}
+
+_LEVELS_FIXED, _LEVELS_ELIAS = 0, 1
+_INDEX_BITMAP, _INDEX_RICE = 0, 1
+_TAG_NONE, _TAG_INT, _TAG_FLOAT, _TAG_FALSE, _TAG_TRUE, _TAG_STR = range(6)
+
+
+class WireFormatError(ValueError):
+    """A blob is not a valid qfl payload: truncated, corrupted, oversized or unknown."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a decoder is willing to allocate for one blob.
+
+    max_elements
+        Largest declared tensor (element count) accepted; 2^28 = 268M elements by
+        default (1 GiB of float32). Lower it on servers facing untrusted clients.
+    max_ndim
+        Largest number of dimensions accepted.
+    """
+
+    max_elements: int = 1 << 28
+    max_ndim: int = 32
+
+
+DEFAULT_LIMITS = Limits()
+
+
+# =========================================================================== encoding
+def _varint(v: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = v & 0x7F
+        v >>= 7
+        if v:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def _op_bytes(op: Operator) -> bytes:
+    fields = dataclasses.fields(op)
+    out = bytearray([OP_IDS[type(op)], len(fields)])
+    for f in fields:
+        v = getattr(op, f.name)
+        if v is None:
+            out.append(_TAG_NONE)
+        elif isinstance(v, bool):
+            out.append(_TAG_TRUE if v else _TAG_FALSE)
+        elif isinstance(v, int):
+            out.append(_TAG_INT)
+            out += _varint((v << 1) ^ (v >> 63) if v < 0 else v << 1)
+        elif isinstance(v, float):
+            out.append(_TAG_FLOAT)
+            out += struct.pack("<d", v)
+        elif isinstance(v, str):
+            raw = v.encode()
+            out.append(_TAG_STR)
+            out += _varint(len(raw)) + raw
+        else:  # pragma: no cover - operators only have these field types
+            raise TypeError(f"cannot encode parameter {f.name}={v!r} of {op}")
+    return bytes(out)
+
+
+def _ops_of(op: Operator) -> tuple[Sparsifier | None, Operator | None]:
+    if isinstance(op, Chain):
+        return op.sparsifier, op.value
+    if isinstance(op, Sparsifier):
+        return op, None
+    return None, op
+
+
+def _np_bytes(t: torch.Tensor) -> np.ndarray:
+    t = t.contiguous()
+    if t.dtype in _BITS_VIEW:
+        t = t.view(_BITS_VIEW[t.dtype])
+    return t.numpy()
+
+
+class _Encoder:
+    """Collects body sections; each method mirrors a ``_Decoder`` method."""
+
+    def __init__(self) -> None:
+        self.parts: list[bytes | np.ndarray] = []
+
+    def put(self, b: bytes | np.ndarray) -> None:
+        self.parts.append(b)
+
+    def raw(self, part: Part, m: int) -> None:
+        assert isinstance(part, Raw) and part.values.numel() == m
+        self.put(bytes([DTYPES[part.values.dtype]]))
+        self.put(_np_bytes(part.values))
+
+    def levels(self, part: Part, max_level: int) -> None:
+        assert isinstance(part, Levels)
+        self.put(part.scales.contiguous().numpy().astype("<f4", copy=False))
+        lv = part.levels.contiguous().numpy()
+        width = int(2 * max_level).bit_length()
+        block_bits = B.elias_block_bits(lv) if lv.size else np.zeros(0, np.int64)
+        if lv.size * width <= int(block_bits.sum()):
+            self.put(bytes([_LEVELS_FIXED]))
+            self.put(B.pack_fixed(lv, max_level, width))
+        else:
+            self.put(bytes([_LEVELS_ELIAS]))
+            self.put(b"".join(_varint(int(b)) for b in block_bits))
+            self.put(B.elias_encode(lv, block_bits))
+
+    def signs(self, part: Part) -> None:
+        assert isinstance(part, Signs)
+        self.put(struct.pack("<f", part.scale))
+        self.put(np.packbits(part.negative.numpy().astype(np.uint8)))
+
+    def positions(self, idx: np.ndarray, n: int) -> None:
+        k = idx.size
+        best_r, best_bits = 0, B.rice_bits(idx, 0) if k else 0
+        if k:
+            mean_gap = max((n - k) / k, 1.0)
+            r0 = max(0, int(math.log2(mean_gap * math.log(2))))
+            for r in range(max(0, r0 - 1), min(r0 + 3, 48)):
+                bits = B.rice_bits(idx, r)
+                if bits < best_bits:
+                    best_r, best_bits = r, bits
+        if n <= best_bits:
+            bitmap = np.zeros(n, np.uint8)
+            bitmap[idx] = 1
+            self.put(bytes([_INDEX_BITMAP]))
+            self.put(np.packbits(bitmap))
+        else:
+            self.put(bytes([_INDEX_RICE, best_r]) + _varint(best_bits))
+            self.put(B.rice_encode(idx, best_r, best_bits))
+
+
+def _value_body(enc: _Encoder, op: Operator | None, part: Part, m: int) -> None:
+    if isinstance(op, (QSGD, Grid)):
+        enc.levels(part, op.levels if isinstance(op, QSGD) else op.max_level)
+    elif isinstance(op, Sign):
+        enc.signs(part)
+    else:  # identity, casts, or raw values after a sparsifier
+        enc.raw(part, m)
+
+
+def encode(payload: Payload) -> bytes:
+    """Serialise a payload to bytes (one self-delimiting blob)."""
+    op = payload.op
+    sparsifier, value = _ops_of(op)
+    ops = [o for o in (sparsifier, value) if o is not None]
+    n = payload.numel
+    head = bytearray([len(ops)])
+    for o in ops:
+        head += _op_bytes(o)
+    if payload.dtype not in DTYPES:
+        raise TypeError(f"dtype {payload.dtype} has no wire code")
+    head += bytes([DTYPES[payload.dtype], len(payload.shape)])
+    for d in payload.shape:
+        head += _varint(d)
+    enc = _Encoder()
+    enc.put(bytes(head))
+    body = payload.body
+    if sparsifier is not None:
+        assert isinstance(body, Sparse)
+        k = body.count
+        enc.put(_varint(k))
+        if isinstance(sparsifier, RandK):
+            enc.put(struct.pack("<Q", body.seed))
+        else:
+            enc.positions(body.indices.contiguous().numpy(), n)
+        _value_body(enc, value, body.values, k)
+    else:
+        _value_body(enc, value, body, n)
+    crc = 0
+    for p in enc.parts:
+        crc = zlib.crc32(p, crc)
+    length = 4 + sum(p.nbytes if isinstance(p, np.ndarray) else len(p) for p in enc.parts)
+    return b"".join([MAGIC, bytes([VERSION]), _varint(length), struct.pack("<I", crc), *enc.parts])
+
+
+# =========================================================================== decoding
+class _Decoder:
+    """Bounds-checked cursor over one blob's content; every failure is a WireFormatError."""
+
+    def __init__(self, data: memoryview, limits: Limits) -> None:
+        self.data = data
+        self.pos = 0
+        self.limits = limits
+
+    def fail(self, what: str) -> WireFormatError:
+        return WireFormatError(f"{what} (at content byte {self.pos} of {len(self.data)})")
+
+    def take(self, n: int, what: str) -> memoryview:
+        if n < 0 or self.pos + n > len(self.data):
+            raise self.fail(f"truncated: {what} needs {n} bytes, {len(self.data) - self.pos} left")
+        out = self.data[self.pos:self.pos + n]
+        self.pos += n
+        return out
+
+    def u8(self, what: str) -> int:
+        return self.take(1, what)[0]
+
+    def varint(self, what: str, maximum: int) -> int:
+        v, shift = 0, 0
+        while True:
+            byte = self.u8(what)
+            v |= (byte & 0x7F) << shift
+            if not byte & 0x80:
+                break
+            shift += 7
+            if shift > 63:
+                raise self.fail(f"{what}: varint longer than 64 bits")
+        if v > maximum:
+            raise self.fail(f"{what} = {v} exceeds the allowed maximum {maximum}")
+        return v
+
+    def array(self, count: int, dtype: str, what: str) -> np.ndarray:
+        itemsize = np.dtype(dtype).itemsize
+        return np.frombuffer(self.take(count * itemsize, what), dtype=dtype).copy()
+
+    def padded(self, nbytes: int, what: str) -> np.ndarray:
+        """A stream copied into a buffer with 8 zero bytes of slack for 64-bit reads."""
+        buf = np.zeros(nbytes + 8, np.uint8)
+        buf[:nbytes] = np.frombuffer(self.take(nbytes, what), np.uint8)
+        return buf
+
+    # ---------------------------------------------------------------- sections
+    def op(self) -> Operator:
+        op_id = self.u8("operator id")
+        cls = OPS_BY_ID.get(op_id)
+        if cls is None:
+            raise self.fail(f"unknown operator id {op_id}")
+        fields = dataclasses.fields(cls)
+        count = self.u8("field count")
+        if count != len(fields):
+            raise self.fail(f"{cls.name} has {len(fields)} parameters, blob declares {count}")
+        config = {}
+        for f in fields:
+            tag = self.u8(f"tag of {cls.name}.{f.name}")
+            if tag == _TAG_NONE:
+                v = None
+            elif tag == _TAG_INT:
+                z = self.varint(f"{cls.name}.{f.name}", 2**64 - 1)
+                v = (z >> 1) ^ -(z & 1)
+            elif tag == _TAG_FLOAT:
+                v = struct.unpack("<d", self.take(8, f"{cls.name}.{f.name}"))[0]
+            elif tag in (_TAG_FALSE, _TAG_TRUE):
+                v = tag == _TAG_TRUE
+            elif tag == _TAG_STR:
+                raw = bytes(self.take(self.varint(f"length of {cls.name}.{f.name}", 64), f.name))
+                try:
+                    v = raw.decode()
+                except UnicodeDecodeError:
+                    raise self.fail(f"{cls.name}.{f.name} is not valid UTF-8") from None
+            else:
+                raise self.fail(f"unknown parameter tag {tag} for {cls.name}.{f.name}")
+            config[f.name] = v
+        try:
+            return cls(**config)
+        except (ValueError, TypeError) as exc:
+            raise self.fail(f"invalid parameters for {cls.name}: {exc}") from None
+
+    def raw(self, m: int) -> Raw:
+        code = self.u8("raw dtype")
+        dtype = DTYPES_BY_CODE.get(code)
+        if dtype is None:
+            raise self.fail(f"unknown raw dtype code {code}")
+        arr = self.array(m, _NP[dtype], "raw values")
+        t = torch.from_numpy(arr)
+        if dtype in _BITS_VIEW:
+            t = t.view(dtype)
+        return Raw(t)
+
+    def levels(self, m: int, bucket: int | None, max_level: int) -> Levels:
+        nb = 0 if m == 0 else (m + (bucket or m) - 1) // (bucket or m)
+        scales = self.array(nb, "<f4", "bucket scales")
+        if not np.all(np.isfinite(scales)) or np.any(scales < 0):
+            raise self.fail("bucket scales must be finite and non-negative")
+        mode = self.u8("levels coding")
+        out = np.zeros(m, level_dtype(max_level))
+        if mode == _LEVELS_FIXED:
+            width = int(2 * max_level).bit_length()
+            buf = self.padded((m * width + 7) // 8, "fixed-width levels")
+            status = B.unpack_fixed(buf, m, max_level, width, max_level, out)
+        elif mode == _LEVELS_ELIAS:
+            nblk = (m + B.BLOCK - 1) // B.BLOCK
+            remaining_bits = 8 * (len(self.data) - self.pos)
+            block_bits = np.array(
+                [self.varint("block length", remaining_bits) for _ in range(nblk)], np.int64
+            )
+            total = int(block_bits.sum())
+            buf = self.padded((total + 7) // 8, "Elias level stream")
+            status = B.elias_decode(buf, block_bits, m, max_level, out) if m else B.OK
+        else:
+            raise self.fail(f"unknown levels coding {mode}")
+        self.check(status, "levels")
+        return Levels(torch.from_numpy(scales), torch.from_numpy(out))
+
+    def signs(self, m: int) -> Signs:
+        (scale,) = struct.unpack("<f", self.take(4, "sign scale"))
+        if not math.isfinite(scale) or scale < 0:
+            raise self.fail("sign scale must be finite and non-negative")
+        packed = np.frombuffer(self.take((m + 7) // 8, "sign bits"), np.uint8)
+        neg = np.unpackbits(packed, count=m).astype(bool)
+        return Signs(scale, torch.from_numpy(neg))
+
+    def positions(self, k: int, n: int) -> torch.Tensor:
+        mode = self.u8("index coding")
+        if mode == _INDEX_BITMAP:
+            packed = np.frombuffer(self.take((n + 7) // 8, "index bitmap"), np.uint8)
+            idx = np.flatnonzero(np.unpackbits(packed, count=n))
+            if idx.size != k:
+                raise self.fail(f"index bitmap marks {idx.size} positions, header says {k}")
+            return torch.from_numpy(idx.astype(np.int64))
+        if mode == _INDEX_RICE:
+            r = self.u8("rice parameter")
+            if r > 47:
+                raise self.fail(f"rice parameter {r} out of range")
+            nbits = self.varint("index stream length", 8 * (len(self.data) - self.pos))
+            buf = self.padded((nbits + 7) // 8, "index stream")
+            out = np.empty(k, np.int64)
+            self.check(B.rice_decode(buf, nbits, r, k, n, out), "indices")
+            return torch.from_numpy(out)
+        raise self.fail(f"unknown index coding {mode}")
+
+    def check(self, status: int, what: str) -> None:
+        messages = {
+            B.ERR_OVERRUN: "a code runs past the end of its stream",
+            B.ERR_CODE: "an invalid (over-long) code",
+            B.ERR_RANGE: "a position or value outside the declared range",
+            B.ERR_TRAILING: "a stream does not end where its declared length says",
+        }
+        if status != B.OK:
+            raise self.fail(f"corrupt {what}: {messages.get(status, status)}")
+
+
+def _value_part(dec: _Decoder, op: Operator | None, m: int) -> Part:
+    if isinstance(op, QSGD):
+        return dec.levels(m, op.bucket, op.levels)
+    if isinstance(op, Grid):
+        return dec.levels(m, op.bucket, op.max_level)
+    if isinstance(op, Sign):
+        return dec.signs(m)
+    part = dec.raw(m)
+    if isinstance(op, FP16) and part.values.dtype != torch.float16:
+        raise dec.fail(f"fp16 payload carries {part.values.dtype} values")
+    if isinstance(op, BF16) and part.values.dtype != torch.bfloat16:
+        raise dec.fail(f"bf16 payload carries {part.values.dtype} values")
+    return part
+
+
+def _content(data: memoryview, limits: Limits) -> Payload:
+    dec = _Decoder(data, limits)
+    nops = dec.u8("operator count")
+    if nops not in (1, 2):
+        raise dec.fail(f"operator count must be 1 or 2, got {nops}")
+    ops = [dec.op() for _ in range(nops)]
+    try:
+        op = Chain.of(ops)
+    except ValueError as exc:
+        raise dec.fail(str(exc)) from None
+    if len(ops) == 2 and not isinstance(op, Chain):
+        raise dec.fail("a two-operator header must form a chain")
+    code = dec.u8("dtype")
+    dtype = DTYPES_BY_CODE.get(code)
+    if dtype is None:
+        raise dec.fail(f"unknown dtype code {code}")
+    ndim = dec.u8("ndim")
+    if ndim > limits.max_ndim:
+        raise dec.fail(f"ndim {ndim} exceeds the limit {limits.max_ndim}")
+    shape = tuple(dec.varint("dimension", limits.max_elements) for _ in range(ndim))
+    n = math.prod(shape)
+    if n > limits.max_elements:
+        raise dec.fail(f"declared shape {shape} has {n} elements, above the limit max_elements={limits.max_elements}")
+    sparsifier, value = _ops_of(op)
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64) and not isinstance(op, Identity):
+        raise dec.fail(f"{op} cannot apply to dtype {dtype}")
+    if sparsifier is not None:
+        k = dec.varint("kept count", n)
+        expected = sparsifier.expected_count(n)
+        if expected is not None and k != expected:
+            raise dec.fail(f"{sparsifier} keeps {expected} of {n} elements, blob declares {k}")
+        if isinstance(sparsifier, RandK):
+            (seed,) = struct.unpack("<Q", dec.take(8, "rand-k seed"))
+            body: Part = Sparse(None, seed, _value_part(dec, value, k))
+        else:
+            idx = dec.positions(k, n)
+            body = Sparse(idx, None, _value_part(dec, value, k))
+    else:
+        body = _value_part(dec, value, n)
+        if isinstance(op, Identity) and body.values.dtype != dtype:
+            raise dec.fail(f"identity payload of {dtype} carries {body.values.dtype} values")
+    if dec.pos != len(data):
+        raise dec.fail(f"{len(data) - dec.pos} unexpected trailing bytes")
+    return Payload(op, shape, dtype, body)
+
+
+def _frame(view: memoryview, start: int) -> tuple[memoryview, int]:
+    """(content of the blob starting at ``start``, offset just past it)."""
+    if len(view) - start < 3:
+        raise WireFormatError(f"truncated: {len(view) - start} bytes cannot hold a qfl header")
+    if bytes(view[start:start + 2]) != MAGIC:
+        raise WireFormatError(f"not a qfl payload: magic {bytes(view[start:start + 2])!r}, expected {MAGIC!r}")
+    if view[start + 2] != VERSION:
+        raise WireFormatError(f"unsupported qfl wire format version {view[start + 2]} (this build reads {VERSION})")
+    pos, length, shift = start + 3, 0, 0
+    while True:
+        if pos >= len(view):
+            raise WireFormatError("truncated: blob length field")
+        byte = view[pos]
+        pos += 1
+        length |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            break
+        shift += 7
+        if shift > 63:
+            raise WireFormatError("corrupt blob length field")
+    if length < 4 or pos + length > len(view):
+        raise WireFormatError(f"truncated: blob declares {length} bytes, {len(view) - pos} present")
+    (crc,) = struct.unpack("<I", view[pos:pos + 4])
+    content = view[pos + 4:pos + length]
+    if zlib.crc32(content) != crc:
+        raise WireFormatError("checksum mismatch: the blob was corrupted in transit or storage")
+    return content, pos + length
+
+
+def decode_all(data: bytes | bytearray | memoryview, limits: Limits = DEFAULT_LIMITS) -> list[Payload]:
+    """Decode a concatenation of blobs (possibly empty) into payloads, in order."""
+    view = memoryview(data).cast("B") if not isinstance(data, memoryview) else data.cast("B")
+    out, pos = [], 0
+    while pos < len(view):
+        content, pos = _frame(view, pos)
+        out.append(_content(content, limits))
+    return out
+
+
+def decode(data: bytes | bytearray | memoryview, limits: Limits = DEFAULT_LIMITS) -> Payload:
+    """Decode exactly one blob; WireFormatError on anything else."""
+    view = memoryview(data).cast("B") if not isinstance(data, memoryview) else data.cast("B")
+    content, end = _frame(view, 0)
+    if end != len(view):
+        raise WireFormatError(f"{len(view) - end} trailing bytes after the blob")
+    return _content(content, limits)

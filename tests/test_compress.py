@@ -1,0 +1,351 @@
+"""Conformance of the operators with the properties the papers state.
+
+Statistical tests draw N independent compressions (seeded generators) and compare
+Monte Carlo means with the exact expectation within a few standard errors: a biased
+rounding, a wrong scale or a wrong probability moves the mean by far more.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import qfl
+from qfl.compress import (
+    QSGD,
+    Bernoulli,
+    Chain,
+    Grid,
+    Identity,
+    Levels,
+    RandK,
+    Sign,
+    Sparse,
+    TopK,
+    signtopk,
+)
+
+N = 3000  # Monte Carlo samples
+
+
+def samples(op, x, n=N):
+    """(n, d) matrix of independent decompressed compressions of x."""
+    return torch.stack([op.decompress(op.compress(x, torch.Generator().manual_seed(i))).reshape(-1).double()
+                        for i in range(n)])
+
+
+def assert_unbiased(op, x, n=N, z=5.0):
+    s = samples(op, x, n)
+    mean, se = s.mean(0), s.std(0) / math.sqrt(n)
+    target = x.reshape(-1).double()
+    # Coordinates with zero spread must be exact; others within z standard errors.
+    err = (mean - target).abs()
+    assert torch.all(err <= z * se + 1e-6 * (1 + target.abs())), float((err / (se + 1e-12)).max())
+    return s
+
+
+# ----------------------------------------------------------------------------- QSGD
+@pytest.mark.parametrize("op", [QSGD(4), QSGD(4, bucket=16), QSGD(4, norm="max"), QSGD(1), QSGD(16, bucket=7)])
+def test_qsgd_unbiased(op):
+    torch.manual_seed(0)
+    assert_unbiased(op, torch.randn(64))
+
+
+def exact_qsgd_variance(x, s, bucket, use_max):
+    """sum_i (norm/s)^2 p_i (1 - p_i), computed from the definition (float64)."""
+    x = x.double()
+    total = 0.0
+    for lo in range(0, x.numel(), bucket):
+        v = x[lo:lo + bucket]
+        norm = v.abs().max() if use_max else v.norm()
+        norm = float(torch.tensor(float(norm), dtype=torch.float32))  # the operator sends float32 scales
+        norm = max(norm, float(v.abs().max() if use_max else v.norm()))
+        y = v.abs() / norm * s
+        p = y - y.floor()
+        total += float(((norm / s) ** 2 * p * (1 - p)).sum())
+    return total
+
+
+@pytest.mark.parametrize("s,bucket,norm", [(1, 64, "l2"), (4, 16, "l2"), (3, 64, "max"), (8, 8, "l2")])
+def test_qsgd_variance_exact_and_within_lemma_bound(s, bucket, norm):
+    torch.manual_seed(1)
+    x = torch.randn(64)
+    op = QSGD(s, norm=norm, bucket=bucket)
+    sq = ((samples(op, x) - x.double()) ** 2).sum(1)
+    est, se = float(sq.mean()), float(sq.std()) / math.sqrt(N)
+    exact = exact_qsgd_variance(x, s, bucket, norm == "max")
+    assert abs(est - exact) <= 5 * se + 1e-9
+    # Lemma 3.1 bound per bucket, summed: sum_b beta_b ||v_b||^2.
+    bound = sum(op.beta(bucket) * float(x[lo:lo + bucket].double().norm() ** 2) for lo in range(0, 64, bucket))
+    assert est <= bound + 5 * se
+
+
+def test_qsgd_variance_bound_is_nearly_tight_for_flat_vectors():
+    # For v = (1,...,1) and s = 1 the variance is ||v|| ||v||_1 - ||v||^2 = (sqrt(d) - 1) ||v||^2,
+    # close to the lemma's sqrt(d)/s ||v||^2: a loose implementation would be caught.
+    d = 64
+    x = torch.ones(d)
+    op = QSGD(1)
+    sq = ((samples(op, x, 1000) - x.double()) ** 2).sum(1)
+    assert abs(float(sq.mean()) - (math.sqrt(d) - 1) * d) <= 5 * float(sq.std()) / math.sqrt(1000)
+    assert float(sq.mean()) <= op.properties(d).variance * d
+
+
+def test_qsgd_support():
+    torch.manual_seed(2)
+    x = torch.randn(1000)
+    op = QSGD(8, bucket=100)
+    p = op.compress(x)
+    assert isinstance(p.body, Levels) and p.body.scales.numel() == 10
+    lv = p.body.levels.long()
+    assert int(lv.abs().max()) <= 8
+    assert torch.all((lv == 0) | (lv.sign() == x.sign().long()))
+    y = op.decompress(p)
+    scale = p.body.scales.repeat_interleave(100) / 8
+    ratio = (y / scale).double()
+    assert torch.allclose(ratio, ratio.round(), atol=1e-4)
+    # Each magnitude rounds to one of its two neighbouring levels.
+    assert torch.all((y.abs() - x.abs()).abs() <= scale * (1 + 1e-5))
+
+
+def test_qsgd_damped_is_a_contraction_with_basu_factor():
+    torch.manual_seed(3)
+    x = torch.randn(256)
+    op = QSGD(2, bucket=64, damped=True)
+    beta = op.beta(256)
+    assert beta == pytest.approx(min(64 / 4, 8 / 2))
+    sq = ((samples(op, x, 1000) - x.double()) ** 2).sum(1)
+    assert float(sq.mean()) <= (1 - 1 / (1 + beta)) * float(x.double().norm() ** 2)
+
+
+# ----------------------------------------------------------------------- sparsifiers
+def test_topk_keeps_the_k_largest_and_contracts():
+    torch.manual_seed(4)
+    x = torch.randn(10_000)
+    for k in (1, 10, 137, 5000, 10_000):
+        op = TopK(k=k)
+        p = op.compress(x)
+        kept = set(p.body.indices.tolist())
+        assert kept == set(torch.topk(x.abs(), k).indices.tolist())
+        y = op.decompress(p)
+        assert float((x - y).norm() ** 2) <= (1 - k / x.numel()) * float(x.norm() ** 2) + 1e-3
+        assert torch.equal(y[p.body.indices], x[p.body.indices])
+
+
+def test_topk_ties_take_lowest_indices_and_ratio_rounds_up():
+    x = torch.tensor([1.0, -3.0, 3.0, 2.0, 3.0, 0.0, -3.0])
+    assert TopK(k=2).compress(x).body.indices.tolist() == [1, 2]
+    assert TopK(k=4).compress(x).body.indices.tolist() == [1, 2, 4, 6]
+    assert TopK(ratio=0.01).expected_count(1000) == 10
+    assert TopK(ratio=0.01).expected_count(10) == 1
+    assert TopK(ratio=0.5).expected_count(0) == 0
+
+
+def test_topk_on_huge_and_tiny_magnitudes():
+    x = torch.tensor([1e-40, -1e-38, 3e38, -2e-45, 0.0, 1.0])
+    assert TopK(k=3).compress(x).body.indices.tolist() == [1, 2, 5]
+
+
+def test_randk_unbiased_when_scaled_and_sends_no_indices():
+    torch.manual_seed(5)
+    x = torch.randn(40)
+    op = RandK(k=8, unbiased=True)
+    p = op.compress(x)
+    assert p.body.indices is None and p.body.seed is not None
+    assert_unbiased(op, x, n=4000)
+
+
+def test_randk_is_uniform_and_contracts_in_expectation():
+    x = torch.randn(50)
+    op = RandK(k=10)
+    hits = torch.zeros(50)
+    sq = []
+    for i in range(2000):
+        p = op.compress(x, torch.Generator().manual_seed(i))
+        pos = op.positions(p.body, 50)
+        assert pos.unique().numel() == 10 and torch.all(pos[1:] > pos[:-1])
+        hits[pos] += 1
+        sq.append(float((x - op.decompress(p)).norm() ** 2))
+    # Each position is kept with probability k/n = 0.2: binomial(2000, 0.2), sd ~ 17.9.
+    assert torch.all((hits - 400).abs() <= 5 * 17.9)
+    mean, se = sum(sq) / len(sq), torch.tensor(sq).std().item() / math.sqrt(len(sq))
+    assert abs(mean - 0.8 * float(x.norm() ** 2)) <= 5 * se
+
+
+def test_qsparse_composition_contraction():
+    torch.manual_seed(6)
+    x = torch.randn(500)
+    d, k = 500, 50
+    op = Chain.of([TopK(k=k), QSGD(2, damped=True)])
+    beta = QSGD(2).beta(k)
+    sq = ((samples(op, x, 1000) - x.double()) ** 2).sum(1)
+    bound = (1 - k / (d * (1 + beta))) * float(x.double().norm() ** 2)
+    assert float(sq.mean()) <= bound
+    assert op.properties(d).contraction == pytest.approx(k / (d * (1 + beta)))
+
+
+def test_signtopk_identity():
+    torch.manual_seed(7)
+    x = torch.randn(1000)
+    for k in (1, 10, 100, 1000):
+        op = signtopk(k=k)
+        y = op.decompress(op.compress(x))
+        top = torch.topk(x.abs(), k).values.double()
+        expected = float(x.double().norm() ** 2 - top.sum() ** 2 / k)
+        assert float((x.double() - y.double()).norm() ** 2) == pytest.approx(expected, rel=1e-5, abs=1e-5)
+
+
+def test_sign_identity():
+    x = torch.randn(333)
+    y = Sign().decompress(Sign().compress(x))
+    expected = float(x.double().norm() ** 2 - x.double().abs().sum() ** 2 / 333)
+    assert float((x.double() - y.double()).norm() ** 2) == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("op", [Bernoulli(p=0.2), Bernoulli(budget=0.1)])
+def test_bernoulli_unbiased_with_budget(op):
+    torch.manual_seed(8)
+    x = torch.randn(60) * torch.linspace(0.01, 3, 60)
+    assert_unbiased(op, x, n=4000)
+    counts = torch.tensor([float(op.compress(x, torch.Generator().manual_seed(i)).body.count) for i in range(2000)])
+    budget = 0.2 * 60 if op.p is not None else 0.1 * 60
+    assert float(counts.mean()) <= budget + 3 * float(counts.std()) / math.sqrt(2000)
+    assert float(counts.mean()) >= 0.8 * budget  # it uses the budget, not far less
+
+
+def test_bernoulli_budget_larger_than_support_keeps_everything():
+    x = torch.tensor([0.0, 1.0, -2.0, 0.0])
+    p = Bernoulli(budget=0.9).compress(x)
+    assert p.body.indices.tolist() == [1, 2]
+    assert torch.equal(p.decompress(), x)
+
+
+# ------------------------------------------------------------------------------ grid
+@pytest.mark.parametrize("bits,bucket", [(2, None), (4, 16), (8, None)])
+def test_grid_on_grid_unbiased_nothing_clipped(bits, bucket):
+    torch.manual_seed(9)
+    x = torch.randn(64) * 3
+    op = Grid(bits, bucket=bucket)
+    m = op.max_level
+    p = op.compress(x)
+    b = bucket or 64
+    delta = (p.body.scales / m).repeat_interleave(b)[:64]
+    inf = x.abs().reshape(-1, b).max(1).values.repeat_interleave(b)
+    assert torch.allclose(delta * m, inf, rtol=1e-6)  # scale = ||x||_inf / (2^(b-1) - 1)
+    assert int(p.body.levels.abs().max()) <= m
+    assert torch.all(x.abs() <= delta * m * (1 + 1e-6))  # nothing outside the grid
+    y = op.decompress(p)
+    assert torch.all((y - x).abs() < delta * (1 + 1e-5))  # rounded to a neighbour
+    assert_unbiased(op, x)
+
+
+# ------------------------------------------------------------------ dtypes, devices, edge cases
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("spec", ["qsgd(8)", "grid(6, bucket=10)", "topk(0.1) | qsgd(4, damped=true)",
+                                  "randk(0.2)", "bernoulli(budget=0.2) | grid(4)", "signtopk(0.1)", "fp16",
+                                  "bf16", "identity", "sign"])
+def test_shape_and_dtype_preserved(spec, dtype):
+    op = qfl.parse(spec)
+    for shape in [(), (0,), (17,), (2, 3, 4, 5)]:
+        x = torch.randn(shape).to(dtype)
+        y = op.decompress(op.compress(x))
+        assert y.shape == x.shape and y.dtype == x.dtype
+
+
+def test_identity_is_lossless_for_every_dtype():
+    for x in [torch.randn(5, 3).double(), torch.randn(9).bfloat16(), torch.arange(10),
+              torch.tensor([True, False]), torch.randint(0, 255, (7,), dtype=torch.uint8)]:
+        assert torch.equal(Identity().decompress(Identity().compress(x)), x)
+
+
+def test_non_float_tensors_pass_through_losslessly():
+    x = torch.arange(-5, 5, dtype=torch.int64)
+    p = QSGD(2).compress(x)
+    assert isinstance(p.op, Identity)
+    assert torch.equal(p.decompress(), x)
+    b = torch.tensor([True, False, True])
+    assert torch.equal(TopK(k=1).compress(b).decompress(), b)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("spec", ["qsgd(4)", "topk(0.5)", "randk(0.5)", "grid(8)", "fp16", "identity", "sign",
+                                  "bernoulli(0.5)"])
+def test_nan_and_inf_are_refused(spec, bad):
+    for dtype in (torch.float32, torch.float16):
+        x = torch.randn(100).to(dtype)
+        x[37] = bad
+        with pytest.raises(ValueError, match="non-finite"):
+            qfl.parse(spec).compress(x)
+
+
+def test_fp16_overflow_is_refused():
+    with pytest.raises(ValueError, match="fp16 cannot represent"):
+        qfl.parse("fp16").compress(torch.tensor([1.0, 1e6]))
+
+
+@pytest.mark.parametrize("spec", ["qsgd(4)", "qsgd(4, bucket=3)", "topk(0.5)", "randk(0.5)", "grid(8)", "sign",
+                                  "bernoulli(budget=0.5)", "topk(0.5) | qsgd(2)"])
+def test_empty_and_all_zero(spec):
+    op = qfl.parse(spec)
+    assert op.decompress(op.compress(torch.zeros(0))).numel() == 0
+    z = torch.zeros(3, 5)
+    assert torch.equal(op.decompress(op.compress(z)), z)
+
+
+def test_inputs_on_other_devices_and_strided_views_are_accepted():
+    x = torch.randn(8, 10)[:, ::2]  # non-contiguous
+    op = QSGD(4)
+    assert op.decompress(op.compress(x)).shape == (8, 5)
+    if torch.cuda.is_available():  # pragma: no cover - no GPU on CI
+        xc = torch.randn(100, device="cuda")
+        assert op.decompress(op.compress(xc)).device == xc.device
+
+
+def test_reproducible_with_a_generator_and_global_seed():
+    x = torch.randn(1000)
+    for spec in ["qsgd(4)", "randk(0.1)", "bernoulli(0.1) | grid(3)"]:
+        op = qfl.parse(spec)
+        a = op.compress(x, torch.Generator().manual_seed(5)).decompress()
+        b = op.compress(x, torch.Generator().manual_seed(5)).decompress()
+        assert torch.equal(a, b)
+        torch.manual_seed(11)
+        c = op.compress(x).decompress()
+        torch.manual_seed(11)
+        assert torch.equal(c, op.compress(x).decompress())
+
+
+def test_rounding_does_not_depend_on_thread_count():
+    import numba
+
+    x = torch.randn(300_000)
+    op = QSGD(16, bucket=512)
+    ref = op.compress(x, torch.Generator().manual_seed(1)).body.levels
+    old = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        one = op.compress(x, torch.Generator().manual_seed(1)).body.levels
+    finally:
+        numba.set_num_threads(old)
+    assert torch.equal(ref, one)
+
+
+def test_properties_declared():
+    assert QSGD(4).properties(100).unbiased
+    assert QSGD(4).properties(100).variance == pytest.approx(min(100 / 16, 10 / 4))
+    assert QSGD(4, norm="max").properties(100).variance == pytest.approx(min(100 / 64, 10 / 4))
+    assert TopK(k=10).properties(100).contraction == pytest.approx(0.1)
+    assert not TopK(k=10).properties(100).unbiased
+    assert RandK(k=10, unbiased=True).properties(100).variance == pytest.approx(9.0)
+    assert Bernoulli(p=0.25).properties(100).variance == pytest.approx(3.0)
+    assert Grid(8).properties(100).unbiased
+    chain = Chain.of([RandK(k=10, unbiased=True), QSGD(4)])
+    assert chain.properties(100).variance == pytest.approx(10 * (1 + QSGD(4).beta(10)) - 1)
+
+
+def test_payload_of_sparse_chain_holds_quantized_values():
+    x = torch.randn(1000)
+    p = qfl.parse("topk(0.05) | qsgd(4, bucket=10)").compress(x)
+    assert isinstance(p.body, Sparse) and p.body.count == 50
+    assert isinstance(p.body.values, Levels) and p.body.values.scales.numel() == 5

@@ -1,0 +1,276 @@
+"""The wire format: real bits, exact round trips, and hostile input rejected cleanly."""
+
+from __future__ import annotations
+
+import math
+import random
+import struct
+import zlib
+
+import numpy as np
+import pytest
+import torch
+
+import qfl
+from qfl import wire
+from qfl.wire import Limits, WireFormatError, decode, decode_all, encode
+from qfl.wire import _bits as B
+
+SPECS = [
+    "identity", "fp16", "bf16", "qsgd(16)", "qsgd(3, norm=max, bucket=32)", "qsgd(5000)", "grid(8)",
+    "grid(3, bucket=7)", "grid(16)", "sign", "topk(0.1)", "topk(k=3)", "randk(0.1)", "randk(0.2, unbiased=true)",
+    "bernoulli(0.1)", "bernoulli(budget=0.1)", "signtopk(0.1)", "topk(0.1) | qsgd(4, damped=true)",
+    "bernoulli(budget=0.05) | grid(4)", "randk(0.3) | fp16", "topk(0.2) | bf16",
+]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+SHAPES = [(), (0,), (1,), (1000,), (3, 4, 5, 6)]
+
+
+# ------------------------------------------------------------------- Elias-omega
+def omega_reference(v: int) -> str:
+    """Elias-omega code as a bit string, straight from the definition."""
+    code = "0"
+    while v > 1:
+        b = bin(v)[2:]
+        code = b + code
+        v = len(b) - 1
+    return code
+
+
+def test_omega_code_lengths_and_bits_match_the_definition():
+    assert [len(omega_reference(v)) for v in (1, 2, 3, 4, 7, 8, 15, 16, 100)] == [1, 3, 3, 6, 6, 7, 7, 11, 13]
+    values = list(range(1, 5000)) + [2**k + d for k in range(12, 43) for d in (-1, 0, 1)]
+    lengths = B.omega_lengths(np.array(values))
+    for v, n in zip(values, lengths):
+        ref = omega_reference(v)
+        code, length = B.omega_code_slow(v)
+        assert n == length == len(ref)
+        assert format(code, f"0{length}b") == ref
+
+
+def test_elias_level_stream_round_trip_and_exact_length():
+    rng = np.random.default_rng(0)
+    for n, density, s in [(1, 1.0, 3), (1000, 0.1, 7), (200_000, 0.5, 2**20), (70_000, 0.001, 100), (5, 0.0, 3)]:
+        lv = np.where(rng.random(n) < density, rng.integers(-s, s + 1, n), 0).astype(np.int32)
+        blocks = B.elias_block_bits(lv)
+        # Length from the definition: gap, sign, level per nonzero, gaps restarting per block.
+        expected = 0
+        for b in range(0, n, B.BLOCK):
+            nz = np.flatnonzero(lv[b:b + B.BLOCK])
+            gaps = np.diff(np.concatenate([[-1], nz]))
+            expected += sum(len(omega_reference(int(g))) for g in gaps) + len(nz)
+            expected += sum(len(omega_reference(abs(int(v)))) for v in lv[b:b + B.BLOCK][nz])
+        assert int(blocks.sum()) == expected
+        buf = B.elias_encode(lv, blocks)
+        assert buf.size == (expected + 7) // 8
+        padded = np.zeros(buf.size + 8, np.uint8)
+        padded[:buf.size] = buf
+        out = np.zeros(n, np.int32)
+        assert B.elias_decode(padded, blocks, n, s, out) == B.OK
+        assert np.array_equal(out, lv)
+
+
+def test_rice_round_trip():
+    rng = np.random.default_rng(1)
+    for n, k in [(10, 0), (10, 10), (1_000_000, 1000), (100, 1)]:
+        idx = np.sort(rng.choice(n, k, replace=False)).astype(np.int64)
+        for r in (0, 3, 9):
+            bits = B.rice_bits(idx, r)
+            buf = B.rice_encode(idx, r, bits)
+            padded = np.concatenate([buf, np.zeros(8, np.uint8)])
+            out = np.empty(k, np.int64)
+            assert B.rice_decode(padded, bits, r, k, n, out) == B.OK
+            assert np.array_equal(out, idx)
+
+
+# ---------------------------------------------------------------- round trips
+@pytest.mark.parametrize("spec", SPECS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_round_trip_every_operator_dtype_shape(spec, dtype):
+    op = qfl.parse(spec)
+    for shape in SHAPES:
+        x = torch.randn(shape).to(dtype)
+        p = op.compress(x, torch.Generator().manual_seed(3))
+        blob = encode(p)
+        q = decode(blob)
+        assert q.op == p.op and q.shape == p.shape and q.dtype == p.dtype
+        assert torch.equal(q.decompress(), p.decompress())
+
+
+@pytest.mark.parametrize("x", [torch.arange(12).reshape(3, 4), torch.tensor([True, False, True]),
+                               torch.randint(-100, 100, (5,), dtype=torch.int8), torch.tensor(7)])
+def test_non_float_round_trip(x):
+    q = decode(encode(qfl.parse("qsgd(4)").compress(x)))
+    assert torch.equal(q.decompress(), x)
+
+
+def test_blobs_concatenate():
+    x = torch.randn(100)
+    payloads = [qfl.parse(s).compress(x) for s in ("qsgd(4)", "topk(0.1)", "identity")]
+    blob = b"".join(encode(p) for p in payloads)
+    out = decode_all(blob)
+    assert [p.op for p in out] == [p.op for p in payloads]
+    assert decode_all(b"") == []
+    with pytest.raises(WireFormatError, match="trailing"):
+        decode(blob)
+
+
+# ------------------------------------------------------------------ real bits
+def test_sizes_are_bits_not_containers():
+    x = torch.randn(100_000)
+    n = x.numel()
+    header = 48
+    assert len(encode(qfl.parse("grid(8)").compress(x))) <= n + header
+    assert len(encode(qfl.parse("grid(4)").compress(x))) <= n // 2 + header
+    assert len(encode(qfl.parse("grid(2)").compress(x))) <= n // 4 + header
+    assert len(encode(qfl.parse("sign").compress(x))) <= n // 8 + header
+    assert len(encode(qfl.parse("fp16").compress(x))) <= 2 * n + header
+    # rand-k: values only (the seed regenerates positions).
+    assert len(encode(qfl.parse("randk(0.01)").compress(x))) <= 4 * 1000 + header
+    # top-k positions: close to the entropy log2(C(n, k)) bits, far below 32-bit indices.
+    k = 1000
+    entropy_bits = (math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)) / math.log(2)
+    topk_bytes = len(encode(qfl.parse("topk(0.01)").compress(x)))
+    assert topk_bytes - 4 * k <= 1.05 * entropy_bits / 8 + header
+
+
+def test_qsgd_sqrt_d_levels_within_paper_bound():
+    """QSGD, Corollary 3.3: with s = sqrt(d), expected code length <= 2.8 d + 32 bits.
+
+    Counts the whole blob, header included, for Gaussian input and for the heavier tails
+    of real model updates. (A flat vector, all |v_i| equal, puts every level at exactly 1
+    and costs 3 bits per element: gap, sign and level codes of one bit each.)"""
+    d = 10_000
+    s = int(math.sqrt(d))
+    op = qfl.parse(f"qsgd({s})")
+    laplace = torch.distributions.Laplace(0.0, 1.0)
+    for draw in (lambda g: torch.randn(d, generator=g), lambda g: laplace.sample((d,))):
+        torch.manual_seed(0)
+        sizes = [8 * len(encode(op.compress(draw(torch.Generator().manual_seed(i)), torch.Generator().manual_seed(i))))
+                 for i in range(30)]
+        assert sum(sizes) / len(sizes) <= 2.8 * d + 32
+
+
+def test_qsgd_picks_the_smaller_of_elias_and_fixed_width():
+    x = torch.randn(10_000)
+    dense = encode(qfl.parse("qsgd(200, bucket=16)").compress(x))  # many large levels: fixed width wins
+    sparse = encode(qfl.parse("qsgd(2)").compress(x))  # mostly zeros: Elias wins
+    width = (2 * 200).bit_length()
+    assert len(dense) <= 10_000 * width / 8 + 4 * 625 + 40
+    assert len(sparse) < 10_000 * 3 / 8
+
+
+# -------------------------------------------------------------- hostile input
+def valid_blobs():
+    torch.manual_seed(0)
+    out = []
+    for spec in SPECS:
+        x = torch.randn(300)
+        out.append((spec, encode(qfl.parse(spec).compress(x))))
+    out.append(("int", encode(qfl.parse("identity").compress(torch.arange(40)))))
+    return out
+
+
+@pytest.mark.parametrize("spec,blob", valid_blobs())
+def test_every_truncation_raises_wire_format_error(spec, blob):
+    for cut in range(len(blob)):
+        with pytest.raises(WireFormatError):
+            decode(blob[:cut])
+
+
+@pytest.mark.parametrize("spec,blob", valid_blobs())
+def test_random_byte_flips_raise_wire_format_error(spec, blob):
+    rnd = random.Random(spec)
+    for _ in range(200):
+        b = bytearray(blob)
+        for _ in range(rnd.randint(1, 3)):
+            i = rnd.randrange(len(b))
+            b[i] ^= rnd.randint(1, 255)
+        with pytest.raises(WireFormatError):
+            decode(bytes(b))
+
+
+def reframe(content: bytes) -> bytes:
+    """A blob with a valid header and checksum around arbitrary content."""
+    n = len(content) + 4
+    length = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        length.append(byte | (0x80 if n else 0))
+        if not n:
+            break
+    return wire.MAGIC + bytes([wire.VERSION]) + bytes(length) + struct.pack("<I", zlib.crc32(content)) + content
+
+
+def content_of(blob: bytes) -> bytes:
+    pos, shift, length = 3, 0, 0
+    while True:
+        byte = blob[pos]
+        pos += 1
+        length |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            break
+    return blob[pos + 4:pos + length]
+
+
+@pytest.mark.parametrize("spec,blob", valid_blobs())
+def test_parser_behind_the_checksum_only_raises_wire_format_error(spec, blob):
+    """Flip and cut content under a recomputed CRC: the parser itself must hold."""
+    rnd = random.Random("parser" + spec)
+    content = content_of(blob)
+    limits = Limits(max_elements=1 << 20)
+    for trial in range(300):
+        c = bytearray(content)
+        if trial % 3 == 0:
+            c = c[: rnd.randrange(len(c) + 1)]
+        else:
+            for _ in range(rnd.randint(1, 4)):
+                if c:
+                    c[rnd.randrange(len(c))] = rnd.randrange(256)
+        try:
+            p = decode(reframe(bytes(c)), limits)
+        except WireFormatError:
+            continue
+        # Whatever decodes is a well-formed payload that decompresses to its shape.
+        y = p.decompress()
+        assert tuple(y.shape) == p.shape
+
+
+def test_unknown_version_bad_magic_and_checksum_messages():
+    blob = bytearray(encode(qfl.parse("qsgd(4)").compress(torch.randn(10))))
+    with pytest.raises(WireFormatError, match="version 9"):
+        decode(bytes(blob[:2]) + b"\x09" + bytes(blob[3:]))
+    with pytest.raises(WireFormatError, match="magic"):
+        decode(b"XX" + bytes(blob[2:]))
+    blob[-1] ^= 1
+    with pytest.raises(WireFormatError, match="checksum"):
+        decode(bytes(blob))
+    with pytest.raises(WireFormatError, match="truncated"):
+        decode(b"")
+
+
+def test_oversized_declarations_are_refused_before_allocation():
+    blob = encode(qfl.parse("qsgd(4)").compress(torch.randn(1000)))
+    with pytest.raises(WireFormatError, match="exceeds the allowed maximum 999|max_elements=999"):
+        decode(blob, Limits(max_elements=999))
+    # A tiny blob that declares a 2^40-element tensor: refused by the default limit.
+    content = bytearray(content_of(encode(qfl.parse("identity").compress(torch.zeros(1)))))
+    # content: n_ops, op id, nfields, dtype, ndim, dim(varint 1) ...
+    assert content[:5] == bytes([1, 1, 0, 1, 1])
+    forged = bytes(content[:5]) + bytes([0x80, 0x80, 0x80, 0x80, 0x80, 0x20]) + bytes(content[6:])
+    with pytest.raises(WireFormatError, match="exceeds the allowed maximum|above the limit"):
+        decode(reframe(forged))
+
+
+def test_declared_counts_must_match_the_operator():
+    # A top-k blob whose kept count disagrees with ratio * n is refused.
+    p = qfl.parse("topk(k=5)").compress(torch.randn(100))
+    content = bytearray(content_of(encode(p)))
+    forged = reframe(bytes(content).replace(bytes([7, 2, 0, 1, 10]), bytes([7, 2, 0, 1, 12]), 1))
+    with pytest.raises(WireFormatError):
+        decode(forged)
+
+
+def test_stype_names_the_version():
+    assert wire.STYPE == "qfl/v1"
