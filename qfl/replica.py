@@ -1,0 +1,253 @@
+"""Downlink bookkeeping: what the server sends, and what each client holds.
+
+Two modes.
+
+``model`` (stateless, AsyLPG's quantized model): every message carries the current
+model compressed by the downlink policy; nothing is remembered anywhere.
+
+``delta`` (stateful, server-side error feedback): the server keeps the *replica* R,
+the model every synced client holds, and versions it. A new server model w becomes
+version v+1 with R <- R + C(w - R): whatever C fails to send stays in w - R and is
+sent later, which is exactly error feedback on the downlink. A client at version u
+receives the encoded steps u+1..v (kept for the last ``history`` versions only, so
+server memory is bounded); a client whose replica is missing, older than that, or
+whose reported digest disagrees gets the replica itself, losslessly (a resync). Steps
+are applied with the same code on both ends, and the client checks the digest of the
+result, so a replica can never silently drift from the server's record of it.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+
+from .codec import apply_delta, compress_model, is_float, model_delta
+from .compress import IDENTITY, Payload
+from .records import Tensors, digest, encode_record, to_record, to_tensors
+from .spec import Policy
+from .wire import encode
+
+#: Prefix of every qfl entry in a message's ConfigRecord (clients strip them).
+PREFIX = "qfl."
+#: Key of the ConfigRecord in which a client's reply reports its qfl state.
+REPLY_KEY = "qfl"
+#: Keys of the downlink fields in a message's ConfigRecord.
+MODE, BASE, VERSION, DIGEST = "qfl.mode", "qfl.base", "qfl.version", "qfl.digest"
+FULL = -1  # BASE of a full (resync) payload
+
+
+@dataclass(frozen=True)
+class Offer:
+    """One distinct downlink payload: the record to send and its ConfigRecord fields."""
+
+    record: ArrayRecord
+    fields: dict[str, int | str]
+    kind: str  # "model", "full", "delta" or "current"
+
+
+class ServerDownlink:
+    """Server side of the downlink (see module docstring).
+
+    Parameters
+    ----------
+    mode : {"model", "delta"}
+    policy : Policy
+        Operator per tensor for the model (``model``) or for the steps (``delta``).
+    history : int
+        Delta steps kept, i.e. how far behind a client may be and still catch up
+        without a resync.
+    seed : int
+        Seeds the server's compression randomness (reproducible runs).
+    """
+
+    def __init__(self, mode: str, policy: Policy, history: int = 16, seed: int = 0) -> None:
+        if mode not in ("model", "delta"):
+            raise ValueError(f"downlink mode must be 'model' or 'delta', got {mode!r}")
+        if history < 1:
+            raise ValueError(f"history must be at least 1, got {history}")
+        self.mode = mode
+        self.policy = policy
+        self.history = history
+        self.generator = torch.Generator().manual_seed(seed)
+        self.version = 0
+        self.replica: Tensors | None = None
+        self._model_digest: int | None = None
+        self._steps: OrderedDict[int, dict[str, bytes]] = OrderedDict()  # version -> blob per tensor
+        self._digests: OrderedDict[int, int] = OrderedDict()  # version -> replica digest
+        self._offers: dict[object, Offer] = {}  # cache for the current version
+        self.nodes: dict[int, int] = {}  # node id -> acknowledged replica version
+
+    # --------------------------------------------------------------- server model
+    def update(self, model: Tensors) -> bool:
+        """Take the current server model; returns True if it is new (a new version)."""
+        d = digest(model)
+        if d == self._model_digest:
+            return False
+        self._model_digest = d
+        self._offers = {}
+        self.version += 1
+        if self.mode == "model":
+            payloads, _, _ = compress_model(model, self.policy, self.generator)
+            self._offers["model"] = Offer(encode_record(payloads), {MODE: "model", VERSION: self.version}, "model")
+            return True
+        if self.replica is None or self.replica.keys() != model.keys() or any(
+            self.replica[k].shape != model[k].shape for k in model
+        ):
+            # First model, or its structure changed: everyone starts over with a resync.
+            self.replica = {k: v.detach().clone() for k, v in model.items()}
+            self._steps.clear()
+            self._digests.clear()
+            self.nodes.clear()
+        else:
+            # Replica dtypes stay those of the first model: FedAvg turns int64 counters
+            # into float64 after aggregating, and clients cast them back on loading anyway.
+            target = {k: model[k].to(self.replica[k].dtype) for k in model}
+            delta = {k: model_delta(target[k], self.replica[k]) for k in model}
+            payloads, sent, _ = compress_model(delta, self.policy, self.generator)
+            self.replica = {k: apply_delta(self.replica[k], sent[k]) for k in model}
+            self._steps[self.version] = {k: encode(p) for k, p in payloads.items()}
+            while len(self._steps) > self.history:
+                self._steps.popitem(last=False)
+        self._digests[self.version] = digest(self.replica)
+        while len(self._digests) > self.history + 1:
+            self._digests.popitem(last=False)
+        return True
+
+    # ------------------------------------------------------------------- offers
+    def offer(self, node_id: int) -> Offer:
+        """The payload for one node (shared with every node in the same situation)."""
+        if self.mode == "model":
+            return self._offers["model"]
+        have = self.nodes.get(node_id)
+        if have is None or have not in self._digests or (have < self.version and have + 1 not in self._steps):
+            key: object = "full"
+        else:
+            key = have
+        if key not in self._offers:
+            self._offers[key] = self._build(key)
+        return self._offers[key]
+
+    def _build(self, key: object) -> Offer:
+        assert self.replica is not None
+        fields: dict[str, int | str] = {MODE: "delta", VERSION: self.version, DIGEST: self._digests[self.version]}
+        if key == "full":
+            # The replica itself, losslessly: identity blobs in the model's own dtypes.
+            record = encode_record({k: IDENTITY.compress(v) for k, v in self.replica.items()})
+            return Offer(record, {**fields, BASE: FULL}, "full")
+        base = int(key)  # type: ignore[arg-type]
+        steps = [self._steps[v] for v in range(base + 1, self.version + 1)]
+        record = encode_record({k: b"".join(s[k] for s in steps) for k in self.replica})
+        return Offer(record, {**fields, BASE: base}, "delta" if steps else "current")
+
+    # ----------------------------------------------------------------- clients
+    def acknowledge(self, node_id: int, version: int, replica_digest: int) -> bool:
+        """A client reports its replica; False (and a resync next time) if it disagrees."""
+        if self.mode != "delta":
+            return True
+        if self._digests.get(version) == replica_digest:
+            self.nodes[node_id] = version
+            return True
+        self.nodes.pop(node_id, None)
+        return False
+
+    def forget(self, node_id: int) -> None:
+        """Assume nothing about a node's replica (it failed, or replied with nonsense)."""
+        self.nodes.pop(node_id, None)
+
+    def state_size(self) -> dict[str, int]:
+        """What the downlink keeps, for memory accounting."""
+        step_bytes = sum(len(b) for s in self._steps.values() for b in s.values())
+        replica_bytes = sum(t.numel() * t.element_size() for t in (self.replica or {}).values())
+        return {"steps": len(self._steps), "step_bytes": step_bytes, "replica_bytes": replica_bytes,
+                "nodes": len(self.nodes), "digests": len(self._digests)}
+
+
+# ============================================================================ client
+_REPLICA, _REPLICA_META = "qfl.replica", "qfl.replica-meta"
+
+
+class DownlinkError(ValueError):
+    """The client cannot rebuild the model from this message (it needs a resync)."""
+
+
+def client_model(arrays: Mapping[str, list[Payload]], fields: Mapping[str, object], state: RecordDict) -> Tensors:
+    """Rebuild the model a message stands for, updating the replica in ``state`` (delta mode).
+
+    Raises DownlinkError with the reason when the replica is missing, at an unservable
+    version, or ends up with another digest than the server's; the replica is then
+    dropped so that the next message brings a full model.
+    """
+    mode = fields.get(MODE)
+    if mode == "model":
+        out = {}
+        for k, ps in arrays.items():
+            if len(ps) != 1:
+                raise DownlinkError(f"{k}: a model-mode message carries {len(ps)} payloads, expected 1")
+            out[k] = ps[0].decompress()
+        return out
+    if mode != "delta":
+        raise DownlinkError(f"unknown downlink mode {mode!r}")
+    base, target, want = int(fields[BASE]), int(fields[VERSION]), int(fields[DIGEST])
+    if base == FULL:
+        replica = {}
+        for k, ps in arrays.items():
+            if len(ps) != 1:
+                raise DownlinkError(f"{k}: a full model carries {len(ps)} payloads, expected 1")
+            replica[k] = ps[0].decompress()
+    else:
+        replica, have = load_replica(state)
+        if replica is None:
+            raise DownlinkError(f"no replica held (state lost?); version {target} needs a full model")
+        if not base <= have <= target:
+            drop_replica(state)
+            raise DownlinkError(f"replica is at version {have}, this message brings {base} -> {target}")
+        if replica.keys() != arrays.keys():
+            drop_replica(state)
+            raise DownlinkError("the message's tensors differ from the replica's")
+        for k, ps in arrays.items():
+            if len(ps) != target - base:
+                raise DownlinkError(f"{k}: {len(ps)} steps for versions {base} -> {target}")
+        for j in range(have - base, target - base):
+            replica = {k: apply_delta(replica[k], arrays[k][j].decompress()) for k in replica}
+    if digest(replica) != want:
+        drop_replica(state)
+        raise DownlinkError(f"replica digest after version {target} differs from the server's")
+    save_replica(state, replica, target, want)
+    return replica
+
+
+def load_replica(state: RecordDict) -> tuple[Tensors | None, int]:
+    """(replica, version) from a client's context state, (None, -1) if none."""
+    if _REPLICA not in state or _REPLICA_META not in state:
+        return None, -1
+    meta = state[_REPLICA_META]
+    return to_tensors(state[_REPLICA]), int(meta["version"])
+
+
+def replica_info(state: RecordDict) -> tuple[int, int] | None:
+    """(version, digest) of the held replica, without loading it."""
+    if _REPLICA_META not in state:
+        return None
+    meta = state[_REPLICA_META]
+    return int(meta["version"]), int(meta["digest"])
+
+
+def save_replica(state: RecordDict, replica: Tensors, version: int, replica_digest: int) -> None:
+    """Persist the replica in ``context.state``: it must outlive the ClientApp process."""
+    state[_REPLICA] = to_record(replica)
+    state[_REPLICA_META] = ConfigRecord({"version": version, "digest": replica_digest})
+
+
+def drop_replica(state: RecordDict) -> None:
+    """Forget the replica (the next message must bring a full model)."""
+    for key in (_REPLICA, _REPLICA_META):
+        if key in state:
+            del state[key]
+
+
+__all__ = ["BASE", "DIGEST", "FULL", "MODE", "PREFIX", "REPLY_KEY", "VERSION", "DownlinkError", "Offer", "ServerDownlink", "client_model", "drop_replica", "is_float", "load_replica",
+           "replica_info", "save_replica"]

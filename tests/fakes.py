@@ -1,0 +1,110 @@
+"""An in-process Grid: Flower's message flow without a SuperLink, for fast exact tests.
+
+Every message goes through Flower's own serialisation (``deflate``/``inflate`` of the
+RecordDict tree), as it would on the wire, so a test sees exactly the bytes a real
+run would carry and no object is shared between server and clients.
+"""
+
+from __future__ import annotations
+
+import itertools
+import traceback
+from collections.abc import Callable, Iterable
+
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
+from flwr.serverapp import Grid
+from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
+from flwr.supercore.task_identity import TaskIdentity
+
+from qfl.records import record_bytes
+
+
+def set_task_identity(run_id: int = 1, node_id: int = 0, task_id: int = 1) -> None:
+    """Messages read their run and node ids from here (a ServerApp process sets them)."""
+    TaskIdentity.run_id = run_id
+    TaskIdentity.node_id = node_id
+    TaskIdentity.task_id = task_id
+
+
+def wire_copy(content: RecordDict) -> RecordDict:
+    """A deep copy through Flower's inflatable-object serialisation (what the wire carries)."""
+    contents = {oid: obj.deflate() for oid, obj in get_all_nested_objects(content).items()}
+    return inflate_object_from_contents(content.object_id, contents)
+
+
+class FakeGrid(Grid):
+    """Runs a ClientApp per node in-process; records every message it carries.
+
+    ``fail`` maps node ids to a callable deciding (per message) whether that node
+    fails (returns an error reply) instead of answering.
+    """
+
+    def __init__(self, app: ClientApp, num_nodes: int, run_config: dict | None = None,
+                 node_config: Callable[[int], dict] | None = None) -> None:
+        set_task_identity()
+        self.app = app
+        self.node_ids = [1000 + i for i in range(num_nodes)]
+        self.contexts = {
+            nid: Context(run_id=1, node_id=nid,
+                         node_config=(node_config(i) if node_config else {"partition-id": i, "num-partitions": num_nodes}),
+                         state=RecordDict(), run_config=dict(run_config or {}))
+            for i, nid in enumerate(self.node_ids)
+        }
+        self.sent: list[Message] = []
+        self.received: list[Message] = []
+        self.fail: dict[int, Callable[[Message], bool]] = {}
+        self._ids = itertools.count()
+
+    # Grid API -----------------------------------------------------------------------
+    def set_run(self, run) -> None:  # pragma: no cover - not used in-process
+        self._run = run
+
+    @property
+    def run(self):  # pragma: no cover
+        return self._run
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None) -> Message:
+        return Message(content=content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id,
+                       ttl=ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.node_ids)
+
+    def push_messages(self, messages):  # pragma: no cover - send_and_receive covers the tests
+        raise NotImplementedError
+
+    def pull_messages(self, message_ids):  # pragma: no cover
+        raise NotImplementedError
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        replies = []
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = f"m{next(self._ids)}"
+            self.sent.append(msg)
+            node = msg.metadata.dst_node_id
+            delivered = Message(content=wire_copy(msg.content), metadata=msg.metadata)
+            if node in self.fail and self.fail[node](msg):
+                reply = Message(Error(code=ErrorCode.NODE_UNAVAILABLE, reason="node failed"), reply_to=delivered)
+            else:
+                try:
+                    reply = self.app(delivered, self.contexts[node])
+                except Exception:  # the runtime turns ClientApp exceptions into error replies
+                    reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=traceback.format_exc()),
+                                    reply_to=delivered)
+            if reply.has_content():
+                reply = Message(content=wire_copy(reply.content), metadata=reply.metadata)
+            self.received.append(reply)
+            replies.append(reply)
+        return replies
+
+    # Accounting ------------------------------------------------------------------------
+    @staticmethod
+    def array_bytes(messages: Iterable[Message]) -> int:
+        """Array data bytes in messages (what qfl counts: len(Array.data))."""
+        return sum(record_bytes(r) for m in messages if m.has_content() for r in m.content.array_records.values())
+
+
+__all__ = ["FakeGrid", "set_task_identity", "wire_copy"]

@@ -1,0 +1,111 @@
+"""Downlink versions: chains of steps, bounded history, resyncs, digests."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from flwr.app import RecordDict
+
+import qfl
+from qfl.records import decode_record, digest, record_bytes
+from qfl.replica import DownlinkError, ServerDownlink, client_model, load_replica
+
+
+def model(step: float) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {"w": torch.randn(50, 40, generator=g) + step, "b": torch.zeros(3) + step, "n": torch.tensor(int(round(step * 10)))}
+
+
+def receive(down: ServerDownlink, node: int, state: RecordDict) -> dict[str, torch.Tensor]:
+    offer = down.offer(node)
+    out = client_model(decode_record(offer.record), offer.fields, state)
+    v, d = load_replica(state)[1], digest(load_replica(state)[0])
+    assert down.acknowledge(node, v, d)
+    return out
+
+
+def test_chain_brings_a_lagging_client_to_the_exact_replica():
+    down = ServerDownlink("delta", qfl.Policy.build("topk(0.2) | qsgd(16)", min_elements=10), history=5)
+    states = {1: RecordDict(), 2: RecordDict()}
+    down.update(model(0.0))
+    for node, state in states.items():
+        receive(down, node, state)
+    for step in range(1, 4):  # node 2 misses three versions
+        down.update(model(step * 0.1))
+        receive(down, 1, states[1])
+    offer = down.offer(2)
+    assert offer.kind == "delta" and offer.fields["qfl.base"] == 1
+    # The chain is exactly the three encoded steps, nothing re-encoded per client.
+    assert record_bytes(offer.record) == sum(len(b) for v in (2, 3, 4) for b in down._steps[v].values())
+    assert all(len(ps) == 3 for ps in decode_record(offer.record).values())
+    got = receive(down, 2, states[2])
+    assert digest(got) == digest(down.replica)
+    assert got["n"].dtype == torch.int64 and int(got["n"]) == 3  # values, not deltas, for counters
+    # The replica tracks the model up to the compression error, which error feedback keeps bounded.
+    assert float((down.replica["w"] - model(0.3)["w"]).norm()) < float(model(0.3)["w"].norm())
+
+
+def test_client_ahead_of_what_the_server_knows_skips_applied_steps():
+    down = ServerDownlink("delta", qfl.Policy.build("qsgd(64)", min_elements=10))
+    state = RecordDict()
+    down.update(model(0.0))
+    receive(down, 7, state)
+    down.update(model(0.5))
+    offer = down.offer(7)
+    client_model(decode_record(offer.record), offer.fields, state)  # applied, but the reply got lost
+    down.update(model(1.0))
+    offer = down.offer(7)  # still based on version 1
+    assert offer.fields["qfl.base"] == 1
+    got = client_model(decode_record(offer.record), offer.fields, state)
+    assert digest(got) == digest(down.replica)
+
+
+def test_history_bound_and_resync():
+    down = ServerDownlink("delta", qfl.Policy.build("qsgd(64)", min_elements=10), history=2)
+    state = RecordDict()
+    down.update(model(0.0))
+    receive(down, 1, state)
+    for step in range(1, 6):
+        down.update(model(step))
+    size = down.state_size()
+    assert size["steps"] == 2 and size["digests"] == 3
+    assert down.offer(1).kind == "full"  # too far behind: the replica itself, losslessly
+    got = receive(down, 1, state)
+    assert all(torch.equal(got[k], down.replica[k]) for k in got)
+
+
+def test_missing_replica_and_digest_mismatch_are_refused_and_drop_the_state():
+    down = ServerDownlink("delta", qfl.Policy.build("qsgd(64)", min_elements=10))
+    state = RecordDict()
+    down.update(model(0.0))
+    receive(down, 1, state)
+    down.update(model(1.0))
+    offer = down.offer(1)
+    with pytest.raises(DownlinkError, match="no replica held"):
+        client_model(decode_record(offer.record), offer.fields, RecordDict())
+    wrong = dict(offer.fields)
+    wrong["qfl.digest"] = offer.fields["qfl.digest"] ^ 1
+    with pytest.raises(DownlinkError, match="digest"):
+        client_model(decode_record(offer.record), wrong, state)
+    assert load_replica(state) == (None, -1)
+    assert not down.acknowledge(1, 2, 12345)  # a report the server cannot vouch for
+    assert down.offer(1).kind == "full"
+
+
+def test_model_mode_is_stateless_and_shared():
+    down = ServerDownlink("model", qfl.Policy.build("grid(8)", min_elements=10))
+    down.update(model(0.0))
+    a, b = down.offer(1), down.offer(2)
+    assert a is b
+    state = RecordDict()
+    got = client_model(decode_record(a.record), a.fields, state)
+    assert len(state) == 0
+    assert torch.equal(got["b"], model(0.0)["b"])  # small tensors pass through
+    scale = model(0.0)["w"].abs().max() / 127
+    assert float((got["w"] - model(0.0)["w"]).abs().max()) <= float(scale) * 1.0001
+
+
+def test_same_model_twice_is_not_a_new_version():
+    down = ServerDownlink("delta", qfl.Policy.build("qsgd(64)"))
+    assert down.update(model(0.0)) and not down.update(model(0.0))
+    assert down.version == 1

@@ -1,0 +1,363 @@
+"""The strategy wrapper and the client mod, through an in-process Grid.
+
+The fake grid runs the real ClientApp (with compression_mod) per node and passes every
+message through Flower's serialisation, so these tests exercise the whole protocol
+(downlink versions, resyncs, uplink memory, dropped replies, byte accounting) in a
+second, without a SuperLink.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from conftest import tiny_data, tiny_model
+from fakes import FakeGrid
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx, FedTrimmedAvg
+
+import qfl
+from qfl.clients import LocalTraining, make_client_app
+from qfl.compress import IDENTITY, Payload, Raw
+from qfl.records import encode_record, record_bytes, to_tensors
+from qfl.replica import load_replica
+from qfl.strategies import Compressed
+from qfl.wire import STYPE
+
+PLAN = LocalTraining(steps=5, lr=0.1)
+
+
+def app(mod: bool = True):
+    return make_client_app(tiny_model, tiny_data, default=PLAN, mods=(qfl.clients.compression_mod,) if mod else ())
+
+
+def initial() -> ArrayRecord:
+    return ArrayRecord(tiny_model().state_dict())
+
+
+class Capture(logging.Handler):
+    """Collects Flower's log lines (its logger does not propagate to pytest's)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+    def __enter__(self):
+        logging.getLogger("flwr").addHandler(self)
+        return self
+
+    def __exit__(self, *exc):
+        logging.getLogger("flwr").removeHandler(self)
+
+
+def eval_loss(result, last=True) -> float:
+    rounds = sorted(result.evaluate_metrics_clientapp)
+    return float(result.evaluate_metrics_clientapp[rounds[-1] if last else rounds[0]]["eval_loss"])
+
+
+# ----------------------------------------------------------------- whole runs
+@pytest.mark.parametrize("inner", [
+    lambda: FedAvg(), lambda: FedAdam(eta=0.05, eta_l=0.1), lambda: FedAvgM(server_momentum=0.5, server_learning_rate=0.5),  # 1.0 diverges uncompressed too
+    lambda: FedProx(proximal_mu=0.01), lambda: FedTrimmedAvg(beta=0.2),
+])
+def test_any_inner_strategy_trains_with_both_directions_compressed(inner):
+    grid = FakeGrid(app(), 5)
+    strategy = Compressed(inner(), uplink="topk(0.1) | qsgd(16)", downlink="delta | qsgd(256)", min_elements=200)
+    result = strategy.start(grid=grid, initial_arrays=initial(), num_rounds=4)
+    assert eval_loss(result) < eval_loss(result, last=False)
+    # What the strategy reports is what crossed the (fake) wire.
+    total = strategy.traffic.total()
+    assert total.downlink == FakeGrid.array_bytes(grid.sent)
+    assert total.uplink == FakeGrid.array_bytes(m for m in grid.received if m.metadata.message_type == "train")
+    assert total.uplink < total.uplink_full / 4
+    assert total.downlink < total.downlink_full / 2
+    for r, metrics in result.train_metrics_clientapp.items():
+        assert metrics["qfl.uplink-bytes"] == strategy.traffic.at(r, "train").uplink
+
+
+def test_identity_spec_equals_plain_fedavg():
+    plain_grid = FakeGrid(app(mod=False), 4)
+    plain = FedAvg().start(grid=plain_grid, initial_arrays=initial(), num_rounds=3)
+    grid = FakeGrid(app(), 4)
+    wrapped = Compressed(FedAvg()).start(grid=grid, initial_arrays=initial(), num_rounds=3)
+    a, b = to_tensors(plain.arrays), to_tensors(wrapped.arrays)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype
+        assert torch.allclose(a[k].double(), b[k].double(), rtol=1e-5, atol=1e-6), k
+
+
+def test_uplink_bytes_are_what_the_spec_implies():
+    grid = FakeGrid(app(), 3)
+    strategy = Compressed(FedAvg(fraction_evaluate=0.0), uplink="randk(k=64)", downlink=None, min_elements=1000)
+    strategy.start(grid=grid, initial_arrays=initial(), num_rounds=2)
+    model = to_tensors(initial())
+    for reply in grid.received:
+        record = next(iter(r for r in reply.content.array_records.values()))
+        for name, arr in record.items():
+            assert arr.stype == STYPE and arr.dtype == "uint8" and arr.shape == (len(arr.data),)
+            t = model[name]
+            if t.numel() >= 1000:  # rand-k of 64 float32 values: 256 bytes plus the header and seed
+                assert 256 + 8 < len(arr.data) <= 256 + 8 + 48
+            else:  # passthrough, lossless: raw bytes plus the header
+                assert t.numel() * t.element_size() < len(arr.data) <= t.numel() * t.element_size() + 48
+
+
+# ------------------------------------------------------------- shared records
+class Spy(FedAvg):
+    """FedAvg that remembers the (shared) content it built."""
+
+    def configure_train(self, server_round, arrays, config, grid):
+        msgs = list(super().configure_train(server_round, arrays, config, grid))
+        self.original = msgs[0].content
+        self.snapshot = {k: bytes(a.data) for k, a in self.original["arrays"].items()}
+        return msgs
+
+
+def test_shared_recorddict_is_never_mutated_and_payloads_are_encoded_once(monkeypatch):
+    import qfl.records
+
+    calls = []
+    real = qfl.records.encode
+
+    def counting(p):
+        calls.append(p)
+        return real(p)
+
+    monkeypatch.setattr(qfl.records, "encode", counting)
+    grid = FakeGrid(app(), 6)
+    spy = Spy()
+    strategy = Compressed(spy, uplink=None, downlink="model | grid(8)")
+    msgs = list(strategy.configure_train(1, initial(), ConfigRecord({"lr": 0.1}), grid))
+    assert all(m.content is msgs[0].content for m in msgs)  # one payload, one content
+    assert msgs[0].content is not spy.original
+    assert all(a.stype == "numpy.ndarray" for a in spy.original["arrays"].values())
+    assert {k: bytes(a.data) for k, a in spy.original["arrays"].items()} == spy.snapshot
+    assert not any(k.startswith("qfl.") for k in spy.original["config"])
+    assert len(calls) == len(spy.snapshot)  # once per tensor, not once per client
+    assert msgs[0].content["config"]["lr"] == 0.1
+
+
+def test_delta_mode_groups_clients_by_replica_state():
+    grid = FakeGrid(app(), 4)
+    strategy = Compressed(FedAvg(fraction_evaluate=0.0), uplink="topk(0.2)", downlink="delta | qsgd(64)")
+    result = strategy.start(grid=grid, initial_arrays=initial(), num_rounds=2)
+    strategy.downlink.forget(grid.node_ids[0])  # this one will need a resync
+    msgs = list(strategy.configure_train(3, result.arrays, ConfigRecord(), grid))
+    contents = {id(m.content) for m in msgs}
+    assert len(contents) == 2
+    full = [m for m in msgs if m.content["config"]["qfl.base"] == -1]
+    assert [m.metadata.dst_node_id for m in full] == [grid.node_ids[0]]
+
+
+# ---------------------------------------------------------------- replicas
+def test_every_client_replica_matches_the_server_record_with_partial_participation():
+    grid = FakeGrid(app(), 6)
+    strategy = Compressed(FedAvg(fraction_train=0.5, fraction_evaluate=0.0, min_train_nodes=2),
+                          uplink="topk(0.1) | qsgd(16)", downlink="delta | topk(0.05) | qsgd(64)", history=4)
+    for r in range(1, 9):
+        result = strategy.start(grid=grid, initial_arrays=initial() if r == 1 else result.arrays, num_rounds=1)
+        for nid in grid.node_ids:
+            replica, version = load_replica(grid.contexts[nid].state)
+            if nid in strategy.downlink.nodes:
+                assert strategy.downlink.nodes[nid] == version
+                assert qfl.records.digest(replica) == strategy.downlink._digests[version]
+    state = strategy.downlink.state_size()
+    assert state["steps"] <= 4 and state["digests"] <= 5
+    total = strategy.traffic.total()
+    assert total.resyncs >= 6  # everyone once at the start, plus those who fell too far behind
+
+
+def test_a_client_that_failed_is_resynced_not_chained():
+    grid = FakeGrid(app(), 3)
+    strategy = Compressed(FedAvg(fraction_evaluate=0.0, min_train_nodes=1), uplink="topk(0.1)",
+                          downlink="delta | topk(0.1)", history=3)
+    absent = grid.node_ids[2]
+    result = strategy.start(grid=grid, initial_arrays=initial(), num_rounds=1)
+    grid.fail[absent] = lambda m: True
+    result = strategy.start(grid=grid, initial_arrays=result.arrays, num_rounds=2)
+    grid.fail.clear()
+    assert absent not in strategy.downlink.nodes  # failing made the server forget it
+    strategy.start(grid=grid, initial_arrays=result.arrays, num_rounds=1)
+    last = [m for m in grid.sent if m.metadata.dst_node_id == absent][-1]
+    assert last.content["config"]["qfl.base"] == -1
+    replica, version = load_replica(grid.contexts[absent].state)
+    assert version == strategy.downlink.version
+
+
+def test_restarted_client_is_resynced_and_training_continues():
+    grid = FakeGrid(app(), 3)
+    strategy = Compressed(FedAvg(), uplink="signtopk(0.1)", downlink="delta | qsgd(64)")
+    result = strategy.start(grid=grid, initial_arrays=initial(), num_rounds=2)
+    assert strategy.traffic.total().resyncs == 3
+    victim = grid.node_ids[1]
+    grid.contexts[victim].state = RecordDict()  # the SuperNode restarted: state lost
+    with Capture() as log:
+        result = strategy.start(grid=grid, initial_arrays=result.arrays, num_rounds=2)
+    assert any("no replica held" in line for line in log.lines)
+    replies = [m for m in grid.received if m.metadata.src_node_id == victim]
+    assert replies[-1].has_content()  # it trains again after the resync
+    assert strategy.traffic.total().resyncs == 3 + 1  # everyone at the start, the victim once more
+    replica, version = load_replica(grid.contexts[victim].state)
+    assert version == strategy.downlink.version
+
+
+def test_evaluate_messages_are_compressed_and_report_bytes():
+    grid = FakeGrid(app(), 3)
+    strategy = Compressed(FedAvg(), uplink="topk(0.1)", downlink="model | grid(6)")
+    result = strategy.start(grid=grid, initial_arrays=initial(), num_rounds=2)
+    evals = [m for m in grid.sent if m.metadata.message_type == "evaluate"]
+    assert evals and all(a.stype == STYPE for m in evals for a in m.content["arrays"].values())
+    assert result.evaluate_metrics_clientapp[2]["qfl.downlink-bytes"] == FakeGrid.array_bytes(evals[-3:])
+    assert "eval_acc" in result.evaluate_metrics_clientapp[2]
+
+
+# -------------------------------------------------------------- bad replies
+def good_replies(strategy, grid):
+    msgs = list(strategy.configure_train(1, initial(), ConfigRecord(), grid))
+    return grid.send_and_receive(msgs)
+
+
+def forge(reply: Message, arrays: ArrayRecord | None = None, drop_info: bool = False) -> Message:
+    content = RecordDict({k: v for k, v in reply.content.items() if not (drop_info and k == "qfl")})
+    if arrays is not None:
+        content["arrays"] = arrays
+    return Message(content=content, metadata=reply.metadata)
+
+
+def test_bad_replies_are_dropped_with_a_reason_and_the_round_goes_on():
+    grid = FakeGrid(app(), 8)
+    strategy = Compressed(FedAvg(fraction_evaluate=0.0), uplink="topk(0.1) | qsgd(16)", downlink=None)
+    replies = good_replies(strategy, grid)
+    model = to_tensors(initial())
+    big = "0.weight"
+    arrays = replies[1].content["arrays"]
+
+    flipped = ArrayRecord(dict(arrays))
+    data = bytearray(flipped[big].data)
+    data[len(data) // 2] ^= 0x40
+    flipped[big] = Array(dtype="uint8", shape=(len(data),), stype=STYPE, data=bytes(data))
+
+    nan = {k: torch.zeros_like(v, dtype=torch.float32) if v.is_floating_point() else v for k, v in model.items()}
+    nan[big][0, 0] = float("nan")
+    nan_record = ArrayRecord(dict(arrays))  # a hostile client: a lossless payload carrying NaN
+    nan_record["3.bias"] = encode_record({"3.bias": Payload(IDENTITY, (4,), torch.float32,
+                                                            Raw(torch.full((4,), float("nan"))))})["3.bias"]
+
+    missing = ArrayRecord({k: v for k, v in arrays.items() if k != big})
+    other_op = ArrayRecord(dict(arrays))
+    other_op[big] = encode_record({big: IDENTITY.compress(torch.zeros(64, 20))})[big]
+    wrong_shape = ArrayRecord(dict(arrays))
+    wrong_shape[big] = encode_record({big: qfl.parse("topk(0.1) | qsgd(16)").compress(torch.zeros(20, 64))})[big]
+
+    bad = [forge(replies[1], flipped), forge(replies[2], nan_record), forge(replies[3], missing),
+           forge(replies[4], other_op), forge(replies[5], wrong_shape), forge(replies[6], drop_info=True)]
+    reasons = ["checksum", "NaN", "missing ['0.weight']", "configured operator", "shape", "no qfl record"]
+    good = [replies[0], replies[7]]
+    with Capture() as log:
+        arrays_out, metrics = strategy.aggregate_train(1, good + bad)
+    assert metrics["qfl.dropped"] == 6
+    for reason in reasons:
+        assert any("dropped the reply" in line and reason in line for line in log.lines), reason
+    # The aggregate is exactly the aggregate of the good replies.
+    strategy2 = Compressed(FedAvg(fraction_evaluate=0.0), uplink="topk(0.1) | qsgd(16)", downlink=None)
+    strategy2._base, strategy2._full_bytes = strategy._base, strategy._full_bytes
+    ref, _ = strategy2.aggregate_train(1, good)
+    for k, v in to_tensors(ref).items():
+        assert torch.equal(v, to_tensors(arrays_out)[k])
+
+
+def test_all_replies_bad_keeps_the_model():
+    grid = FakeGrid(app(), 2)
+    strategy = Compressed(FedAvg(fraction_evaluate=0.0), uplink="topk(0.1)")
+    replies = good_replies(strategy, grid)
+    arrays, metrics = strategy.aggregate_train(1, [forge(r, drop_info=True) for r in replies])
+    assert arrays is None and metrics["qfl.dropped"] == 2
+
+
+def test_huge_update_norm_is_dropped():
+    grid = FakeGrid(app(), 2)
+    strategy = Compressed(FedAvg(fraction_evaluate=0.0), uplink="topk(0.1)", max_update_norm=1e-6)
+    replies = good_replies(strategy, grid)
+    with Capture() as log:
+        arrays, metrics = strategy.aggregate_train(1, replies)
+    assert metrics["qfl.dropped"] == 2 and any("max_update_norm" in line for line in log.lines)
+
+
+def test_failed_clients_do_not_stop_the_round():
+    grid = FakeGrid(app(), 4)
+    grid.fail[grid.node_ids[0]] = lambda m: True
+    strategy = Compressed(FedAvg(min_available_nodes=4), uplink="topk(0.1)", downlink="delta | qsgd(64)")
+    result = strategy.start(grid=grid, initial_arrays=initial(), num_rounds=2)
+    assert result.arrays is not None and len(result.train_metrics_clientapp) == 2
+
+
+# ------------------------------------------------------------------- the mod
+def test_mod_passes_through_messages_without_qfl_settings():
+    grid = FakeGrid(app(), 2)
+    result = FedAvg().start(grid=grid, initial_arrays=initial(), num_rounds=1)
+    assert all(a.stype == "numpy.ndarray" for m in grid.received if m.has_content()
+               for r in m.content.array_records.values() for a in r.values())
+    assert result.arrays is not None
+
+
+def test_mod_turns_a_corrupt_downlink_into_an_error_reply():
+    grid = FakeGrid(app(), 1)
+    strategy = Compressed(FedAvg(min_available_nodes=1, min_train_nodes=1), downlink="model | grid(8)")
+    msg = list(strategy.configure_train(1, initial(), ConfigRecord(), grid))[0]
+    bad = ArrayRecord(dict(msg.content["arrays"]))
+    bad["0.weight"] = Array(dtype="uint8", shape=(3,), stype=STYPE, data=b"QF\x07")
+    content = RecordDict(dict(msg.content.items()))
+    content["arrays"] = bad
+    msg.content = content
+    reply = grid.send_and_receive([msg])[0]
+    assert reply.has_error() and "could not rebuild the model" in reply.error.reason
+    assert "version 7" in reply.error.reason
+
+
+def test_mod_refuses_nan_from_training():
+    def nan_model(ctx):
+        m = tiny_model()
+        return m
+
+    def train_nan_app():
+        from flwr.clientapp import ClientApp
+
+        a = ClientApp(mods=[qfl.clients.compression_mod])
+
+        @a.train()
+        def train(msg, ctx):
+            sd = msg.content["arrays"].to_torch_state_dict()
+            sd["0.weight"][0, 0] = float("nan")
+            return Message(RecordDict({"arrays": ArrayRecord(sd), "metrics": MetricRecord({"num-examples": 1})}),
+                           reply_to=msg)
+        return a
+
+    grid = FakeGrid(train_nan_app(), 1)
+    strategy = Compressed(FedAvg(min_available_nodes=1, min_train_nodes=1), uplink="topk(0.1)")
+    reply = grid.send_and_receive(list(strategy.configure_train(1, initial(), ConfigRecord(), grid)))[0]
+    assert reply.has_error() and "NaN" in reply.error.reason
+
+
+def test_error_feedback_warning_for_unbiased_high_variance():
+    grid = FakeGrid(app(), 2)
+    with Capture() as log:
+        Compressed(FedAvg(), uplink="qsgd(2)").configure_train(1, initial(), ConfigRecord(), grid)
+    assert any("can diverge" in line for line in log.lines)
+    with Capture() as log:
+        Compressed(FedAvg(), uplink="qsgd(2)", error_feedback=False).configure_train(1, initial(), ConfigRecord(), grid)
+    assert not any("can diverge" in line for line in log.lines)
+
+
+def test_client_error_memory_persists_in_context_state():
+    grid = FakeGrid(app(), 2)
+    strategy = Compressed(FedAvg(fraction_evaluate=0.0), uplink="topk(0.05)")
+    strategy.start(grid=grid, initial_arrays=initial(), num_rounds=2)
+    for ctx in grid.contexts.values():
+        memory = to_tensors(ctx.state["qfl.memory"])
+        assert set(memory) == {"0.weight"}  # only the lossy tensor keeps a residual
+        assert float(memory["0.weight"].abs().sum()) > 0
