@@ -1,0 +1,1 @@
+"""Probe Flower App for the qfl launcher tests."""
