@@ -5,6 +5,11 @@ Two modes.
 ``model`` (stateless, AsyLPG's quantized model): every message carries the current
 model compressed by the downlink policy; nothing is remembered anywhere.
 
+``anchor`` (Quantized Epoch-SGD): at the start of an epoch everyone receives the model
+losslessly, the *anchor*; within the epoch every message carries C(w - anchor), one
+payload shared by all. A client needs only the anchor, never a chain, so clients that
+skip rounds cost nothing extra; one that lacks the anchor gets it with the payload.
+
 ``delta`` (stateful, server-side error feedback): the server keeps the *replica* R,
 the model every synced client holds, and versions it. A new server model w becomes
 version v+1 with R <- R + C(w - R): whatever C fails to send stays in w - R and is
@@ -65,8 +70,8 @@ class ServerDownlink:
     """
 
     def __init__(self, mode: str, policy: Policy, history: int = 16, seed: int = 0) -> None:
-        if mode not in ("model", "delta"):
-            raise ValueError(f"downlink mode must be 'model' or 'delta', got {mode!r}")
+        if mode not in ("model", "delta", "anchor"):
+            raise ValueError(f"downlink mode must be 'model', 'delta' or 'anchor', got {mode!r}")
         if history < 1:
             raise ValueError(f"history must be at least 1, got {history}")
         self.mode = mode
@@ -80,15 +85,20 @@ class ServerDownlink:
         self._digests: OrderedDict[int, int] = OrderedDict()  # version -> replica digest
         self._offers: dict[object, Offer] = {}  # cache for the current version
         self.nodes: dict[int, int] = {}  # node id -> acknowledged replica version
+        self._anchor_delta: dict[str, bytes] | None = None  # anchor mode: C(w - anchor) per tensor
+        self._reanchor = False
 
     # --------------------------------------------------------------- server model
     def update(self, model: Tensors) -> bool:
-        """Take the current server model; returns True if it is new (a new version)."""
+        """Take the current server model; returns False if it is the one already taken."""
         d = digest(model)
         if d == self._model_digest:
             return False
         self._model_digest = d
         self._offers = {}
+        if self.mode == "anchor":
+            self._update_anchor(model)
+            return True
         self.version += 1
         if self.mode == "model":
             payloads, _, _ = compress_model(model, self.policy, self.generator)
@@ -117,11 +127,38 @@ class ServerDownlink:
             self._digests.popitem(last=False)
         return True
 
+    def new_epoch(self) -> None:
+        """Anchor mode: the next model becomes the new anchor (sent losslessly to all)."""
+        self._reanchor = True
+        self._model_digest = None
+
+    def _update_anchor(self, model: Tensors) -> None:
+        if self._reanchor or self.replica is None or self.replica.keys() != model.keys() or any(
+            self.replica[k].shape != model[k].shape for k in model
+        ):
+            self._reanchor = False
+            self.version += 1
+            self.replica = {k: v.detach().clone() for k, v in model.items()}
+            self._anchor_delta = None
+            self.nodes.clear()
+            self._digests.clear()
+            self._digests[self.version] = digest(self.replica)
+            return
+        target = {k: model[k].to(self.replica[k].dtype) for k in model}
+        delta = {k: model_delta(target[k], self.replica[k]) for k in model}
+        payloads, _, _ = compress_model(delta, self.policy, self.generator)
+        self._anchor_delta = {k: encode(p) for k, p in payloads.items()}
+
     # ------------------------------------------------------------------- offers
     def offer(self, node_id: int) -> Offer:
         """The payload for one node (shared with every node in the same situation)."""
         if self.mode == "model":
             return self._offers["model"]
+        if self.mode == "anchor":
+            key: object = "current" if self.nodes.get(node_id) == self.version else "full"
+            if key not in self._offers:
+                self._offers[key] = self._build_anchor(key == "full")
+            return self._offers[key]
         have = self.nodes.get(node_id)
         if have is None or have not in self._digests or (have < self.version and have + 1 not in self._steps):
             key: object = "full"
@@ -130,6 +167,17 @@ class ServerDownlink:
         if key not in self._offers:
             self._offers[key] = self._build(key)
         return self._offers[key]
+
+    def _build_anchor(self, with_anchor: bool) -> Offer:
+        assert self.replica is not None
+        fields: dict[str, int | str] = {MODE: "anchor", VERSION: self.version, DIGEST: self._digests[self.version],
+                                        BASE: FULL if with_anchor else self.version}
+        blobs = {}
+        for k, v in self.replica.items():
+            head = encode(IDENTITY.compress(v)) if with_anchor else b""
+            blobs[k] = head + (self._anchor_delta[k] if self._anchor_delta is not None else b"")
+        kind = "full" if with_anchor else ("delta" if self._anchor_delta is not None else "current")
+        return Offer(encode_record(blobs), fields, kind)
 
     def _build(self, key: object) -> Offer:
         assert self.replica is not None
@@ -146,7 +194,7 @@ class ServerDownlink:
     # ----------------------------------------------------------------- clients
     def acknowledge(self, node_id: int, version: int, replica_digest: int) -> bool:
         """A client reports its replica; False (and a resync next time) if it disagrees."""
-        if self.mode != "delta":
+        if self.mode == "model":
             return True
         if self._digests.get(version) == replica_digest:
             self.nodes[node_id] = version
@@ -189,6 +237,8 @@ def client_model(arrays: Mapping[str, list[Payload]], fields: Mapping[str, objec
                 raise DownlinkError(f"{k}: a model-mode message carries {len(ps)} payloads, expected 1")
             out[k] = ps[0].decompress()
         return out
+    if mode == "anchor":
+        return _anchor_model(arrays, fields, state)
     if mode != "delta":
         raise DownlinkError(f"unknown downlink mode {mode!r}")
     base, target, want = int(fields[BASE]), int(fields[VERSION]), int(fields[DIGEST])
@@ -218,6 +268,30 @@ def client_model(arrays: Mapping[str, list[Payload]], fields: Mapping[str, objec
         raise DownlinkError(f"replica digest after version {target} differs from the server's")
     save_replica(state, replica, target, want)
     return replica
+
+
+def _anchor_model(arrays: Mapping[str, list[Payload]], fields: Mapping[str, object], state: RecordDict) -> Tensors:
+    """Anchor mode: anchor (from the message or the state) plus the shared difference."""
+    base, version, want = int(fields[BASE]), int(fields[VERSION]), int(fields[DIGEST])
+    if base == FULL:
+        anchor = {k: ps[0].decompress() for k, ps in arrays.items() if ps}
+        if anchor.keys() != arrays.keys() or digest(anchor) != want:
+            drop_replica(state)
+            raise DownlinkError(f"the anchor of version {version} does not match the server's digest")
+        save_replica(state, anchor, version, want)
+        rest = {k: ps[1:] for k, ps in arrays.items()}
+    else:
+        anchor, have = load_replica(state)
+        if anchor is None or have != base:
+            drop_replica(state)
+            raise DownlinkError(f"anchor version {base} is needed, the client holds {have}")
+        if anchor.keys() != arrays.keys():
+            drop_replica(state)
+            raise DownlinkError("the message's tensors differ from the anchor's")
+        rest = dict(arrays)
+    if any(len(ps) > 1 for ps in rest.values()):
+        raise DownlinkError("an anchor-mode message carries more than one difference per tensor")
+    return {k: apply_delta(anchor[k], rest[k][0].decompress()) if rest[k] else anchor[k] for k in anchor}
 
 
 def load_replica(state: RecordDict) -> tuple[Tensors | None, int]:

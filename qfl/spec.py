@@ -34,7 +34,7 @@ _FLOAT = re.compile(r"^[+-]?(\d[\d_]*\.?[\d_]*|\.\d[\d_]*)([eE][+-]?\d+)?$")
 _WORD = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
 
 #: Downlink modes a downlink spec may start with.
-DOWNLINK_MODES = ("model", "delta")
+DOWNLINK_MODES = ("model", "delta", "anchor")
 
 
 def _known() -> str:
@@ -138,7 +138,8 @@ def parse_downlink(spec: str | Operator | None, default_mode: str = "model") -> 
     """Split a downlink spec into (mode, operator): ``"delta | qsgd(256)"`` -> ("delta", qsgd).
 
     ``model`` sends the (quantized) model itself, stateless; ``delta`` sends the
-    compressed difference to the replica clients hold, with server-side error feedback.
+    compressed difference to the replica clients hold, with server-side error feedback;
+    ``anchor`` sends the compressed difference to an epoch anchor (Quantized Epoch-SGD).
     """
     if isinstance(spec, str):
         head, _, rest = spec.partition("|")

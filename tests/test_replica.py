@@ -109,3 +109,30 @@ def test_same_model_twice_is_not_a_new_version():
     down = ServerDownlink("delta", qfl.Policy.build("qsgd(64)"))
     assert down.update(model(0.0)) and not down.update(model(0.0))
     assert down.version == 1
+
+
+def test_anchor_mode_sends_differences_to_the_epoch_anchor():
+    down = ServerDownlink("anchor", qfl.Policy.build("qsgd(64)", min_elements=10))
+    s1, s2 = RecordDict(), RecordDict()
+    down.update(model(0.0))
+    assert down.offer(1).kind == "full"
+    receive(down, 1, s1)
+    down.update(model(0.5))
+    offer = down.offer(1)
+    assert offer.kind == "delta" and offer.fields["qfl.base"] == down.version
+    got = receive(down, 1, s1)
+    assert torch.equal(got["n"], model(0.5)["n"])
+    assert float((got["w"] - model(0.5)["w"]).abs().max()) < float((model(0.5)["w"] - model(0.0)["w"]).abs().max())
+    # A client without the anchor gets it together with the difference, in one message.
+    late = down.offer(2)
+    assert late.kind == "full" and all(len(ps) == 2 for ps in decode_record(late.record).values())
+    assert digest(receive(down, 2, s2)) == digest(got)
+    # The next epoch re-anchors everyone; the old anchor is refused.
+    version = down.version
+    down.new_epoch()
+    down.update(model(0.5))
+    assert down.version == version + 1 and down.offer(1).kind == "full"
+    stale = down.offer(1)
+    wrong = dict(stale.fields, **{"qfl.base": version})
+    with pytest.raises(DownlinkError):
+        client_model({k: ps[1:] for k, ps in decode_record(stale.record).items()}, wrong, RecordDict())

@@ -9,6 +9,7 @@ attached by :func:`make_client_app` and does that around it.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -104,11 +105,13 @@ def make_client_app(
     *,
     default: LocalTraining | None = None,
     mods: tuple = (compression_mod,),
+    on_trained: Callable[[Context, float], None] | None = None,
 ) -> ClientApp:
     """A ClientApp training ``model_fn(context)`` on ``data_fn(context)``.
 
     Local training settings come from the message's ConfigRecord, then the run config,
-    then ``default``.
+    then ``default``. ``on_trained(context, seconds)`` runs after local training (the
+    simulations use it to emulate slower devices).
     """
     app = ClientApp(mods=list(mods))
 
@@ -124,7 +127,10 @@ def make_client_app(
         round_ = int(msg.content.get("config", {}).get("server-round", 0))
         seed = int(context.run_config.get("seed", 0)) * 7919 + round_ * 104729 + int(
             context.node_config.get("partition-id", 0))
+        started = time.perf_counter()
         loss = train_local(model, x, y, plan_for(msg, context), torch.Generator().manual_seed(seed))
+        if on_trained is not None:
+            on_trained(context, time.perf_counter() - started)
         metrics = MetricRecord({"train_loss": loss, "num-examples": int(x.shape[0])})
         content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": metrics})
         return Message(content=content, reply_to=msg)

@@ -1,0 +1,65 @@
+"""The simulation's ClientApp: the reference torch client on a Fashion-MNIST partition.
+
+Partition and node identity come from the node config (``partition-id``,
+``num-partitions``: set by the simulation engine, or by ``--node-config`` on a real
+SuperNode); everything else from the run config. The data of a partition is cached
+per process: Ray actors serve many messages, while a deployment's ClientApp process
+serves one and pays the (~0.1 s) load.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+
+from flwr.app import Context
+
+from ..clients import make_client_app
+from .data import client_data
+from .models import build_model
+from .settings import Settings
+
+
+def _settings(context: Context) -> Settings:
+    return Settings.from_run_config(dict(context.run_config))
+
+
+def _partition(context: Context) -> tuple[int, int]:
+    cfg = context.node_config
+    if "partition-id" not in cfg or "num-partitions" not in cfg:
+        raise ValueError("node config needs 'partition-id' and 'num-partitions' "
+                         "(flower-supernode --node-config \"partition-id=0 num-partitions=N\")")
+    return int(cfg["partition-id"]), int(cfg["num-partitions"])
+
+
+@functools.lru_cache(maxsize=4)
+def _data(pid: int, n: int, s: Settings):
+    return client_data(pid, n, scheme=s.partitioning, alpha=s.alpha, classes_per_partition=s.classes_per_client,
+                       seed=s.seed, data_dir=s.data_dir or None, max_samples=s.max_client_samples or None)
+
+
+def model_fn(context: Context):
+    """Every client builds the same architecture; weights come from the server."""
+    s = _settings(context)
+    return build_model(s.model, s.seed)
+
+
+def data_fn(context: Context):
+    """(train x, train y, validation x, validation y) of this node's partition."""
+    s = _settings(context)
+    pid, n = _partition(context)
+    return _data(pid, n, s)
+
+
+def slowdown(context: Context, seconds: float) -> None:
+    """Emulate a slower device: a ``slow-clients`` fraction of partitions (the highest
+    ids) take ``slow-factor`` times as long; used to show what asynchrony buys."""
+    s = _settings(context)
+    pid, n = _partition(context)
+    if s.slow_factor > 1 and pid >= n - round(s.slow_clients * n):
+        time.sleep(seconds * (s.slow_factor - 1))
+
+
+# Local training reads local-steps, local-epochs, batch-size, lr, momentum from the run
+# config (and a server-sent ConfigRecord may override lr, as Quantized Epoch-SGD does).
+app = make_client_app(model_fn, data_fn, on_trained=slowdown)

@@ -1,0 +1,111 @@
+"""The simulation's ServerApp: one method, centrally evaluated, results to JSON.
+
+The method is a preset (``method = "qsparse"``) or ``method = "custom"`` with raw
+``uplink``/``downlink`` specs. After every round the server evaluates the global model
+on the Fashion-MNIST test set and appends a progress line (accuracy, loss, bytes per
+direction, wall time) to ``<results-dir>/<label>.progress.jsonl``; at the end it writes
+``<results-dir>/<label>.json`` in the schema ``qfl.simulations.report`` reads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedAvg
+from flwr.supercore import log
+
+from ..clients import evaluate
+from ..strategies import Compressed
+from ..strategies.presets import build
+from .data import test_data
+from .models import build_model, count_parameters
+from .settings import Settings
+
+app = ServerApp()
+
+
+def make_strategy(s: Settings) -> Compressed:
+    """The strategy a run config names."""
+    inner = s.fedavg_kwargs()
+    if s.method == "custom":
+        return Compressed(FedAvg(**inner), uplink=s.uplink or None, downlink=s.downlink or None,
+                          error_feedback=s.error_feedback, min_elements=s.min_elements, seed=s.seed)
+    if s.method == "qesgd":
+        return build(s.method, lr=s.lr, seed=s.seed, **inner)
+    return build(s.method, seed=s.seed, **inner)
+
+
+def results_dir(s: Settings) -> Path:
+    """Where results go: the run config's ``results-dir``, else ``$QFL_RESULTS_DIR``, else ./results."""
+    path = Path(s.results_dir or os.environ.get("QFL_RESULTS_DIR", "results")).expanduser().resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+class Recorder:
+    """Centralised evaluation after each round, and the per-round rows of the result file."""
+
+    def __init__(self, s: Settings, strategy: Compressed, out: Path) -> None:
+        self.s, self.strategy, self.out = s, strategy, out
+        self.model = build_model(s.model, s.seed)
+        self.x, self.y = test_data(max_samples=s.test_samples, data_dir=s.data_dir or None)
+        self.rows: list[dict[str, Any]] = []
+        self.started = time.perf_counter()
+        self.progress = out / f"{s.name}.progress.jsonl"
+        self.progress.write_text("")
+
+    def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        self.model.load_state_dict(arrays.to_torch_state_dict())
+        loss, acc = evaluate(self.model, self.x, self.y)
+        row: dict[str, Any] = {"round": server_round, "accuracy": acc, "loss": loss,
+                               "wall_time": time.perf_counter() - self.started}
+        for key in ("uplink", "downlink", "uplink_full", "downlink_full"):
+            row[f"{key}_bytes"] = sum(getattr(self.strategy.traffic.rounds[(server_round, phase)], key)
+                                      for phase in ("train", "evaluate")
+                                      if (server_round, phase) in self.strategy.traffic.rounds)
+        self.rows.append(row)
+        with self.progress.open("a") as f:
+            f.write(json.dumps({"label": self.s.name, **row}) + "\n")
+        log(20, "[%s] round %d: test accuracy %.4f, uplink %d B, downlink %d B", self.s.name, server_round, acc,
+            row["uplink_bytes"], row["downlink_bytes"])
+        return MetricRecord({"accuracy": acc, "loss": loss})
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Run one method for ``num-server-rounds`` rounds and write its result file."""
+    s = Settings.from_run_config(dict(context.run_config))
+    torch.manual_seed(s.seed)
+    strategy = make_strategy(s)
+    out = results_dir(s)
+    recorder = Recorder(s, strategy, out)
+    initial = ArrayRecord(build_model(s.model, s.seed).state_dict())
+    train_config = ConfigRecord({"lr": s.lr, "local-steps": s.local_steps})
+    strategy.start(grid=grid, initial_arrays=initial, num_rounds=s.num_server_rounds, timeout=s.round_timeout,
+                   train_config=train_config, evaluate_fn=recorder)
+    write_result(s, strategy, recorder, out)
+
+
+def write_result(s: Settings, strategy: Compressed, recorder: Recorder, out: Path) -> Path:
+    """The run's result file (see the module docstring); returns its path."""
+    result = {
+        "label": s.name,
+        "method": s.method,
+        "uplink": str(strategy.uplink.op),
+        "downlink": f"{strategy.downlink.mode} | {strategy.downlink.policy.op}",
+        "error_feedback": strategy.error_feedback,
+        "config": {k.replace("_", "-"): v for k, v in vars(s).items()},
+        "model_parameters": count_parameters(recorder.model),
+        "rounds": recorder.rows,
+        "async": False,
+    }
+    path = out / f"{s.name}.json"
+    path.write_text(json.dumps(result, indent=1))
+    return path

@@ -1,0 +1,106 @@
+"""The run config of the simulation app, read once, validated, with defaults.
+
+Server and client read the same ``[tool.flwr.app.config]`` (overridable with
+``flwr run --run-config``); keeping the parsing in one place keeps them in agreement
+on partitions, model and seed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from ..strategies.presets import PRESETS
+
+SCHEMES = ("iid", "dirichlet", "pathological")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """One experiment. Field names are the run-config keys with ``-`` replaced by ``_``."""
+
+    method: str = "qsparse"
+    uplink: str = ""
+    downlink: str = ""
+    error_feedback: bool = True
+    num_server_rounds: int = 20
+    num_clients: int = 20
+    fraction_train: float = 0.5
+    local_steps: int = 20
+    local_epochs: int = 1
+    batch_size: int = 32
+    lr: float = 0.05
+    momentum: float = 0.0
+    partitioning: str = "dirichlet"
+    alpha: float = 0.5
+    classes_per_client: int = 2
+    model: str = "cnn"
+    seed: int = 42
+    data_dir: str = ""
+    max_client_samples: int = 0
+    test_samples: int = 10000
+    min_elements: int = 1024
+    results_dir: str = ""
+    label: str = ""
+    slow_clients: float = 0.0
+    slow_factor: float = 1.0
+    round_timeout: float = 3600.0
+
+    @staticmethod
+    def from_run_config(config: dict[str, Any]) -> Settings:
+        """Settings from a Flower run config; ValueError naming the bad key."""
+        fields = {f.name: f for f in dataclasses.fields(Settings)}
+        values: dict[str, Any] = {}
+        for key, raw in config.items():
+            name = key.replace("-", "_")
+            if name not in fields:
+                continue  # other apps' keys may share a run config
+            default = fields[name].default
+            try:
+                if isinstance(default, bool):
+                    if not isinstance(raw, bool):
+                        raise TypeError
+                    values[name] = raw
+                elif isinstance(default, int):
+                    if isinstance(raw, bool) or float(raw) != int(raw):
+                        raise TypeError
+                    values[name] = int(raw)
+                elif isinstance(default, float):
+                    values[name] = float(raw)
+                else:
+                    values[name] = str(raw)
+            except (TypeError, ValueError):
+                raise ValueError(f"run config {key!r}: expected {type(default).__name__}, got {raw!r}") from None
+        s = Settings(**values)
+        s.validate()
+        return s
+
+    def validate(self) -> None:
+        """Refuse settings that cannot describe an experiment, saying which key is wrong."""
+        if self.method not in PRESETS and self.method != "custom":
+            raise ValueError(f"run config 'method': unknown {self.method!r}; known: "
+                             f"{', '.join(sorted(PRESETS))}, custom")
+        if self.partitioning not in SCHEMES:
+            raise ValueError(f"run config 'partitioning': {self.partitioning!r} is not one of {', '.join(SCHEMES)}")
+        for key in ("num_server_rounds", "num_clients", "batch_size", "test_samples"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"run config {key.replace('_', '-')!r} must be >= 1")
+        if not 0 < self.fraction_train <= 1:
+            raise ValueError("run config 'fraction-train' must be in (0, 1]")
+        if self.local_steps < 0 or self.local_epochs < 0 or (self.local_steps == 0 and self.local_epochs == 0):
+            raise ValueError("run config 'local-steps' (or, when 0, 'local-epochs') must be positive")
+        if not 0 <= self.slow_clients <= 1 or self.slow_factor < 1:
+            raise ValueError("run config 'slow-clients' must be in [0, 1] and 'slow-factor' >= 1")
+
+    @property
+    def name(self) -> str:
+        """The label of this run in a comparison (file name of its results)."""
+        return self.label or self.method
+
+    def fedavg_kwargs(self) -> dict[str, Any]:
+        """Sampling arguments of the inner FedAvg: federated evaluation is off (the
+        server evaluates centrally on the test set), every client must be connected."""
+        per_round = max(1, round(self.fraction_train * self.num_clients))
+        return {"fraction_train": self.fraction_train, "fraction_evaluate": 0.0, "min_train_nodes": per_round,
+                "min_available_nodes": self.num_clients}
