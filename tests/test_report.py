@@ -231,6 +231,20 @@ def test_config_difference_note(tmp_path):
     md = R.render_markdown(R.compare([R.parse_result(MAIN[0]), R.parse_result(other)]))
     assert "> **Note:** the 2 result files differ in more than the method: `seed` (0: fedavg; 1: qsgd4)." in md
     assert "`uplink`" not in md.split("> **Note:**")[1].split("\n")[0]
+    # where files live is not part of the setting
+    moved = make_result("qsgd4", [0.1, 0.8], 1, 1, config={**CONFIG, "results-dir": "/elsewhere"})
+    md = R.render_markdown(R.compare([R.parse_result(MAIN[0]), R.parse_result(moved)]))
+    assert "> **Note:**" not in md and "All 2 result files share this setting" in md
+
+
+def test_setting_reads_the_runner_config_keys():
+    cfg = {"num_clients": 20, "fraction_train": 0.5, "partitioning": "pathological", "classes_per_client": 2,
+           "alpha": 0.5, "local_steps": 20, "num_server_rounds": 20, "model": "cnn", "seed": 42}
+    md = R.render_markdown(R.compare([R.parse_result(make_result("fedavg", [0.1, 0.8], 1, 1, config=cfg))]))
+    for line in ("| clients | 20 |", "| fraction of clients per round | 0.5 |",
+                 "| partitioning | pathological, 2 classes per client |", "| local steps | 20 |",
+                 "| rounds | 20 |", "| seed | 42 |"):
+        assert line in md
 
 
 def test_summary_csv(main_report):

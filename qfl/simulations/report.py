@@ -79,12 +79,12 @@ PLOT_DPI = 150
 _TOL = 1e-9
 _DASH = "—"
 
-# Config keys that describe the method rather than the shared setting, so they may
-# differ between files without making the comparison unfair.  Keys are compared
-# after lower-casing and mapping "_" to "-".
+# Config keys that describe the method (or only where files live), not the shared
+# setting, so they may differ between files without making the comparison unfair.
+# Keys are compared after lower-casing and mapping "_" to "-".
 _METHOD_KEYS = frozenset({
     "method", "preset", "label", "name", "uplink", "downlink", "error-feedback", "async",
-    "out", "out-dir", "output", "output-dir", "result-dir", "result-file",
+    "out", "out-dir", "output", "output-dir", "result-dir", "results-dir", "result-file", "data-dir",
 })
 _METHOD_KEY_PREFIXES = ("uplink-", "downlink-", "async-", "method-", "preset-")
 
@@ -594,7 +594,10 @@ def _setting_lines(comparison: Comparison) -> list[str]:
     cfg = _norm(base.config)
     partition = _lookup(cfg, "partition", "partitioning", "partitioner", "partition-scheme", "partition-by")
     alpha = _lookup(cfg, "alpha", "dirichlet-alpha")
-    if partition is not None and alpha is not None and str(partition).lower() != "iid":
+    classes = _lookup(cfg, "classes-per-client", "classes-per-partition")
+    if partition is not None and str(partition).lower() == "pathological" and classes is not None:
+        partitioning = f"{partition}, {_show(classes)} classes per client"
+    elif partition is not None and alpha is not None and str(partition).lower() != "iid":
         partitioning = f"{partition}, α = {_show(alpha)}"
     elif partition is not None:
         partitioning = str(partition)
