@@ -67,9 +67,16 @@ class ServerDownlink:
         without a resync.
     seed : int
         Seeds the server's compression randomness (reproducible runs).
+    initial : Policy, optional
+        Delta mode: the first replica is the *decoded* ``initial`` compression of the
+        first model (e.g. an 8-bit grid), not the model itself. The difference is just
+        a larger first residual that error feedback sends later, and the encoded first
+        replica stays available as a checkpoint: a client without a replica gets it
+        plus the chain of steps when that is cheaper than the current replica in full.
     """
 
-    def __init__(self, mode: str, policy: Policy, history: int = 16, seed: int = 0) -> None:
+    def __init__(self, mode: str, policy: Policy, history: int = 16, seed: int = 0,
+                 initial: Policy | None = None) -> None:
         if mode not in ("model", "delta", "anchor"):
             raise ValueError(f"downlink mode must be 'model', 'delta' or 'anchor', got {mode!r}")
         if history < 1:
@@ -87,6 +94,8 @@ class ServerDownlink:
         self.nodes: dict[int, int] = {}  # node id -> acknowledged replica version
         self._anchor_delta: dict[str, bytes] | None = None  # anchor mode: C(w - anchor) per tensor
         self._reanchor = False
+        self.initial = initial
+        self._checkpoint: tuple[int, dict[str, bytes]] | None = None  # (version, encoded replica)
 
     # --------------------------------------------------------------- server model
     def update(self, model: Tensors) -> bool:
@@ -108,7 +117,13 @@ class ServerDownlink:
             self.replica[k].shape != model[k].shape for k in model
         ):
             # First model, or its structure changed: everyone starts over with a resync.
-            self.replica = {k: v.detach().clone() for k, v in model.items()}
+            if self.initial is None:
+                self.replica = {k: v.detach().clone() for k, v in model.items()}
+                self._checkpoint = None
+            else:
+                payloads, sent, _ = compress_model(model, self.initial, self.generator)
+                self.replica = {k: sent[k].to(model[k].dtype) for k in model}
+                self._checkpoint = (self.version, {k: encode(p) for k, p in payloads.items()})
             self._steps.clear()
             self._digests.clear()
             self.nodes.clear()
@@ -122,6 +137,8 @@ class ServerDownlink:
             self._steps[self.version] = {k: encode(p) for k, p in payloads.items()}
             while len(self._steps) > self.history:
                 self._steps.popitem(last=False)
+            if self._checkpoint is not None and self._checkpoint[0] + 1 not in self._steps:
+                self._checkpoint = None  # the chain from it is gone: useless now
         self._digests[self.version] = digest(self.replica)
         while len(self._digests) > self.history + 1:
             self._digests.popitem(last=False)
@@ -183,9 +200,16 @@ class ServerDownlink:
         assert self.replica is not None
         fields: dict[str, int | str] = {MODE: "delta", VERSION: self.version, DIGEST: self._digests[self.version]}
         if key == "full":
-            # The replica itself, losslessly: identity blobs in the model's own dtypes.
-            record = encode_record({k: IDENTITY.compress(v) for k, v in self.replica.items()})
-            return Offer(record, {**fields, BASE: FULL}, "full")
+            # A resync: the replica itself, losslessly (identity blobs in the model's own
+            # dtypes), or the checkpoint and the steps since, whichever is smaller.
+            blobs = {k: encode(IDENTITY.compress(v)) for k, v in self.replica.items()}
+            if self._checkpoint is not None:
+                version, base = self._checkpoint
+                steps = [self._steps[v] for v in range(version + 1, self.version + 1)]
+                chained = {k: b"".join([base[k], *(s[k] for s in steps)]) for k in self.replica}
+                if sum(map(len, chained.values())) < sum(map(len, blobs.values())):
+                    blobs = chained
+            return Offer(encode_record(blobs), {**fields, BASE: FULL}, "full")
         base = int(key)  # type: ignore[arg-type]
         steps = [self._steps[v] for v in range(base + 1, self.version + 1)]
         record = encode_record({k: b"".join(s[k] for s in steps) for k in self.replica})
@@ -243,11 +267,14 @@ def client_model(arrays: Mapping[str, list[Payload]], fields: Mapping[str, objec
         raise DownlinkError(f"unknown downlink mode {mode!r}")
     base, target, want = int(fields[BASE]), int(fields[VERSION]), int(fields[DIGEST])
     if base == FULL:
-        replica = {}
-        for k, ps in arrays.items():
-            if len(ps) != 1:
-                raise DownlinkError(f"{k}: a full model carries {len(ps)} payloads, expected 1")
-            replica[k] = ps[0].decompress()
+        # A resync: the first payload of each tensor is a base replica, any others are
+        # the steps from it (a checkpoint and its chain).
+        counts = {len(ps) for ps in arrays.values()}
+        if len(counts) != 1 or 0 in counts:
+            raise DownlinkError(f"a resync carries {sorted(counts)} payloads per tensor, expected one count >= 1")
+        replica = {k: ps[0].decompress() for k, ps in arrays.items()}
+        for j in range(1, counts.pop()):
+            replica = {k: apply_delta(replica[k], arrays[k][j].decompress()) for k in replica}
     else:
         replica, have = load_replica(state)
         if replica is None:

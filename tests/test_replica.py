@@ -136,3 +136,26 @@ def test_anchor_mode_sends_differences_to_the_epoch_anchor():
     wrong = dict(stale.fields, **{"qfl.base": version})
     with pytest.raises(DownlinkError):
         client_model({k: ps[1:] for k, ps in decode_record(stale.record).items()}, wrong, RecordDict())
+
+
+def test_compact_initial_replica_makes_resyncs_cheaper_and_exact():
+    pol = qfl.Policy.build("topk(0.05) | qsgd(16)", min_elements=10)
+    lossless = ServerDownlink("delta", pol)
+    compact = ServerDownlink("delta", pol, initial=qfl.Policy.build("grid(8)", min_elements=10))
+    early = RecordDict()
+    for down in (lossless, compact):
+        down.update(model(0.0))
+    receive(compact, 1, early)
+    sizes = {}
+    for down in (lossless, compact):
+        for step in range(1, 4):
+            down.update(model(step * 0.01))
+        sizes[id(down)] = record_bytes(down.offer(2).record)
+    assert sizes[id(compact)] < sizes[id(lossless)] / 2  # 8-bit checkpoint + 3 sparse steps
+    late = RecordDict()
+    got = receive(compact, 2, late)  # the resync from the checkpoint is exact
+    assert digest(got) == digest(compact.replica)
+    assert compact.offer(1).kind == "delta"  # the early client just follows the chain
+    assert digest(receive(compact, 1, early)) == digest(compact.replica)
+    # The first replica is 8-bit, yet the replica tracks the model: error feedback.
+    assert float((compact.replica["w"] - model(0.03)["w"]).abs().max()) < 0.1

@@ -94,6 +94,11 @@ class Compressed(Strategy):
         Tensors smaller than this pass through losslessly (biases, norm layers).
     uplink_overrides, downlink_overrides : mapping of str to str or Operator, optional
         Per tensor-name (fnmatch pattern) pipelines that replace the default.
+    downlink_initial : str or Operator, optional
+        Delta mode: compress the first model with this (e.g. ``"grid(8)"``) to make the
+        clients' first replica; error feedback sends the difference later. Clients that
+        join later resync from this checkpoint plus the steps since, when cheaper than
+        the replica in full. None: the first replica is the model, losslessly.
     history : int (default: 16)
         Delta mode: downlink versions kept; a client further behind gets a resync.
     seed : int (default: 0)
@@ -114,6 +119,7 @@ class Compressed(Strategy):
         min_elements: int = 1024,
         uplink_overrides: Mapping[str, str | Operator] | None = None,
         downlink_overrides: Mapping[str, str | Operator] | None = None,
+        downlink_initial: str | Operator | None = None,
         history: int = 16,
         seed: int = 0,
         limits: Limits = DEFAULT_LIMITS,
@@ -123,7 +129,9 @@ class Compressed(Strategy):
         self.strategy = strategy
         self.uplink = Policy.build(uplink, min_elements, uplink_overrides)
         mode, down_op = parse_downlink(downlink)
-        self.downlink = ServerDownlink(mode, Policy.build(down_op, min_elements, downlink_overrides), history, seed)
+        initial = None if downlink_initial is None else Policy.build(downlink_initial, min_elements)
+        self.downlink = ServerDownlink(mode, Policy.build(down_op, min_elements, downlink_overrides), history, seed,
+                                       initial)
         self.error_feedback = bool(error_feedback)
         self.seed = int(seed)
         self.limits = limits

@@ -57,8 +57,8 @@ def qsgd(bits: int = 4, bucket: int = 512, *, seed: int = 0, **inner: Any) -> Co
 
 
 def qsparse(ratio: float = 0.01, bits: int = 4, *, sign: bool = False, bucket: int = 512,
-            downlink: str | None = "delta | topk(0.05) | qsgd(levels=15, bucket=512)", seed: int = 0,
-            **inner: Any) -> Compressed:
+            downlink: str | None = "delta | topk(0.05) | qsgd(levels=15, bucket=512)",
+            downlink_initial: str | None = "grid(8)", seed: int = 0, **inner: Any) -> Compressed:
     """Qsparse-local-SGD (Basu et al., 2019): top-k composed with a quantizer, error memory, H local steps.
 
     Uplink: ``topk(ratio) | qsgd(levels=2^(b-1)-1, bucket, damped=true)``, i.e. the
@@ -67,10 +67,12 @@ def qsparse(ratio: float = 0.01, bits: int = 4, *, sign: bool = False, bucket: i
     (||top_k||_1 / k * sign). H >= 1 local steps between synchronisations (the paper
     uses H up to 8 on ResNet-50). The paper compresses the uplink only; to save on the
     broadcast too, the default downlink sends compressed model differences against the
-    clients' replica with server-side error feedback (``downlink=None``: full precision).
+    clients' replica with server-side error feedback, starting from an 8-bit replica of
+    the initial model (``downlink=None``: full precision).
     """
     uplink = f"signtopk({ratio})" if sign else f"topk({ratio}) | qsgd(levels={_levels(bits)}, bucket={bucket}, damped=true)"
-    return Compressed(FedAvg(**inner), uplink=uplink, downlink=downlink, error_feedback=True, seed=seed)
+    return Compressed(FedAvg(**inner), uplink=uplink, downlink=downlink, error_feedback=True, seed=seed,
+                      downlink_initial=downlink_initial if downlink else None)
 
 
 def double_quant(model_bits: int = 8, grad_bits: int = 4, *, bucket: int | None = None, momentum: float | None = None,
