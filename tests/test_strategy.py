@@ -361,3 +361,17 @@ def test_client_error_memory_persists_in_context_state():
         memory = to_tensors(ctx.state["qfl.memory"])
         assert set(memory) == {"0.weight"}  # only the lossy tensor keeps a residual
         assert float(memory["0.weight"].abs().sum()) > 0
+
+
+def test_a_second_strategy_in_the_same_run_starts_with_fresh_client_state():
+    grid = FakeGrid(app(), 2)
+    first = Compressed(FedAvg(fraction_evaluate=0.0), uplink="topk(0.1)", downlink="delta | qsgd(64)")
+    result = first.start(grid=grid, initial_arrays=initial(), num_rounds=2)
+    assert all("qfl.memory" in ctx.state for ctx in grid.contexts.values())
+    second = Compressed(FedAvg(fraction_evaluate=0.0), uplink=None, downlink="delta | qsgd(64)")
+    second.start(grid=grid, initial_arrays=result.arrays, num_rounds=1)
+    # The first strategy's error memory must not leak into the second's updates.
+    assert not any("qfl.memory" in ctx.state for ctx in grid.contexts.values())
+    assert second.traffic.total().resyncs == 2 and second.traffic.total().dropped == 0
+    for ctx in grid.contexts.values():
+        assert load_replica(ctx.state)[1] == second.downlink.version

@@ -21,11 +21,11 @@ from flwr.supercore import log
 
 from ..codec import compress_model, model_delta, nonfinite
 from ..records import Tensors, decode_record, encode_record, to_record, to_tensors
-from ..replica import PREFIX, REPLY_KEY, DownlinkError, client_model, replica_info
+from ..replica import PREFIX, REPLY_KEY, DownlinkError, client_model, drop_replica, replica_info
 from ..spec import Policy
 from ..wire import WireFormatError
 
-_MEMORY = "qfl.memory"
+_MEMORY, _SESSION = "qfl.memory", "qfl.session"
 
 
 def compression_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
@@ -42,6 +42,7 @@ def compression_mod(msg: Message, context: Context, call_next: ClientAppCallable
         return call_next(msg, context)
     ckey, cfg = located
     fields = dict(cfg)
+    _check_session(context, fields)
     try:
         akey = str(fields["qfl.key"])
         if akey not in msg.content.array_records:
@@ -75,6 +76,18 @@ def compression_mod(msg: Message, context: Context, call_next: ClientAppCallable
     return reply
 
 
+def _check_session(context: Context, fields: Mapping) -> None:
+    """Start afresh when messages come from another strategy instance than before."""
+    session = fields.get("qfl.session")
+    held = context.state.get(_SESSION)
+    if held is not None and held.get("id") != session:
+        drop_replica(context.state)
+        if _MEMORY in context.state:
+            del context.state[_MEMORY]
+    if held is None or held.get("id") != session:
+        context.state[_SESSION] = ConfigRecord({"id": session} if session is not None else {})
+
+
 def _qfl_config(content: RecordDict) -> tuple[str, ConfigRecord] | None:
     for key, record in content.config_records.items():
         if "qfl.mode" in record:
@@ -102,8 +115,10 @@ def _compress_reply(content: RecordDict, start: Tensors, policy: Policy, fields:
         raise ValueError(f"training produced NaN or Inf in {bad}")
     memory = _load_memory(context, delta) if fields.get("qfl.error-feedback") else None
     payloads, _, new_memory = compress_model(delta, policy, _generator(fields, context), memory)
-    if memory is not None:
+    if new_memory:
         context.state[_MEMORY] = to_record(new_memory)
+    elif _MEMORY in context.state:
+        del context.state[_MEMORY]
     return rkey, encode_record(payloads)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from logging import INFO, WARNING
@@ -137,6 +138,9 @@ class Compressed(Strategy):
         self.limits = limits
         self.max_update_norm = max_update_norm
         self.traffic = TrafficLog()
+        # Names this strategy's client state (replica, error memory): a second strategy
+        # in the same run, or a new run on long-lived nodes, must not inherit it.
+        self.session = secrets.randbits(62)
         self._base: Tensors | None = None  # the model the current training round started from
         self._full_bytes = 0  # what plain Flower sends for that model
         self._warned = False
@@ -172,6 +176,7 @@ class Compressed(Strategy):
             "qfl.error-feedback": self.error_feedback,
             "qfl.seed": self.seed,
             "qfl.round": server_round,
+            "qfl.session": self.session,
         }
 
     def _compress_messages(self, server_round: int, phase: str, messages: list[Message], model: Tensors,

@@ -34,13 +34,13 @@ def _levels(bits: int) -> int:
     return 2 ** (bits - 1) - 1
 
 
-def fedavg(**inner: Any) -> Compressed:
+def fedavg(*, seed: int = 0, **inner: Any) -> Compressed:
     """Uncompressed FedAvg (McMahan et al.): the baseline, with the same byte accounting.
 
     Both directions are lossless (identity payloads are the raw tensor bytes plus a
     ~20-byte header), so its numbers are what plain Flower sends.
     """
-    return Compressed(FedAvg(**inner), uplink=None, downlink=None)
+    return Compressed(FedAvg(**inner), uplink=None, downlink=None, seed=seed)
 
 
 def qsgd(bits: int = 4, bucket: int = 512, *, seed: int = 0, **inner: Any) -> Compressed:
