@@ -2,11 +2,11 @@
 
     python -m qfl.simulations.runner --methods fedavg,qsgd8,qsparse --rounds 20 --out results
 
-Every method runs as its own ``flwr run`` of the simulation app against one local
-SuperLink in simulation mode (started and stopped here, runtime dependency
-installation disabled, private FLWR_HOME), with identical run config apart from the
-method, so partitions, initial model and client seeds are the same. Progress lines
-(accuracy and bytes per round) are printed while each run goes.
+The methods run one after the other in a single ``flwr run`` of the simulation app
+against a local SuperLink in simulation mode (started and stopped here, runtime
+dependency installation disabled, private FLWR_HOME), with identical run config apart
+from the method, so partitions, initial model and client seeds are the same. Progress
+lines (accuracy and bytes per round) are printed while the runs go.
 """
 
 from __future__ import annotations
@@ -67,14 +67,14 @@ def _human(n: float) -> str:
 
 
 class _Progress(threading.Thread):
-    """Prints the progress lines a ServerApp appends to ``<label>.progress.jsonl``."""
+    """Prints the progress lines the ServerApp appends to ``<label>.progress.jsonl``."""
 
-    def __init__(self, path: Path, rounds: int, out=sys.stdout) -> None:
+    def __init__(self, out: Path, labels: Sequence[str], rounds: int, stream=sys.stdout) -> None:
         super().__init__(daemon=True)
-        self.path, self.rounds, self.out = path, rounds, out
+        self.out, self.labels, self.rounds, self.stream = out, list(labels), rounds, stream
         self.done = threading.Event()
-        self.seen = 0
-        self.uplink = self.downlink = 0
+        self.seen = {label: 0 for label in labels}
+        self.totals = {label: [0, 0] for label in labels}
 
     def run(self) -> None:
         while not self.done.is_set():
@@ -83,55 +83,55 @@ class _Progress(threading.Thread):
         self.poll()
 
     def poll(self) -> None:
-        if not self.path.exists():
-            return
-        lines = self.path.read_text().splitlines()
-        for line in lines[self.seen:]:
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                return  # a line being written: read it next time
-            self.seen += 1
-            self.uplink += row.get("uplink_bytes", 0)
-            self.downlink += row.get("downlink_bytes", 0)
-            print(f"  [{row['label']}] round {row['round']:>3}/{self.rounds}  accuracy {row['accuracy']:.4f}  "
-                  f"uplink {_human(self.uplink):>9}  downlink {_human(self.downlink):>9}  "
-                  f"{row['wall_time']:6.1f} s", file=self.out, flush=True)
+        for label in self.labels:
+            path = self.out / f"{label}.progress.jsonl"
+            if not path.exists():
+                continue
+            for line in path.read_text().splitlines()[self.seen[label]:]:
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    break  # a line being written: read it next time
+                self.seen[label] += 1
+                total = self.totals[label]
+                total[0] += row.get("uplink_bytes", 0)
+                total[1] += row.get("downlink_bytes", 0)
+                print(f"  [{label}] round {row['round']:>3}/{self.rounds}  accuracy {row['accuracy']:.4f}  "
+                      f"uplink {_human(total[0]):>9}  downlink {_human(total[1]):>9}  {row['wall_time']:6.1f} s",
+                      file=self.stream, flush=True)
 
 
 def run_methods(methods: Sequence[str], common: dict[str, Any], out: Path, *, timeout: float = 3600,
                 keep_logs: bool = False) -> dict[str, bool]:
-    """Run each method; returns label -> success. Results land in ``out``."""
+    """Run the methods (one ``flwr run``, one after the other); returns label -> success."""
     from .launch import LocalFederation
 
     out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     clients = int(common.get("num-clients", Settings.num_clients))
     rounds = int(common.get("num-server-rounds", Settings.num_server_rounds))
-    status: dict[str, bool] = {}
+    config = {**common, "method": ",".join(methods), "label": "", "results-dir": str(out)}
+    Settings.from_run_config(config)  # fail fast, before starting anything
+    for label in methods:
+        for suffix in (".json", ".progress.jsonl", ".error.txt"):
+            (out / f"{label}{suffix}").unlink(missing_ok=True)
+    print(f"== running {', '.join(methods)}: {rounds} rounds, {clients} clients", flush=True)
+    progress = _Progress(out, methods, rounds)
+    progress.start()
+    started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="qfl-app-") as tmp, \
             LocalFederation(simulation=True, num_supernodes=clients, keep_home=keep_logs) as fed:
-        app = write_app(tmp)
-        for i, method in enumerate(methods, 1):
-            label = method
-            config = {**common, "method": method, "label": label, "results-dir": str(out)}
-            Settings.from_run_config(config)  # fail fast, before starting a run
-            print(f"== [{i}/{len(methods)}] {label}", flush=True)
-            progress = _Progress(out / f"{label}.progress.jsonl", rounds)
-            (out / f"{label}.progress.jsonl").unlink(missing_ok=True)
-            progress.start()
-            started = time.perf_counter()
-            result = fed.run_app(app, config, timeout=timeout,
-                                 federation_config={"num-supernodes": clients, "client-resources-num-cpus": 1})
-            progress.done.set()
-            progress.join()
-            ok = result.ok and (out / f"{label}.json").exists()
-            status[label] = ok
-            print(f"   {label}: {'done' if ok else 'FAILED'} in {time.perf_counter() - started:.0f} s", flush=True)
-            if not ok:
-                log = out / f"{label}.log"
-                log.write_text(result.log)
-                print(f"   the run's output is in {log}", flush=True)
+        result = fed.run_app(write_app(tmp), config, timeout=timeout * len(methods),
+                             federation_config={"num-supernodes": clients, "client-resources-num-cpus": 1})
+    progress.done.set()
+    progress.join()
+    status = {label: (out / f"{label}.json").exists() for label in methods}
+    print(f"== finished in {time.perf_counter() - started:.0f} s: "
+          + ", ".join(f"{k} {'ok' if v else 'FAILED'}" for k, v in status.items()), flush=True)
+    if not result.ok or not all(status.values()):
+        log = out / "run.log"
+        log.write_text(result.log)
+        print(f"   the run's output is in {log}", flush=True)
     return status
 
 
@@ -178,9 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               "seed": args.seed, **parse_set(args.set)}
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     out = Path(args.out)
-    started = time.perf_counter()
     status = run_methods(methods, common, out, timeout=args.timeout)
-    print(f"== all runs finished in {time.perf_counter() - started:.0f} s", flush=True)
     if not args.no_report and any(status.values()):
         from .report import write_report
 

@@ -9,9 +9,11 @@ direction, wall time) to ``<results-dir>/<label>.progress.jsonl``; at the end it
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -80,17 +82,38 @@ class Recorder:
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Run one method for ``num-server-rounds`` rounds and write its result file."""
+    """Run each listed method for ``num-server-rounds`` rounds, writing one result file each.
+
+    Methods run one after the other on the same SuperNodes (each strategy namespaces
+    its client state), which saves a simulation start per method. A method that fails
+    is logged to ``<label>.error.txt`` and the others still run; the run then fails.
+    """
     s = Settings.from_run_config(dict(context.run_config))
+    failed = []
+    for method in s.methods:
+        one = dataclasses.replace(s, method=method)
+        try:
+            run_method(grid, one)
+        except Exception:  # noqa: BLE001 - keep the other methods of the comparison going
+            failed.append(one.name)
+            (results_dir(one) / f"{one.name}.error.txt").write_text(traceback.format_exc())
+            log(40, "[%s] failed:\n%s", one.name, traceback.format_exc())
+    if failed:
+        raise RuntimeError(f"methods failed: {', '.join(failed)} (see their .error.txt files)")
+
+
+def run_method(grid: Grid, s: Settings) -> Path:
+    """Run one method and write its result file; returns the file's path."""
     torch.manual_seed(s.seed)
     strategy = make_strategy(s)
     out = results_dir(s)
+    (out / f"{s.name}.error.txt").unlink(missing_ok=True)
     recorder = Recorder(s, strategy, out)
     initial = ArrayRecord(build_model(s.model, s.seed).state_dict())
     train_config = ConfigRecord({"lr": s.lr, "local-steps": s.local_steps})
     strategy.start(grid=grid, initial_arrays=initial, num_rounds=s.num_server_rounds, timeout=s.round_timeout,
                    train_config=train_config, evaluate_fn=recorder)
-    write_result(s, strategy, recorder, out)
+    return write_result(s, strategy, recorder, out)
 
 
 def write_result(s: Settings, strategy: Compressed, recorder: Recorder, out: Path) -> Path:

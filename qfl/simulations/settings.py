@@ -76,11 +76,21 @@ class Settings:
         s.validate()
         return s
 
+    @property
+    def methods(self) -> list[str]:
+        """``method`` may list several methods (comma-separated), run one after the other."""
+        return [m.strip() for m in self.method.split(",") if m.strip()]
+
     def validate(self) -> None:
         """Refuse settings that cannot describe an experiment, saying which key is wrong."""
-        if self.method not in PRESETS and self.method != "custom":
-            raise ValueError(f"run config 'method': unknown {self.method!r}; known: "
-                             f"{', '.join(sorted(PRESETS))}, custom")
+        for method in self.methods or [""]:
+            if method not in PRESETS and method != "custom":
+                raise ValueError(f"run config 'method': unknown {method!r}; known: "
+                                 f"{', '.join(sorted(PRESETS))}, custom")
+        if len(set(self.methods)) != len(self.methods):
+            raise ValueError("run config 'method' lists a method twice")
+        if self.label and len(self.methods) > 1:
+            raise ValueError("run config 'label' names a single run; leave it empty when 'method' lists several")
         if self.partitioning not in SCHEMES:
             raise ValueError(f"run config 'partitioning': {self.partitioning!r} is not one of {', '.join(SCHEMES)}")
         for key in ("num_server_rounds", "num_clients", "batch_size", "test_samples"):

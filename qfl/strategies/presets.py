@@ -40,7 +40,7 @@ def fedavg(*, seed: int = 0, **inner: Any) -> Compressed:
     Both directions are lossless (identity payloads are the raw tensor bytes plus a
     ~20-byte header), so its numbers are what plain Flower sends.
     """
-    return Compressed(FedAvg(**inner), uplink=None, downlink=None, seed=seed)
+    return Compressed(FedAvg(**inner), uplink=None, downlink=None, error_feedback=False, seed=seed)
 
 
 def qsgd(bits: int = 4, bucket: int = 512, *, seed: int = 0, **inner: Any) -> Compressed:
