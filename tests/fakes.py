@@ -108,3 +108,54 @@ class FakeGrid(Grid):
 
 
 __all__ = ["FakeGrid", "set_task_identity", "wire_copy"]
+
+
+class AsyncFakeGrid(FakeGrid):
+    """FakeGrid with push/pull: replies become visible after a per-node number of pulls.
+
+    ``delays[node]`` pulls before a node's reply shows up (out-of-order arrival),
+    ``silent`` nodes never answer, ``fail`` works as in FakeGrid.
+    """
+
+    def __init__(self, app: ClientApp, num_nodes: int, delays: dict[int, int] | None = None, **kwargs) -> None:
+        super().__init__(app, num_nodes, **kwargs)
+        self.delays = dict(delays or {})
+        self.silent: set[int] = set()
+        self.pulls = 0
+        self.pending: dict[str, tuple[int, Message]] = {}  # message id -> (visible at pull, reply)
+
+    def push_messages(self, messages):
+        ids = []
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = mid = f"m{next(self._ids)}"
+            self.sent.append(msg)
+            node = msg.metadata.dst_node_id
+            ids.append(mid)
+            if node in self.silent:
+                continue
+            reply = self.send_and_receive_one(msg)
+            self.pending[mid] = (self.pulls + self.delays.get(node, 0), reply)
+        return ids
+
+    def send_and_receive_one(self, msg: Message) -> Message:
+        node = msg.metadata.dst_node_id
+        delivered = Message(content=wire_copy(msg.content), metadata=msg.metadata)
+        if node in self.fail and self.fail[node](msg):
+            return Message(Error(code=ErrorCode.NODE_UNAVAILABLE, reason="node failed"), reply_to=delivered)
+        try:
+            reply = self.app(delivered, self.contexts[node])
+        except Exception:
+            return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=traceback.format_exc()),
+                           reply_to=delivered)
+        if reply.has_content():
+            reply = Message(content=wire_copy(reply.content), metadata=reply.metadata)
+        return reply
+
+    def pull_messages(self, message_ids):
+        self.pulls += 1
+        out = []
+        for mid in list(message_ids):
+            if mid in self.pending and self.pending[mid][0] <= self.pulls:
+                out.append(self.pending.pop(mid)[1])
+        self.received.extend(out)
+        return out

@@ -1,5 +1,6 @@
 """Server side: a wrapper that compresses any Flower strategy, and paper presets."""
 
+from .asynchronous import AsyncCompressed, AsyncStats
 from .compressed import Compressed, Traffic, TrafficLog
 
-__all__ = ["Compressed", "Traffic", "TrafficLog"]
+__all__ = ["AsyncCompressed", "AsyncStats", "Compressed", "Traffic", "TrafficLog"]

@@ -1,0 +1,246 @@
+"""Asynchronous compressed federated learning on Flower's Grid.
+
+Both Qsparse-local-SGD (Basu et al.) and AsyLPG (Yu, Wu, Huang) come with asynchronous
+versions: workers synchronise on their own schedule and the server applies each
+compressed update when it arrives, as long as it is not too stale. This strategy does
+that with ``grid.push_messages`` / ``grid.pull_messages`` (no round barrier):
+
+* it keeps up to ``concurrency`` clients busy, handing each idle node the current model
+  (compressed exactly as in :class:`Compressed`: the node's downlink replica may be
+  several versions old, it then receives the chain of steps since its version);
+* each reply is decoded and checked like a synchronous one, then buffered; every
+  ``buffer_size`` updates (FedBuff, Nguyen et al. 2022; 1 = apply at once, FedAsync)
+  the server model moves by
+  ``server_lr * sum_i n_i (1 + s_i)^-a delta_i / sum_i n_i``, where s_i is the number of
+  server versions since client i's model was sent (staleness) and n_i its example
+  count (the polynomial staleness weight of FedAsync, Xie et al. 2019);
+* updates with staleness above ``max_staleness`` are rejected (counted, not applied);
+  failed replies and clients silent for longer than ``message_timeout`` free their slot.
+
+State is bounded: at most ``concurrency`` jobs and ``buffer_size`` decoded updates,
+plus the downlink's bounded history.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from logging import INFO, WARNING
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Result
+from flwr.supercore import log
+
+from ..codec import apply_delta, is_float
+from ..records import Tensors, record_bytes, to_record, to_tensors
+from ..wire import WireFormatError
+from .protocol import ServerProtocol, with_traffic
+
+
+@dataclass
+class _Job:
+    node: int
+    version: int  # server version of the model it was sent
+    sent: float  # time.monotonic() at dispatch
+
+
+@dataclass
+class AsyncStats:
+    """Counts of one asynchronous run."""
+
+    dispatched: int = 0
+    accepted: int = 0
+    applied: int = 0
+    stale: int = 0
+    failed: int = 0
+    dropped: int = 0
+    timed_out: int = 0
+    staleness_sum: int = 0
+
+
+class AsyncCompressed(ServerProtocol):
+    """Asynchronous strategy with compressed uplink and downlink (see module docstring).
+
+    Parameters
+    ----------
+    concurrency : int
+        Clients kept busy at once (M).
+    buffer_size : int
+        Updates aggregated per server step (K).
+    max_staleness : int
+        Updates computed on a model more than this many versions old are rejected (tau).
+    staleness_exponent : float
+        a in the weight (1 + s)^-a; 0 ignores staleness.
+    server_lr : float
+        Step size of the server update.
+    message_timeout : float
+        Seconds after which a silent client's slot is freed (also the messages' TTL).
+    poll_interval : float
+        Pause between pulls when nothing arrived.
+    seed : int
+        Seeds client selection and compression.
+    **compression
+        As for :class:`Compressed` (uplink, downlink, error_feedback, min_elements, ...).
+    """
+
+    def __init__(self, *, concurrency: int = 4, buffer_size: int = 1, max_staleness: int = 8,
+                 staleness_exponent: float = 0.5, server_lr: float = 1.0, message_timeout: float = 600.0,
+                 poll_interval: float = 0.05, weighted_by_key: str = "num-examples", arrayrecord_key: str = "arrays",
+                 configrecord_key: str = "config", seed: int = 0, **compression: Any) -> None:
+        super().__init__(seed=seed, **compression)
+        if concurrency < 1 or buffer_size < 1 or max_staleness < 0:
+            raise ValueError("concurrency and buffer_size must be >= 1 and max_staleness >= 0, got "
+                             f"{concurrency}, {buffer_size}, {max_staleness}")
+        self.concurrency, self.buffer_size, self.max_staleness = concurrency, buffer_size, max_staleness
+        self.staleness_exponent, self.server_lr = staleness_exponent, server_lr
+        self.message_timeout, self.poll_interval = message_timeout, poll_interval
+        self.weighted_by_key, self.arrayrecord_key, self.configrecord_key = (weighted_by_key, arrayrecord_key,
+                                                                             configrecord_key)
+        self.rng = random.Random(seed)
+        self.stats = AsyncStats()
+        self.version = 0
+        self.jobs: dict[str, _Job] = {}  # message id -> job
+        self.buffer: list[tuple[Tensors, float, float]] = []  # (delta, staleness-weighted n, n)
+
+    def summary(self) -> None:
+        """Log the settings."""
+        log(INFO, "\t├──> qfl asynchronous: %d clients busy, buffer %d, max staleness %d, weight (1+s)^-%g",
+            self.concurrency, self.buffer_size, self.max_staleness, self.staleness_exponent)
+        log(INFO, "\t├── uplink: %s (error feedback: %s)", self.uplink.op, self.error_feedback)
+        log(INFO, "\t└── downlink: %s | %s", self.downlink.mode, self.downlink.policy.op)
+
+    # -------------------------------------------------------------------- run
+    def start(self, grid: Grid, initial_arrays: ArrayRecord, num_updates: int, *,
+              train_config: ConfigRecord | None = None,
+              evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+              evaluate_every: int = 1, max_time: float | None = None) -> Result:
+        """Run until ``num_updates`` server versions were applied (or ``max_time`` seconds).
+
+        ``evaluate_fn(version, arrays)`` runs on version 0 and every ``evaluate_every``
+        versions, like Flower's centralised evaluation. Returns a Flower ``Result``
+        whose per-"round" entries are server versions.
+        """
+        self.summary()
+        result = Result()
+        model = to_tensors(initial_arrays)
+        full_bytes = record_bytes(initial_arrays)
+        config = dict(train_config or {})
+        started = time.monotonic()
+        if evaluate_fn is not None and (res := evaluate_fn(0, initial_arrays)) is not None:
+            result.evaluate_metrics_serverapp[0] = res
+        last_evaluated = 0
+        while self.version < num_updates and (max_time is None or time.monotonic() - started < max_time):
+            self._dispatch(grid, model, full_bytes, config)
+            replies = list(grid.pull_messages(list(self.jobs))) if self.jobs else []
+            for reply in replies:
+                if self.version >= num_updates:
+                    break  # done: later replies arrived too late to matter
+                model = self._receive(reply, model, full_bytes)
+            self._expire()
+            if self.version - last_evaluated >= evaluate_every or (self.version >= num_updates > last_evaluated):
+                last_evaluated = self.version
+                arrays = to_record(model)
+                result.arrays = arrays
+                result.train_metrics_clientapp[self.version] = self._metrics()
+                if evaluate_fn is not None and (res := evaluate_fn(self.version, arrays)) is not None:
+                    result.evaluate_metrics_serverapp[self.version] = res
+            if not replies:
+                time.sleep(self.poll_interval)
+        result.arrays = to_record(model)
+        log(INFO, "qfl async: %d versions in %.1f s; %s", self.version, time.monotonic() - started, self.stats)
+        return result
+
+    def _dispatch(self, grid: Grid, model: Tensors, full_bytes: int, config: dict) -> None:
+        busy = {job.node for job in self.jobs.values()}
+        idle = [n for n in grid.get_node_ids() if n not in busy]
+        self.rng.shuffle(idle)
+        chosen = idle[: max(0, self.concurrency - len(self.jobs))]
+        if not chosen:
+            return
+        cfg = ConfigRecord({**config, "server-round": self.version})
+        # The model itself goes in compress_messages; an empty record marks its key.
+        content = RecordDict({self.arrayrecord_key: ArrayRecord(), self.configrecord_key: cfg})
+        messages = [Message(content=content, dst_node_id=n, message_type=MessageType.TRAIN,
+                            group_id=str(self.version), ttl=self.message_timeout) for n in chosen]
+        self.compress_messages(self.version, self.traffic.at(self.version, "train"), messages, model, full_bytes)
+        now = time.monotonic()
+        for msg_id, msg in zip(grid.push_messages(messages), messages, strict=True):
+            self.jobs[msg_id] = _Job(msg.metadata.dst_node_id, self.version, now)
+            self.stats.dispatched += 1
+
+    def _receive(self, reply: Message, model: Tensors, full_bytes: int) -> Tensors:
+        job = self.jobs.pop(reply.metadata.reply_to_message_id, None)
+        if job is None:
+            return model  # a reply we stopped waiting for
+        traffic = self.traffic.at(self.version, "train")
+        traffic.replies += 1
+        if reply.has_error():
+            self.stats.failed += 1
+            self.downlink.forget(job.node)
+            log(WARNING, "qfl async: node %s failed: %s", job.node, reply.error.reason)
+            return model
+        traffic.uplink += sum(record_bytes(r) for r in reply.content.array_records.values())
+        traffic.uplink_full += full_bytes
+        staleness = self.version - job.version
+        if staleness > self.max_staleness:
+            self.stats.stale += 1
+            self.strip(reply)  # its replica report is still good news for the downlink
+            log(INFO, "qfl async: rejected an update of staleness %d (> %d) from node %s", staleness,
+                self.max_staleness, job.node)
+            return model
+        try:
+            _, delta = self.decode_update(reply, model)
+        except (WireFormatError, ValueError) as exc:
+            self.stats.dropped += 1
+            traffic.dropped += 1
+            self.downlink.forget(job.node)
+            log(WARNING, "qfl async: dropped the reply of node %s: %s", job.node, exc)
+            return model
+        n = _examples(reply, self.weighted_by_key)
+        self.buffer.append((delta, n * (1 + staleness) ** -self.staleness_exponent, n))
+        self.stats.staleness_sum += staleness
+        self.stats.accepted += 1
+        if len(self.buffer) < self.buffer_size:
+            return model
+        total = sum(b[2] for b in self.buffer)
+        update = {}
+        for k, t in model.items():
+            if is_float(t):
+                update[k] = sum(d[k].double() * (w / total) for d, w, _ in self.buffer) * self.server_lr
+            else:
+                update[k] = self.buffer[-1][0][k]  # counters and masks: the newest value
+        self.buffer.clear()
+        self.version += 1
+        self.stats.applied += 1
+        return {k: apply_delta(model[k], update[k]) for k in model}
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for mid, job in list(self.jobs.items()):
+            if now - job.sent > self.message_timeout:
+                del self.jobs[mid]
+                self.stats.timed_out += 1
+                self.downlink.forget(job.node)
+                log(WARNING, "qfl async: node %s did not answer within %.0f s", job.node, self.message_timeout)
+
+    def _metrics(self) -> MetricRecord:
+        s = self.stats
+        metrics = MetricRecord({"qfl.applied": s.applied, "qfl.stale": s.stale, "qfl.failed": s.failed,
+                                "qfl.timed-out": s.timed_out,
+                                "qfl.mean-staleness": s.staleness_sum / max(1, s.accepted)})
+        return with_traffic(metrics, self.traffic.total())
+
+    def state_size(self) -> dict[str, int]:
+        """Bounded server state: jobs in flight, buffered updates, downlink history."""
+        return {"jobs": len(self.jobs), "buffered": len(self.buffer), **self.downlink.state_size()}
+
+
+def _examples(reply: Message, key: str) -> float:
+    for record in reply.content.metric_records.values():
+        if key in record and not isinstance(record[key], list):
+            return float(record[key])
+    return 1.0
