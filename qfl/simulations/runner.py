@@ -69,7 +69,7 @@ def _human(n: float) -> str:
 class _Progress(threading.Thread):
     """Prints the progress lines the ServerApp appends to ``<label>.progress.jsonl``."""
 
-    def __init__(self, out: Path, labels: Sequence[str], rounds: int, stream=sys.stdout) -> None:
+    def __init__(self, out: Path, labels: Sequence[str], rounds: int, stream=None) -> None:
         super().__init__(daemon=True)
         self.out, self.labels, self.rounds, self.stream = out, list(labels), rounds, stream
         self.done = threading.Event()
@@ -98,7 +98,7 @@ class _Progress(threading.Thread):
                 total[1] += row.get("downlink_bytes", 0)
                 print(f"  [{label}] round {row['round']:>3}/{self.rounds}  accuracy {row['accuracy']:.4f}  "
                       f"uplink {_human(total[0]):>9}  downlink {_human(total[1]):>9}  {row['wall_time']:6.1f} s",
-                      file=self.stream, flush=True)
+                      file=self.stream or sys.stdout, flush=True)
 
 
 def run_methods(methods: Sequence[str], common: dict[str, Any], out: Path, *, timeout: float = 3600,

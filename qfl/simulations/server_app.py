@@ -24,8 +24,8 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
 from ..clients import evaluate
-from ..strategies import Compressed
-from ..strategies.presets import build
+from ..strategies import AsyncCompressed, Compressed
+from ..strategies.presets import ASYNC_PRESETS, build
 from .data import test_data
 from .models import build_model, count_parameters
 from .settings import Settings
@@ -33,8 +33,12 @@ from .settings import Settings
 app = ServerApp()
 
 
-def make_strategy(s: Settings) -> Compressed:
+def make_strategy(s: Settings) -> Compressed | AsyncCompressed:
     """The strategy a run config names."""
+    if s.method in ASYNC_PRESETS:
+        concurrency, buffer, _, _ = s.async_plan()
+        return ASYNC_PRESETS[s.method](concurrency=concurrency, buffer_size=buffer, max_staleness=s.max_staleness,
+                                       staleness_exponent=s.staleness_exponent, seed=s.seed)
     inner = s.fedavg_kwargs()
     if s.method == "custom":
         return Compressed(FedAvg(**inner), uplink=s.uplink or None, downlink=s.downlink or None,
@@ -54,8 +58,9 @@ def results_dir(s: Settings) -> Path:
 class Recorder:
     """Centralised evaluation after each round, and the per-round rows of the result file."""
 
-    def __init__(self, s: Settings, strategy: Compressed, out: Path) -> None:
+    def __init__(self, s: Settings, strategy: Compressed | AsyncCompressed, out: Path) -> None:
         self.s, self.strategy, self.out = s, strategy, out
+        self.counted = {"uplink": 0, "downlink": 0, "uplink_full": 0, "downlink_full": 0}
         self.model = build_model(s.model, s.seed)
         self.x, self.y = test_data(max_samples=s.test_samples, data_dir=s.data_dir or None)
         self.rows: list[dict[str, Any]] = []
@@ -68,10 +73,10 @@ class Recorder:
         loss, acc = evaluate(self.model, self.x, self.y)
         row: dict[str, Any] = {"round": server_round, "accuracy": acc, "loss": loss,
                                "wall_time": time.perf_counter() - self.started}
-        for key in ("uplink", "downlink", "uplink_full", "downlink_full"):
-            row[f"{key}_bytes"] = sum(getattr(self.strategy.traffic.rounds[(server_round, phase)], key)
-                                      for phase in ("train", "evaluate")
-                                      if (server_round, phase) in self.strategy.traffic.rounds)
+        total = self.strategy.traffic.total()
+        for key, before in self.counted.items():  # bytes since the previous evaluation
+            row[f"{key}_bytes"] = getattr(total, key) - before
+            self.counted[key] = getattr(total, key)
         self.rows.append(row)
         with self.progress.open("a") as f:
             f.write(json.dumps({"label": self.s.name, **row}) + "\n")
@@ -111,12 +116,18 @@ def run_method(grid: Grid, s: Settings) -> Path:
     recorder = Recorder(s, strategy, out)
     initial = ArrayRecord(build_model(s.model, s.seed).state_dict())
     train_config = ConfigRecord({"lr": s.lr, "local-steps": s.local_steps})
-    strategy.start(grid=grid, initial_arrays=initial, num_rounds=s.num_server_rounds, timeout=s.round_timeout,
-                   train_config=train_config, evaluate_fn=recorder)
+    if isinstance(strategy, AsyncCompressed):
+        strategy.message_timeout = s.round_timeout
+        _, _, versions, every = s.async_plan()
+        strategy.start(grid, initial, num_updates=versions, train_config=train_config, evaluate_fn=recorder,
+                       evaluate_every=every)
+    else:
+        strategy.start(grid=grid, initial_arrays=initial, num_rounds=s.num_server_rounds, timeout=s.round_timeout,
+                       train_config=train_config, evaluate_fn=recorder)
     return write_result(s, strategy, recorder, out)
 
 
-def write_result(s: Settings, strategy: Compressed, recorder: Recorder, out: Path) -> Path:
+def write_result(s: Settings, strategy: Compressed | AsyncCompressed, recorder: Recorder, out: Path) -> Path:
     """The run's result file (see the module docstring); returns its path."""
     result = {
         "label": s.name,
@@ -127,7 +138,7 @@ def write_result(s: Settings, strategy: Compressed, recorder: Recorder, out: Pat
         "config": {k.replace("_", "-"): v for k, v in vars(s).items()},
         "model_parameters": count_parameters(recorder.model),
         "rounds": recorder.rows,
-        "async": False,
+        "async": isinstance(strategy, AsyncCompressed),
     }
     path = out / f"{s.name}.json"
     path.write_text(json.dumps(result, indent=1))

@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from ..strategies.presets import PRESETS
+from ..strategies.presets import ASYNC_PRESETS, PRESETS
 
 SCHEMES = ("iid", "dirichlet", "pathological")
 
@@ -46,6 +46,10 @@ class Settings:
     slow_clients: float = 0.0
     slow_factor: float = 1.0
     round_timeout: float = 3600.0
+    async_concurrency: int = 0
+    async_buffer: int = 0
+    max_staleness: int = 8
+    staleness_exponent: float = 0.5
 
     @staticmethod
     def from_run_config(config: dict[str, Any]) -> Settings:
@@ -84,9 +88,9 @@ class Settings:
     def validate(self) -> None:
         """Refuse settings that cannot describe an experiment, saying which key is wrong."""
         for method in self.methods or [""]:
-            if method not in PRESETS and method != "custom":
+            if method not in PRESETS and method not in ASYNC_PRESETS and method != "custom":
                 raise ValueError(f"run config 'method': unknown {method!r}; known: "
-                                 f"{', '.join(sorted(PRESETS))}, custom")
+                                 f"{', '.join(sorted([*PRESETS, *ASYNC_PRESETS]))}, custom")
         if len(set(self.methods)) != len(self.methods):
             raise ValueError("run config 'method' lists a method twice")
         if self.label and len(self.methods) > 1:
@@ -104,6 +108,23 @@ class Settings:
             raise ValueError("run config 'slow-clients' must be in [0, 1] and 'slow-factor' >= 1")
 
     @property
+    def clients_per_round(self) -> int:
+        """m: clients a synchronous round samples."""
+        return max(1, round(self.fraction_train * self.num_clients))
+
+    def async_plan(self) -> tuple[int, int, int, int]:
+        """(concurrency M, buffer K, server versions, evaluate every) of an async run.
+
+        Defaults make it comparable with the synchronous runs: M = m clients busy, K = m/2,
+        and as many client updates in total as ``num-server-rounds`` rounds of m.
+        """
+        m = self.clients_per_round
+        concurrency = self.async_concurrency or m
+        buffer = self.async_buffer or max(1, m // 2)
+        versions = -(-self.num_server_rounds * m // buffer)
+        return concurrency, buffer, versions, max(1, round(m / buffer))
+
+    @property
     def name(self) -> str:
         """The label of this run in a comparison (file name of its results)."""
         return self.label or self.method
@@ -111,6 +132,6 @@ class Settings:
     def fedavg_kwargs(self) -> dict[str, Any]:
         """Sampling arguments of the inner FedAvg: federated evaluation is off (the
         server evaluates centrally on the test set), every client must be connected."""
-        per_round = max(1, round(self.fraction_train * self.num_clients))
-        return {"fraction_train": self.fraction_train, "fraction_evaluate": 0.0, "min_train_nodes": per_round,
+        return {"fraction_train": self.fraction_train, "fraction_evaluate": 0.0,
+                "min_train_nodes": self.clients_per_round,
                 "min_available_nodes": self.num_clients}

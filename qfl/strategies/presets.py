@@ -19,6 +19,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedAvgM, Strategy
 
+from .asynchronous import AsyncCompressed
 from .compressed import Compressed
 
 
@@ -56,6 +57,15 @@ def qsgd(bits: int = 4, bucket: int = 512, *, seed: int = 0, **inner: Any) -> Co
                       downlink=None, error_feedback=False, seed=seed)
 
 
+def qsparse_compression(ratio: float = 0.01, bits: int = 4, *, sign: bool = False, bucket: int = 512,
+                        downlink: str | None = "delta | topk(0.05) | qsgd(levels=15, bucket=512)",
+                        downlink_initial: str | None = "grid(8)") -> dict[str, Any]:
+    """The compression settings of Qsparse-local-SGD, shared by the sync and async presets."""
+    uplink = f"signtopk({ratio})" if sign else f"topk({ratio}) | qsgd(levels={_levels(bits)}, bucket={bucket}, damped=true)"
+    return {"uplink": uplink, "downlink": downlink, "error_feedback": True,
+            "downlink_initial": downlink_initial if downlink else None}
+
+
 def qsparse(ratio: float = 0.01, bits: int = 4, *, sign: bool = False, bucket: int = 512,
             downlink: str | None = "delta | topk(0.05) | qsgd(levels=15, bucket=512)",
             downlink_initial: str | None = "grid(8)", seed: int = 0, **inner: Any) -> Compressed:
@@ -70,9 +80,14 @@ def qsparse(ratio: float = 0.01, bits: int = 4, *, sign: bool = False, bucket: i
     clients' replica with server-side error feedback, starting from an 8-bit replica of
     the initial model (``downlink=None``: full precision).
     """
-    uplink = f"signtopk({ratio})" if sign else f"topk({ratio}) | qsgd(levels={_levels(bits)}, bucket={bucket}, damped=true)"
-    return Compressed(FedAvg(**inner), uplink=uplink, downlink=downlink, error_feedback=True, seed=seed,
-                      downlink_initial=downlink_initial if downlink else None)
+    return Compressed(FedAvg(**inner), seed=seed, **qsparse_compression(
+        ratio, bits, sign=sign, bucket=bucket, downlink=downlink, downlink_initial=downlink_initial))
+
+
+def double_quant_compression(model_bits: int = 8, grad_bits: int = 4, *, bucket: int | None = None) -> dict[str, Any]:
+    """The compression settings of AsyLPG's double quantization, shared by sync and async."""
+    return {"uplink": f"grid({grad_bits}" + (f", bucket={bucket})" if bucket else ")"),
+            "downlink": f"model | grid({model_bits})", "error_feedback": False}
 
 
 def double_quant(model_bits: int = 8, grad_bits: int = 4, *, bucket: int | None = None, momentum: float | None = None,
@@ -86,8 +101,8 @@ def double_quant(model_bits: int = 8, grad_bits: int = 4, *, bucket: int | None 
     variance-reduced (SVRG) gradients and H = 1; here the update of H local steps is
     quantized. Claim checked by the report: 6-19x fewer bits with no accuracy loss.
     """
-    return Compressed(_inner(inner, momentum), uplink=f"grid({grad_bits}" + (f", bucket={bucket})" if bucket else ")"),
-                      downlink=f"model | grid({model_bits})", error_feedback=False, seed=seed)
+    return Compressed(_inner(inner, momentum), seed=seed,
+                      **double_quant_compression(model_bits, grad_bits, bucket=bucket))
 
 
 def sparse_double_quant(budget: float = 0.05, model_bits: int = 8, grad_bits: int = 4, *, seed: int = 0,
@@ -174,6 +189,34 @@ def ef_signsgd(*, downlink: str | None = None, seed: int = 0, **inner: Any) -> C
     return Compressed(FedAvg(**inner), uplink="sign", downlink=downlink, error_feedback=True, seed=seed)
 
 
+def qsparse_async(*, concurrency: int = 4, buffer_size: int = 2, max_staleness: int = 8,
+                  staleness_exponent: float = 0.5, seed: int = 0, **compression: Any) -> AsyncCompressed:
+    """Asynchronous Qsparse-local-SGD (Basu et al., Sec. 4): workers synchronise when they are
+    done with their H local steps; the master applies each compressed update on arrival
+    (buffered by ``buffer_size``), down-weighted by staleness, rejecting updates more than
+    ``max_staleness`` versions old. Compression as in :func:`qsparse` (``**compression``
+    overrides its arguments)."""
+    return AsyncCompressed(concurrency=concurrency, buffer_size=buffer_size, max_staleness=max_staleness,
+                           staleness_exponent=staleness_exponent, seed=seed, **qsparse_compression(**compression))
+
+
+def double_quant_async(*, concurrency: int = 4, buffer_size: int = 2, max_staleness: int = 8,
+                       staleness_exponent: float = 0.5, seed: int = 0, **compression: Any) -> AsyncCompressed:
+    """AsyLPG proper: asynchronous double quantization. Each worker reads the b_x-bit model,
+    computes, and sends its b-bit update; the master applies it on arrival if its delay is
+    within the bound (the paper's tau), down-weighted by staleness. Compression as in
+    :func:`double_quant`."""
+    return AsyncCompressed(concurrency=concurrency, buffer_size=buffer_size, max_staleness=max_staleness,
+                           staleness_exponent=staleness_exponent, seed=seed,
+                           **double_quant_compression(**compression))
+
+
+#: Asynchronous presets: name -> factory(concurrency=..., buffer_size=..., ...).
+ASYNC_PRESETS: dict[str, Callable[..., AsyncCompressed]] = {
+    "qsparse_async": qsparse_async,
+    "double_quant_async": double_quant_async,
+}
+
 #: name -> factory(**FedAvg kwargs). ``qsgd4``/``qsgd8`` are the paper's two settings.
 PRESETS: dict[str, Callable[..., Compressed]] = {
     "fedavg": fedavg,
@@ -190,7 +233,7 @@ PRESETS: dict[str, Callable[..., Compressed]] = {
 
 
 def build(name: str, **kwargs: Any) -> Compressed:
-    """A preset by name; ValueError listing the known ones."""
+    """A synchronous preset by name; ValueError listing the known ones."""
     if name not in PRESETS:
         raise ValueError(f"unknown method {name!r}; known methods: {', '.join(sorted(PRESETS))}")
     return PRESETS[name](**kwargs)
