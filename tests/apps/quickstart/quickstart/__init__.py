@@ -1,0 +1,1 @@
+"""quickstart-pytorch, compressed by qfl."""
