@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -349,3 +350,153 @@ def test_payload_of_sparse_chain_holds_quantized_values():
     p = qfl.parse("topk(0.05) | qsgd(4, bucket=10)").compress(x)
     assert isinstance(p.body, Sparse) and p.body.count == 50
     assert isinstance(p.body.values, Levels) and p.body.values.scales.numel() == 5
+
+
+# ------------------------------------------------- compiled kernels: every code path
+@pytest.fixture(params=[False, True], ids=["serial", "parallel"])
+def kernel_mode(request):
+    """Force the serial or the parallel variant of the kernels (normally chosen by size
+    and machine load); their results must be identical."""
+    from qfl.compress import _kernels as K
+
+    old = K.FORCE_PARALLEL
+    K.FORCE_PARALLEL = request.param
+    yield request.param
+    K.FORCE_PARALLEL = old
+
+
+def _topk_reference(x, k):
+    """Top-k by magnitude, ties to the lower index, from a stable sort."""
+    order = sorted(range(x.numel()), key=lambda i: (-abs(float(x[i])), i))[:k]
+    return sorted(order)
+
+
+def test_kernels_serial_and_parallel_agree(kernel_mode):
+    from qfl.compress import _kernels as K
+
+    torch.manual_seed(12)
+    x = (torch.randn(400_000) * torch.rand(400_000) ** 4).numpy()
+    for op in ("qsgd(16)", "qsgd(256, bucket=512)", "grid(8)", "grid(4, bucket=100)",
+               "bernoulli(budget=0.05) | grid(4)", "bernoulli(0.1)", "topk(0.01)", "topk(0.3)", "randk(0.01)"):
+        p = qfl.parse(op).compress(torch.from_numpy(x), torch.Generator().manual_seed(3))
+        K.FORCE_PARALLEL = not kernel_mode
+        q = qfl.parse(op).compress(torch.from_numpy(x), torch.Generator().manual_seed(3))
+        K.FORCE_PARALLEL = kernel_mode
+        assert torch.equal(p.decompress(), q.decompress()), op
+
+
+@pytest.mark.parametrize("n,k", [(1_200_000, 12_000), (1_200_000, 1), (1_200_000, 250_000), (1_200_000, 600_000),
+                                 (5000, 50), (5000, 5000)])
+def test_topk_every_path_exact(kernel_mode, n, k):
+    # 1.2M elements with k <= n/4 take the sampled-threshold path; k > n/4 the full radix
+    # select (parallel or serial); small n the serial select. Few distinct magnitudes
+    # make massive ties, which the sampled path must hand to the exact fallback.
+    from qfl.compress import _kernels as K
+
+    g = torch.Generator().manual_seed(n + k)
+    for x in (torch.randn(n, generator=g), torch.randint(-3, 4, (n,), generator=g).float()):
+        idx, vals, bad = K.topk_select(x.numpy(), k)
+        assert not bad
+        ref = torch.topk(x.abs(), k, sorted=True)
+        if x.numel() <= 5000:
+            assert idx.tolist() == _topk_reference(x, k)
+        else:
+            assert torch.equal(torch.from_numpy(idx), torch.from_numpy(idx).sort().values)
+            kept = x.abs()[torch.from_numpy(idx)]
+            # Exactly the k largest magnitudes; among ties at the threshold, the lowest indices.
+            assert torch.equal(kept.sort(descending=True).values, ref.values)
+            t = float(ref.values[-1])
+            ties = torch.nonzero(x.abs() == t).flatten()
+            taken = torch.from_numpy(idx)[kept == t]
+            assert torch.equal(taken, ties[: taken.numel()])
+        assert torch.equal(torch.from_numpy(vals), x[torch.from_numpy(idx)])
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("n,k", [(1_200_000, 12_000), (1_200_000, 600_000), (3000, 30)])
+def test_topk_detects_nonfinite_on_every_path(kernel_mode, bad, n, k):
+    from qfl.compress import _kernels as K
+
+    x = torch.randn(n)
+    for where in (0, n // 2, n - 1):
+        y = x.clone()
+        y[where] = bad
+        assert K.topk_select(y.numpy(), k)[2]
+        with pytest.raises(ValueError, match="non-finite"):
+            TopK(k=k).compress(y)
+
+
+@pytest.mark.parametrize("spec", ["qsgd(4)", "qsgd(4, norm=max, bucket=7)", "grid(8, bucket=1000)", "fp16", "bf16",
+                                  "topk(0.01) | qsgd(4)"])
+def test_fused_finite_checks(spec):
+    # These operators find NaN/Inf in the pass they make anyway (norms, top-k keys, max |x|).
+    x = torch.randn(300_000)
+    for i in (0, 123_457, 299_999):
+        for bad in (float("nan"), float("inf")):
+            y = x.clone()
+            y[i] = bad
+            with pytest.raises(ValueError, match="non-finite"):
+                qfl.parse(spec).compress(y)
+
+
+def test_float64_beyond_float32_range_is_a_clear_error():
+    x = torch.tensor([1.0, 1e300], dtype=torch.float64)
+    for spec in ("qsgd(4)", "grid(8)"):
+        with pytest.raises(ValueError, match="overflow float32"):
+            qfl.parse(spec).compress(x)
+
+
+def test_cast_overflow_thresholds():
+    fp16 = qfl.parse("fp16")
+    assert torch.equal(fp16.decompress(fp16.compress(torch.tensor([65504.0, -65519.0]))), torch.tensor([65504.0, -65504.0]))
+    with pytest.raises(ValueError, match="fp16 cannot represent"):
+        fp16.compress(torch.tensor([0.0, -65520.0]))
+    with pytest.raises(ValueError, match="fp16 cannot represent"):
+        fp16.compress(torch.tensor([1e5], dtype=torch.float64))
+    bf16 = qfl.parse("bf16")
+    big = float(torch.finfo(torch.bfloat16).max)
+    assert float(bf16.decompress(bf16.compress(torch.tensor([big])))[0]) == big
+    with pytest.raises(ValueError, match="bf16 cannot represent"):
+        bf16.compress(torch.tensor([3.4e38]))
+
+
+def test_large_casts_and_identity_round_trip():
+    x = torch.randn(1_500_000)
+    for spec, dtype in (("fp16", torch.float16), ("bf16", torch.bfloat16)):
+        p = qfl.parse(spec).compress(x)
+        assert torch.equal(p.body.values, x.to(dtype))
+        assert torch.equal(p.decompress(), x.to(dtype).float())
+    for y in (x, x.double(), x.bfloat16(), x.half()):
+        p = Identity().compress(y)
+        assert torch.equal(p.decompress(), y)
+        assert p.body.values.data_ptr() != y.data_ptr()  # a copy: later changes to y do not leak in
+
+
+def test_sparse_decompress_scatters_any_order_and_checks_range():
+    from qfl.compress import _kernels as K
+    from qfl.compress.payload import Payload, Raw
+
+    out = np.full(10, 7.0, np.float32)
+    assert K.scatter(np.array([7, 2, 7]), np.array([1.0, 2.0, 3.0], np.float32), out) == 0
+    assert out.tolist() == [0, 0, 2, 0, 0, 0, 0, 3, 0, 0]
+    assert K.scatter(np.array([3, 10]), np.array([1.0, 2.0], np.float32), out) == -1
+    assert K.scatter(np.array([-1]), np.array([1.0], np.float32), out) == -1
+    op = TopK(k=2)
+    p = Payload(op, (10,), torch.float32, Sparse(torch.tensor([9, 12]), None, Raw(torch.ones(2))))
+    with pytest.raises(IndexError):
+        p.decompress()
+
+
+def test_randk_positions_match_floyd_definition():
+    # random_subset reads membership back from a bitset instead of sorting: same subset.
+    from qfl.compress import _kernels as K
+
+    for n, k, seed in ((1000, 10, 1), (1000, 1000, 2), (70, 0, 3), (200_000, 2000, 4)):
+        taken, out = set(), []
+        for c, j in enumerate(range(n - k, n)):
+            t = min(int(K.uniform(np.uint64(seed), c) * (j + 1)), j)
+            if t in taken:
+                t = j
+            taken.add(t)
+            out.append(t)
+        assert K.random_subset(n, k, np.uint64(seed)).tolist() == sorted(out)

@@ -45,6 +45,11 @@ class Chain(Operator):
         )
 
     @property
+    def checks_finite(self) -> bool:  # type: ignore[override]
+        """The sparsifier sees the whole tensor first: its check is the chain's."""
+        return self.sparsifier.checks_finite
+
+    @property
     def ops(self) -> tuple[Operator, Operator]:
         """The operators, left to right."""
         return (self.sparsifier, self.value)

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from . import _kernels as K
-from .base import Properties, ValueOperator, as_numpy_f32, draw_seed
+from .base import Properties, ValueOperator, as_numpy_f32, draw_seed, empty_float32, raise_nonfinite
 from .payload import Levels, Part, Raw, Signs
 
 #: Largest number of QSGD levels; keeps every Elias code within one 64-bit word.
@@ -35,6 +35,8 @@ def _quantize(x: torch.Tensor, s: int, bucket: int | None, use_max: bool, signed
     v = as_numpy_f32(x)
     b = bucket or max(v.size, 1)
     norms = K.bucket_norms(v, b, use_max)
+    if not np.isfinite(norms).all():  # the norm pass doubles as the NaN/Inf check
+        raise_nonfinite(x)
     levels = np.empty(v.size, level_dtype(s))
     K.stochastic_levels(v, norms, b, s, signed_grid, draw_seed(generator), levels)
     return Levels(torch.from_numpy(norms), torch.from_numpy(levels))
@@ -71,6 +73,7 @@ class QSGD(ValueOperator):
 
     name: ClassVar[str] = "qsgd"
     positional: ClassVar[tuple[str, ...]] = ("levels",)
+    checks_finite: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         if isinstance(self.levels, bool) or not isinstance(self.levels, int) or not 1 <= self.levels <= MAX_LEVELS:
@@ -120,6 +123,7 @@ class Grid(ValueOperator):
 
     name: ClassVar[str] = "grid"
     positional: ClassVar[tuple[str, ...]] = ("bits",)
+    checks_finite: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 16:
@@ -175,10 +179,20 @@ class _Cast(ValueOperator):
 
     target: ClassVar[torch.dtype]
     unit_roundoff: ClassVar[float]
+    #: Smallest float32 magnitude that may round to Inf in the target format.
+    overflow_from: ClassVar[float]
+    checks_finite: ClassVar[bool] = True
 
     def _compress(self, x: torch.Tensor, generator: torch.Generator | None) -> Part:
-        y = x.to(self.target)
-        if bool(torch.isinf(y).any()):
+        may_overflow = True
+        if x.dtype == torch.float32:
+            # One pass for both checks: the largest |x| (NaN/Inf have the largest keys).
+            key = int(K.max_abs_key(x.contiguous().numpy()))
+            if key >= int(K.NONFINITE_KEY):
+                raise_nonfinite(x)
+            may_overflow = float(np.uint32(key).view(np.float32)) >= self.overflow_from
+        y = _empty_like_dtype(x.numel(), self.target).copy_(x)
+        if may_overflow and bool(torch.isinf(y).any()):
             big = float(x.abs().max())
             raise ValueError(
                 f"{self.name} cannot represent values of magnitude {big:.6g} (max "
@@ -188,11 +202,18 @@ class _Cast(ValueOperator):
 
     def _decompress(self, part: Part, n: int) -> torch.Tensor:
         assert isinstance(part, Raw)
-        return part.values.to(torch.float32)
+        return empty_float32(part.values.numel()).copy_(part.values)
 
     def properties(self, n: int) -> Properties:
         # Relative error per element <= u, so ||x - C(x)||^2 <= u^2 ||x||^2 (normal range).
         return Properties(unbiased=False, contraction=1.0 - self.unit_roundoff**2)
+
+
+def _empty_like_dtype(n: int, dtype: torch.dtype) -> torch.Tensor:
+    """Uninitialised n-element tensor of a 16-bit float dtype, numpy-allocated."""
+    if dtype == torch.float16:
+        return torch.from_numpy(np.empty(n, np.float16))
+    return torch.from_numpy(np.empty(n, np.int16)).view(dtype)
 
 
 @dataclass(frozen=True)
@@ -202,6 +223,7 @@ class FP16(_Cast):
     name: ClassVar[str] = "fp16"
     target: ClassVar[torch.dtype] = torch.float16
     unit_roundoff: ClassVar[float] = 2.0**-11
+    overflow_from: ClassVar[float] = 65504.0
 
 
 @dataclass(frozen=True)
@@ -211,3 +233,4 @@ class BF16(_Cast):
     name: ClassVar[str] = "bf16"
     target: ClassVar[torch.dtype] = torch.bfloat16
     unit_roundoff: ClassVar[float] = 2.0**-8
+    overflow_from: ClassVar[float] = float(torch.finfo(torch.bfloat16).max)

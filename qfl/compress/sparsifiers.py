@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from . import _kernels as K
-from .base import Operator, Properties, ValueOperator, as_numpy_f32, draw_seed
+from .base import Operator, Properties, ValueOperator, as_numpy_f32, draw_seed, raise_nonfinite
 from .payload import Part, Raw, Sparse
 
 
@@ -44,10 +44,14 @@ class Sparsifier(Operator):
         assert isinstance(part, Sparse)
         k = part.count
         values = inner._decompress(part.values, k) if inner is not None else _raw_values(part.values)
-        out = torch.zeros(n, dtype=torch.float32)
-        if k:
-            out[self.positions(part, n)] = values.to(torch.float32)
-        return out
+        out = np.empty(n, np.float32)
+        idx = self.positions(part, n) if k else torch.zeros(0, dtype=torch.int64)
+        vals = values.to(torch.float32).contiguous().numpy()
+        # Zeros and kept values in one pass over a numpy-allocated buffer (no zero-fill, then
+        # scatter, over a torch allocation).
+        if idx.numel() != vals.size or K.scatter(idx.to(torch.int64).contiguous().numpy(), vals, out) != 0:
+            raise IndexError(f"sparse payload positions out of range for {n} elements")
+        return torch.from_numpy(out)
 
 
 def _raw_values(part: Part) -> torch.Tensor:
@@ -95,6 +99,7 @@ class TopK(Sparsifier):
 
     name: ClassVar[str] = "topk"
     positional: ClassVar[tuple[str, ...]] = ("ratio",)
+    checks_finite: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         _normalise_amount(self)
@@ -105,8 +110,11 @@ class TopK(Sparsifier):
 
     def select(self, x: torch.Tensor, generator: torch.Generator | None):
         k = self.expected_count(x.numel())
-        idx = torch.from_numpy(K.topk_indices(as_numpy_f32(x), k))
-        return idx, None, x[idx]
+        idx, vals, nonfinite = K.topk_select(as_numpy_f32(x), k)
+        if nonfinite:  # NaN/Inf have the largest keys: the selection pass sees them
+            raise_nonfinite(x)
+        idx = torch.from_numpy(idx)
+        return idx, None, torch.from_numpy(vals) if x.dtype == torch.float32 else x[idx]
 
     def properties(self, n: int) -> Properties:
         return Properties(unbiased=False, contraction=self.expected_count(n) / n if n else 1.0)
