@@ -274,3 +274,89 @@ def test_declared_counts_must_match_the_operator():
 
 def test_stype_names_the_version():
     assert wire.STYPE == "qfl/v1"
+
+
+# ------------------------------------------------------ Elias coder: every code path
+@pytest.fixture(params=[False, True], ids=["serial", "parallel"])
+def kernel_mode(request):
+    from qfl.compress import _kernels as K
+
+    old = K.FORCE_PARALLEL
+    K.FORCE_PARALLEL = request.param
+    yield request.param
+    K.FORCE_PARALLEL = old
+
+
+def expected_block_bits(lv: np.ndarray) -> np.ndarray:
+    """Per-block stream length from the definition (omega lengths checked above)."""
+    out = []
+    for b in range(0, lv.size, B.BLOCK):
+        blk = lv[b:b + B.BLOCK].astype(np.int64)
+        nz = np.flatnonzero(blk)
+        gaps = np.diff(np.concatenate([[-1], nz]))
+        bits = int(B.omega_lengths(gaps).sum()) + nz.size if nz.size else 0
+        bits += int(B.omega_lengths(np.abs(blk[nz])).sum()) if nz.size else 0
+        out.append(bits)
+    return np.array(out, np.int64)
+
+
+def test_elias_blocks_of_mixed_density_round_trip(kernel_mode):
+    # Blocks coded apart (dense: branch-free loop; sparse: skipping loop; empty) are
+    # shifted into one stream at arbitrary bit offsets; codes of every length decode
+    # (one-lookup triples, 16-bit codes, longer ones).
+    rng = np.random.default_rng(11)
+    for trial in range(12):
+        n = int(rng.integers(1, 4 * B.BLOCK + 100))
+        s = int(rng.choice([1, 3, 127, 3000, 2**20, 2**30]))
+        dt = np.int8 if s <= 127 else (np.int16 if s < 2**15 else np.int32)
+        lv = np.zeros(n, dt)
+        for b in range(0, n, B.BLOCK):
+            m = min(B.BLOCK, n - b)
+            density = rng.choice([0.0, 1e-5, 1e-3, 0.05, 0.7, 1.0])
+            lv[b:b + m] = np.where(rng.random(m) < density, rng.integers(-s, s + 1, m), 0)
+        expected = expected_block_bits(lv)
+        assert np.array_equal(B.elias_block_bits(lv), expected)
+        assert B.elias_size_lower_bound(lv) <= expected.sum()
+        total = int(expected.sum())
+        assert B.elias_encode_if_smaller(lv, total) is None  # not strictly smaller
+        bits, stream = B.elias_encode_if_smaller(lv, total + 1)
+        assert np.array_equal(bits, expected) and stream.size == (total + 7) // 8
+        assert np.array_equal(stream, B.elias_encode(lv, expected))
+        padded = np.concatenate([stream, np.zeros(8, np.uint8)])
+        out = np.full(n, 9, dt)  # the decoder must clear what it does not set
+        assert B.elias_decode(padded, bits, n, s, out) == B.OK
+        assert np.array_equal(out, lv)
+        if total:  # a wrong declared length is caught
+            short = bits.copy()
+            short[np.flatnonzero(short)[0]] -= 1
+            assert B.elias_decode(padded, short, n, s, np.zeros(n, dt)) != B.OK
+
+
+def test_levels_coding_choice_is_exactly_the_smaller(kernel_mode):
+    # Dense Gaussian grid(8) levels: Elias (~10.6 bits) loses to 8-bit fixed width, which
+    # the lower bound settles; heavy-tailed ones: Elias (~3 bits) wins.
+    torch.manual_seed(5)
+    for x, fixed in ((torch.randn(300_000), True), (torch.randn(300_000) ** 9, False)):
+        p = qfl.parse("grid(8)").compress(x)
+        lv = p.body.levels.numpy()
+        elias_bits = int(B.elias_block_bits(lv).sum())
+        assert (elias_bits >= 8 * lv.size) == fixed
+        blob = encode(p)
+        expected = (lv.size if fixed else (elias_bits + 7) // 8)
+        assert expected < len(blob) < expected + 100 + 3 * (lv.size // B.BLOCK + 1)
+        assert torch.equal(decode(blob).decompress(), p.decompress())
+
+
+def test_fixed_width_levels_out_of_range_are_refused():
+    # grid(8) levels travel as bytes level + 127; byte 255 (level 128) is invalid.
+    p = qfl.parse("grid(8)").compress(torch.randn(1000))
+    content = bytearray(content_of(encode(p)))
+    packed = p.body.levels.numpy().astype(np.int64) + 127
+    at = bytes(content).find(packed.astype(np.uint8).tobytes())
+    assert at > 0
+    content[at + 10] = 255
+    with pytest.raises(WireFormatError, match="outside the declared range"):
+        decode(reframe(bytes(content)))
+    for width_spec in ("grid(4)", "qsgd(5, norm=max)"):  # other widths: parallel/serial unpacking
+        q = qfl.parse(width_spec).compress(torch.randn(300_000) * torch.rand(300_000))
+        assert torch.equal(decode(encode(q)).decompress(), q.decompress())

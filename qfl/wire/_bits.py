@@ -19,6 +19,8 @@ import math
 import numba as nb
 import numpy as np
 
+from ..compress._kernels import use_parallel
+
 #: Elements per independently coded block of an Elias level stream.
 BLOCK = 1 << 16
 
@@ -215,98 +217,455 @@ def _get_omega(buf, w, nw, bp, pos, end, dec_value, dec_len):
 
 
 # --------------------------------------------------------------- Elias level streams
+# Hot-loop tables, compact so that they stay in L1:
+#   GAP_LEN/GAP_CODE[g]     omega code of a gap 0 < g < _TABLE_VALUES
+#   SM_LEN/SM_CODE[v + off] sign bit + omega code of a level 0 < |v| < _TABLE_VALUES
+#   TRIPLE[t]               the whole (gap, sign, |level|) triple that the next
+#                           _FAST_BITS bits of a stream start with, if it fits in them
+#   OMEGA_BY_BITS[b]        omega length of any value of bit length b
+#
+# Encoding runs in three steps (see ``elias_encode_if_smaller``): a vectorised pass
+# bounds each block's length from below (and so, via gaps <= block size, from above);
+# blocks are then coded in parallel into disjoint scratch regions of that upper-bound
+# size, which yields their exact lengths; finally the blocks are shifted into place in
+# one contiguous stream. No separate exact-length pass, and the coding loops need no
+# bounds checks.
+_FAST_BITS = 12
+_SM_OFF = _TABLE_VALUES - 1
+#: Blocks with more nonzeros than BLOCK / _DENSE are coded by the branch-free loop.
+_DENSE = 16
+
+
+@nb.njit(cache=True)
+def _build_fast_tables():
+    gap_code = np.zeros(_TABLE_VALUES, np.int32)
+    gap_len = np.zeros(_TABLE_VALUES, np.uint8)
+    sm_code = np.zeros(2 * _TABLE_VALUES - 1, np.int32)
+    sm_len = np.zeros(2 * _TABLE_VALUES - 1, np.uint8)
+    for v in range(1, _TABLE_VALUES):
+        code, length = omega_code_slow(v)
+        gap_code[v] = code
+        gap_len[v] = length
+        sm_code[_SM_OFF + v] = code
+        sm_code[_SM_OFF - v] = code | (np.int64(1) << length)
+        sm_len[_SM_OFF + v] = length + 1
+        sm_len[_SM_OFF - v] = length + 1
+    # Fields of a TRIPLE entry: length (5 bits, 0 = does not fit), sign (1), gap (12), |level| (12).
+    triple = np.zeros(1 << _FAST_BITS, np.int32)
+    for g in range(1, _TABLE_VALUES):
+        gl = np.int64(gap_len[g])
+        if gl + 2 > _FAST_BITS:
+            continue
+        for m in range(1, _TABLE_VALUES):
+            ml = np.int64(sm_len[_SM_OFF + m])
+            total = gl + ml
+            if total > _FAST_BITS:
+                continue
+            for neg in range(2):
+                code = (np.int64(gap_code[g]) << ml) | sm_code[_SM_OFF - m if neg else _SM_OFF + m]
+                lo = code << (_FAST_BITS - total)
+                entry = total | (neg << 5) | (g << 6) | (m << 18)
+                for t in range(1 << (_FAST_BITS - total)):
+                    triple[lo + t] = entry
+    by_bits = np.zeros(64, np.int64)
+    for b in range(1, 54):
+        total = 1
+        v = b  # omega(v) depends on bit_length(v) only: groups of b, bit_length(b - 1), ... bits
+        while v > 1:
+            total += v
+            v = bit_length(v - 1)
+        by_bits[b] = total
+    return gap_code, gap_len, sm_code, sm_len, triple, by_bits
+
+
+GAP_CODE, GAP_LEN, SM_CODE, SM_LEN, TRIPLE, OMEGA_BY_BITS = _build_fast_tables()
+#: One omega code of at most _TABLE_BITS bits per lookup: (value << 5) | length, 0 if longer.
+SINGLE = ((DEC_VALUE << 5) | DEC_LEN).astype(np.int32)
+
+
+@nb.njit(inline="always", cache=True)
+def _store_be64(buf, p, w):
+    """Store w big-endian at byte p (LLVM merges this into one movbe)."""
+    u = np.uint64(p)
+    buf[u] = np.uint8(w >> np.uint64(56))
+    buf[u + np.uint64(1)] = np.uint8((w >> np.uint64(48)) & np.uint64(0xFF))
+    buf[u + np.uint64(2)] = np.uint8((w >> np.uint64(40)) & np.uint64(0xFF))
+    buf[u + np.uint64(3)] = np.uint8((w >> np.uint64(32)) & np.uint64(0xFF))
+    buf[u + np.uint64(4)] = np.uint8((w >> np.uint64(24)) & np.uint64(0xFF))
+    buf[u + np.uint64(5)] = np.uint8((w >> np.uint64(16)) & np.uint64(0xFF))
+    buf[u + np.uint64(6)] = np.uint8((w >> np.uint64(8)) & np.uint64(0xFF))
+    buf[u + np.uint64(7)] = np.uint8(w & np.uint64(0xFF))
+
+
+@nb.njit(inline="always", cache=True)
+def _load_be64(buf, byte):
+    """The 8 bytes at ``byte`` as a big-endian word (LLVM merges this into one movbe)."""
+    u = np.uint64(byte)
+    return ((np.uint64(buf[u]) << np.uint64(56)) | (np.uint64(buf[u + np.uint64(1)]) << np.uint64(48))
+            | (np.uint64(buf[u + np.uint64(2)]) << np.uint64(40)) | (np.uint64(buf[u + np.uint64(3)]) << np.uint64(32))
+            | (np.uint64(buf[u + np.uint64(4)]) << np.uint64(24)) | (np.uint64(buf[u + np.uint64(5)]) << np.uint64(16))
+            | (np.uint64(buf[u + np.uint64(6)]) << np.uint64(8)) | np.uint64(buf[u + np.uint64(7)]))
+
+
+@nb.njit(inline="always", cache=True)
+def _put8(buf, p, acc, nacc, code, length):
+    """Append ``length`` <= 56 bits (``code`` has no higher bits; length 0 is a no-op).
+
+    Stores the whole accumulator as one word every time, so there is no branch; the
+    buffer must have 8 bytes of room past the last whole byte. Fewer than 8 bits stay
+    in the accumulator between calls."""
+    acc = (acc << np.uint64(length)) | np.uint64(code)
+    nacc += length
+    _store_be64(buf, p, (acc << np.uint64(63 - nacc)) << _U1)
+    return p + (nacc >> 3), acc, nacc & 7
+
+
+@nb.njit(inline="always", cache=True)
+def _put_slow_triple(buf, p, acc, nacc, g, lv):
+    code, length = omega_code_slow(g)
+    p, acc, nacc = _put8(buf, p, acc, nacc, code, length)
+    code, length = omega_code_slow(abs(lv))
+    if lv < 0:
+        code |= np.int64(1) << length
+    return _put8(buf, p, acc, nacc, code, length + 1)
+
+
+@nb.njit(cache=True)
+def _encode_dense(blk, buf, p, gap_code, gap_len, sm_code, sm_len):
+    """Code one block with a branch-free loop (zeros are zero-length puts); returns bits."""
+    p0 = p
+    acc = np.uint64(0)
+    nacc = 0
+    last = -1
+    for i in range(blk.size):
+        lv = np.int64(blk[i])
+        nz = lv != 0
+        g = i - last
+        if nz & ((g >= _TABLE_VALUES) | (lv >= _TABLE_VALUES) | (lv <= -_TABLE_VALUES)):
+            p, acc, nacc = _put_slow_triple(buf, p, acc, nacc, g, lv)
+            last = i
+            continue
+        gi = np.uint64(min(g, _TABLE_VALUES - 1))
+        vi = np.uint64(max(min(lv, _TABLE_VALUES - 1), 1 - _TABLE_VALUES) + _SM_OFF)
+        ml = np.int64(sm_len[vi])
+        code = (np.uint64(gap_code[gi]) << np.uint64(ml)) | np.uint64(sm_code[vi])
+        length = np.int64(gap_len[gi]) + ml
+        p, acc, nacc = _put8(buf, p, acc, nacc, code if nz else np.uint64(0), length if nz else 0)
+        last = i if nz else last
+    if nacc:
+        _store_be64(buf, p, acc << np.uint64(64 - nacc))
+    return 8 * (p - p0) + nacc
+
+
+@nb.njit(cache=True)
+def _encode_sparse(blk, buf, p, gap_code, gap_len, sm_code, sm_len):
+    """Code one mostly-zero block: a predictable branch skips the zeros; returns bits."""
+    p0 = p
+    acc = np.uint64(0)
+    nacc = 0
+    last = -1
+    for i in range(blk.size):
+        lv = np.int64(blk[i])
+        if lv == 0:
+            continue
+        g = i - last
+        last = i
+        if g < _TABLE_VALUES and -_TABLE_VALUES < lv < _TABLE_VALUES:
+            vi = np.uint64(lv + _SM_OFF)
+            ml = np.int64(sm_len[vi])
+            code = (np.uint64(gap_code[g]) << np.uint64(ml)) | np.uint64(sm_code[vi])
+            p, acc, nacc = _put8(buf, p, acc, nacc, code, np.int64(gap_len[g]) + ml)
+        else:
+            p, acc, nacc = _put_slow_triple(buf, p, acc, nacc, g, lv)
+    if nacc:
+        _store_be64(buf, p, acc << np.uint64(64 - nacc))
+    return 8 * (p - p0) + nacc
+
+
+@nb.njit(inline="always", cache=True)
+def _lb8(blk):
+    """(lower bound, nonzeros) of an int8 block: 2 + omega(|v|) bits per nonzero, as a
+    sum of threshold tests (omega length steps at powers of two), which vectorises."""
+    t = 0
+    nz = 0
+    for i in range(blk.size):
+        a = abs(np.int32(blk[i]))
+        t += (3 * np.int32(a >= 1) + 2 * np.int32(a >= 2) + 3 * np.int32(a >= 4) + np.int32(a >= 8)
+              + 4 * np.int32(a >= 16) + np.int32(a >= 32) + np.int32(a >= 64) + np.int32(a >= 128))
+        nz += np.int32(a != 0)
+    return np.int64(t), np.int64(nz)
+
+
+@nb.njit(inline="always", cache=True)
+def _lb_any(blk, by_bits):
+    """(lower bound, nonzeros) of a block of any integer type, via the float64 exponent."""
+    t = 0
+    nz = 0
+    for i in range(blk.size):
+        a = abs(np.int64(blk[i]))
+        b = max(np.int64(np.float64(a).view(np.uint64) >> np.uint64(52)) - 1022, 0)
+        nonzero = a != 0
+        t += (2 + by_bits[np.uint64(b)]) if nonzero else 0
+        nz += nonzero
+    return t, nz
+
+
+@nb.njit(cache=True)
+def _block_bounds(levels, by_bits):
+    """Per block: (lower bound on its Elias bits, number of nonzeros). Serial: memory-bound."""
+    n = levels.size
+    nblk = (n + BLOCK - 1) // BLOCK
+    lower = np.empty(nblk, np.int64)
+    nonzero = np.empty(nblk, np.int64)
+    for b in range(nblk):
+        blk = levels[b * BLOCK:min(b * BLOCK + BLOCK, n)]
+        if levels.itemsize == 1:
+            lower[b], nonzero[b] = _lb8(blk)
+        else:
+            lower[b], nonzero[b] = _lb_any(blk, by_bits)
+    return lower, nonzero
+
+
+@nb.njit(inline="always", cache=True)
+def _encode_block(levels, b, starts, nonzero, scratch, bits, gap_code, gap_len, sm_code, sm_len):
+    blk = levels[b * BLOCK:min(b * BLOCK + BLOCK, levels.size)]
+    if nonzero[b] * _DENSE > blk.size:
+        bits[b] = _encode_dense(blk, scratch, starts[b], gap_code, gap_len, sm_code, sm_len)
+    elif nonzero[b]:
+        bits[b] = _encode_sparse(blk, scratch, starts[b], gap_code, gap_len, sm_code, sm_len)
 
 
 @nb.njit(parallel=True, cache=True)
-def _elias_block_bits(levels, enc_len):
+def _encode_blocks_parallel(levels, starts, nonzero, scratch, bits, gap_code, gap_len, sm_code, sm_len):
+    for b in nb.prange(bits.size):
+        _encode_block(levels, b, starts, nonzero, scratch, bits, gap_code, gap_len, sm_code, sm_len)
+
+
+@nb.njit(cache=True)
+def _encode_blocks_serial(levels, starts, nonzero, scratch, bits, gap_code, gap_len, sm_code, sm_len):
+    for b in range(bits.size):
+        _encode_block(levels, b, starts, nonzero, scratch, bits, gap_code, gap_len, sm_code, sm_len)
+
+
+@nb.njit(inline="always", cache=True)
+def _byte_at(src, s0, k):
+    """Bits [k, k + 8) of the MSB-first bit string starting at byte s0 of src."""
+    j = np.uint64(s0 + (k >> 3))
+    sh = np.uint64(k & 7)
+    return np.uint8(((np.uint64(src[j]) << sh) | (np.uint64(src[j + np.uint64(1)]) >> (np.uint64(8) - sh))) & np.uint64(0xFF))
+
+
+@nb.njit(inline="always", cache=True)
+def _copy_whole_bytes(scratch, s0, o, nbits, out):
+    """The bytes of ``out`` that lie wholly inside bits [o, o + nbits), from scratch."""
+    for d in range((o + 7) >> 3, (o + nbits) >> 3):
+        out[d] = _byte_at(scratch, s0, 8 * d - o)
+
+
+@nb.njit(parallel=True, cache=True)
+def _copy_blocks_parallel(scratch, starts, offsets, bits, out):
+    for b in nb.prange(bits.size):
+        _copy_whole_bytes(scratch, starts[b], offsets[b], bits[b], out)
+
+
+@nb.njit(cache=True)
+def _concatenate(scratch, starts, bits, parallel):
+    """One stream from the blocks' bit strings: block b's bits land at bit offset
+    sum(bits[:b]). Bytes that lie inside one block are copied (in parallel); bytes that
+    blocks share (or that end the stream) are OR-ed together afterwards."""
+    nblk = bits.size
+    offsets = np.zeros(nblk + 1, np.int64)
+    for b in range(nblk):
+        offsets[b + 1] = offsets[b] + bits[b]
+    nbytes = (offsets[nblk] + 7) >> 3
+    out = np.empty(nbytes, np.uint8)
+    if parallel:
+        _copy_blocks_parallel(scratch, starts, offsets, bits, out)
+    else:
+        for b in range(nblk):
+            _copy_whole_bytes(scratch, starts[b], offsets[b], bits[b], out)
+    # Partial bytes: where a block starts or ends mid-byte. Clear them, then OR in each
+    # block's share (its scratch bits past its length are zero).
+    for b in range(nblk):
+        if bits[b]:
+            if offsets[b] & 7:
+                out[offsets[b] >> 3] = 0
+            if offsets[b + 1] & 7:
+                out[offsets[b + 1] >> 3] = 0
+    for b in range(nblk):
+        o = offsets[b]
+        e = offsets[b + 1]
+        if not bits[b]:
+            continue
+        if o & 7:  # head byte: all of this block's bits in it
+            out[o >> 3] |= scratch[starts[b]] >> np.uint8(o & 7)
+        if e & 7 and not (o & 7 and (e >> 3) == (o >> 3)):  # tail byte, unless it is the head
+            d = e >> 3
+            out[d] |= _byte_at(scratch, starts[b], 8 * d - o)
+    return out
+
+
+@nb.njit(cache=True)
+def _scratch_starts(upper):
+    """Byte offset of each block's scratch region (upper-bound bits + 8 bytes of room)."""
+    starts = np.zeros(upper.size + 1, np.int64)
+    for b in range(upper.size):
+        starts[b + 1] = starts[b] + (upper[b] + 7) // 8 + 16
+    return starts
+
+
+def _plan(levels: np.ndarray):
+    lower, nonzero = _block_bounds(levels, OMEGA_BY_BITS)
+    return lower, nonzero
+
+
+def _encode_with(levels: np.ndarray, lower: np.ndarray, nonzero: np.ndarray):
+    # Exact length <= sum over nonzeros of (gap + 2 + sign/level bits) <= block size +
+    # nonzeros + lower bound (an omega code of g has at most g + 2 bits).
+    sizes = np.minimum(levels.size - np.arange(lower.size, dtype=np.int64) * BLOCK, BLOCK)
+    starts = _scratch_starts(sizes + nonzero + lower)
+    scratch = np.empty(int(starts[-1]) + 8, np.uint8)
+    bits = np.zeros(lower.size, np.int64)
+    kernel = _encode_blocks_parallel if use_parallel(levels.size) else _encode_blocks_serial
+    kernel(levels, starts, nonzero, scratch, bits, GAP_CODE, GAP_LEN, SM_CODE, SM_LEN)
+    return scratch, starts, bits
+
+
+def elias_encode_if_smaller(levels: np.ndarray, limit_bits: int):
+    """``(block_bits, stream)`` of the Elias coding of ``levels`` if it takes fewer than
+    ``limit_bits`` bits, else None (decided from a cheap lower bound when possible)."""
+    lower, nonzero = _plan(levels)
+    if int(lower.sum()) >= limit_bits:
+        return None
+    scratch, starts, bits = _encode_with(levels, lower, nonzero)
+    if int(bits.sum()) >= limit_bits:
+        return None
+    return bits, _concatenate(scratch, starts, bits, use_parallel(levels.size))
+
+
+@nb.njit(parallel=True, cache=True)
+def _elias_block_bits(levels, gap_len, sm_len):
     n = levels.size
     nblk = (n + BLOCK - 1) // BLOCK
     out = np.zeros(nblk, np.int64)
     for b in nb.prange(nblk):
-        lo = b * BLOCK
-        hi = min(lo + BLOCK, n)
-        last = lo - 1
+        blk = levels[b * BLOCK:min(b * BLOCK + BLOCK, n)]
+        last = -1
         t = 0
-        for i in range(lo, hi):
-            lv = np.int64(levels[i])
+        for i in range(blk.size):
+            lv = np.int64(blk[i])
             if lv != 0:
-                t += omega_length(i - last, enc_len) + 1 + omega_length(abs(lv), enc_len)
+                g = i - last
                 last = i
+                if g < _TABLE_VALUES and -_TABLE_VALUES < lv < _TABLE_VALUES:
+                    t += np.int64(gap_len[g]) + np.int64(sm_len[lv + _SM_OFF])
+                else:
+                    t += omega_length(g, gap_len) + 1 + omega_length(abs(lv), gap_len)
         out[b] = t
     return out
 
 
-@nb.njit(parallel=True, cache=True)
-def _elias_encode(levels, block_bits, enc_code, enc_len):
-    n = levels.size
-    nblk = block_bits.size
-    offsets = np.zeros(nblk + 1, np.int64)
-    for b in range(nblk):
-        offsets[b + 1] = offsets[b] + block_bits[b]
-    buf = np.zeros((offsets[nblk] + 7) // 8 + 8, np.uint8)
-    tails = np.zeros(nblk, np.uint8)
-    tail_at = np.zeros(nblk, np.int64)
-    for b in nb.prange(nblk):
-        lo = b * BLOCK
-        hi = min(lo + BLOCK, n)
-        p = offsets[b] >> 3
-        acc = np.uint64(0)
-        nacc = offsets[b] & 7
-        last = lo - 1
-        for i in range(lo, hi):
-            lv = np.int64(levels[i])
-            if lv != 0:
-                code, length = omega_code(i - last, enc_code, enc_len)
-                p, acc, nacc = _put_long(buf, p, acc, nacc, code, length)
-                code, length = omega_code(abs(lv), enc_code, enc_len)
-                p, acc, nacc = _put_long(buf, p, acc, nacc, (code | (np.int64(1) << length)) if lv < 0 else code, length + 1)
-                last = i
-        tails[b], tail_at[b] = _finish(buf, p, acc, nacc)
-    for b in range(nblk):
-        buf[tail_at[b]] |= tails[b]
-    return buf[: (offsets[nblk] + 7) // 8]
+@nb.njit(cache=True)
+def _slow_triple(padded, pos, end, dec_value, dec_len):
+    """Decode one (gap, sign, |level|) triple code by code: (gap, neg, mag, pos, status)."""
+    w, nw, bp = _reader_at(padded, pos)
+    gap, w, nw, bp, pos, st = _get_omega(padded, w, nw, bp, pos, end, dec_value, dec_len)
+    if st != OK:
+        return gap, 0, 0, pos, st
+    if pos >= end:
+        return gap, 0, 0, pos, ERR_OVERRUN
+    w, nw, bp = _refill(padded, w, nw, bp)
+    neg = _peek(w, 1)
+    w = w << _U1
+    pos += 1
+    mag, w, nw, bp, pos, st = _get_omega(padded, w, nw - 1, bp, pos, end, dec_value, dec_len)
+    return gap, neg, mag, pos, st
+
+
+@nb.njit(cache=True)
+def _decode_block(padded, pos, end, max_level, blk, triple, single, dec_value, dec_len):
+    """Decode one block's stream into ``blk`` (zeroed here); returns a status."""
+    blk[:] = 0
+    i = -1
+    # Window: w holds nw >= 32 valid bits, MSB-aligned; bp is the next byte to load.
+    w = _load_be64(padded, pos >> 3) << np.uint64(pos & 7)
+    nw = 64 - (pos & 7)
+    bp = (pos >> 3) + 8
+    while pos < end:
+        if nw < 32:
+            u = np.uint64(bp)
+            four = ((np.uint64(padded[u]) << np.uint64(24)) | (np.uint64(padded[u + np.uint64(1)]) << np.uint64(16))
+                    | (np.uint64(padded[u + np.uint64(2)]) << np.uint64(8)) | np.uint64(padded[u + np.uint64(3)]))
+            w |= four << np.uint64(32 - nw)
+            nw += 32
+            bp += 4
+        e = triple[np.int64(w >> np.uint64(64 - _FAST_BITS))]
+        length = e & 31
+        if length != 0 and pos + length <= end:
+            # The whole (gap, sign, level) triple in one lookup.
+            pos += length
+            w <<= np.uint64(length)
+            nw -= length
+            i += (e >> 6) & 0xFFF
+            mag = np.int64(e >> 18)
+            neg = (e >> 5) & 1
+        else:
+            # Code by code with the 16-bit table; anything longer (or an error) goes to
+            # the general decoder, from the start of the triple.
+            e1 = single[np.int64(w >> np.uint64(64 - _TABLE_BITS))]
+            l1 = e1 & 31
+            w2 = w << np.uint64(l1)
+            nw2 = nw - l1
+            if nw2 < 17:
+                u = np.uint64(bp)
+                four = ((np.uint64(padded[u]) << np.uint64(24)) | (np.uint64(padded[u + np.uint64(1)]) << np.uint64(16))
+                        | (np.uint64(padded[u + np.uint64(2)]) << np.uint64(8)) | np.uint64(padded[u + np.uint64(3)]))
+                w2 |= four << np.uint64(32 - nw2)
+                nw2 += 32
+                bp += 4
+            e2 = single[np.int64((w2 << _U1) >> np.uint64(64 - _TABLE_BITS))]
+            l2 = e2 & 31
+            if l1 != 0 and l2 != 0 and pos + l1 + 1 + l2 <= end:
+                pos += l1 + 1 + l2
+                neg = np.int64(w2 >> np.uint64(63))
+                w = w2 << np.uint64(1 + l2)
+                nw = nw2 - 1 - l2
+                i += e1 >> 5
+                mag = np.int64(e2 >> 5)
+            else:
+                gap, neg, mag, pos, st = _slow_triple(padded, pos, end, dec_value, dec_len)
+                if st != OK:
+                    return st
+                i += gap
+                w = _load_be64(padded, pos >> 3) << np.uint64(pos & 7)
+                nw = 64 - (pos & 7)
+                bp = (pos >> 3) + 8
+        if i >= blk.size or mag > max_level:
+            return ERR_RANGE
+        blk[i] = -mag if neg else mag
+    return OK
 
 
 @nb.njit(parallel=True, cache=True)
-def _elias_decode(padded, block_bits, n, max_level, out, dec_value, dec_len):
+def _decode_blocks_parallel(padded, offsets, n, max_level, out, status, triple, single, dec_value, dec_len):
+    for b in nb.prange(status.size):
+        status[b] = _decode_block(padded, offsets[b], offsets[b + 1], max_level,
+                                  out[b * BLOCK:min(b * BLOCK + BLOCK, n)], triple, single, dec_value, dec_len)
+
+
+@nb.njit(cache=True)
+def _elias_decode(padded, block_bits, n, max_level, out, triple, single, dec_value, dec_len, parallel):
     nblk = block_bits.size
     offsets = np.zeros(nblk + 1, np.int64)
     for b in range(nblk):
         offsets[b + 1] = offsets[b] + block_bits[b]
     status = np.zeros(nblk, np.int64)
-    for b in nb.prange(nblk):
-        lo = b * BLOCK
-        hi = min(lo + BLOCK, n)
-        pos = offsets[b]
-        end = offsets[b + 1]
-        w, nw, bp = _reader_at(padded, pos)
-        i = lo - 1
-        st = OK
-        while pos < end:
-            gap, w, nw, bp, pos, st = _get_omega(padded, w, nw, bp, pos, end, dec_value, dec_len)
-            if st != OK:
-                break
-            i += gap
-            if i >= hi:
-                st = ERR_RANGE
-                break
-            if pos >= end:
-                st = ERR_OVERRUN
-                break
-            neg = _peek(w, 1)
-            w = w << _U1
-            nw -= 1
-            pos += 1
-            mag, w, nw, bp, pos, st = _get_omega(padded, w, nw, bp, pos, end, dec_value, dec_len)
-            if st != OK:
-                break
-            if mag > max_level:
-                st = ERR_RANGE
-                break
-            out[i] = -mag if neg == 1 else mag
-        if st == OK and pos != end:
-            st = ERR_TRAILING
-        status[b] = st
+    if parallel:
+        _decode_blocks_parallel(padded, offsets, n, max_level, out, status, triple, single, dec_value, dec_len)
+    else:
+        for b in range(nblk):
+            status[b] = _decode_block(padded, offsets[b], offsets[b + 1], max_level,
+                                      out[b * BLOCK:min(b * BLOCK + BLOCK, n)], triple, single, dec_value, dec_len)
     for b in range(nblk):
         if status[b] != OK:
             return status[b]
@@ -315,7 +674,12 @@ def _elias_decode(padded, block_bits, n, max_level, out, dec_value, dec_len):
 
 def elias_block_bits(levels: np.ndarray) -> np.ndarray:
     """Bit length of each block's (gap, sign, |level|) stream over the nonzero levels."""
-    return _elias_block_bits(levels, ENC_LEN)
+    return _elias_block_bits(levels, GAP_LEN, SM_LEN)
+
+
+def elias_size_lower_bound(levels: np.ndarray) -> int:
+    """A cheap lower bound on ``elias_block_bits(levels).sum()``."""
+    return int(_plan(levels)[0].sum())
 
 
 def elias_encode(levels: np.ndarray, block_bits: np.ndarray) -> np.ndarray:
@@ -323,36 +687,41 @@ def elias_encode(levels: np.ndarray, block_bits: np.ndarray) -> np.ndarray:
 
     Per nonzero: omega(gap to the previous nonzero in the block, >= 1), a sign bit
     (1 = negative), omega(|level|). Zeros cost nothing but the gaps around them.
+    ``block_bits`` must be ``elias_block_bits(levels)``.
     """
-    return _elias_encode(levels, block_bits, ENC_CODE, ENC_LEN)
+    lower, nonzero = _plan(levels)
+    scratch, starts, bits = _encode_with(levels, lower, nonzero)
+    if not np.array_equal(bits, block_bits):
+        raise ValueError("block_bits do not match the levels")
+    return _concatenate(scratch, starts, bits, use_parallel(levels.size))
 
 
 def elias_decode(padded: np.ndarray, block_bits: np.ndarray, n: int, max_level: int, out: np.ndarray) -> int:
-    """Inverse of elias_encode into ``out`` (zeroed, length n); returns a status code.
+    """Inverse of elias_encode into ``out`` (length n, any content); returns a status code.
 
     Every block must end exactly at its declared bit length and every level must be
-    within ``max_level`` in magnitude.
+    within ``max_level`` in magnitude. ``padded`` holds the stream and 8 more bytes.
     """
-    return _elias_decode(padded, block_bits, n, max_level, out, DEC_VALUE, DEC_LEN)
+    return _elias_decode(padded, block_bits, n, max_level, out, TRIPLE, SINGLE, DEC_VALUE, DEC_LEN, use_parallel(n))
 
 
 # ----------------------------------------------------------------- fixed-width codes
 
 
-@nb.njit(parallel=True, cache=True)
-def pack_fixed(values, offset, width):
-    """Pack ``values + offset`` (each in [0, 2**width)) into ``width`` bits each.
+@nb.njit(cache=True)
+def _pack8(values, offset, buf):
+    for i in range(values.size):
+        buf[i] = np.uint8(np.int64(values[i]) + offset)
 
-    Groups of 8 values fill exactly ``width`` bytes, so groups pack in parallel.
-    """
+
+#: Groups of 8 values per parallel work item of the fixed-width coders.
+_GROUPS = 1 << 13
+
+
+@nb.njit(inline="always", cache=True)
+def _pack_groups(values, offset, width, buf, c):
     n = values.size
-    buf = np.zeros((n * width + 7) // 8, np.uint8)
-    if width == 8:
-        for i in nb.prange(n):
-            buf[i] = np.uint8(np.int64(values[i]) + offset)
-        return buf
-    ngroups = (n + 7) // 8
-    for g in nb.prange(ngroups):
+    for g in range(c * _GROUPS, min(c * _GROUPS + _GROUPS, (n + 7) // 8)):
         acc = np.uint64(0)
         nacc = 0
         p = g * width
@@ -365,28 +734,84 @@ def pack_fixed(values, offset, width):
                 p += 1
         if nacc > 0:
             buf[p] = np.uint8((acc << np.uint64(8 - nacc)) & np.uint64(0xFF))
-    return buf
 
 
 @nb.njit(parallel=True, cache=True)
-def unpack_fixed(padded, n, offset, width, max_abs, out):
-    """Inverse of pack_fixed; returns ERR_RANGE if any value exceeds ``max_abs``."""
-    ngroups = (n + 7) // 8
-    bad = np.zeros(ngroups, np.bool_)
-    for g in nb.prange(ngroups):
+def _pack_parallel(values, offset, width, buf):
+    for c in nb.prange(((values.size + 7) // 8 + _GROUPS - 1) // _GROUPS):
+        _pack_groups(values, offset, width, buf, c)
+
+
+@nb.njit(cache=True)
+def _pack_serial(values, offset, width, buf):
+    for c in range(((values.size + 7) // 8 + _GROUPS - 1) // _GROUPS):
+        _pack_groups(values, offset, width, buf, c)
+
+
+def pack_fixed(values: np.ndarray, offset: int, width: int) -> np.ndarray:
+    """Pack ``values + offset`` (each in [0, 2**width)) into ``width`` bits each.
+
+    Groups of 8 values fill exactly ``width`` bytes, so groups pack in parallel; width 8
+    is a plain serial byte copy (memory-bound: one vectorised pass).
+    """
+    n = values.size
+    buf = np.empty((n * width + 7) // 8, np.uint8)
+    if width == 8:
+        _pack8(values, offset, buf)
+    elif use_parallel(n):
+        _pack_parallel(values, offset, width, buf)
+    else:
+        _pack_serial(values, offset, width, buf)
+    return buf
+
+
+@nb.njit(cache=True)
+def _unpack8(buf, n, offset, max_abs, out):
+    bad = False
+    for i in range(n):
+        v = np.int64(buf[i]) - offset
+        bad |= (v > max_abs) | (v < -max_abs)
+        out[i] = v
+    return bad
+
+
+@nb.njit(inline="always", cache=True)
+def _unpack_groups(padded, n, offset, width, max_abs, out, c):
+    bad = False
+    for g in range(c * _GROUPS, min(c * _GROUPS + _GROUPS, (n + 7) // 8)):
         w, nw, bp = _reader_at(padded, g * 8 * width)
         for j in range(g * 8, min(g * 8 + 8, n)):
             w, nw, bp = _refill(padded, w, nw, bp)
             v = _peek(w, width) - offset
             w = w << np.uint64(width)
             nw -= width
-            if v > max_abs or v < -max_abs:
-                bad[g] = True
+            bad |= (v > max_abs) | (v < -max_abs)
             out[j] = v
-    for g in range(ngroups):
-        if bad[g]:
-            return ERR_RANGE
-    return OK
+    return bad
+
+
+@nb.njit(parallel=True, cache=True)
+def _unpack_parallel(padded, n, offset, width, max_abs, out, bad):
+    for c in nb.prange(bad.size):
+        bad[c] = _unpack_groups(padded, n, offset, width, max_abs, out, c)
+
+
+@nb.njit(cache=True)
+def _unpack_serial(padded, n, offset, width, max_abs, out, bad):
+    for c in range(bad.size):
+        bad[c] = _unpack_groups(padded, n, offset, width, max_abs, out, c)
+
+
+def unpack_fixed(padded: np.ndarray, n: int, offset: int, width: int, max_abs: int, out: np.ndarray) -> int:
+    """Inverse of pack_fixed; returns ERR_RANGE if any value exceeds ``max_abs``.
+
+    ``padded`` holds the packed bytes and 8 more (any value); width 8 needs no slack.
+    """
+    if width == 8:
+        return ERR_RANGE if _unpack8(padded, n, offset, max_abs, out) else OK
+    bad = np.zeros(((n + 7) // 8 + _GROUPS - 1) // _GROUPS, np.bool_)
+    (_unpack_parallel if use_parallel(n) else _unpack_serial)(padded, n, offset, width, max_abs, out, bad)
+    return ERR_RANGE if bad.any() else OK
 
 
 # ------------------------------------------------------------- Rice-coded positions

@@ -171,14 +171,17 @@ class _Encoder:
         self.put(part.scales.contiguous().numpy().astype("<f4", copy=False))
         lv = part.levels.contiguous().numpy()
         width = int(2 * max_level).bit_length()
-        block_bits = B.elias_block_bits(lv) if lv.size else np.zeros(0, np.int64)
-        if lv.size * width <= int(block_bits.sum()):
+        # Elias coding only when strictly smaller than fixed width (a cheap lower bound
+        # usually settles it without coding anything).
+        elias = B.elias_encode_if_smaller(lv, lv.size * width) if lv.size else None
+        if elias is None:
             self.put(bytes([_LEVELS_FIXED]))
             self.put(B.pack_fixed(lv, max_level, width))
         else:
+            block_bits, stream = elias
             self.put(bytes([_LEVELS_ELIAS]))
             self.put(b"".join(_varint(int(b)) for b in block_bits))
-            self.put(B.elias_encode(lv, block_bits))
+            self.put(stream)
 
     def signs(self, part: Part) -> None:
         assert isinstance(part, Signs)
@@ -291,8 +294,9 @@ class _Decoder:
 
     def padded(self, nbytes: int, what: str) -> np.ndarray:
         """A stream copied into a buffer with 8 zero bytes of slack for 64-bit reads."""
-        buf = np.zeros(nbytes + 8, np.uint8)
+        buf = np.empty(nbytes + 8, np.uint8)
         buf[:nbytes] = np.frombuffer(self.take(nbytes, what), np.uint8)
+        buf[nbytes:] = 0
         return buf
 
     # ---------------------------------------------------------------- sections
@@ -348,10 +352,14 @@ class _Decoder:
         if not np.all(np.isfinite(scales)) or np.any(scales < 0):
             raise self.fail("bucket scales must be finite and non-negative")
         mode = self.u8("levels coding")
-        out = np.zeros(m, level_dtype(max_level))
+        out = np.empty(m, level_dtype(max_level))  # both decoders write every element
         if mode == _LEVELS_FIXED:
             width = int(2 * max_level).bit_length()
-            buf = self.padded((m * width + 7) // 8, "fixed-width levels")
+            nbytes = (m * width + 7) // 8
+            if width == 8:  # byte per level: read in place, no slack needed
+                buf = np.frombuffer(self.take(nbytes, "fixed-width levels"), np.uint8)
+            else:
+                buf = self.padded(nbytes, "fixed-width levels")
             status = B.unpack_fixed(buf, m, max_level, width, max_level, out)
         elif mode == _LEVELS_ELIAS:
             nblk = (m + B.BLOCK - 1) // B.BLOCK
