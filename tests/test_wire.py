@@ -326,6 +326,9 @@ def test_elias_blocks_of_mixed_density_round_trip(kernel_mode):
         out = np.full(n, 9, dt)  # the decoder must clear what it does not set
         assert B.elias_decode(padded, bits, n, s, out) == B.OK
         assert np.array_equal(out, lv)
+        if total:  # a level above the declared maximum is caught, wherever it sits in a lookup
+            top = int(np.abs(lv.astype(np.int64)).max())
+            assert B.elias_decode(padded, bits, n, top - 1, np.zeros(n, dt)) == B.ERR_RANGE
         if total:  # a wrong declared length is caught
             short = bits.copy()
             short[np.flatnonzero(short)[0]] -= 1

@@ -279,6 +279,38 @@ def _build_fast_tables():
 
 
 GAP_CODE, GAP_LEN, SM_CODE, SM_LEN, TRIPLE, OMEGA_BY_BITS = _build_fast_tables()
+
+
+@nb.njit(cache=True)
+def _build_pair_table(triple):
+    """PAIR[t]: the one or two whole triples that the next _FAST_BITS bits start with.
+
+    Fields: total length (4 bits, 0 = not even one triple fits), sign 1, sign 2 (1 bit
+    each), gap 1, |level| 1, gap 2, |level| 2 (6 bits each; a triple that fits in 12 bits
+    has gap and level below 16). A lone triple repeats itself as the second with gap 0,
+    so decoding always writes two values (the second one twice over the same element).
+    """
+    pair = np.zeros(1 << _FAST_BITS, np.int32)
+    for t in range(1 << _FAST_BITS):
+        e = triple[t]
+        l1 = e & 31
+        if l1 == 0:
+            continue
+        neg1 = (e >> 5) & 1
+        g1 = (e >> 6) & 0xFFF
+        m1 = e >> 18
+        rest = (t << l1) & ((1 << _FAST_BITS) - 1)  # the following bits, zero-padded
+        e2 = triple[rest]
+        l2 = e2 & 31
+        if l2 != 0 and l1 + l2 <= _FAST_BITS:
+            pair[t] = ((l1 + l2) | (neg1 << 4) | (((e2 >> 5) & 1) << 5) | (g1 << 6) | (m1 << 12)
+                       | (((e2 >> 6) & 0xFFF) << 18) | ((e2 >> 18) << 24))
+        else:
+            pair[t] = l1 | (neg1 << 4) | (neg1 << 5) | (g1 << 6) | (m1 << 12) | (m1 << 24)
+    return pair
+
+
+PAIR = _build_pair_table(TRIPLE)
 #: One omega code of at most _TABLE_BITS bits per lookup: (value << 5) | length, 0 if longer.
 SINGLE = ((DEC_VALUE << 5) | DEC_LEN).astype(np.int32)
 
@@ -457,9 +489,29 @@ def _byte_at(src, s0, k):
 
 @nb.njit(inline="always", cache=True)
 def _copy_whole_bytes(scratch, s0, o, nbits, out):
-    """The bytes of ``out`` that lie wholly inside bits [o, o + nbits), from scratch."""
-    for d in range((o + 7) >> 3, (o + nbits) >> 3):
-        out[d] = _byte_at(scratch, s0, 8 * d - o)
+    """The bytes of ``out`` that lie wholly inside bits [o, o + nbits), from scratch.
+
+    Every such byte is the same shift of two neighbouring scratch bytes, so eight go at
+    a time as one big-endian word (the scratch region has room to read past its end)."""
+    d0 = (o + 7) >> 3
+    d1 = (o + nbits) >> 3
+    if d1 <= d0:
+        return
+    k = 8 * d0 - o
+    src = s0 + (k >> 3)
+    sh = np.uint64(k & 7)
+    rsh = np.uint64(8) - sh
+    d = d0
+    while d + 8 <= d1:
+        word = (_load_be64(scratch, src) << sh) | (np.uint64(scratch[np.uint64(src + 8)]) >> rsh)
+        _store_be64(out, d, word)
+        d += 8
+        src += 8
+    while d < d1:
+        out[d] = np.uint8(((np.uint64(scratch[np.uint64(src)]) << sh)
+                           | (np.uint64(scratch[np.uint64(src + 1)]) >> rsh)) & np.uint64(0xFF))
+        d += 1
+        src += 1
 
 
 @nb.njit(parallel=True, cache=True)
@@ -583,7 +635,7 @@ def _slow_triple(padded, pos, end, dec_value, dec_len):
 
 
 @nb.njit(cache=True)
-def _decode_block(padded, pos, end, max_level, blk, triple, single, dec_value, dec_len):
+def _decode_block(padded, pos, end, max_level, blk, pair, single, dec_value, dec_len):
     """Decode one block's stream into ``blk`` (zeroed here); returns a status."""
     blk[:] = 0
     i = -1
@@ -599,16 +651,22 @@ def _decode_block(padded, pos, end, max_level, blk, triple, single, dec_value, d
             w |= four << np.uint64(32 - nw)
             nw += 32
             bp += 4
-        e = triple[np.int64(w >> np.uint64(64 - _FAST_BITS))]
-        length = e & 31
+        e = pair[np.int64(w >> np.uint64(64 - _FAST_BITS))]
+        length = e & 15
         if length != 0 and pos + length <= end:
-            # The whole (gap, sign, level) triple in one lookup.
+            # One or two whole (gap, sign, level) triples in one lookup.
+            i1 = i + ((e >> 6) & 63)
+            i = i1 + ((e >> 18) & 63)
+            m1 = np.int64((e >> 12) & 63)
+            m2 = np.int64(e >> 24)
+            if i >= blk.size or m1 > max_level or m2 > max_level:
+                return ERR_RANGE
+            blk[i1] = -m1 if (e >> 4) & 1 else m1
+            blk[i] = -m2 if (e >> 5) & 1 else m2
             pos += length
             w <<= np.uint64(length)
             nw -= length
-            i += (e >> 6) & 0xFFF
-            mag = np.int64(e >> 18)
-            neg = (e >> 5) & 1
+            continue
         else:
             # Code by code with the 16-bit table; anything longer (or an error) goes to
             # the general decoder, from the start of the triple.
@@ -647,25 +705,25 @@ def _decode_block(padded, pos, end, max_level, blk, triple, single, dec_value, d
 
 
 @nb.njit(parallel=True, cache=True)
-def _decode_blocks_parallel(padded, offsets, n, max_level, out, status, triple, single, dec_value, dec_len):
+def _decode_blocks_parallel(padded, offsets, n, max_level, out, status, pair, single, dec_value, dec_len):
     for b in nb.prange(status.size):
         status[b] = _decode_block(padded, offsets[b], offsets[b + 1], max_level,
-                                  out[b * BLOCK:min(b * BLOCK + BLOCK, n)], triple, single, dec_value, dec_len)
+                                  out[b * BLOCK:min(b * BLOCK + BLOCK, n)], pair, single, dec_value, dec_len)
 
 
 @nb.njit(cache=True)
-def _elias_decode(padded, block_bits, n, max_level, out, triple, single, dec_value, dec_len, parallel):
+def _elias_decode(padded, block_bits, n, max_level, out, pair, single, dec_value, dec_len, parallel):
     nblk = block_bits.size
     offsets = np.zeros(nblk + 1, np.int64)
     for b in range(nblk):
         offsets[b + 1] = offsets[b] + block_bits[b]
     status = np.zeros(nblk, np.int64)
     if parallel:
-        _decode_blocks_parallel(padded, offsets, n, max_level, out, status, triple, single, dec_value, dec_len)
+        _decode_blocks_parallel(padded, offsets, n, max_level, out, status, pair, single, dec_value, dec_len)
     else:
         for b in range(nblk):
             status[b] = _decode_block(padded, offsets[b], offsets[b + 1], max_level,
-                                      out[b * BLOCK:min(b * BLOCK + BLOCK, n)], triple, single, dec_value, dec_len)
+                                      out[b * BLOCK:min(b * BLOCK + BLOCK, n)], pair, single, dec_value, dec_len)
     for b in range(nblk):
         if status[b] != OK:
             return status[b]
@@ -702,7 +760,7 @@ def elias_decode(padded: np.ndarray, block_bits: np.ndarray, n: int, max_level: 
     Every block must end exactly at its declared bit length and every level must be
     within ``max_level`` in magnitude. ``padded`` holds the stream and 8 more bytes.
     """
-    return _elias_decode(padded, block_bits, n, max_level, out, TRIPLE, SINGLE, DEC_VALUE, DEC_LEN, use_parallel(n))
+    return _elias_decode(padded, block_bits, n, max_level, out, PAIR, SINGLE, DEC_VALUE, DEC_LEN, use_parallel(n))
 
 
 # ----------------------------------------------------------------- fixed-width codes
