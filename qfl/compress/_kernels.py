@@ -185,6 +185,37 @@ def max_abs_key(x):
     return _max_key(x.view(np.uint32))
 
 
+@nb.njit(cache=True)
+def abs_sum_and_signs(x, negative):
+    """sum |x_i| in float64 (eight interleaved accumulators, fixed order) and
+    ``negative[i] = x[i] < 0``, in one serial pass."""
+    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = 0.0
+    n = x.size
+    m = n - n % 8
+    for i in range(0, m, 8):
+        a0 += abs(np.float64(x[i]))
+        a1 += abs(np.float64(x[i + 1]))
+        a2 += abs(np.float64(x[i + 2]))
+        a3 += abs(np.float64(x[i + 3]))
+        a4 += abs(np.float64(x[i + 4]))
+        a5 += abs(np.float64(x[i + 5]))
+        a6 += abs(np.float64(x[i + 6]))
+        a7 += abs(np.float64(x[i + 7]))
+    t = ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7))
+    for i in range(m, n):
+        t += abs(np.float64(x[i]))
+    for i in range(n):
+        negative[i] = x[i] < 0
+    return t
+
+
+@nb.njit(cache=True)
+def fill_signs(negative, scale, out):
+    """``out[i] = -scale if negative[i] else scale``."""
+    for i in range(out.size):
+        out[i] = -scale if negative[i] else scale
+
+
 # ----------------------------------------------------------- stochastic rounding
 @nb.njit(inline="always", cache=True)
 def _grid_round(xs, out, f, s, seed, base):

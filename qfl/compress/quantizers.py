@@ -159,15 +159,18 @@ class Sign(ValueOperator):
     name: ClassVar[str] = "sign"
 
     def _compress(self, x: torch.Tensor, generator: torch.Generator | None) -> Part:
-        v = x.to(torch.float32)
-        n = v.numel()
-        scale = float(np.float32(v.abs().sum(dtype=torch.float64).item() / n)) if n else 0.0
-        return Signs(scale, v < 0)
+        v = as_numpy_f32(x)
+        n = v.size
+        negative = np.empty(n, np.bool_)
+        total = K.abs_sum_and_signs(v, negative)  # one serial pass (torch's reductions
+        scale = float(np.float32(total / n)) if n else 0.0  # stall on busy machines)
+        return Signs(scale, torch.from_numpy(negative))
 
     def _decompress(self, part: Part, n: int) -> torch.Tensor:
         assert isinstance(part, Signs)
-        out = torch.full((n,), part.scale, dtype=torch.float32)
-        return out.masked_fill_(part.negative, -part.scale)
+        out = np.empty(n, np.float32)
+        K.fill_signs(part.negative.contiguous().numpy(), np.float32(part.scale), out)
+        return torch.from_numpy(out)
 
     def properties(self, n: int) -> Properties:
         return Properties(unbiased=False, contraction=1.0 / n if n else 1.0)

@@ -153,8 +153,10 @@ class RandK(Sparsifier):
         n = x.numel()
         k = self.expected_count(n)
         call_seed = int(K.mix64(np.uint64(self.seed) ^ draw_seed(generator)))
-        idx = torch.from_numpy(K.random_subset(n, k, np.uint64(call_seed)))
-        values = x[idx]
+        positions = K.random_subset(n, k, np.uint64(call_seed))
+        idx = torch.from_numpy(positions)
+        # numpy's gather: torch's indexing starts a parallel region (which stalls on busy cores).
+        values = torch.from_numpy(x.numpy()[positions]) if x.dtype == torch.float32 else x[idx]
         if self.unbiased and k:
             values = values.to(torch.float32) * (n / k)
         return None, call_seed, values
