@@ -1,15 +1,19 @@
 """Bit-level codes, compiled: Elias-omega, Rice, fixed-width packing.
 
-All streams are MSB-first. Writers first compute exact bit lengths, so buffers are
-allocated once at their final size. Readers work on a copy of the input padded with
-8 zero bytes (so refilling a 64-bit window never leaves the buffer) and take the
-*declared* bit length as a hard bound: every code is checked against it and a
-violation returns a negative status instead of reading on. Decoders never loop more
-often than the declared element count allows, so corrupted input cannot hang them.
+All streams are MSB-first. Rice and fixed-width writers compute exact bit lengths
+first, so buffers are allocated once at their final size; the Elias level coder codes
+blocks into scratch regions sized by an upper bound and then concatenates them (see
+``elias_encode_if_smaller``). Readers work on a copy of the input padded with 8 zero
+bytes (so refilling a 64-bit window never leaves the buffer) and take the *declared*
+bit length as a hard bound: every code is checked against it and a violation returns a
+negative status instead of reading on. Decoders never loop more often than the
+declared element count allows, so corrupted input cannot hang them.
 
 Integer levels are coded in blocks of ``BLOCK`` elements with gap coding restarted at
 each block boundary, and the blocks' bit lengths go into the header: encoding and
 decoding then run block-parallel while the stream stays one contiguous bit string.
+Parallel or serial is chosen per call (``qfl.compress._kernels.use_parallel``); the
+bytes never depend on it.
 """
 
 from __future__ import annotations
