@@ -15,6 +15,7 @@ import torch
 from conftest import tiny_data, tiny_model
 from fakes import FakeGrid
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx, FedTrimmedAvg
 
 import qfl
@@ -189,6 +190,35 @@ def test_a_client_that_failed_is_resynced_not_chained():
     assert version == strategy.downlink.version
 
 
+def test_superlink_error_replies_make_the_server_forget_the_right_node():
+    """The SuperLink answers for a node that went away (stopped, restarted) with an error
+    reply whose source is the SuperLink itself; the node it was for must be resynced."""
+    grid = FakeGrid(app(), 3)
+    strategy = Compressed(FedAvg(fraction_evaluate=0.0, min_train_nodes=1), uplink="topk(0.1)",
+                          downlink="delta | topk(0.1)")
+    result = strategy.start(grid=grid, initial_arrays=initial(), num_rounds=1)
+    victim = grid.node_ids[0]
+    assert victim in strategy.downlink.nodes
+    grid.fail[victim] = lambda m: True
+    carry = grid.send_and_receive
+
+    def superlink_answers(messages, *, timeout=None):
+        replies = carry(messages, timeout=timeout)
+        for reply in replies:
+            if reply.has_error():
+                reply.metadata.__dict__["_src_node_id"] = SUPERLINK_NODE_ID
+        return replies
+
+    grid.send_and_receive = superlink_answers
+    result = strategy.start(grid=grid, initial_arrays=result.arrays, num_rounds=1)
+    assert strategy.traffic.total().failures == 1
+    assert victim not in strategy.downlink.nodes
+    grid.fail.clear()
+    strategy.start(grid=grid, initial_arrays=result.arrays, num_rounds=1)
+    last = [m for m in grid.sent if m.metadata.dst_node_id == victim][-1]
+    assert last.content["config"]["qfl.base"] == -1  # resynced at once, no round lost to a stale delta
+
+
 def test_restarted_client_is_resynced_and_training_continues():
     grid = FakeGrid(app(), 3)
     strategy = Compressed(FedAvg(), uplink="signtopk(0.1)", downlink="delta | qsgd(64)")
@@ -202,6 +232,7 @@ def test_restarted_client_is_resynced_and_training_continues():
     replies = [m for m in grid.received if m.metadata.src_node_id == victim]
     assert replies[-1].has_content()  # it trains again after the resync
     assert strategy.traffic.total().resyncs == 3 + 1  # everyone at the start, the victim once more
+    assert strategy.traffic.total().failures == 1  # its first reply after the restart: no replica
     replica, version = load_replica(grid.contexts[victim].state)
     assert version == strategy.downlink.version
 
@@ -294,6 +325,8 @@ def test_failed_clients_do_not_stop_the_round():
     strategy = Compressed(FedAvg(min_available_nodes=4), uplink="topk(0.1)", downlink="delta | qsgd(64)")
     result = strategy.start(grid=grid, initial_arrays=initial(), num_rounds=2)
     assert result.arrays is not None and len(result.train_metrics_clientapp) == 2
+    assert [m["qfl.failures"] for m in result.train_metrics_clientapp.values()] == [1, 1]
+    assert strategy.traffic.total().dropped == 0
 
 
 # ------------------------------------------------------------------- the mod

@@ -180,6 +180,7 @@ class AsyncCompressed(ServerProtocol):
         traffic.replies += 1
         if reply.has_error():
             self.stats.failed += 1
+            traffic.failures += 1
             self.downlink.forget(job.node)
             log(WARNING, "qfl async: node %s failed: %s", job.node, reply.error.reason)
             return model

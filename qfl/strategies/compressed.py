@@ -107,7 +107,8 @@ class Compressed(ServerProtocol, Strategy):
         for msg in replies:
             traffic.replies += 1
             if msg.has_error():
-                self.downlink.forget(msg.metadata.src_node_id)
+                traffic.failures += 1
+                self.downlink.forget(self.node_of(msg))
                 rebuilt.append(msg)  # the inner strategy logs and skips failures
                 continue
             traffic.uplink += sum(record_bytes(r) for r in msg.content.array_records.values())
@@ -137,7 +138,8 @@ class Compressed(ServerProtocol, Strategy):
         for msg in replies:
             traffic.replies += 1
             if msg.has_error():
-                self.downlink.forget(msg.metadata.src_node_id)
+                traffic.failures += 1
+                self.downlink.forget(self.node_of(msg))
                 cleaned.append(msg)
             else:
                 cleaned.append(self.strip(msg))

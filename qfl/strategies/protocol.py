@@ -8,6 +8,7 @@ accounting and the checks every reply must pass. Strategies decide *when* to sen
 from __future__ import annotations
 
 import secrets
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from logging import WARNING
@@ -21,10 +22,19 @@ from ..records import Tensors, decode_record, record_bytes
 from ..replica import DIGEST, REPLY_KEY, VERSION, Offer, ServerDownlink
 from ..spec import Policy, parse_downlink
 from ..wire import DEFAULT_LIMITS, STYPE, Limits
+#: Message ids remembered to attribute the SuperLink's error replies (a few rounds' worth).
+_REMEMBERED = 65536
+
 
 @dataclass
 class Traffic:
-    """Bytes of one round and phase. ``*_full`` is what plain Flower would have sent."""
+    """Bytes of one round and phase. ``*_full`` is what plain Flower would have sent.
+
+    ``resyncs`` counts messages that carried a full model (first contact, or a replica
+    the server could not vouch for), ``dropped`` replies that were refused (undecodable
+    or invalid), ``failures`` error replies (the node failed, went away or could not
+    rebuild the model; the server resyncs it next time).
+    """
 
     downlink: int = 0
     downlink_full: int = 0
@@ -34,6 +44,7 @@ class Traffic:
     replies: int = 0
     resyncs: int = 0
     dropped: int = 0
+    failures: int = 0
 
     def metrics(self) -> dict[str, int]:
         """MetricRecord entries, keys prefixed ``qfl.``."""
@@ -44,6 +55,7 @@ class Traffic:
             "qfl.uplink-full-bytes": self.uplink_full,
             "qfl.resyncs": self.resyncs,
             "qfl.dropped": self.dropped,
+            "qfl.failures": self.failures,
         }
 
 
@@ -98,6 +110,8 @@ class ServerProtocol:
         # in the same run, or a new run on long-lived nodes, must not inherit it.
         self.session = secrets.randbits(62)
         self._warned = False
+        self._pushed: list[Message] = []  # sent messages whose ids the Grid has yet to set
+        self._destinations: OrderedDict[str, int] = OrderedDict()  # message id -> node id (recent ones)
 
     # ----------------------------------------------------------------- downlink
     def client_fields(self, tag: int) -> dict:
@@ -120,6 +134,7 @@ class ServerProtocol:
         """
         if not messages:
             return messages
+        self._note_destinations(messages)
         self._warn_once(model)
         self.downlink.update(model)
         common = self.client_fields(tag)
@@ -135,6 +150,32 @@ class ServerProtocol:
             traffic.messages += 1
             traffic.resyncs += offer.kind == "full"
         return messages
+
+    def _note_destinations(self, messages: list[Message]) -> None:
+        """Remember where messages go: the Grid sets their ids in place when it pushes them."""
+        self._collect_ids()
+        self._pushed = [*self._pushed, *messages]
+
+    def _collect_ids(self) -> None:
+        waiting = []
+        for msg in self._pushed:
+            if msg.metadata.message_id:
+                self._destinations[msg.metadata.message_id] = msg.metadata.dst_node_id
+            else:
+                waiting.append(msg)
+        self._pushed = waiting[-_REMEMBERED:]
+        while len(self._destinations) > _REMEMBERED:
+            self._destinations.popitem(last=False)
+
+    def node_of(self, reply: Message) -> int:
+        """The node a reply is about.
+
+        Error replies the SuperLink makes itself (node unavailable, message expired: a
+        SuperNode that stopped or restarted) come from the SuperLink's own node id, so
+        look up where the message they answer was sent.
+        """
+        self._collect_ids()
+        return self._destinations.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
 
     def _content(self, content: RecordDict, offer: Offer, common: dict) -> RecordDict:
         akey = model_key(content)
