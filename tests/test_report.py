@@ -319,6 +319,21 @@ def test_loader_rejects_bad_json_duplicates_and_missing_baseline(tmp_path):
         R.compare([R.parse_result(MAIN[3])])
 
 
+def test_loader_accepts_the_protocol_health_fields():
+    """Deployment results carry per-round protocol counts and the runtime; both are optional."""
+    res = json.loads(json.dumps(MAIN[1]))
+    for r in res["rounds"]:
+        r.update(messages=3, replies=3, resyncs=3 if r["round"] == 1 else 0, dropped=0, failures=0)
+    res["runtime"] = {"qfl": "/somewhere/qfl", "flwr": "1.41.0"}
+    parsed = R.parse_result(res)
+    assert [r.resyncs for r in parsed.rounds] == [0, 3, 0, 0, 0]
+    assert {r.dropped for r in parsed.rounds} == {r.failures for r in parsed.rounds} == {0}
+    assert R.parse_result(MAIN[1]).rounds[1].resyncs is None  # older files have no such fields
+    res["rounds"][1]["failures"] = -1
+    with pytest.raises(ValueError, match=r"rounds\[1\]\.failures' must be a non-negative integer"):
+        R.parse_result(res, "x.json")
+
+
 def test_baseline_by_method_and_integral_floats():
     base = make_result("fedavg-run", [0.1, 0.8], 1000, 1000, method="fedavg")
     base["rounds"][1]["uplink_bytes"] = 1e3

@@ -106,6 +106,13 @@ class RoundEntry(_RoundRequired, total=False):
     uplink_full_bytes: int | None
     downlink_full_bytes: int | None
     wall_time: float | None
+    # Protocol health (counts per round): messages sent, replies received, full-model
+    # resyncs, refused replies, error replies.
+    messages: int
+    replies: int
+    resyncs: int
+    dropped: int
+    failures: int
 
 
 class _ResultRequired(TypedDict):
@@ -122,6 +129,7 @@ _ResultOptional = TypedDict("_ResultOptional", {
     "config": "dict[str, Any]",
     "model_parameters": "int | None",
     "async": bool,
+    "runtime": "dict[str, Any]",
 }, total=False)
 
 
@@ -145,6 +153,9 @@ class RoundRecord:
     uplink_full_bytes: int | None = None
     downlink_full_bytes: int | None = None
     wall_time: float | None = None
+    resyncs: int | None = None
+    dropped: int | None = None
+    failures: int | None = None
 
 
 @dataclass(frozen=True)
@@ -263,6 +274,8 @@ def parse_result(obj: Any, source: str = "<memory>") -> RunResult:
             downlink_full_bytes=_count(entry, "downlink_full_bytes", f"{at}.downlink_full_bytes", source,
                                        required=False),
             wall_time=_real(entry, "wall_time", f"{at}.wall_time", source, lo=0.0),
+            **{key: _count(entry, key, f"{at}.{key}", source, required=False)
+               for key in ("resyncs", "dropped", "failures")},
         ))
     if all(r.accuracy is None for r in rounds):
         _fail(source, "rounds", "has no entry with an accuracy")

@@ -10,6 +10,7 @@ direction, wall time) to ``<results-dir>/<label>.progress.jsonl``; at the end it
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import json
 import os
 import time
@@ -23,6 +24,8 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
+import qfl
+
 from ..clients import evaluate
 from ..strategies import AsyncCompressed, Compressed
 from ..strategies.presets import ASYNC_PRESETS, build
@@ -31,6 +34,11 @@ from .models import build_model, count_parameters
 from .settings import Settings
 
 app = ServerApp()
+
+
+def flwr_version() -> str:
+    """The installed flwr's version."""
+    return importlib.metadata.version("flwr")
 
 
 def make_strategy(s: Settings) -> Compressed | AsyncCompressed:
@@ -55,12 +63,18 @@ def results_dir(s: Settings) -> Path:
     return path
 
 
+BYTE_COUNTS = ("uplink", "downlink", "uplink_full", "downlink_full")
+PROTOCOL_COUNTS = ("messages", "replies", "resyncs", "dropped", "failures")
+
+
 class Recorder:
     """Centralised evaluation after each round, and the per-round rows of the result file."""
 
     def __init__(self, s: Settings, strategy: Compressed | AsyncCompressed, out: Path) -> None:
         self.s, self.strategy, self.out = s, strategy, out
-        self.counted = {"uplink": 0, "downlink": 0, "uplink_full": 0, "downlink_full": 0}
+        # Bytes per direction, and the protocol's health: messages sent, replies received,
+        # full-model resyncs, refused replies, error replies.
+        self.counted = dict.fromkeys(BYTE_COUNTS + PROTOCOL_COUNTS, 0)
         self.model = build_model(s.model, s.seed)
         self.x, self.y = test_data(max_samples=s.test_samples, data_dir=s.data_dir or None)
         self.rows: list[dict[str, Any]] = []
@@ -74,8 +88,8 @@ class Recorder:
         row: dict[str, Any] = {"round": server_round, "accuracy": acc, "loss": loss,
                                "wall_time": time.perf_counter() - self.started}
         total = self.strategy.traffic.total()
-        for key, before in self.counted.items():  # bytes since the previous evaluation
-            row[f"{key}_bytes"] = getattr(total, key) - before
+        for key, before in self.counted.items():  # counts since the previous evaluation
+            row[f"{key}_bytes" if key in BYTE_COUNTS else key] = getattr(total, key) - before
             self.counted[key] = getattr(total, key)
         self.rows.append(row)
         with self.progress.open("a") as f:
@@ -94,6 +108,8 @@ def main(grid: Grid, context: Context) -> None:
     is logged to ``<label>.error.txt`` and the others still run; the run then fails.
     """
     s = Settings.from_run_config(dict(context.run_config))
+    log(20, "qfl %s from %s (flwr %s, pid %d)", qfl.__version__, Path(qfl.__file__).parent, flwr_version(),
+        os.getpid())
     failed = []
     for method in s.methods:
         one = dataclasses.replace(s, method=method)
@@ -139,6 +155,8 @@ def write_result(s: Settings, strategy: Compressed | AsyncCompressed, recorder: 
         "model_parameters": count_parameters(recorder.model),
         "rounds": recorder.rows,
         "async": isinstance(strategy, AsyncCompressed),
+        # Which code ran the server (a deployment imports qfl from the SuperLink's environment).
+        "runtime": {"qfl": str(Path(qfl.__file__).parent), "flwr": flwr_version()},
     }
     path = out / f"{s.name}.json"
     path.write_text(json.dumps(result, indent=1))
