@@ -76,6 +76,11 @@ def compression_mod(msg: Message, context: Context, call_next: ClientAppCallable
     return reply
 
 
+def held_memory(state: RecordDict) -> Tensors | None:
+    """The uplink error memory a client holds in its ``context.state`` (None if none)."""
+    return to_tensors(state[_MEMORY]) if _MEMORY in state else None
+
+
 def _check_session(context: Context, fields: Mapping) -> None:
     """Start afresh when messages come from another strategy instance than before."""
     session = fields.get("qfl.session")

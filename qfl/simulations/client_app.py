@@ -5,16 +5,30 @@ Partition and node identity come from the node config (``partition-id``,
 SuperNode); everything else from the run config. The data of a partition is cached
 per process: Ray actors serve many messages, while a deployment's ClientApp process
 serves one and pays the (~0.1 s) load.
+
+Set ``QFL_CLIENT_TRACE=<file>`` in the environment of the SuperNodes (or of the
+simulation) to have every train message append one JSON line to that file: process,
+node, partition, the downlink replica and the error memory found in ``context.state``.
+It shows where the code runs and that client state survives between messages even
+though a deployment runs every message in a fresh ClientApp process.
 """
 
 from __future__ import annotations
 
 import functools
+import json
+import os
 import time
+from pathlib import Path
 
+import torch
 from flwr.app import Context
 
+import qfl
+
 from ..clients import make_client_app
+from ..clients.mod import held_memory
+from ..replica import replica_info
 from .data import client_data
 from .models import build_model
 from .settings import Settings
@@ -60,6 +74,44 @@ def slowdown(context: Context, seconds: float) -> None:
         time.sleep(seconds * (s.slow_factor - 1))
 
 
+#: Environment variable naming the trace file (see the module docstring).
+TRACE_ENV = "QFL_CLIENT_TRACE"
+
+
+def trace(context: Context) -> None:
+    """Append this train message's view of the client state to ``$QFL_CLIENT_TRACE``.
+
+    Runs after local training and before ``compression_mod`` compresses the update:
+    the replica is the one this message was decoded into, the memory that of the
+    client's earlier rounds.
+    """
+    path = os.environ.get(TRACE_ENV)
+    if not path:
+        return
+    held = replica_info(context.state)
+    memory = held_memory(context.state)
+    line = {
+        "time": time.time(), "pid": os.getpid(), "node_id": context.node_id,
+        "partition_id": context.node_config.get("partition-id"),
+        "replica_version": held[0] if held else None, "replica_digest": held[1] if held else None,
+        "memory_norm": float(torch.sqrt(sum((t.double() ** 2).sum() for t in memory.values()))) if memory else None,
+        "qfl": str(Path(qfl.__file__).parent),
+    }
+    # One write of one line to a file opened for appending: lines of concurrent
+    # ClientApps do not interleave.
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, (json.dumps(line) + "\n").encode())
+    finally:
+        os.close(fd)
+
+
+def on_trained(context: Context, seconds: float) -> None:
+    """After local training: emulate a slow device, then trace (both opt-in)."""
+    slowdown(context, seconds)
+    trace(context)
+
+
 # Local training reads local-steps, local-epochs, batch-size, lr, momentum from the run
 # config (and a server-sent ConfigRecord may override lr, as Quantized Epoch-SGD does).
-app = make_client_app(model_fn, data_fn, on_trained=slowdown)
+app = make_client_app(model_fn, data_fn, on_trained=on_trained)
