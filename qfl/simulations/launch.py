@@ -1126,6 +1126,7 @@ class LocalFederation:
         node_config: Mapping[str, ConfigValue] | None = None,
         *,
         register: bool = True,
+        key: bool = True,
         wait: bool = True,
         extra_args: Sequence[str] = (),
     ) -> SuperNodeHandle:
@@ -1134,8 +1135,10 @@ class LocalFederation:
         ``node_config`` defaults to ``partition-id=<index>
         num-partitions=<num_supernodes>`` plus the federation's ``node_config``.
         With SuperNode auth, ``register=False`` starts it with a fresh key that
-        the SuperLink does not know; use ``wait=False`` and
-        :meth:`wait_refused` to observe the refusal.
+        the SuperLink does not know, and ``key=False`` without
+        ``--auth-supernode-private-key`` at all (the SuperNode then signs with a
+        throwaway key of its own); use ``wait=False`` and :meth:`wait_refused`
+        to observe the refusal.
         """
         if self.simulation:
             raise FederationError("add_supernode() needs a deployment federation")
@@ -1158,7 +1161,8 @@ class LocalFederation:
             extra_args=list(extra_args),
         )
         self.supernodes.append(node)
-        self._prepare_keys(node, register=register)
+        if key:
+            self._prepare_keys(node, register=register)
         self._spawn_supernode(node)
         if wait:
             self._wait_supernode(node)
