@@ -87,10 +87,11 @@ def flower_record(fed: Any, run: Any, out: Path, labels: Sequence[str], wall_tim
     """Flower's view of one run next to qfl's: the line of ``flower-run.jsonl``.
 
     Flower's counters (``flwr ls --run-id``: ``network-traffic``) are the protobuf
-    sizes the SuperLink's Fleet API handled for the run: requests and replies of
-    message pulls/pushes (polls included) and the object bytes of the messages, no
-    HTTP/gRPC/TLS framing. ``inbound`` covers qfl's uplink, ``outbound`` its
-    downlink, each plus Flower's own message overhead.
+    sizes the SuperLink's Fleet API handled for the run: requests and replies of the
+    message pushes and of the pulls that returned a message (empty polls are not
+    counted), and the object bytes of the messages; no HTTP/gRPC/TLS framing.
+    ``inbound`` covers qfl's uplink, ``outbound`` its downlink, each plus Flower's own
+    per-message overhead.
     """
     qfl = _qfl_totals(out, labels)
     traffic = run.traffic
