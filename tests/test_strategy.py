@@ -169,8 +169,9 @@ def test_every_client_replica_matches_the_server_record_with_partial_participati
                 assert qfl.records.digest(replica) == strategy.downlink._digests[version]
     state = strategy.downlink.state_size()
     assert state["steps"] <= 4 and state["digests"] <= 5
-    total = strategy.traffic.total()
-    assert total.resyncs >= 6  # everyone once at the start, plus those who fell too far behind
+    contacted = {m.metadata.dst_node_id for m in grid.sent}
+    # Everyone contacted was resynced once at first contact, plus those who fell too far behind.
+    assert strategy.traffic.total().resyncs >= len(contacted) >= 2
 
 
 def test_a_client_that_failed_is_resynced_not_chained():

@@ -102,11 +102,12 @@ class _Progress(threading.Thread):
 
 
 def run_methods(methods: Sequence[str], common: dict[str, Any], out: Path, *, timeout: float = 3600,
-                keep_logs: bool = False, client_cpus: float = 1.0) -> dict[str, bool]:
+                keep_logs: bool = False, parallel: int | None = None) -> dict[str, bool]:
     """Run the methods (one ``flwr run``, one after the other); returns label -> success.
 
-    ``client_cpus`` is each virtual client's CPU share: below 1 more clients run at once,
-    which is what emulated slow clients (sleeping, not computing) need to overlap.
+    ``parallel`` is how many virtual clients may run at once (the CPUs the simulation
+    engine believes it has; default: the machine's cores). More than the cores lets
+    emulated slow clients, which sleep rather than compute, overlap as real ones would.
     """
     from .launch import LocalFederation
 
@@ -125,9 +126,10 @@ def run_methods(methods: Sequence[str], common: dict[str, Any], out: Path, *, ti
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="qfl-app-") as tmp, \
             LocalFederation(simulation=True, num_supernodes=clients, keep_home=keep_logs) as fed:
-        result = fed.run_app(write_app(tmp), config, timeout=timeout * len(methods),
-                             federation_config={"num-supernodes": clients,
-                                                "client-resources-num-cpus": client_cpus})
+        federation = {"num-supernodes": clients, "client-resources-num-cpus": 1}
+        if parallel:
+            federation["init-args-num-cpus"] = int(parallel)
+        result = fed.run_app(write_app(tmp), config, timeout=timeout * len(methods), federation_config=federation)
     progress.done.set()
     progress.join()
     status = {label: (out / f"{label}.json").exists() for label in methods}
@@ -176,7 +178,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any other run-config key")
     p.add_argument("--out", default="results", help="directory for results, report and plots")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per method")
-    p.add_argument("--client-cpus", type=float, default=1.0, help="CPU share of each virtual client")
+    p.add_argument("--parallel", type=int, default=None,
+                   help="virtual clients running at once (default: the cores); more overlaps emulated slow clients")
     p.add_argument("--no-report", action="store_true")
     args = p.parse_args(argv)
     common = {"num-server-rounds": args.rounds, "num-clients": args.clients, "fraction-train": args.fraction,
@@ -184,7 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               "seed": args.seed, **parse_set(args.set)}
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     out = Path(args.out)
-    status = run_methods(methods, common, out, timeout=args.timeout, client_cpus=args.client_cpus)
+    status = run_methods(methods, common, out, timeout=args.timeout, parallel=args.parallel)
     if not args.no_report and any(status.values()):
         from .report import write_report
 
