@@ -8,9 +8,10 @@ al. 2019; Basu et al. 2019), and the downlink replica on the server plays the sa
 
 Invariant, per call: ``sent + new_memory == memory + delta``. The memory is kept in
 float32 (float64 for float64 tensors) whatever the tensor dtype, so half-precision
-models do not lose the residual to rounding; the identity holds up to one rounding of
-``(memory + delta) - sent`` in that precision, i.e. |error| <= 2^-24 |memory + delta|
-elementwise for float32.
+models do not lose the residual to rounding; the identity holds up to rounding
+``(memory + delta) - sent`` in that precision and adding it back, i.e. elementwise
+|error| <= 2^-23 (|memory + delta| + |sent|) for float32 (``sent`` can exceed
+``memory + delta`` by far: unbiased sparsifiers send x / p).
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ._kernels import count_nonfinite
-from .payload import Part, Payload, Raw
+from .payload import Levels, Part, Payload, Raw, Signs, Sparse
 
 #: Every concrete operator, by spec name.
 REGISTRY: dict[str, type[Operator]] = {}
@@ -103,6 +103,30 @@ _NUMPY_BITS = {torch.float32: torch.float32, torch.float64: torch.float64, torch
                torch.bfloat16: torch.int16}
 
 
+def _overflow(part: Part) -> str | None:
+    """What in a compressed body is not finite (None if all is): the operators compute
+    in float32, so a norm, a rescaled value or a float64 input can overflow it."""
+    if isinstance(part, Levels):
+        return None if bool(torch.isfinite(part.scales).all()) else "a bucket scale (norm)"
+    if isinstance(part, Signs):
+        return None if np.isfinite(part.scale) else "the sign scale (mean magnitude)"
+    if isinstance(part, Sparse):
+        if isinstance(part.values, Raw):
+            return None if bool(torch.isfinite(part.values.values.to(torch.float32)).all()) else "a kept value"
+        return _overflow(part.values)
+    return None  # top-level raw values: lossless (identity) or a cast that checks itself
+
+
+def _check_representable(op: Operator, body: Part, x: torch.Tensor) -> None:
+    """Refuse (ValueError) rather than send Inf/NaN that would poison the receiver and,
+    through error memory, every later round."""
+    what = _overflow(body)
+    if what is not None:
+        big = float(x.abs().max()) if x.numel() else 0.0
+        raise ValueError(f"{op} cannot represent this tensor: {what} overflows float32 "
+                         f"(largest magnitude {big:.6g}, {x.numel()} elements)")
+
+
 class Operator(ABC):
     """Base class of every compression operator.
 
@@ -137,7 +161,9 @@ class Operator(ABC):
             return Payload(IDENTITY, shape, x.dtype, Raw(flat.clone()), x.device)
         if not (self.checks_finite and flat.dtype == torch.float32):
             check_finite(flat)
-        return Payload(self, shape, x.dtype, self._compress(flat, generator), x.device)
+        body = self._compress(flat, generator)
+        _check_representable(self, body, flat)
+        return Payload(self, shape, x.dtype, body, x.device)
 
     def decompress(self, payload: Payload) -> torch.Tensor:
         """Rebuild the tensor a payload describes (always with the payload's own operator)."""

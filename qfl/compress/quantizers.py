@@ -33,7 +33,7 @@ def _check_bucket(bucket: int | None) -> None:
 def _quantize(x: torch.Tensor, s: int, bucket: int | None, use_max: bool, signed_grid: bool,
               generator: torch.Generator | None) -> Levels:
     v = as_numpy_f32(x)
-    b = bucket or max(v.size, 1)
+    b = min(bucket or v.size, v.size) or 1  # a bucket beyond the tensor is the whole tensor
     norms = K.bucket_norms(v, b, use_max)
     if not np.isfinite(norms).all():  # the norm pass doubles as the NaN/Inf check
         raise_nonfinite(x)
@@ -46,7 +46,7 @@ def _dequantize(part: Part, n: int, s: int, bucket: int | None, damping: float =
     assert isinstance(part, Levels)
     factors = part.scales.numpy().astype(np.float64) * (damping / s)
     out = np.empty(n, np.float32)
-    K.dequantize_levels(part.levels.numpy(), factors, bucket or max(n, 1), out)
+    K.dequantize_levels(part.levels.numpy(), factors, min(bucket or n, n) or 1, out)
     return torch.from_numpy(out)
 
 
@@ -197,9 +197,10 @@ class _Cast(ValueOperator):
         y = _empty_like_dtype(x.numel(), self.target).copy_(x)
         if may_overflow and bool(torch.isinf(y).any()):
             big = float(x.abs().max())
+            hint = "use bf16 or a quantizer instead" if self.target == torch.float16 else "use a quantizer instead"
             raise ValueError(
                 f"{self.name} cannot represent values of magnitude {big:.6g} (max "
-                f"{torch.finfo(self.target).max:.6g}); use bf16 or a quantizer instead"
+                f"{torch.finfo(self.target).max:.6g}); {hint}"
             )
         return Raw(y)
 
