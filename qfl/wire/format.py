@@ -91,10 +91,16 @@ class Limits:
         default (1 GiB of float32). Lower it on servers facing untrusted clients.
     max_ndim
         Largest number of dimensions accepted.
+    max_total_elements
+        Largest sum of declared element counts over the blobs of one ``decode_all``
+        call (a chain of steps in one Array): without it, many tiny blobs that each
+        declare ``max_elements`` zeros could make the decoder allocate without bound.
+        2^32 by default (17 steps of a 250M-element tensor).
     """
 
     max_elements: int = 1 << 28
     max_ndim: int = 32
+    max_total_elements: int = 1 << 32
 
 
 DEFAULT_LIMITS = Limits()
@@ -294,8 +300,9 @@ class _Decoder:
 
     def padded(self, nbytes: int, what: str) -> np.ndarray:
         """A stream copied into a buffer with 8 zero bytes of slack for 64-bit reads."""
+        data = self.take(nbytes, what)  # before allocating: the bytes must be there
         buf = np.empty(nbytes + 8, np.uint8)
-        buf[:nbytes] = np.frombuffer(self.take(nbytes, what), np.uint8)
+        buf[:nbytes] = np.frombuffer(data, np.uint8)
         buf[nbytes:] = 0
         return buf
 
@@ -341,6 +348,8 @@ class _Decoder:
         if dtype is None:
             raise self.fail(f"unknown raw dtype code {code}")
         arr = self.array(m, _NP[dtype], "raw values")
+        if dtype == torch.bool and arr.size and arr.max() > 1:
+            raise self.fail("boolean values must be bytes 0 or 1")
         t = torch.from_numpy(arr)
         if dtype in _BITS_VIEW:
             t = t.view(dtype)
@@ -352,7 +361,6 @@ class _Decoder:
         if not np.all(np.isfinite(scales)) or np.any(scales < 0):
             raise self.fail("bucket scales must be finite and non-negative")
         mode = self.u8("levels coding")
-        out = np.empty(m, level_dtype(max_level))  # both decoders write every element
         if mode == _LEVELS_FIXED:
             width = int(2 * max_level).bit_length()
             nbytes = (m * width + 7) // 8
@@ -360,6 +368,7 @@ class _Decoder:
                 buf = np.frombuffer(self.take(nbytes, "fixed-width levels"), np.uint8)
             else:
                 buf = self.padded(nbytes, "fixed-width levels")
+            out = np.empty(m, level_dtype(max_level))  # both decoders write every element
             status = B.unpack_fixed(buf, m, max_level, width, max_level, out)
         elif mode == _LEVELS_ELIAS:
             nblk = (m + B.BLOCK - 1) // B.BLOCK
@@ -368,7 +377,11 @@ class _Decoder:
                 [self.varint("block length", remaining_bits) for _ in range(nblk)], np.int64
             )
             total = int(block_bits.sum())
+            if total > 8 * (len(self.data) - self.pos):
+                raise self.fail(f"truncated: Elias block lengths add up to {total} bits, "
+                                f"{8 * (len(self.data) - self.pos)} left")
             buf = self.padded((total + 7) // 8, "Elias level stream")
+            out = np.empty(m, level_dtype(max_level))
             status = B.elias_decode(buf, block_bits, m, max_level, out) if m else B.OK
         else:
             raise self.fail(f"unknown levels coding {mode}")
@@ -428,7 +441,9 @@ def _value_part(dec: _Decoder, op: Operator | None, m: int) -> Part:
     return part
 
 
-def _content(data: memoryview, limits: Limits) -> Payload:
+def _content(data: memoryview, limits: Limits, allowed: int | None = None) -> Payload:
+    """Parse one blob's content; ``allowed`` caps its element count (what is left of
+    the ``max_total_elements`` budget of a ``decode_all`` call)."""
     dec = _Decoder(data, limits)
     nops = dec.u8("operator count")
     if nops not in (1, 2):
@@ -451,6 +466,9 @@ def _content(data: memoryview, limits: Limits) -> Payload:
     n = math.prod(shape)
     if n > limits.max_elements:
         raise dec.fail(f"declared shape {shape} has {n} elements, above the limit max_elements={limits.max_elements}")
+    if allowed is not None and n > allowed:
+        raise dec.fail(f"declared shape {shape} has {n} elements, above what is left ({allowed}) of the limit "
+                       f"max_total_elements={limits.max_total_elements} for all blobs of one array")
     sparsifier, value = _ops_of(op)
     if dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64) and not isinstance(op, Identity):
         raise dec.fail(f"{op} cannot apply to dtype {dtype}")
@@ -506,10 +524,11 @@ def _frame(view: memoryview, start: int) -> tuple[memoryview, int]:
 def decode_all(data: bytes | bytearray | memoryview, limits: Limits = DEFAULT_LIMITS) -> list[Payload]:
     """Decode a concatenation of blobs (possibly empty) into payloads, in order."""
     view = memoryview(data).cast("B") if not isinstance(data, memoryview) else data.cast("B")
-    out, pos = [], 0
+    out, pos, budget = [], 0, limits.max_total_elements
     while pos < len(view):
         content, pos = _frame(view, pos)
-        out.append(_content(content, limits))
+        out.append(_content(content, limits, budget))
+        budget -= out[-1].numel
     return out
 
 
@@ -519,4 +538,4 @@ def decode(data: bytes | bytearray | memoryview, limits: Limits = DEFAULT_LIMITS
     content, end = _frame(view, 0)
     if end != len(view):
         raise WireFormatError(f"{len(view) - end} trailing bytes after the blob")
-    return _content(content, limits)
+    return _content(content, limits, limits.max_total_elements)
