@@ -1,0 +1,578 @@
+"""Fuzzing the wire decoder: a coverage-guided target (atheris) and a fallback driver.
+
+    python -m qfl.wire.fuzz --runs 100000                  # atheris if importable, else the fallback
+    python -m qfl.wire.fuzz --engine random --runs 100000  # the dependency-free mutation fuzzer
+    python -m qfl.wire.fuzz --engine atheris --runs 100000 -- -max_len=8192   # extra libFuzzer flags
+    python -m qfl.wire.fuzz --replay findings/              # re-check saved inputs
+
+atheris is an optional extra (``pip install qfl[fuzz]``). It instruments the Python
+side of the decoder (``qfl.wire.format`` and the operators in ``qfl.compress``); the
+numba kernels are native code it cannot see, which is why the fallback driver also
+mutates *structure* (varints, counts, block lengths, truncations, splices) rather than
+only bits. Run with ``NUMBA_BOUNDSCHECK=1`` (and a fresh ``NUMBA_CACHE_DIR``) to turn any
+out-of-bounds access in a kernel into an ``IndexError``, i.e. a finding.
+
+Input layout. Every blob carries a CRC32, so nearly every mutation would be rejected
+by the checksum before reaching the parser. The first input byte therefore selects
+how the rest is used: an even byte means "content": the harness frames it with a
+valid header, length and CRC (what :func:`frame` does), so mutations reach the
+parser; an odd byte means "raw": the rest is decoded as it is (framing, checksum,
+concatenation). The decoder itself has no switch to skip the CRC.
+
+Contract checked for every input (:func:`check_one`):
+
+* ``decode_all(blob, limits)`` returns payloads or raises ``WireFormatError``;
+  nothing else escapes (no IndexError, MemoryError, OverflowError, numba error...).
+* Every payload decompresses to a tensor of its declared shape and dtype, and
+  re-encodes to a blob that decodes to the bit-identical tensor: the decoder accepts
+  only what the encoder can produce.
+* The declared element counts stay within ``limits``.
+* Time: an input that runs past ``--timeout`` seconds is a hang: a C-level watchdog
+  (``faulthandler``, which needs no GIL, so it fires inside numba code too) dumps the
+  stacks and exits with status 1; the input is left in ``<out>/current-input``.
+* Memory: the peak resident set of each input (``VmHWM``, reset per input through
+  ``/proc/self/clear_refs``) must stay below ``--rss-budget-mb`` plus 32 bytes per
+  element of ``max_total_elements``; larger is a finding.
+
+Findings (the input, and what went wrong) are written to ``--out``; the command prints
+a JSON summary (inputs run, accepted/rejected, distinct rejection reasons, slowest
+input, peak RSS) and exits 1 if anything was found.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import faulthandler
+import hashlib
+import json
+import os
+import random
+import re
+import struct
+import sys
+import time
+import traceback
+import zlib
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+import torch
+
+from .format import MAGIC, VERSION, Limits, WireFormatError, decode, decode_all, encode
+
+#: Limits the fuzzer decodes with: small enough that an input declaring the maximum
+#: costs milliseconds, large enough to cover several Elias blocks (65,536 elements each).
+FUZZ_LIMITS = Limits(max_elements=1 << 18, max_ndim=8, max_total_elements=1 << 20)
+
+#: Bytes of resident memory allowed per element of ``max_total_elements``.
+BYTES_PER_ELEMENT = 32
+
+SPECS = (
+    "identity", "fp16", "bf16", "qsgd(16)", "qsgd(3, norm=max, bucket=32)", "qsgd(5000)", "qsgd(1073741824)",
+    "qsgd(2, bucket=1)", "grid(8)", "grid(3, bucket=7)", "grid(16)", "grid(2)", "sign", "topk(0.1)", "topk(k=3)",
+    "randk(0.1)", "randk(0.2, unbiased=true)", "bernoulli(0.1)", "bernoulli(budget=0.1)", "signtopk(0.1)",
+    "topk(0.1) | qsgd(4, damped=true)", "bernoulli(budget=0.05) | grid(4)", "randk(0.3) | fp16", "topk(0.2) | bf16",
+    "topk(0.9) | sign", "randk(k=5) | qsgd(7, bucket=3)",
+)
+
+
+class ContractViolation(AssertionError):
+    """The decoder broke its contract on an input (not a clean WireFormatError)."""
+
+
+# ----------------------------------------------------------------------- framing
+def varint(v: int) -> bytes:
+    """Unsigned LEB128, as the wire format writes lengths and counts."""
+    out = bytearray()
+    while True:
+        byte, v = v & 0x7F, v >> 7
+        out.append(byte | (0x80 if v else 0))
+        if not v:
+            return bytes(out)
+
+
+def frame(content: bytes) -> bytes:
+    """A blob with a valid header, length and CRC32 around arbitrary content."""
+    return MAGIC + bytes([VERSION]) + varint(len(content) + 4) + struct.pack("<I", zlib.crc32(content)) + content
+
+
+def content_of(blob: bytes) -> bytes:
+    """The content of one well-formed blob (inverse of :func:`frame`)."""
+    pos, shift, length = 3, 0, 0
+    while True:
+        byte = blob[pos]
+        pos += 1
+        length |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            break
+    return blob[pos + 4:pos + length]
+
+
+def to_blob(data: bytes) -> bytes:
+    """The bytes an input stands for (see "Input layout" in the module docstring)."""
+    if not data:
+        return b""
+    return frame(data[1:]) if data[0] % 2 == 0 else data[1:]
+
+
+def as_content_input(content: bytes) -> bytes:
+    return b"\x00" + content
+
+
+def as_raw_input(blob: bytes) -> bytes:
+    return b"\x01" + blob
+
+
+# ------------------------------------------------------------------------ corpus
+def seed_corpus(seed: int = 0) -> list[bytes]:
+    """Valid blobs of every operator, dtype and a few shapes, as fuzz inputs."""
+    import qfl  # the operators (qfl.parse); imported late: qfl imports this package
+
+    g = torch.Generator().manual_seed(seed)
+    out: list[bytes] = []
+    shapes = [(), (0,), (1,), (7,), (300,), (3, 5, 4), (70_000,)]
+    dtypes = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+    for i, spec in enumerate(SPECS):
+        op = qfl.parse(spec)
+        for j, shape in enumerate(shapes):
+            if shape == (70_000,) and i % 3:
+                continue  # a few multi-block Elias streams are enough
+            dtype = dtypes[(i + j) % len(dtypes)]
+            x = torch.randn(shape, generator=g).to(dtype)
+            if j % 2:
+                x = x * (torch.rand(shape, generator=g) < 0.1)  # sparse levels: Elias coding
+            blob = encode(op.compress(x, g))
+            out.append(as_content_input(content_of(blob)))
+    for x in (torch.arange(40), torch.tensor([True, False, True]), torch.randint(-9, 9, (6,), dtype=torch.int8),
+              torch.tensor(7, dtype=torch.int16), torch.arange(5, dtype=torch.int32), torch.arange(3, dtype=torch.uint8)):
+        out.append(as_content_input(content_of(encode(qfl.parse("identity").compress(x)))))
+    # Raw inputs: concatenations (catch-up chains) and a corrupted checksum.
+    x = torch.randn(100, generator=g)
+    chain = b"".join(encode(qfl.parse(s).compress(x, g)) for s in ("qsgd(4)", "topk(0.1)", "identity"))
+    out.append(as_raw_input(chain))
+    out.append(as_raw_input(b""))
+    bad = bytearray(encode(qfl.parse("grid(4)").compress(x, g)))
+    bad[-1] ^= 1
+    out.append(as_raw_input(bytes(bad)))
+    return out
+
+
+def hostile_inputs(limits: Limits = FUZZ_LIMITS) -> dict[str, bytes]:
+    """Hand-made blobs that declare the most work for the fewest bytes.
+
+    Each declares ``limits.max_elements`` (or more) elements with a near-empty body:
+    all-zero Elias level streams, rand-k over the maximum, inflated dimension varints,
+    Elias block lengths or Rice stream lengths far beyond the bytes present, and
+    chains of maximal zero blobs. Used to measure the decoder's memory (see the tests).
+    """
+    import qfl
+
+    n = limits.max_elements
+    out: dict[str, bytes] = {}
+
+    def blob_of(spec: str, x: torch.Tensor) -> bytes:
+        return encode(qfl.parse(spec).compress(x, torch.Generator().manual_seed(0)))
+
+    zeros = torch.zeros(n)
+    out["qsgd-zeros-at-limit"] = blob_of("qsgd(1073741824)", zeros)  # int32 levels, Elias coded
+    out["grid-zeros-at-limit"] = blob_of("grid(16, bucket=1)", zeros)  # one scale per element
+    out["randk-at-limit"] = blob_of("randk(1.0)", zeros)
+    out["topk-at-limit"] = blob_of("topk(1.0)", zeros)
+    out["sign-at-limit"] = blob_of("sign", zeros)
+    out["bernoulli-empty-at-limit"] = blob_of("bernoulli(0.5) | qsgd(1073741824)", torch.zeros(n))
+    out["float64-identity-at-limit"] = blob_of("identity", torch.zeros(n // 8, dtype=torch.float64))
+    # A dimension varint far beyond the limit, and ten dimensions whose product is.
+    head = bytes([1, 1, 0, 1])  # one op: identity, no fields; dtype float32
+    out["dimension-2^62"] = frame(head + bytes([1]) + varint(1 << 62) + bytes([1]))
+    out["product-overflow"] = frame(head + bytes([8]) + varint(n) * 8 + bytes([1]))
+    # QSGD header, then Elias block lengths claiming every remaining bit, many times over.
+    op = bytes([4, 4, 1]) + varint((1 << 30) << 1) + bytes([5]) + varint(2) + b"l2" + bytes([0, 3])
+    nblk = -(-n // (1 << 16))
+    pad = bytes(1 << 16)
+    remaining = 8 * (4 * nblk + len(pad))
+    elias = (bytes([1]) + op + bytes([1, 1]) + varint(n) + struct.pack("<f", 1.0) + bytes([1])
+             + b"".join(_varint4(remaining) for _ in range(nblk)) + pad)
+    out["elias-block-lengths-overflow"] = frame(elias)
+    # Top-k with a Rice stream length far beyond the blob.
+    topk = bytes([1, 7, 2, 0, 1]) + varint(1 << 1) + bytes([1, 1]) + varint(n) + varint(1)  # topk(k=1), kept 1
+    out["rice-length-overflow"] = frame(topk + bytes([1, 0]) + varint(1 << 40) + bytes(64))
+    # A chain of maximal zero blobs: the per-array budget (max_total_elements) stops it.
+    zero_blob = blob_of("qsgd(4)", zeros)
+    out["chain-of-maximal-blobs"] = zero_blob * (limits.max_total_elements // n + 2)
+    return out
+
+
+def _varint4(v: int) -> bytes:
+    """``v`` as a varint padded to exactly 4 bytes (v < 2**28)."""
+    assert v < 1 << 28
+    return bytes([(v & 0x7F) | 0x80, ((v >> 7) & 0x7F) | 0x80, ((v >> 14) & 0x7F) | 0x80, (v >> 21) & 0x7F])
+
+
+# ----------------------------------------------------------------------- contract
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    t = t.contiguous()
+    if t.is_floating_point():
+        return t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+    return t.to(torch.int64) if t.dtype == torch.bool else t
+
+
+def check_one(data: bytes, limits: Limits = FUZZ_LIMITS) -> str | None:
+    """Check the decoder's contract on one input; returns the rejection message (None
+    if the input decoded) and raises ContractViolation (or the escaping exception)."""
+    blob = to_blob(data)
+    try:
+        payloads = decode_all(blob, limits)
+    except WireFormatError as exc:
+        return str(exc)
+    total = 0
+    for p in payloads:
+        if p.numel > limits.max_elements or len(p.shape) > limits.max_ndim:
+            raise ContractViolation(f"accepted shape {p.shape} beyond {limits}")
+        total += p.numel
+        y = p.decompress()
+        if tuple(y.shape) != p.shape or y.dtype != p.dtype:
+            raise ContractViolation(f"decompressed to {tuple(y.shape)} {y.dtype}, declared {p.shape} {p.dtype}")
+        try:
+            again = decode(encode(p), limits)
+        except WireFormatError as exc:
+            raise ContractViolation(f"a decoded payload ({p.op}, {p.shape}) does not survive re-encoding: {exc}") from None
+        z = again.decompress()
+        if again.op != p.op or not torch.equal(_bits(y), _bits(z)):
+            raise ContractViolation(f"re-encoding a decoded payload ({p.op}, {p.shape}) changes it")
+    if total > limits.max_total_elements:
+        raise ContractViolation(f"accepted {total} elements in one array, beyond {limits}")
+    return None
+
+
+# ------------------------------------------------------------------------ memory
+class PeakRSS:
+    """Peak resident set size of this process, resettable on Linux (VmHWM / clear_refs)."""
+
+    def __init__(self) -> None:
+        self.resettable = self._try_reset()
+
+    @staticmethod
+    def current_peak_kb() -> int:
+        try:
+            with open("/proc/self/status") as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        return int(line.split()[1])
+        except OSError:
+            pass
+        import resource
+
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+
+    @staticmethod
+    def current_kb() -> int:
+        try:
+            with open("/proc/self/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        return int(line.split()[1])
+        except OSError:
+            pass
+        return PeakRSS.current_peak_kb()
+
+    @staticmethod
+    def _try_reset() -> bool:
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            return True
+        except OSError:
+            return False
+
+    def reset(self) -> None:
+        if self.resettable:
+            self._try_reset()
+
+
+def measure(data: bytes, limits: Limits = FUZZ_LIMITS) -> dict[str, float]:
+    """Decode one input (as :func:`check_one` does) and report its cost: seconds, peak RSS
+    above the resident set before it (MB), and the tracemalloc peak (numpy's buffers)."""
+    import gc
+    import tracemalloc
+
+    gc.collect()
+    rss = PeakRSS()
+    before = rss.current_kb()
+    rss.reset()
+    tracemalloc.start()
+    t0 = time.perf_counter()
+    try:
+        outcome = check_one(data, limits)
+    finally:
+        seconds = time.perf_counter() - t0
+        _, traced = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+    peak = rss.current_peak_kb() if rss.resettable else float("nan")
+    return {"seconds": seconds, "peak_rss_mb": (peak - before) / 1024, "tracemalloc_mb": traced / 2**20,
+            "rejected": outcome is not None, "reason": outcome or ""}
+
+
+# ----------------------------------------------------------------------- mutation
+_INTERESTING = (0x00, 0x01, 0x02, 0x03, 0x07, 0x08, 0x0F, 0x10, 0x1F, 0x20, 0x3F, 0x40, 0x7E, 0x7F, 0x80, 0x81,
+                0xFE, 0xFF)
+
+
+def mutate(data: bytes, rnd: random.Random, corpus: Sequence[bytes]) -> bytes:
+    """One to four structure-aware mutations of an input (mode byte kept mostly)."""
+    b = bytearray(data or b"\x00")
+    for _ in range(rnd.randint(1, 4)):
+        body = len(b) - 1
+        choice = rnd.randrange(12)
+        if choice == 0 and body:  # flip a bit
+            i = 1 + rnd.randrange(body)
+            b[i] ^= 1 << rnd.randrange(8)
+        elif choice == 1 and body:  # an interesting byte
+            b[1 + rnd.randrange(body)] = rnd.choice(_INTERESTING)
+        elif choice == 2 and body:  # a random byte
+            b[1 + rnd.randrange(body)] = rnd.randrange(256)
+        elif choice == 3 and body:  # truncate
+            del b[1 + rnd.randrange(body):]
+        elif choice == 4 and body:  # delete a run
+            i = 1 + rnd.randrange(body)
+            del b[i:i + rnd.randint(1, 8)]
+        elif choice == 5:  # insert bytes
+            i = 1 + rnd.randrange(body + 1)
+            b[i:i] = bytes(rnd.choice(_INTERESTING) for _ in range(rnd.randint(1, 8)))
+        elif choice == 6 and body:  # a varint field replaced by a big value
+            i = 1 + rnd.randrange(body)
+            j = i
+            while j < len(b) and b[j] & 0x80 and j - i < 10:
+                j += 1
+            b[i:j + 1] = varint(rnd.choice([0, 1, 2, 63, 64, 127, 128, 255, 256, 65535, 65536, 1 << 20, 1 << 28,
+                                             (1 << 31) - 1, 1 << 32, (1 << 63) - 1, 1 << 63, (1 << 64) - 1, 1 << 70]))
+        elif choice == 7 and body:  # add or subtract a little from a byte
+            i = 1 + rnd.randrange(body)
+            b[i] = (b[i] + rnd.choice([-2, -1, 1, 2])) % 256
+        elif choice == 8 and corpus:  # splice with another input
+            other = rnd.choice(corpus)
+            i = 1 + rnd.randrange(body + 1)
+            j = 1 + rnd.randrange(max(len(other) - 1, 1))
+            b[i:] = other[j:]
+        elif choice == 9 and body:  # duplicate a chunk
+            i = 1 + rnd.randrange(body)
+            chunk = b[i:i + rnd.randint(1, 32)]
+            b[i:i] = chunk
+        elif choice == 10:  # switch between content and raw mode (raw mode: reframe the content)
+            if b[0] % 2 == 0:
+                b = bytearray(as_raw_input(frame(bytes(b[1:]))))
+            else:
+                b[0] = 0
+        elif choice == 11 and body >= 4:  # overwrite a little-endian u32 / f32 with an edge value
+            i = 1 + rnd.randrange(body - 3)
+            b[i:i + 4] = struct.pack("<I", rnd.choice([0, 1, 0x7F800000, 0x7FC00000, 0xFF800000, 0x80000000,
+                                                       0xFFFFFFFF, 0x00000001, 0x7F7FFFFF]))
+    return bytes(b)
+
+
+# ------------------------------------------------------------------------ drivers
+class Findings:
+    """Where findings go, and the per-input watchdog and memory check."""
+
+    def __init__(self, out: Path, limits: Limits, timeout: float, rss_budget_mb: float) -> None:
+        self.out = out
+        self.limits = limits
+        self.timeout = timeout
+        self.rss_budget_kb = 1024 * rss_budget_mb + BYTES_PER_ELEMENT * limits.max_total_elements / 1024
+        self.found: list[dict] = []
+        self.rss = PeakRSS()
+        self.reasons: collections.Counter[str] = collections.Counter()
+        self.accepted = self.rejected = 0
+        self.slowest = (0.0, b"")
+        self.peak_kb = 0
+        out.mkdir(parents=True, exist_ok=True)
+        self._current = open(out / "current-input", "wb")  # noqa: SIM115 - kept open for the run
+
+    def record(self, kind: str, data: bytes, detail: str) -> None:
+        name = f"{kind}-{hashlib.sha1(data).hexdigest()[:12]}"
+        (self.out / name).write_bytes(data)
+        self.found.append({"kind": kind, "file": str(self.out / name), "detail": detail[-2000:]})
+        print(f"FINDING {kind}: {self.out / name}\n{detail[-2000:]}", file=sys.stderr, flush=True)
+
+    def run(self, data: bytes) -> None:
+        """Check one input; anything but a clean outcome becomes a finding."""
+        self._current.seek(0)
+        self._current.truncate()
+        self._current.write(data)
+        self._current.flush()
+        before = self.rss.current_kb()
+        self.rss.reset()
+        faulthandler.dump_traceback_later(self.timeout, exit=True)
+        t0 = time.perf_counter()
+        try:
+            reason = check_one(data, self.limits)
+        except Exception as exc:  # noqa: BLE001 - every escaping exception is a finding
+            faulthandler.cancel_dump_traceback_later()
+            kind = "contract" if isinstance(exc, ContractViolation) else f"escaped-{type(exc).__name__}"
+            self.record(kind, data, traceback.format_exc())
+            return
+        finally:
+            faulthandler.cancel_dump_traceback_later()
+        elapsed = time.perf_counter() - t0
+        if reason is None:
+            self.accepted += 1
+        else:
+            self.rejected += 1
+            self.reasons[_reason_key(reason)] += 1
+        if elapsed > self.slowest[0]:
+            self.slowest = (elapsed, data)
+        if elapsed > self.timeout:  # finished, but past the limit (the watchdog missed it by a hair)
+            self.record("slow", data, f"{elapsed:.3f} s > {self.timeout} s")
+        peak = self.rss.current_peak_kb()
+        self.peak_kb = max(self.peak_kb, peak)
+        if self.rss.resettable and peak - before > self.rss_budget_kb:
+            self.record("memory", data, f"peak RSS {peak - before} kB above {before} kB > budget {self.rss_budget_kb:.0f} kB")
+
+    def summary(self, engine: str, runs: int, seconds: float) -> dict:
+        return {
+            "engine": engine, "inputs": runs, "seconds": round(seconds, 1), "accepted": self.accepted,
+            "rejected": self.rejected, "distinct_rejections": len(self.reasons),
+            "top_rejections": self.reasons.most_common(12), "slowest_input_s": round(self.slowest[0], 4),
+            "peak_rss_mb": round(self.peak_kb / 1024, 1), "limits": vars(self.limits) if hasattr(self.limits, "__dict__")
+            else str(self.limits), "findings": self.found,
+        }
+
+    def close(self) -> None:
+        self._current.close()
+        (self.out / "current-input").unlink(missing_ok=True)
+
+
+def _reason_key(message: str) -> str:
+    """A rejection message without its numbers (to count distinct reasons)."""
+    return re.sub(r"\d+", "N", message.split(" (at content byte")[0])[:100]
+
+
+def run_random(runs: int, findings: Findings, seed: int = 0, corpus: Sequence[bytes] | None = None,
+               progress: Callable[[int], None] | None = None) -> int:
+    """The fallback driver: mutate seeds (and inputs that decoded) for ``runs`` inputs."""
+    rnd = random.Random(seed)
+    pool = list(corpus if corpus is not None else seed_corpus(seed))
+    accepted_pool: list[bytes] = []
+    for i in range(runs):
+        if i < len(pool):
+            data = pool[i]  # every seed once, unmutated
+        else:
+            parent = rnd.choice(accepted_pool) if accepted_pool and rnd.random() < 0.3 else rnd.choice(pool)
+            data = mutate(parent, rnd, pool)
+        before = findings.accepted
+        findings.run(data)
+        if findings.accepted > before and len(accepted_pool) < 4096 and i >= len(pool):
+            accepted_pool.append(data)  # mutants that still decode are good parents
+        if progress is not None and i % 10_000 == 0:
+            progress(i)
+    return runs
+
+
+def run_atheris(runs: int, findings: Findings, seed: int, extra: Sequence[str]) -> None:
+    """Coverage-guided fuzzing with atheris/libFuzzer; exits the process when done."""
+    import atheris
+
+    targets = {"qfl.wire.format", "qfl.compress.base", "qfl.compress.chain", "qfl.compress.payload",
+               "qfl.compress.quantizers", "qfl.compress.sparsifiers", "qfl.wire.fuzz"}
+    import gc
+    import types
+
+    count = 0
+    for obj in gc.get_objects():
+        if type(obj) is types.FunctionType and obj.__module__ in targets:
+            try:
+                atheris.instrument_func(obj)
+                count += 1
+            except Exception:  # noqa: BLE001 - some functions cannot be instrumented; skip them
+                pass
+    corpus_dir = findings.out / "corpus"
+    corpus_dir.mkdir(parents=True, exist_ok=True)
+    for data in seed_corpus(seed):
+        (corpus_dir / hashlib.sha1(data).hexdigest()[:16]).write_bytes(data)
+    started = time.perf_counter()
+    executed = [0]
+
+    def report() -> None:
+        summary = findings.summary("atheris", executed[0], time.perf_counter() - started)
+        (findings.out / "summary.json").write_text(json.dumps(summary, indent=1))
+        print(json.dumps(summary, indent=1), flush=True)
+
+    def one(data: bytes) -> None:
+        executed[0] += 1
+        findings.run(data)
+        if findings.found:
+            report()
+            raise ContractViolation(findings.found[-1]["detail"])  # let libFuzzer save the crash and stop
+        if executed[0] == runs:  # libFuzzer exits from C when done: no atexit handlers run
+            report()
+    print(f"atheris: instrumented {count} functions; corpus {corpus_dir}", file=sys.stderr, flush=True)
+    argv = [sys.argv[0], str(corpus_dir), f"-runs={runs}", f"-seed={seed or 1}",
+            f"-artifact_prefix={findings.out}/", f"-timeout={max(1, int(findings.timeout))}",
+            "-rss_limit_mb=4096", "-max_len=65536", *extra]
+    atheris.Setup(argv, one)
+    atheris.Fuzz()
+
+
+def replay(paths: Iterable[Path], findings: Findings) -> int:
+    n = 0
+    for path in paths:
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        for f in files:
+            findings.run(f.read_bytes())
+            n += 1
+    return n
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra: list[str] = []
+    if "--" in argv:
+        extra = argv[argv.index("--") + 1:]
+        argv = argv[:argv.index("--")]
+    p = argparse.ArgumentParser(prog="python -m qfl.wire.fuzz", description=__doc__.split("\n\n")[0])
+    p.add_argument("--runs", type=int, default=100_000, help="inputs to run (default 100000)")
+    p.add_argument("--engine", choices=("auto", "atheris", "random"), default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds per input before it counts as a hang")
+    p.add_argument("--max-elements", type=int, default=FUZZ_LIMITS.max_elements)
+    p.add_argument("--max-total-elements", type=int, default=FUZZ_LIMITS.max_total_elements)
+    p.add_argument("--rss-budget-mb", type=float, default=64.0,
+                   help=f"per-input peak RSS allowed, plus {BYTES_PER_ELEMENT} bytes per max-total element")
+    p.add_argument("--out", default="fuzz-findings", help="directory for findings (and the atheris corpus)")
+    p.add_argument("--replay", nargs="*", type=Path, help="re-check saved inputs instead of fuzzing")
+    args = p.parse_args(argv)
+    limits = Limits(max_elements=args.max_elements, max_ndim=FUZZ_LIMITS.max_ndim,
+                    max_total_elements=args.max_total_elements)
+    findings = Findings(Path(args.out), limits, args.timeout, args.rss_budget_mb)
+    # Warm up: the first decode of each kind compiles (or loads) numba kernels, which
+    # must not count against the per-input time limit.
+    for data in seed_corpus(args.seed):
+        check_one(data, limits)
+    started = time.perf_counter()
+    if args.replay is not None:
+        n = replay(args.replay, findings)
+        engine = "replay"
+    else:
+        engine = args.engine
+        if engine == "auto":
+            try:
+                import atheris  # noqa: F401
+                engine = "atheris"
+            except ImportError:
+                engine = "random"
+                print("atheris is not installed: using the fallback mutation driver", file=sys.stderr)
+        if engine == "atheris":
+            run_atheris(args.runs, findings, args.seed, extra)  # does not return
+        n = run_random(args.runs, findings, args.seed,
+                       progress=lambda i: print(f"  {i} inputs, {len(findings.found)} findings, "
+                                                f"{time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True))
+    findings.close()
+    summary = findings.summary(engine, n, time.perf_counter() - started)
+    (findings.out / "summary.json").write_text(json.dumps(summary, indent=1))
+    print(json.dumps(summary, indent=1))
+    return 1 if findings.found else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
