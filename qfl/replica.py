@@ -42,6 +42,8 @@ PREFIX = "qfl."
 REPLY_KEY = "qfl"
 #: Keys of the downlink fields in a message's ConfigRecord.
 MODE, BASE, VERSION, DIGEST = "qfl.mode", "qfl.base", "qfl.version", "qfl.digest"
+#: Key in a reply's qfl record: bytes of array data the client keeps in ``context.state``.
+STATE_BYTES = "qfl.state-bytes"
 FULL = -1  # BASE of a full (resync) payload
 
 
@@ -96,6 +98,13 @@ class ServerDownlink:
         self._reanchor = False
         self.initial = initial
         self._checkpoint: tuple[int, dict[str, bytes]] | None = None  # (version, encoded replica)
+        #: Resyncs offered, by reason: "new" (no record of the node: first contact, away
+        #: for more than ``history`` versions, or records reset by a new anchor or a
+        #: model of another structure), "behind" (a record, but no chain from it) and
+        #: "lost" (the server forgot it: it failed, its reply was dropped, or its digest
+        #: disagreed, and it has not acknowledged a replica since).
+        self.resyncs: dict[str, int] = {"new": 0, "behind": 0, "lost": 0}
+        self._lost: dict[int, int] = {}  # forgotten node -> version current when it was forgotten
 
     # --------------------------------------------------------------- server model
     def update(self, model: Tensors) -> bool:
@@ -142,7 +151,17 @@ class ServerDownlink:
         self._digests[self.version] = digest(self.replica)
         while len(self._digests) > self.history + 1:
             self._digests.popitem(last=False)
+        self._prune()
         return True
+
+    def _prune(self) -> None:
+        """Forget records older than the digests kept: such a node gets a resync anyway,
+        and the records stay bounded by the nodes seen within ``history`` versions, not
+        by every node that ever took part."""
+        oldest = next(iter(self._digests), self.version)
+        for table in (self.nodes, self._lost):
+            for node in [n for n, v in table.items() if v < oldest]:
+                del table[node]
 
     def new_epoch(self) -> None:
         """Anchor mode: the next model becomes the new anchor (sent losslessly to all)."""
@@ -173,17 +192,26 @@ class ServerDownlink:
             return self._offers["model"]
         if self.mode == "anchor":
             key: object = "current" if self.nodes.get(node_id) == self.version else "full"
+            if key == "full":
+                self._count_resync(node_id)
             if key not in self._offers:
                 self._offers[key] = self._build_anchor(key == "full")
             return self._offers[key]
         have = self.nodes.get(node_id)
         if have is None or have not in self._digests or (have < self.version and have + 1 not in self._steps):
             key: object = "full"
+            self._count_resync(node_id)
         else:
             key = have
         if key not in self._offers:
             self._offers[key] = self._build(key)
         return self._offers[key]
+
+    def _count_resync(self, node_id: int) -> None:
+        if node_id in self._lost:  # stays "lost" until it acknowledges a replica again
+            self.resyncs["lost"] += 1
+        else:
+            self.resyncs["new" if node_id not in self.nodes else "behind"] += 1
 
     def _build_anchor(self, with_anchor: bool) -> Offer:
         assert self.replica is not None
@@ -222,20 +250,33 @@ class ServerDownlink:
             return True
         if self._digests.get(version) == replica_digest:
             self.nodes[node_id] = version
+            self._lost.pop(node_id, None)
             return True
-        self.nodes.pop(node_id, None)
+        self.forget(node_id)
         return False
 
     def forget(self, node_id: int) -> None:
         """Assume nothing about a node's replica (it failed, or replied with nonsense)."""
-        self.nodes.pop(node_id, None)
+        if self.mode != "model":
+            self.nodes.pop(node_id, None)
+            self._lost[node_id] = self.version
 
     def state_size(self) -> dict[str, int]:
-        """What the downlink keeps, for memory accounting."""
+        """What the downlink keeps, for memory accounting.
+
+        Bounded by construction: at most ``history`` encoded steps (and one checkpoint)
+        and ``history + 1`` digests, one replica, cached offers for the current version
+        only, and two integers per node seen within the last ``history`` versions.
+        """
         step_bytes = sum(len(b) for s in self._steps.values() for b in s.values())
         replica_bytes = sum(t.numel() * t.element_size() for t in (self.replica or {}).values())
+        checkpoint_bytes = sum(map(len, self._checkpoint[1].values())) if self._checkpoint else 0
+        anchor_bytes = sum(map(len, self._anchor_delta.values())) if self._anchor_delta else 0
+        offer_bytes = sum(len(a.data) for o in self._offers.values() for a in o.record.values())
         return {"steps": len(self._steps), "step_bytes": step_bytes, "replica_bytes": replica_bytes,
-                "nodes": len(self.nodes), "digests": len(self._digests)}
+                "checkpoint_bytes": checkpoint_bytes + anchor_bytes, "offer_bytes": offer_bytes,
+                "offers": len(self._offers), "nodes": len(self.nodes) + len(self._lost),
+                "digests": len(self._digests)}
 
 
 # ============================================================================ client
@@ -350,5 +391,5 @@ def drop_replica(state: RecordDict) -> None:
             del state[key]
 
 
-__all__ = ["BASE", "DIGEST", "FULL", "MODE", "PREFIX", "REPLY_KEY", "VERSION", "DownlinkError", "Offer", "ServerDownlink", "client_model", "drop_replica", "is_float", "load_replica",
+__all__ = ["BASE", "DIGEST", "FULL", "MODE", "PREFIX", "REPLY_KEY", "STATE_BYTES", "VERSION", "DownlinkError", "Offer", "ServerDownlink", "client_model", "drop_replica", "is_float", "load_replica",
            "replica_info", "save_replica"]
