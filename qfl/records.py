@@ -13,7 +13,7 @@ from collections.abc import Mapping
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord
+from flwr.app import Array, ArrayRecord, RecordDict
 
 from .compress import Payload
 from .wire import DEFAULT_LIMITS, STYPE, Limits, WireFormatError, decode_all, encode
@@ -66,17 +66,20 @@ def encode_record(payloads: Mapping[str, Payload | list[Payload] | bytes]) -> Ar
     return ArrayRecord(out)
 
 
-def decode_record(record: ArrayRecord, limits: Limits = DEFAULT_LIMITS) -> dict[str, list[Payload]]:
+def decode_record(record: ArrayRecord,
+                  limits: Limits | Mapping[str, Limits] = DEFAULT_LIMITS) -> dict[str, list[Payload]]:
     """ArrayRecord of qfl blobs -> payloads per key (a key may carry several, in order).
 
-    Raises WireFormatError naming the key for anything that is not a valid qfl array.
+    ``limits`` may differ per key (a mapping): a server that knows the model decodes
+    each reply tensor with that tensor's size as its limit. Raises WireFormatError
+    naming the key for anything that is not a valid qfl array.
     """
     out: dict[str, list[Payload]] = {}
     for key, arr in record.items():
         if arr.stype != STYPE:
             raise WireFormatError(f"array {key!r} has stype {arr.stype!r}, expected {STYPE!r}")
         try:
-            out[key] = decode_all(arr.data, limits)
+            out[key] = decode_all(arr.data, limits[key] if isinstance(limits, Mapping) else limits)
         except WireFormatError as exc:
             raise WireFormatError(f"array {key!r}: {exc}") from None
     return out
@@ -85,6 +88,11 @@ def decode_record(record: ArrayRecord, limits: Limits = DEFAULT_LIMITS) -> dict[
 def record_bytes(record: ArrayRecord) -> int:
     """Bytes of array data a record puts on the wire."""
     return sum(len(a.data) for a in record.values())
+
+
+def state_bytes(state: RecordDict) -> int:
+    """Bytes of array data a client keeps in ``context.state`` (replica, error memory, ...)."""
+    return sum(record_bytes(r) for r in state.array_records.values())
 
 
 def digest(tensors: Mapping[str, torch.Tensor]) -> int:

@@ -20,8 +20,8 @@ from flwr.common.constant import ErrorCode
 from flwr.supercore import log
 
 from ..codec import compress_model, model_delta, nonfinite
-from ..records import Tensors, decode_record, encode_record, to_record, to_tensors
-from ..replica import PREFIX, REPLY_KEY, DownlinkError, client_model, drop_replica, replica_info
+from ..records import Tensors, decode_record, encode_record, state_bytes, to_record, to_tensors
+from ..replica import PREFIX, REPLY_KEY, STATE_BYTES, DownlinkError, client_model, drop_replica, replica_info
 from ..spec import Policy
 from ..wire import WireFormatError
 
@@ -71,6 +71,7 @@ def compression_mod(msg: Message, context: Context, call_next: ClientAppCallable
         except ValueError as exc:
             return _error(msg, f"qfl could not compress the update: {exc}")
         content[rkey] = encoded
+    info[STATE_BYTES] = state_bytes(context.state)
     content[REPLY_KEY] = info
     reply.content = content
     return reply

@@ -201,6 +201,7 @@ class AsyncCompressed(ServerProtocol):
             self.downlink.forget(job.node)
             log(WARNING, "qfl async: dropped the reply of node %s: %s", job.node, exc)
             return model
+        self.record_state(traffic, reply)
         n = _examples(reply, self.weighted_by_key)
         self.buffer.append((delta, n * (1 + staleness) ** -self.staleness_exponent, n))
         self.stats.staleness_sum += staleness

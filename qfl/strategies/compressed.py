@@ -115,11 +115,15 @@ class Compressed(ServerProtocol, Strategy):
             traffic.uplink_full += self._full_bytes
             try:
                 rebuilt.append(self.rebuild(msg, self._base))
+                self.record_state(traffic, msg)
             except (WireFormatError, ValueError) as exc:
                 traffic.dropped += 1
                 self.downlink.forget(msg.metadata.src_node_id)
                 log(WARNING, "qfl: dropped the reply of node %s in round %s: %s",
                     msg.metadata.src_node_id, server_round, exc)
+        if traffic.missing:
+            log(WARNING, "qfl: %d of %d nodes did not reply in round %s", traffic.missing, traffic.messages,
+                server_round)
         arrays, metrics = self.strategy.aggregate_train(server_round, rebuilt)
         return arrays, with_traffic(metrics, traffic)
 
@@ -142,6 +146,7 @@ class Compressed(ServerProtocol, Strategy):
                 self.downlink.forget(self.node_of(msg))
                 cleaned.append(msg)
             else:
+                self.record_state(traffic, msg)
                 cleaned.append(self.strip(msg))
         metrics = self.strategy.aggregate_evaluate(server_round, cleaned)
         return with_traffic(metrics, traffic)

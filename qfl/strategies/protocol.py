@@ -19,7 +19,7 @@ from flwr.supercore import log
 from ..codec import check_against, nonfinite, norm
 from ..compress import Operator
 from ..records import Tensors, decode_record, record_bytes
-from ..replica import DIGEST, REPLY_KEY, VERSION, Offer, ServerDownlink
+from ..replica import DIGEST, REPLY_KEY, STATE_BYTES, VERSION, Offer, ServerDownlink
 from ..spec import Policy, parse_downlink
 from ..wire import DEFAULT_LIMITS, STYPE, Limits
 #: Message ids remembered to attribute the SuperLink's error replies (a few rounds' worth).
@@ -45,9 +45,20 @@ class Traffic:
     resyncs: int = 0
     dropped: int = 0
     failures: int = 0
+    client_state_bytes: int = 0
+
+    @property
+    def missing(self) -> int:
+        """Messages without a reply (the node timed out or vanished)."""
+        return max(self.messages - self.replies, 0)
 
     def metrics(self) -> dict[str, int]:
-        """MetricRecord entries, keys prefixed ``qfl.``."""
+        """MetricRecord entries, keys prefixed ``qfl.``.
+
+        Besides the fields: ``qfl.missing``, messages without a reply (the node did not
+        answer before the round's timeout), and ``qfl.client-state-bytes``, the largest
+        ``context.state`` (replica and error memory) a reply reported.
+        """
         return {
             "qfl.downlink-bytes": self.downlink,
             "qfl.downlink-full-bytes": self.downlink_full,
@@ -56,6 +67,8 @@ class Traffic:
             "qfl.resyncs": self.resyncs,
             "qfl.dropped": self.dropped,
             "qfl.failures": self.failures,
+            "qfl.missing": self.missing,
+            "qfl.client-state-bytes": self.client_state_bytes,
         }
 
 
@@ -70,11 +83,11 @@ class TrafficLog:
         return self.rounds.setdefault((server_round, phase), Traffic())
 
     def total(self) -> Traffic:
-        """Sum over all rounds and phases."""
+        """Sum over all rounds and phases (``client_state_bytes``: the largest)."""
         out = Traffic()
         for t in self.rounds.values():
             for k, v in asdict(t).items():
-                setattr(out, k, getattr(out, k) + v)
+                setattr(out, k, max(out.client_state_bytes, v) if k == "client_state_bytes" else getattr(out, k) + v)
         return out
 
 
@@ -218,10 +231,13 @@ class ServerProtocol:
         if len(keys) != 1:
             raise ValueError(f"expected exactly one compressed ArrayRecord in the reply, found {len(keys)}")
         akey = keys[0]
-        payloads = decode_record(content[akey], self.limits)
-        if payloads.keys() != base.keys():
-            missing, extra = sorted(base.keys() - payloads.keys()), sorted(payloads.keys() - base.keys())
+        record = content[akey]
+        if set(record.keys()) != set(base.keys()):
+            missing, extra = sorted(base.keys() - record.keys()), sorted(record.keys() - base.keys())
             raise ValueError(f"the reply's tensors differ from the model's (missing {missing}, unexpected {extra})")
+        # Each tensor is decoded with its own size as the limit: a blob declaring more
+        # (a hostile "size far beyond the model") is refused before anything is allocated.
+        payloads = decode_record(record, {k: self.limits_for(t) for k, t in base.items()})
         delta = {}
         for name, ps in payloads.items():
             if len(ps) != 1:
@@ -235,6 +251,20 @@ class ServerProtocol:
             raise ValueError(f"update norm {n:.4g} exceeds max_update_norm={self.max_update_norm:.4g}")
         self.acknowledge(msg, info)
         return akey, delta
+
+    def limits_for(self, tensor) -> Limits:
+        """Decoder limits for a reply's payload standing for ``tensor``: its own size."""
+        n = tensor.numel()
+        return Limits(max_elements=min(self.limits.max_elements, n), max_ndim=self.limits.max_ndim,
+                      max_total_elements=min(self.limits.max_total_elements, n))
+
+    @staticmethod
+    def record_state(traffic: Traffic, msg: Message) -> None:
+        """Keep the largest client state (``qfl.state-bytes``) replies report."""
+        info = msg.content.get(REPLY_KEY) if msg.has_content() else None
+        size = info.get(STATE_BYTES) if isinstance(info, ConfigRecord) else None
+        if isinstance(size, int) and not isinstance(size, bool):
+            traffic.client_state_bytes = max(traffic.client_state_bytes, size)
 
     def acknowledge(self, msg: Message, info: ConfigRecord) -> None:
         """Record the replica a client reports (delta/anchor modes)."""
