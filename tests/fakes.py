@@ -8,6 +8,7 @@ run would carry and no object is shared between server and clients.
 from __future__ import annotations
 
 import itertools
+import logging
 import traceback
 from collections.abc import Callable, Iterable
 
@@ -38,14 +39,24 @@ def wire_copy(content: RecordDict) -> RecordDict:
 class FakeGrid(Grid):
     """Runs a ClientApp per node in-process; records every message it carries.
 
-    ``fail`` maps node ids to a callable deciding (per message) whether that node
-    fails (returns an error reply) instead of answering.
+    Failure modes, each a map from node id to a callable deciding per message:
+
+    ``fail``
+        The node fails: an error reply instead of an answer.
+    ``timeout``
+        The node runs the message (its state changes) but the reply arrives after the
+        round's timeout: the server gets nothing, as from Flower's Grid when a node is
+        slow. The late reply is kept in ``late``.
+    ``offline``
+        The message never reaches the node: no reply, no state change.
     """
 
     def __init__(self, app: ClientApp, num_nodes: int, run_config: dict | None = None,
                  node_config: Callable[[int], dict] | None = None) -> None:
         set_task_identity()
         self.app = app
+        #: Per-node ClientApps that replace ``app`` (hostile or broken clients).
+        self.apps: dict[int, ClientApp] = {}
         self.node_ids = [1000 + i for i in range(num_nodes)]
         self.contexts = {
             nid: Context(run_id=1, node_id=nid,
@@ -56,6 +67,9 @@ class FakeGrid(Grid):
         self.sent: list[Message] = []
         self.received: list[Message] = []
         self.fail: dict[int, Callable[[Message], bool]] = {}
+        self.timeout: dict[int, Callable[[Message], bool]] = {}
+        self.offline: dict[int, Callable[[Message], bool]] = {}
+        self.late: list[Message] = []
         self._ids = itertools.count()
 
     # Grid API -----------------------------------------------------------------------
@@ -85,17 +99,22 @@ class FakeGrid(Grid):
             msg.metadata.__dict__["_message_id"] = f"m{next(self._ids)}"
             self.sent.append(msg)
             node = msg.metadata.dst_node_id
+            if node in self.offline and self.offline[node](msg):
+                continue
             delivered = Message(content=wire_copy(msg.content), metadata=msg.metadata)
             if node in self.fail and self.fail[node](msg):
                 reply = Message(Error(code=ErrorCode.NODE_UNAVAILABLE, reason="node failed"), reply_to=delivered)
             else:
                 try:
-                    reply = self.app(delivered, self.contexts[node])
+                    reply = self.apps.get(node, self.app)(delivered, self.contexts[node])
                 except Exception:  # the runtime turns ClientApp exceptions into error replies
                     reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=traceback.format_exc()),
                                     reply_to=delivered)
             if reply.has_content():
                 reply = Message(content=wire_copy(reply.content), metadata=reply.metadata)
+            if node in self.timeout and self.timeout[node](msg):
+                self.late.append(reply)
+                continue
             self.received.append(reply)
             replies.append(reply)
         return replies
@@ -105,9 +124,6 @@ class FakeGrid(Grid):
     def array_bytes(messages: Iterable[Message]) -> int:
         """Array data bytes in messages (what qfl counts: len(Array.data))."""
         return sum(record_bytes(r) for m in messages if m.has_content() for r in m.content.array_records.values())
-
-
-__all__ = ["FakeGrid", "set_task_identity", "wire_copy"]
 
 
 class AsyncFakeGrid(FakeGrid):
@@ -143,7 +159,7 @@ class AsyncFakeGrid(FakeGrid):
         if node in self.fail and self.fail[node](msg):
             return Message(Error(code=ErrorCode.NODE_UNAVAILABLE, reason="node failed"), reply_to=delivered)
         try:
-            reply = self.app(delivered, self.contexts[node])
+            reply = self.apps.get(node, self.app)(delivered, self.contexts[node])
         except Exception:
             return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=traceback.format_exc()),
                            reply_to=delivered)
@@ -159,3 +175,24 @@ class AsyncFakeGrid(FakeGrid):
                 out.append(self.pending.pop(mid)[1])
         self.received.extend(out)
         return out
+
+
+class Capture(logging.Handler):
+    """Collects Flower's log lines (its logger does not propagate to pytest's)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+    def __enter__(self) -> Capture:
+        logging.getLogger("flwr").addHandler(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        logging.getLogger("flwr").removeHandler(self)
+
+
+__all__ = ["AsyncFakeGrid", "Capture", "FakeGrid", "set_task_identity", "wire_copy"]
