@@ -3,7 +3,10 @@
 The method is a preset (``method = "qsparse"``) or ``method = "custom"`` with raw
 ``uplink``/``downlink`` specs. After every round the server evaluates the global model
 on the Fashion-MNIST test set and appends a progress line (accuracy, loss, bytes per
-direction, wall time) to ``<results-dir>/<label>.progress.jsonl``; at the end it writes
+direction, wall time; messages, replies, resyncs and their reasons, dropped and failed
+replies; the server's downlink state, the largest client state, the ServerApp's resident
+memory) to
+``<results-dir>/<label>.progress.jsonl``; at the end it writes
 ``<results-dir>/<label>.json`` in the schema ``qfl.simulations.report`` reads.
 """
 
@@ -75,6 +78,7 @@ class Recorder:
         # Bytes per direction, and the protocol's health: messages sent, replies received,
         # full-model resyncs, refused replies, error replies.
         self.counted = dict.fromkeys(BYTE_COUNTS + PROTOCOL_COUNTS, 0)
+        self.last_round = -1
         self.model = build_model(s.model, s.seed)
         self.x, self.y = test_data(max_samples=s.test_samples, data_dir=s.data_dir or None)
         self.rows: list[dict[str, Any]] = []
@@ -91,12 +95,33 @@ class Recorder:
         for key, before in self.counted.items():  # counts since the previous evaluation
             row[f"{key}_bytes" if key in BYTE_COUNTS else key] = getattr(total, key) - before
             self.counted[key] = getattr(total, key)
+        # Memory and resyncs: why clients were resynced (cumulative), what the server's
+        # downlink keeps, the largest client state replies reported since the previous
+        # evaluation, the ServerApp's resident memory.
+        row["resync_reasons"] = dict(self.strategy.downlink.resyncs)
+        row["server_state"] = self.strategy.downlink.state_size()
+        row["client_state_bytes"] = max((t.client_state_bytes for (r, _), t in self.strategy.traffic.rounds.items()
+                                         if self.last_round < r <= server_round), default=0)
+        row["server_rss_mb"] = _rss_mb()
+        self.last_round = server_round
         self.rows.append(row)
         with self.progress.open("a") as f:
             f.write(json.dumps({"label": self.s.name, **row}) + "\n")
         log(20, "[%s] round %d: test accuracy %.4f, uplink %d B, downlink %d B", self.s.name, server_round, acc,
             row["uplink_bytes"], row["downlink_bytes"])
         return MetricRecord({"accuracy": acc, "loss": loss})
+
+
+def _rss_mb() -> float | None:
+    """Resident memory of this (ServerApp) process, from /proc (None elsewhere)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return None
 
 
 @app.main()
