@@ -1,31 +1,19 @@
-"""Shared pieces: a tiny classification task and ClientApps around it."""
+"""Shared pieces: the tiny classification task (from tests/apps/engine) and its fixture."""
 
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
-import torch
-from flwr.app import Context
-from torch import nn
+
+# The tiny task lives in the simulation-engine test app, so in-process and engine tests share it.
+sys.path.insert(0, str(Path(__file__).parent / "apps" / "engine"))
+from engine_app.task import tiny_data, tiny_model  # noqa: E402
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
-
-
-def tiny_model(ctx: Context | None = None) -> nn.Module:
-    """An MLP with a BatchNorm layer (so an int64 buffer exists); 2,116 float parameters."""
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(20, 64), nn.BatchNorm1d(64), nn.ReLU(), nn.Linear(64, 4))
-
-
-def tiny_data(ctx: Context):
-    """A linearly separable 4-class problem, a different sample per partition."""
-    pid = int(ctx.node_config.get("partition-id", 0))
-    w = torch.randn(20, 4, generator=torch.Generator().manual_seed(7))
-    x = torch.randn(300, 20, generator=torch.Generator().manual_seed(100 + pid))
-    y = (x @ w).argmax(1)
-    return x[:240], y[:240], x[240:], y[240:]
 
 
 @pytest.fixture

@@ -460,6 +460,20 @@ def test_cast_overflow_thresholds():
         bf16.compress(torch.tensor([3.4e38]))
 
 
+@pytest.mark.parametrize("spec,x", [
+    ("bernoulli(budget=0.5)", torch.tensor(65504.0, dtype=torch.float16)),  # 65504 / p = 131008
+    # Each value rounds up to the norm, 524032, with probability 1/8: some of 64 do.
+    ("qsgd(1)", torch.full((64,), 65504.0, dtype=torch.float16)),
+])
+def test_reconstructions_beyond_a_narrow_dtype_are_refused(spec, x):
+    # Every input fits its dtype, but what the receiver would rebuild does not: refuse, never send Inf.
+    with pytest.raises(ValueError, match="cannot represent this tensor in float16"):
+        qfl.parse(spec).compress(x, torch.Generator().manual_seed(0))
+    # The same values in float32 are fine.
+    y = qfl.parse(spec).compress(x.float(), torch.Generator().manual_seed(0)).decompress()
+    assert bool(torch.isfinite(y).all())
+
+
 def test_large_casts_and_identity_round_trip():
     x = torch.randn(1_500_000)
     for spec, dtype in (("fp16", torch.float16), ("bf16", torch.bfloat16)):

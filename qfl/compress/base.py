@@ -127,6 +127,26 @@ def _check_representable(op: Operator, body: Part, x: torch.Tensor) -> None:
                          f"(largest magnitude {big:.6g}, {x.numel()} elements)")
 
 
+#: Float dtypes narrower than the float32 the operators compute in.
+_NARROW = (torch.float16, torch.bfloat16)
+
+
+def _check_fits(op: Operator, body: Part, x: torch.Tensor) -> None:
+    """Refuse (ValueError) a payload whose reconstruction overflows the tensor's own dtype.
+
+    Every input value fits, but a rescaled value (x_i / p_i), a level rounded up, or a
+    norm scale can land beyond float16's 65504 (or bfloat16's top binade), and the
+    receiver would cast it to Inf. The bounds are data-dependent, so rebuild and look:
+    one extra decompression, paid by the narrow dtypes only.
+    """
+    y = op._decompress(body, x.numel())
+    if y.numel() and not bool(torch.isfinite(y.to(x.dtype)).all()):
+        big = float(y.abs().max())
+        raise ValueError(f"{op} cannot represent this tensor in {str(x.dtype).removeprefix('torch.')}: "
+                         f"a reconstructed value ({big:.6g}) overflows it (largest input magnitude "
+                         f"{float(x.abs().max()):.6g}, {x.numel()} elements)")
+
+
 class Operator(ABC):
     """Base class of every compression operator.
 
@@ -163,6 +183,8 @@ class Operator(ABC):
             check_finite(flat)
         body = self._compress(flat, generator)
         _check_representable(self, body, flat)
+        if x.dtype in _NARROW:
+            _check_fits(self, body, flat)
         return Payload(self, shape, x.dtype, body, x.device)
 
     def decompress(self, payload: Payload) -> torch.Tensor:
