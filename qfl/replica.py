@@ -44,6 +44,9 @@ REPLY_KEY = "qfl"
 MODE, BASE, VERSION, DIGEST = "qfl.mode", "qfl.base", "qfl.version", "qfl.digest"
 #: Key in a reply's qfl record: bytes of array data the client keeps in ``context.state``.
 STATE_BYTES = "qfl.state-bytes"
+#: Key in a train reply's qfl record: bytes of the ArrayRecord the user's code returned,
+#: i.e. what plain Flower would have carried up (the server's model may be wider).
+FULL_BYTES = "qfl.full-bytes"
 FULL = -1  # BASE of a full (resync) payload
 
 
@@ -391,5 +394,5 @@ def drop_replica(state: RecordDict) -> None:
             del state[key]
 
 
-__all__ = ["BASE", "DIGEST", "FULL", "MODE", "PREFIX", "REPLY_KEY", "STATE_BYTES", "VERSION", "DownlinkError", "Offer", "ServerDownlink", "client_model", "drop_replica", "is_float", "load_replica",
+__all__ = ["BASE", "DIGEST", "FULL", "FULL_BYTES", "MODE", "PREFIX", "REPLY_KEY", "STATE_BYTES", "VERSION", "DownlinkError", "Offer", "ServerDownlink", "client_model", "drop_replica", "is_float", "load_replica",
            "replica_info", "save_replica"]

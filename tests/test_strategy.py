@@ -76,6 +76,10 @@ def test_any_inner_strategy_trains_with_both_directions_compressed(inner):
     assert total.uplink == FakeGrid.array_bytes(m for m in grid.received if m.metadata.message_type == "train")
     assert total.uplink < total.uplink_full / 4
     assert total.downlink < total.downlink_full / 2
+    # Full-precision uplink: what the clients' float32 models take, although FedAdam's server
+    # model (and so the plain-Flower downlink) is float64.
+    train_replies = [m for m in grid.received if m.metadata.message_type == "train"]
+    assert total.uplink_full == len(train_replies) * record_bytes(initial())
     for r, metrics in result.train_metrics_clientapp.items():
         assert metrics["qfl.uplink-bytes"] == strategy.traffic.at(r, "train").uplink
 

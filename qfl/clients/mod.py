@@ -20,8 +20,8 @@ from flwr.common.constant import ErrorCode
 from flwr.supercore import log
 
 from ..codec import compress_model, model_delta, nonfinite
-from ..records import Tensors, decode_record, encode_record, state_bytes, to_record, to_tensors
-from ..replica import PREFIX, REPLY_KEY, STATE_BYTES, DownlinkError, client_model, drop_replica, replica_info
+from ..records import Tensors, decode_record, encode_record, record_bytes, state_bytes, to_record, to_tensors
+from ..replica import FULL_BYTES, PREFIX, REPLY_KEY, STATE_BYTES, DownlinkError, client_model, drop_replica, replica_info
 from ..spec import Policy
 from ..wire import WireFormatError
 
@@ -67,10 +67,11 @@ def compression_mod(msg: Message, context: Context, call_next: ClientAppCallable
     content = RecordDict({k: v for k, v in reply.content.items()})
     if msg.metadata.message_type.split(".")[0] == MessageType.TRAIN:
         try:
-            rkey, encoded = _compress_reply(reply.content, start, policy, fields, context)
+            rkey, encoded, full_bytes = _compress_reply(reply.content, start, policy, fields, context)
         except ValueError as exc:
             return _error(msg, f"qfl could not compress the update: {exc}")
         content[rkey] = encoded
+        info[FULL_BYTES] = full_bytes
     info[STATE_BYTES] = state_bytes(context.state)
     content[REPLY_KEY] = info
     reply.content = content
@@ -102,7 +103,8 @@ def _qfl_config(content: RecordDict) -> tuple[str, ConfigRecord] | None:
 
 
 def _compress_reply(content: RecordDict, start: Tensors, policy: Policy, fields: Mapping,
-                    context: Context) -> tuple[str, ArrayRecord]:
+                    context: Context) -> tuple[str, ArrayRecord, int]:
+    """(key, compressed record, bytes of the uncompressed record) of a train reply."""
     records = list(content.array_records.items())
     if len(records) != 1:
         raise ValueError(f"the train reply must carry exactly one ArrayRecord (the model), found {len(records)}")
@@ -125,7 +127,7 @@ def _compress_reply(content: RecordDict, start: Tensors, policy: Policy, fields:
         context.state[_MEMORY] = to_record(new_memory)
     elif _MEMORY in context.state:
         del context.state[_MEMORY]
-    return rkey, encode_record(payloads)
+    return rkey, encode_record(payloads), record_bytes(record)
 
 
 def _load_memory(context: Context, delta: Tensors) -> dict[str, torch.Tensor]:

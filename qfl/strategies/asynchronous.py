@@ -185,7 +185,7 @@ class AsyncCompressed(ServerProtocol):
             log(WARNING, "qfl async: node %s failed: %s", job.node, reply.error.reason)
             return model
         traffic.uplink += sum(record_bytes(r) for r in reply.content.array_records.values())
-        traffic.uplink_full += full_bytes
+        traffic.uplink_full += self.full_uplink(reply, full_bytes)
         staleness = self.version - job.version
         if staleness > self.max_staleness:
             self.stats.stale += 1

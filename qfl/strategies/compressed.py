@@ -112,7 +112,7 @@ class Compressed(ServerProtocol, Strategy):
                 rebuilt.append(msg)  # the inner strategy logs and skips failures
                 continue
             traffic.uplink += sum(record_bytes(r) for r in msg.content.array_records.values())
-            traffic.uplink_full += self._full_bytes
+            traffic.uplink_full += self.full_uplink(msg, self._full_bytes)
             try:
                 rebuilt.append(self.rebuild(msg, self._base))
                 self.record_state(traffic, msg)

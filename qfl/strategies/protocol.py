@@ -19,7 +19,7 @@ from flwr.supercore import log
 from ..codec import check_against, nonfinite, norm
 from ..compress import Operator
 from ..records import Tensors, decode_record, record_bytes
-from ..replica import DIGEST, REPLY_KEY, STATE_BYTES, VERSION, Offer, ServerDownlink
+from ..replica import DIGEST, FULL_BYTES, REPLY_KEY, STATE_BYTES, VERSION, Offer, ServerDownlink
 from ..spec import Policy, parse_downlink
 from ..wire import DEFAULT_LIMITS, STYPE, Limits
 #: Message ids remembered to attribute the SuperLink's error replies (a few rounds' worth).
@@ -257,6 +257,19 @@ class ServerProtocol:
         n = tensor.numel()
         return Limits(max_elements=min(self.limits.max_elements, n), max_ndim=self.limits.max_ndim,
                       max_total_elements=min(self.limits.max_total_elements, n))
+
+    @staticmethod
+    def full_uplink(msg: Message, model_bytes: int) -> int:
+        """What plain Flower would have carried up for this reply.
+
+        The client's mod reports the size of the ArrayRecord the user's code returned;
+        the server's model is no measure of it when the inner strategy widens dtypes
+        (FedAdam and FedYogi keep float64). Replies without the report count
+        ``model_bytes``.
+        """
+        info = msg.content.get(REPLY_KEY) if msg.has_content() else None
+        size = info.get(FULL_BYTES) if isinstance(info, ConfigRecord) else None
+        return size if isinstance(size, int) and not isinstance(size, bool) and size >= 0 else model_bytes
 
     @staticmethod
     def record_state(traffic: Traffic, msg: Message) -> None:
