@@ -70,9 +70,11 @@ def test_identity_spec_equals_plain_fedavg(runs):
         assert torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-6), k
     assert plain["eval_loss"] == pytest.approx(wrapped["eval_loss"], rel=1e-5)
     # Lossless both ways: qfl's identity blobs are the raw bytes and a header no bigger than numpy's.
-    for t in wrapped["traffic"].values():
-        assert 0 < t["uplink"] <= t["uplink_full"] or t["replies"] == 0
-        assert 0 < t["downlink"] <= t["downlink_full"]
+    for key, t in wrapped["traffic"].items():
+        assert t["messages"] == t["replies"] == NODES and t["dropped"] == t["failures"] == 0, key
+        assert 0 < t["downlink"] <= t["downlink_full"], key
+        if key.endswith("/train"):
+            assert 0 < t["uplink"] <= t["uplink_full"], key
 
 
 @pytest.mark.parametrize("name", ["fedavg", "fedadam"])
@@ -95,7 +97,8 @@ def test_both_directions_compressed_learn_and_send_what_the_specs_imply(runs, na
         rnd, phase = key.split("/")
         assert t["messages"] == t["replies"] == NODES, key
         assert t["dropped"] == t["failures"] == 0, key
-        assert t["downlink_full"] == NODES * full
+        # Plain Flower's downlink is the server model: float64 once FedAdam has aggregated.
+        assert t["downlink_full"] == NODES * full if rnd == "1" and phase == "train" else t["downlink_full"] >= NODES * full
         if (int(rnd), phase) == (1, "train"):  # first contact: everyone gets the model losslessly
             assert t["resyncs"] == NODES and t["downlink"] == NODES * resync
         else:  # then compressed steps against the replica, which every client holds
