@@ -8,6 +8,9 @@ rounding, a wrong scale or a wrong probability moves the mean by far more.
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -383,6 +386,41 @@ def test_kernels_serial_and_parallel_agree(kernel_mode):
         q = qfl.parse(op).compress(torch.from_numpy(x), torch.Generator().manual_seed(3))
         K.FORCE_PARALLEL = kernel_mode
         assert torch.equal(p.decompress(), q.decompress()), op
+
+
+_THREADS_SCRIPT = """
+import threading, torch, numba, qfl
+from qfl.compress import _kernels as K
+from qfl.wire import decode, encode
+K.FORCE_PARALLEL = True
+x = torch.randn(600_000, generator=torch.Generator().manual_seed(5))
+specs = ["qsgd(16)", "grid(4)", "topk(0.3)", "bernoulli(budget=0.05) | grid(4)", "qsgd(3, norm=max)"]
+ref = {s: decode(encode(qfl.parse(s).compress(x, torch.Generator().manual_seed(1)))).decompress() for s in specs}
+errors = []
+def work(i):
+    try:
+        for _ in range(6):
+            for s in specs:
+                y = decode(encode(qfl.parse(s).compress(x, torch.Generator().manual_seed(1)))).decompress()
+                assert torch.equal(y, ref[s]), s
+    except BaseException as exc:
+        errors.append(repr(exc))
+threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+[t.start() for t in threads]
+[t.join() for t in threads]
+assert not errors, errors
+print(numba.threading_layer())
+"""
+
+
+def test_kernels_from_many_threads_at_once():
+    # numba's workqueue layer kills the process when two threads enter parallel code at
+    # once; the parallel slot makes the others run serially, with identical results.
+    # A subprocess, since the failure mode is an abort.
+    out = subprocess.run([sys.executable, "-c", _THREADS_SCRIPT], capture_output=True, text=True, timeout=600,
+                         env={k: v for k, v in os.environ.items() if k != "NUMBA_THREADING_LAYER"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split()[-1] == "workqueue"  # not OpenMP: see qfl.compress._kernels
 
 
 @pytest.mark.parametrize("n,k", [(1_200_000, 12_000), (1_200_000, 1), (1_200_000, 250_000), (1_200_000, 600_000),

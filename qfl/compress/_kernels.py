@@ -20,16 +20,33 @@ Performance notes (they decide how the loops are written):
   (stochastic rounding, dequantisation) stay parallel.
 * Big outputs are allocated with numpy (``np.empty``), which asks the kernel for huge
   pages: a fresh 40 MB buffer then costs ~3 ms of page faults instead of ~15 ms.
+* Threads come from numba's ``workqueue`` layer, not its OpenMP one (see
+  ``_THREADING_LAYER``), and one thread at a time may run parallel variants
+  (:func:`parallel_slot`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import threading
 import time
+from collections.abc import Iterator
 
 import numba as nb
 import numpy as np
+
+#: numba's OpenMP layer loads the system libgomp beside the one PyTorch bundles. With
+#: that pool started (loading any kernel whose call graph holds a parallel loop starts
+#: it), two PyTorch trainings in two processes on two cores -- Flower's simulation
+#: engine runs clients exactly so -- slowed from 0.2 s to 3-7 s per 20 steps, and a
+#: simulation round of sign-top-k clients from 2.0 s to 6.7 s. The workqueue layer's
+#: idle threads wait on a condition variable and cost nothing. NUMBA_THREADING_LAYER in
+#: the environment still wins.
+_THREADING_LAYER = "workqueue"
+if "NUMBA_THREADING_LAYER" not in os.environ:
+    nb.config.THREADING_LAYER = _THREADING_LAYER
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -74,6 +91,27 @@ def use_parallel(n: int) -> bool:
         _load_checked[0] = now
         _load_checked[1] = load < (os.cpu_count() or 1)
     return _load_checked[1]
+
+
+_SLOT = threading.Lock()
+
+
+@contextlib.contextmanager
+def parallel_slot(n: int) -> Iterator[bool]:
+    """Whether a kernel over ``n`` elements runs its parallel variant, holding the
+    process's one parallel slot while it does.
+
+    The workqueue layer terminates the process when two threads enter parallel code at
+    once (a server decoding replies in a thread pool would); a caller that finds the
+    slot taken runs the serial variant instead, with the same result.
+    """
+    if use_parallel(n) and _SLOT.acquire(blocking=False):
+        try:
+            yield True
+        finally:
+            _SLOT.release()
+    else:
+        yield False
 
 _ABS = np.uint32(0x7FFFFFFF)
 #: |x| keys at or above this are Inf (exactly) or NaN.
@@ -271,8 +309,8 @@ def stochastic_levels(x, norms, bucket, s, signed_grid, seed, out):
     Work is split in CHUNK ranges walked bucket by bucket, so the per-bucket factor is
     computed once per bucket, not once per element; chunks run in parallel for large x.
     """
-    kernel = _levels_parallel if use_parallel(x.size) else _levels_serial
-    kernel(x, norms, bucket, s, signed_grid, seed, out)
+    with parallel_slot(x.size) as parallel:
+        (_levels_parallel if parallel else _levels_serial)(x, norms, bucket, s, signed_grid, seed, out)
 
 
 @nb.njit(inline="always", cache=True)
@@ -306,8 +344,8 @@ def _dequantize_serial(levels, factors, bucket, out):
 
 def dequantize_levels(levels, factors, bucket, out):
     """``out[i] = levels[i] * factors[i // bucket]`` (factor = norm / s, damping folded in)."""
-    kernel = _dequantize_parallel if use_parallel(levels.size) else _dequantize_serial
-    kernel(levels, factors, bucket, out)
+    with parallel_slot(levels.size) as parallel:
+        (_dequantize_parallel if parallel else _dequantize_serial)(levels, factors, bucket, out)
 
 
 # ------------------------------------------------------------------------ top-k
@@ -480,7 +518,8 @@ def _topk_radix(x, k, idx, vals):
 def topk_select(x, k):
     """Exact top-k of float32 ``x`` by magnitude: ``(indices, values, nonfinite)``; see
     ``_topk_select``."""
-    return _topk_select(x, k, use_parallel(x.size))
+    with parallel_slot(x.size) as parallel:
+        return _topk_select(x, k, parallel)
 
 
 @nb.njit(cache=True)
@@ -670,8 +709,8 @@ def _sum_abs_clipped(x, lam):
     nchunks = (x.size + _BIG - 1) // _BIG
     sums = np.zeros(nchunks, np.float64)
     cnts = np.zeros(nchunks, np.int64)
-    kernel = _sum_abs_clipped_parallel if use_parallel(x.size) else _sum_abs_clipped_serial
-    kernel(x, lam, sums, cnts)
+    with parallel_slot(x.size) as parallel:
+        (_sum_abs_clipped_parallel if parallel else _sum_abs_clipped_serial)(x, lam, sums, cnts)
     total = 0.0
     for v in sums:
         total += float(v)
@@ -756,14 +795,15 @@ def bernoulli_keep(x, p_const, lam, seed):
     """
     nchunks = (x.size + CHUNK - 1) // CHUNK
     counts = np.zeros(nchunks, np.int64)
-    kernel = _keep_parallel if use_parallel(x.size) else _keep_serial
-    idx = np.empty(0, np.int64)
-    vals = np.empty(0, np.float32)
-    kernel(x, float(p_const), float(lam), seed, counts, counts, idx, vals, False)
-    starts = np.zeros(nchunks, np.int64)
-    np.cumsum(counts[:-1], out=starts[1:])
-    total = int(counts.sum())
-    idx = np.empty(total, np.int64)
-    vals = np.empty(total, np.float32)
-    kernel(x, float(p_const), float(lam), seed, counts, starts, idx, vals, True)
+    with parallel_slot(x.size) as parallel:
+        kernel = _keep_parallel if parallel else _keep_serial
+        idx = np.empty(0, np.int64)
+        vals = np.empty(0, np.float32)
+        kernel(x, float(p_const), float(lam), seed, counts, counts, idx, vals, False)
+        starts = np.zeros(nchunks, np.int64)
+        np.cumsum(counts[:-1], out=starts[1:])
+        total = int(counts.sum())
+        idx = np.empty(total, np.int64)
+        vals = np.empty(total, np.float32)
+        kernel(x, float(p_const), float(lam), seed, counts, starts, idx, vals, True)
     return idx, vals

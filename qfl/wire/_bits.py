@@ -12,7 +12,7 @@ declared element count allows, so corrupted input cannot hang them.
 Integer levels are coded in blocks of ``BLOCK`` elements with gap coding restarted at
 each block boundary, and the blocks' bit lengths go into the header: encoding and
 decoding then run block-parallel while the stream stays one contiguous bit string.
-Parallel or serial is chosen per call (``qfl.compress._kernels.use_parallel``); the
+Parallel or serial is chosen per call (``qfl.compress._kernels.parallel_slot``); the
 bytes never depend on it.
 """
 
@@ -23,7 +23,7 @@ import math
 import numba as nb
 import numpy as np
 
-from ..compress._kernels import use_parallel
+from ..compress._kernels import parallel_slot
 
 #: Elements per independently coded block of an Elias level stream.
 BLOCK = 1 << 16
@@ -582,8 +582,9 @@ def _encode_with(levels: np.ndarray, lower: np.ndarray, nonzero: np.ndarray):
     starts = _scratch_starts(sizes + nonzero + lower)
     scratch = np.empty(int(starts[-1]) + 8, np.uint8)
     bits = np.zeros(lower.size, np.int64)
-    kernel = _encode_blocks_parallel if use_parallel(levels.size) else _encode_blocks_serial
-    kernel(levels, starts, nonzero, scratch, bits, GAP_CODE, GAP_LEN, SM_CODE, SM_LEN)
+    with parallel_slot(levels.size) as parallel:
+        kernel = _encode_blocks_parallel if parallel else _encode_blocks_serial
+        kernel(levels, starts, nonzero, scratch, bits, GAP_CODE, GAP_LEN, SM_CODE, SM_LEN)
     return scratch, starts, bits
 
 
@@ -596,7 +597,8 @@ def elias_encode_if_smaller(levels: np.ndarray, limit_bits: int):
     scratch, starts, bits = _encode_with(levels, lower, nonzero)
     if int(bits.sum()) >= limit_bits:
         return None
-    return bits, _concatenate(scratch, starts, bits, use_parallel(levels.size))
+    with parallel_slot(levels.size) as parallel:
+        return bits, _concatenate(scratch, starts, bits, parallel)
 
 
 @nb.njit(parallel=True, cache=True)
@@ -755,7 +757,8 @@ def elias_encode(levels: np.ndarray, block_bits: np.ndarray) -> np.ndarray:
     scratch, starts, bits = _encode_with(levels, lower, nonzero)
     if not np.array_equal(bits, block_bits):
         raise ValueError("block_bits do not match the levels")
-    return _concatenate(scratch, starts, bits, use_parallel(levels.size))
+    with parallel_slot(levels.size) as parallel:
+        return _concatenate(scratch, starts, bits, parallel)
 
 
 def elias_decode(padded: np.ndarray, block_bits: np.ndarray, n: int, max_level: int, out: np.ndarray) -> int:
@@ -764,7 +767,8 @@ def elias_decode(padded: np.ndarray, block_bits: np.ndarray, n: int, max_level: 
     Every block must end exactly at its declared bit length and every level must be
     within ``max_level`` in magnitude. ``padded`` holds the stream and 8 more bytes.
     """
-    return _elias_decode(padded, block_bits, n, max_level, out, PAIR, SINGLE, DEC_VALUE, DEC_LEN, use_parallel(n))
+    with parallel_slot(n) as parallel:
+        return _elias_decode(padded, block_bits, n, max_level, out, PAIR, SINGLE, DEC_VALUE, DEC_LEN, parallel)
 
 
 # ----------------------------------------------------------------- fixed-width codes
@@ -820,10 +824,9 @@ def pack_fixed(values: np.ndarray, offset: int, width: int) -> np.ndarray:
     buf = np.empty((n * width + 7) // 8, np.uint8)
     if width == 8:
         _pack8(values, offset, buf)
-    elif use_parallel(n):
-        _pack_parallel(values, offset, width, buf)
-    else:
-        _pack_serial(values, offset, width, buf)
+        return buf
+    with parallel_slot(n) as parallel:
+        (_pack_parallel if parallel else _pack_serial)(values, offset, width, buf)
     return buf
 
 
@@ -872,7 +875,8 @@ def unpack_fixed(padded: np.ndarray, n: int, offset: int, width: int, max_abs: i
     if width == 8:
         return ERR_RANGE if _unpack8(padded, n, offset, max_abs, out) else OK
     bad = np.zeros(((n + 7) // 8 + _GROUPS - 1) // _GROUPS, np.bool_)
-    (_unpack_parallel if use_parallel(n) else _unpack_serial)(padded, n, offset, width, max_abs, out, bad)
+    with parallel_slot(n) as parallel:
+        (_unpack_parallel if parallel else _unpack_serial)(padded, n, offset, width, max_abs, out, bad)
     return ERR_RANGE if bad.any() else OK
 
 
