@@ -53,7 +53,8 @@ def make_strategy(s: Settings) -> Compressed | AsyncCompressed:
     inner = s.fedavg_kwargs()
     if s.method == "custom":
         return Compressed(FedAvg(**inner), uplink=s.uplink or None, downlink=s.downlink or None,
-                          error_feedback=s.error_feedback, min_elements=s.min_elements, seed=s.seed)
+                          downlink_initial=s.downlink_initial or None, error_feedback=s.error_feedback,
+                          min_elements=s.min_elements, seed=s.seed)
     if s.method == "qesgd":
         return build(s.method, lr=s.lr, seed=s.seed, **inner)
     return build(s.method, seed=s.seed, **inner)

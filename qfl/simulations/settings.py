@@ -23,6 +23,7 @@ class Settings:
     method: str = "qsparse"
     uplink: str = ""
     downlink: str = ""
+    downlink_initial: str = ""
     error_feedback: bool = True
     num_server_rounds: int = 20
     num_clients: int = 20
