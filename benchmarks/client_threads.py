@@ -5,9 +5,10 @@ trains a PyTorch model, then qfl compresses its update. Loading any qfl kernel w
 call graph holds a parallel loop starts numba's thread pool, and numba's OpenMP layer
 brings the system libgomp into a process that already runs PyTorch's own. This runs
 the same simulation (the simulation app, ``--clients`` clients all training every round,
-``--spec`` on the uplink, full-precision downlink) once under each layer and prints the
-seconds per round, without the first round (actor start-up, data loading).
-qfl selects the workqueue layer unless NUMBA_THREADING_LAYER says otherwise.
+``--spec`` on the uplink, full-precision downlink) once under each layer, and once with
+NUMBA_THREADING_LAYER unset (qfl picks the workqueue layer in Ray workers, see
+``qfl.compress._kernels.threading_layer``), and prints the seconds per round without
+the first round (actor start-up, data loading).
 
     .venv/bin/python benchmarks/client_threads.py
     .venv/bin/python benchmarks/client_threads.py --rounds 6 --spec "topk(0.01) | qsgd(levels=7, bucket=512)"
@@ -25,9 +26,12 @@ import tempfile
 from pathlib import Path
 
 
-def seconds_per_round(layer: str, spec: str, rounds: int, clients: int, out: Path) -> list[float]:
-    """Wall time of rounds 2..``rounds`` of one simulation under numba layer ``layer``."""
-    env = {**os.environ, "NUMBA_THREADING_LAYER": layer}
+def seconds_per_round(layer: str | None, spec: str, rounds: int, clients: int, out: Path) -> list[float]:
+    """Wall time of rounds 2..``rounds`` of one simulation under numba layer ``layer``
+    (None: NUMBA_THREADING_LAYER unset)."""
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_THREADING_LAYER"}
+    if layer is not None:
+        env["NUMBA_THREADING_LAYER"] = layer
     args = [sys.executable, "-m", "qfl.simulations.runner", "--methods", "custom", "--rounds", str(rounds),
             "--clients", str(clients), "--fraction", "1.0", "--set", f"uplink={spec}",
             "--set", "test-samples=1000", "--out", str(out), "--no-report"]
@@ -46,9 +50,10 @@ def main() -> None:
     print(f"{args.clients} clients x 20 local steps per round on {os.cpu_count()} CPUs, uplink {args.spec!r}")
     print("| numba threading layer | s per round (median) | min | max |\n|---|--:|--:|--:|")
     with tempfile.TemporaryDirectory(prefix="qfl-threads-") as tmp:
-        for layer in ("omp", "workqueue"):
-            t = seconds_per_round(layer, args.spec, args.rounds, args.clients, Path(tmp) / layer)
-            print(f"| {layer} | {statistics.median(t):.2f} | {min(t):.2f} | {max(t):.2f} |", flush=True)
+        for layer in ("omp", "workqueue", None):
+            t = seconds_per_round(layer, args.spec, args.rounds, args.clients, Path(tmp) / str(layer))
+            name = layer or "unset (qfl's choice)"
+            print(f"| {name} | {statistics.median(t):.2f} | {min(t):.2f} | {max(t):.2f} |", flush=True)
 
 
 if __name__ == "__main__":

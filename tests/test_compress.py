@@ -389,7 +389,10 @@ def test_kernels_serial_and_parallel_agree(kernel_mode):
 
 
 _THREADS_SCRIPT = """
-import threading, torch, numba, qfl
+import sys, threading
+if sys.argv[1] == "ray":
+    import ray  # as in a virtual client of Flower's simulation engine
+import torch, numba, qfl
 from qfl.compress import _kernels as K
 from qfl.wire import decode, encode
 K.FORCE_PARALLEL = True
@@ -413,14 +416,16 @@ print(numba.threading_layer())
 """
 
 
-def test_kernels_from_many_threads_at_once():
-    # numba's workqueue layer kills the process when two threads enter parallel code at
-    # once; the parallel slot makes the others run serially, with identical results.
-    # A subprocess, since the failure mode is an abort.
-    out = subprocess.run([sys.executable, "-c", _THREADS_SCRIPT], capture_output=True, text=True, timeout=600,
-                         env={k: v for k, v in os.environ.items() if k != "NUMBA_THREADING_LAYER"})
+@pytest.mark.parametrize("process", ["ray", "plain"])
+def test_kernels_from_many_threads_at_once(process):
+    # In a Ray worker qfl picks numba's workqueue layer, which kills the process when two
+    # threads enter parallel code at once; the parallel slot makes the others run
+    # serially, with identical results. A subprocess, since the failure mode is an abort.
+    out = subprocess.run([sys.executable, "-c", _THREADS_SCRIPT, process], capture_output=True, text=True,
+                         timeout=600, env={k: v for k, v in os.environ.items() if k != "NUMBA_THREADING_LAYER"})
     assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.split()[-1] == "workqueue"  # not OpenMP: see qfl.compress._kernels
+    layer = out.stdout.split()[-1]
+    assert (layer == "workqueue") == (process == "ray"), layer  # see qfl.compress._kernels.threading_layer
 
 
 @pytest.mark.parametrize("n,k", [(1_200_000, 12_000), (1_200_000, 1), (1_200_000, 250_000), (1_200_000, 600_000),

@@ -20,9 +20,9 @@ Performance notes (they decide how the loops are written):
   (stochastic rounding, dequantisation) stay parallel.
 * Big outputs are allocated with numpy (``np.empty``), which asks the kernel for huge
   pages: a fresh 40 MB buffer then costs ~3 ms of page faults instead of ~15 ms.
-* Threads come from numba's ``workqueue`` layer, not its OpenMP one (see
-  ``_THREADING_LAYER``), and one thread at a time may run parallel variants
-  (:func:`parallel_slot`).
+* In a Ray worker (a virtual client of Flower's simulation engine) threads come from
+  numba's ``workqueue`` layer, not its OpenMP one (see :func:`threading_layer`), and
+  one thread at a time may run parallel variants (:func:`parallel_slot`).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -37,16 +38,27 @@ from collections.abc import Iterator
 import numba as nb
 import numpy as np
 
-#: numba's OpenMP layer loads the system libgomp beside the one PyTorch bundles. With
-#: that pool started (loading any kernel whose call graph holds a parallel loop starts
-#: it), two PyTorch trainings in two processes on two cores -- Flower's simulation
-#: engine runs clients exactly so -- slowed from 0.2 s to 3-7 s per 20 steps, and a
-#: simulation round of sign-top-k clients from 2.0 s to 6.7 s. The workqueue layer's
-#: idle threads wait on a condition variable and cost nothing. NUMBA_THREADING_LAYER in
-#: the environment still wins.
-_THREADING_LAYER = "workqueue"
-if "NUMBA_THREADING_LAYER" not in os.environ:
-    nb.config.THREADING_LAYER = _THREADING_LAYER
+
+
+def threading_layer() -> str | None:
+    """The numba threading layer qfl asks for in this process (None: numba's choice).
+
+    Flower's simulation engine runs every virtual client as a Ray actor on one host,
+    each training with PyTorch's own OpenMP threads. numba's OpenMP layer adds the
+    system libgomp's pool to each (loading any kernel whose call graph holds a parallel
+    loop starts it, even if no parallel loop runs), and a round of 20 sign-top-k
+    clients on two cores then took 9.2 s instead of 1.6 s under the workqueue layer
+    (benchmarks/client_threads.py). Elsewhere the OpenMP layer stays: its parallel
+    regions are several times cheaper to enter (grid(8) on 10M elements: 18 ms vs 33 ms
+    encode + decode). NUMBA_THREADING_LAYER in the environment always wins.
+    """
+    if "NUMBA_THREADING_LAYER" in os.environ or "ray" not in sys.modules:
+        return None
+    return "workqueue"
+
+
+if (_LAYER := threading_layer()) is not None:
+    nb.config.THREADING_LAYER = _LAYER
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -101,9 +113,10 @@ def parallel_slot(n: int) -> Iterator[bool]:
     """Whether a kernel over ``n`` elements runs its parallel variant, holding the
     process's one parallel slot while it does.
 
-    The workqueue layer terminates the process when two threads enter parallel code at
-    once (a server decoding replies in a thread pool would); a caller that finds the
-    slot taken runs the serial variant instead, with the same result.
+    The workqueue layer (see :func:`threading_layer`) terminates the process when two
+    threads enter parallel code at once (a server decoding replies in a thread pool
+    would); a caller that finds the slot taken runs the serial variant instead, with
+    the same result.
     """
     if use_parallel(n) and _SLOT.acquire(blocking=False):
         try:
