@@ -99,7 +99,10 @@ def test_identity_spec_equals_plain_fedavg():
 def test_uplink_bytes_are_what_the_spec_implies():
     grid = FakeGrid(app(), 3)
     strategy = Compressed(FedAvg(fraction_evaluate=0.0), uplink="randk(k=64)", downlink=None, min_elements=1000)
-    strategy.start(grid=grid, initial_arrays=initial(), num_rounds=2)
+    result = strategy.start(grid=grid, initial_arrays=initial(), num_rounds=2)
+    # No evaluation rounds: nothing counted, no empty metrics in the result (as plain FedAvg).
+    assert not result.evaluate_metrics_clientapp
+    assert {phase for _, phase in strategy.traffic.rounds} == {"train"}
     model = to_tensors(initial())
     for reply in grid.received:
         record = next(iter(r for r in reply.content.array_records.values()))

@@ -93,6 +93,8 @@ class Compressed(ServerProtocol, Strategy):
                            grid: Grid) -> Iterable[Message]:
         """Evaluation messages carry the model too: compressed the same way."""
         messages = list(self.strategy.configure_evaluate(server_round, arrays, config, grid))
+        if not messages:  # e.g. fraction_evaluate=0: nothing to send, nothing to count
+            return messages
         return self.compress_messages(server_round, self.traffic.at(server_round, "evaluate"), messages,
                                       to_tensors(arrays), record_bytes(arrays))
 
@@ -137,6 +139,9 @@ class Compressed(ServerProtocol, Strategy):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Record what clients report about their replica, then let the inner strategy aggregate."""
+        replies = list(replies)
+        if not replies and (server_round, "evaluate") not in self.traffic.rounds:
+            return self.strategy.aggregate_evaluate(server_round, replies)  # no evaluation this round
         traffic = self.traffic.at(server_round, "evaluate")
         cleaned = []
         for msg in replies:
