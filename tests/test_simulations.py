@@ -53,6 +53,51 @@ def test_parse_set():
         parse_set(["nokey"])
 
 
+def sampled_partitions(perm: list[int], seed: int, rounds: int = 5) -> list[list[int]]:
+    """Partitions Flower's sampler picks per round through PartitionOrderedGrid, on nodes
+    whose partitions are the permutation ``perm`` of their ids' order."""
+    import random
+
+    from fakes import FakeGrid
+    from flwr.serverapp.strategy.strategy_utils import sample_nodes
+
+    from qfl.simulations.client_app import app
+    from qfl.simulations.grid import PartitionOrderedGrid
+
+    inner = FakeGrid(app, len(perm), node_config=lambda i: {"partition-id": perm[i], "num-partitions": len(perm)})
+    grid = PartitionOrderedGrid(inner)
+    partition_of = {nid: perm[i] for i, nid in enumerate(inner.node_ids)}
+    assert [partition_of[n] for n in grid.get_node_ids()] == sorted(perm)
+    random.seed(seed)
+    return [sorted(partition_of[n] for n in sample_nodes(grid, len(perm), 3)[0]) for _ in range(rounds)]
+
+
+def test_seeded_sampling_picks_the_same_partitions_whatever_the_node_ids():
+    # Node ids are random per run: without the partition order the same seed would
+    # sample other partitions in every run.
+    a = sampled_partitions([0, 1, 2, 3, 4, 5, 6, 7], seed=3)
+    b = sampled_partitions([5, 2, 7, 0, 3, 6, 1, 4], seed=3)
+    assert a == b
+    assert a != sampled_partitions([0, 1, 2, 3, 4, 5, 6, 7], seed=4)
+
+
+def test_nodes_that_do_not_say_their_partition_come_last():
+    from fakes import FakeGrid
+    from flwr.clientapp import ClientApp
+
+    from qfl.simulations.client_app import app
+    from qfl.simulations.grid import PartitionOrderedGrid
+
+    inner = FakeGrid(app, 4, node_config=lambda i: {"partition-id": 3 - i, "num-partitions": 4})
+    inner.apps[inner.node_ids[3]] = ClientApp()  # no query handler: an error reply
+    inner.fail[inner.node_ids[2]] = lambda msg: True
+    grid = PartitionOrderedGrid(inner)
+    order = list(grid.get_node_ids())
+    assert order == [inner.node_ids[1], inner.node_ids[0], inner.node_ids[2], inner.node_ids[3]]
+    asked = len(inner.sent)
+    assert list(grid.get_node_ids()) == order and len(inner.sent) == asked  # asked once only
+
+
 @pytest.mark.slow
 def test_every_preset_runs_in_the_simulation_engine(tmp_path, capsys):
     methods = [*PRESETS, *ASYNC_PRESETS]
@@ -90,3 +135,19 @@ def test_runner_cli_writes_results_and_report(tmp_path):
     report = (tmp_path / "report.md").read_text()
     assert "`qsparse`" in report and "accuracy_vs_uplink.png" in report
     assert (tmp_path / "accuracy_vs_uplink.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_same_seed_same_run_in_the_simulation_engine(tmp_path):
+    # Two separate simulations (other node ids, other arrival orders) with the same seed:
+    # the same partitions train in each round, their replies are aggregated in the same
+    # order, so the bytes and the accuracies are identical; another seed differs.
+    config = {**TINY, "num-server-rounds": 3, "fraction-train": 0.5}
+    runs = {}
+    for name, seed in (("a", 7), ("b", 7), ("c", 8)):
+        assert run_methods(["qsparse"], {**config, "seed": seed}, tmp_path / name, timeout=300) == {"qsparse": True}
+        rows = json.loads((tmp_path / name / "qsparse.json").read_text())["rounds"]
+        runs[name] = [{k: r[k] for k in ("accuracy", "loss", "uplink_bytes", "downlink_bytes", "resyncs")}
+                      for r in rows]
+    assert runs["a"] == runs["b"]
+    assert runs["a"] != runs["c"]

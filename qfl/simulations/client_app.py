@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import torch
-from flwr.app import Context
+from flwr.app import Context, Message, MetricRecord, RecordDict
 
 import qfl
 
@@ -115,3 +115,10 @@ def on_trained(context: Context, seconds: float) -> None:
 # Local training reads local-steps, local-epochs, batch-size, lr, momentum from the run
 # config (and a server-sent ConfigRecord may override lr, as Quantized Epoch-SGD does).
 app = make_client_app(model_fn, data_fn, on_trained=on_trained)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Say which partition this node trains on (the server orders nodes by it)."""
+    pid, n = _partition(context)
+    return Message(RecordDict({"partition": MetricRecord({"partition-id": pid, "num-partitions": n})}), reply_to=msg)

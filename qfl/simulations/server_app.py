@@ -16,6 +16,7 @@ import dataclasses
 import importlib.metadata
 import json
 import os
+import random
 import time
 import traceback
 from pathlib import Path
@@ -33,6 +34,7 @@ from ..clients import evaluate
 from ..strategies import AsyncCompressed, Compressed
 from ..strategies.presets import ASYNC_PRESETS, build
 from .data import test_data
+from .grid import PartitionOrderedGrid
 from .models import build_model, count_parameters
 from .settings import Settings
 
@@ -136,6 +138,7 @@ def main(grid: Grid, context: Context) -> None:
     s = Settings.from_run_config(dict(context.run_config))
     log(20, "qfl %s from %s (flwr %s, pid %d)", qfl.__version__, Path(qfl.__file__).parent, flwr_version(),
         os.getpid())
+    grid = PartitionOrderedGrid(grid)  # with random seeded per method: the same clients every run
     failed = []
     for method in s.methods:
         one = dataclasses.replace(s, method=method)
@@ -152,6 +155,7 @@ def main(grid: Grid, context: Context) -> None:
 def run_method(grid: Grid, s: Settings) -> Path:
     """Run one method and write its result file; returns the file's path."""
     torch.manual_seed(s.seed)
+    random.seed(s.seed)  # Flower's strategies sample nodes with the random module
     strategy = make_strategy(s)
     out = results_dir(s)
     (out / f"{s.name}.error.txt").unlink(missing_ok=True)
