@@ -39,6 +39,14 @@ def test_bad_run_config_names_the_key(config, message):
         Settings.from_run_config(config)
 
 
+@pytest.mark.parametrize("method", [*PRESETS, *ASYNC_PRESETS, "custom"])
+def test_every_method_honours_min_elements(method):
+    from qfl.simulations.server_app import make_strategy
+
+    strategy = make_strategy(Settings.from_run_config({"method": method, "min-elements": 256}))
+    assert strategy.uplink.min_elements == strategy.downlink.policy.min_elements == 256
+
+
 def test_async_plan_matches_the_synchronous_work():
     s = Settings.from_run_config({"num-clients": 20, "fraction-train": 0.5, "num-server-rounds": 10})
     concurrency, buffer, versions, every = s.async_plan()

@@ -51,15 +51,16 @@ def make_strategy(s: Settings) -> Compressed | AsyncCompressed:
     if s.method in ASYNC_PRESETS:
         concurrency, buffer, _, _ = s.async_plan()
         return ASYNC_PRESETS[s.method](concurrency=concurrency, buffer_size=buffer, max_staleness=s.max_staleness,
-                                       staleness_exponent=s.staleness_exponent, seed=s.seed)
+                                       staleness_exponent=s.staleness_exponent, seed=s.seed,
+                                       min_elements=s.min_elements)
     inner = s.fedavg_kwargs()
     if s.method == "custom":
         return Compressed(FedAvg(**inner), uplink=s.uplink or None, downlink=s.downlink or None,
                           downlink_initial=s.downlink_initial or None, error_feedback=s.error_feedback,
                           min_elements=s.min_elements, seed=s.seed)
     if s.method == "qesgd":
-        return build(s.method, lr=s.lr, seed=s.seed, **inner)
-    return build(s.method, seed=s.seed, **inner)
+        return build(s.method, lr=s.lr, seed=s.seed, min_elements=s.min_elements, **inner)
+    return build(s.method, seed=s.seed, min_elements=s.min_elements, **inner)
 
 
 def results_dir(s: Settings) -> Path:

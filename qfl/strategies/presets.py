@@ -3,7 +3,9 @@
 Each preset returns a configured :class:`Compressed` (or subclass) around a Flower
 strategy built from ``**inner`` (FedAvg keyword arguments: ``fraction_train``,
 ``min_available_nodes``, ...). Local steps H are a client setting (``local-steps`` in the
-run config or ConfigRecord); each preset documents the H its paper assumes.
+run config or ConfigRecord); each preset documents the H its paper assumes. Every
+preset takes ``seed`` and ``min_elements`` (tensors smaller than this travel losslessly,
+see :class:`Compressed`).
 
 Bit widths follow the fixed-width cost of our wire format: a b-bit QSGD uses
 s = 2^(b-1) - 1 levels, so sign and magnitude fit in b bits; the Elias coding then
@@ -35,16 +37,17 @@ def _levels(bits: int) -> int:
     return 2 ** (bits - 1) - 1
 
 
-def fedavg(*, seed: int = 0, **inner: Any) -> Compressed:
+def fedavg(*, seed: int = 0, min_elements: int = 1024, **inner: Any) -> Compressed:
     """Uncompressed FedAvg (McMahan et al.): the baseline, with the same byte accounting.
 
     Both directions are lossless (identity payloads are the raw tensor bytes plus a
     ~20-byte header), so its numbers are what plain Flower sends.
     """
-    return Compressed(FedAvg(**inner), uplink=None, downlink=None, error_feedback=False, seed=seed)
+    return Compressed(FedAvg(**inner), uplink=None, downlink=None, error_feedback=False, seed=seed,
+                      min_elements=min_elements)
 
 
-def qsgd(bits: int = 4, bucket: int = 512, *, seed: int = 0, **inner: Any) -> Compressed:
+def qsgd(bits: int = 4, bucket: int = 512, *, seed: int = 0, min_elements: int = 1024, **inner: Any) -> Compressed:
     """QSGD (Alistarh et al., 2017): unbiased stochastic quantization of the uplink.
 
     Settings as in the paper's experiments: b-bit QSGD with bucket size 512 and the l2
@@ -54,7 +57,7 @@ def qsgd(bits: int = 4, bucket: int = 512, *, seed: int = 0, **inner: Any) -> Co
     Claim checked by the report: 4- and 8-bit QSGD match full-precision accuracy.
     """
     return Compressed(FedAvg(**inner), uplink=f"qsgd(levels={_levels(bits)}, bucket={bucket})",
-                      downlink=None, error_feedback=False, seed=seed)
+                      downlink=None, error_feedback=False, seed=seed, min_elements=min_elements)
 
 
 def qsparse_compression(ratio: float = 0.01, bits: int = 4, *, sign: bool = False, bucket: int = 512,
@@ -68,7 +71,8 @@ def qsparse_compression(ratio: float = 0.01, bits: int = 4, *, sign: bool = Fals
 
 def qsparse(ratio: float = 0.01, bits: int = 4, *, sign: bool = False, bucket: int = 512,
             downlink: str | None = "delta | topk(0.05) | qsgd(levels=15, bucket=512)",
-            downlink_initial: str | None = "grid(8)", seed: int = 0, **inner: Any) -> Compressed:
+            downlink_initial: str | None = "grid(8)", seed: int = 0, min_elements: int = 1024,
+            **inner: Any) -> Compressed:
     """Qsparse-local-SGD (Basu et al., 2019): top-k composed with a quantizer, error memory, H local steps.
 
     Uplink: ``topk(ratio) | qsgd(levels=2^(b-1)-1, bucket, damped=true)``, i.e. the
@@ -80,7 +84,7 @@ def qsparse(ratio: float = 0.01, bits: int = 4, *, sign: bool = False, bucket: i
     clients' replica with server-side error feedback, starting from an 8-bit replica of
     the initial model (``downlink=None``: full precision).
     """
-    return Compressed(FedAvg(**inner), seed=seed, **qsparse_compression(
+    return Compressed(FedAvg(**inner), seed=seed, min_elements=min_elements, **qsparse_compression(
         ratio, bits, sign=sign, bucket=bucket, downlink=downlink, downlink_initial=downlink_initial))
 
 
@@ -91,7 +95,7 @@ def double_quant_compression(model_bits: int = 8, grad_bits: int = 4, *, bucket:
 
 
 def double_quant(model_bits: int = 8, grad_bits: int = 4, *, bucket: int | None = None, momentum: float | None = None,
-                 seed: int = 0, **inner: Any) -> Compressed:
+                 seed: int = 0, min_elements: int = 1024, **inner: Any) -> Compressed:
     """AsyLPG's double quantization (Yu, Wu, Huang, 2019), synchronous form.
 
     Downlink: the model itself on a b_x-bit grid, ``model | grid(b_x)`` (stateless, the
@@ -101,12 +105,12 @@ def double_quant(model_bits: int = 8, grad_bits: int = 4, *, bucket: int | None 
     variance-reduced (SVRG) gradients and H = 1; here the update of H local steps is
     quantized. Claim checked by the report: 6-19x fewer bits with no accuracy loss.
     """
-    return Compressed(_inner(inner, momentum), seed=seed,
+    return Compressed(_inner(inner, momentum), seed=seed, min_elements=min_elements,
                       **double_quant_compression(model_bits, grad_bits, bucket=bucket))
 
 
 def sparse_double_quant(budget: float = 0.05, model_bits: int = 8, grad_bits: int = 4, *, seed: int = 0,
-                        **inner: Any) -> Compressed:
+                        min_elements: int = 1024, **inner: Any) -> Compressed:
     """Sparse-AsyLPG: unbiased magnitude-proportional sparsification, then the b-bit grid.
 
     Uplink ``bernoulli(budget) | grid(b)``: coordinate i kept with probability
@@ -114,17 +118,18 @@ def sparse_double_quant(budget: float = 0.05, model_bits: int = 8, grad_bits: in
     al.'s variance-optimal choice), then quantized; downlink as in :func:`double_quant`.
     """
     return Compressed(FedAvg(**inner), uplink=f"bernoulli(budget={budget}) | grid({grad_bits})",
-                      downlink=f"model | grid({model_bits})", error_feedback=False, seed=seed)
+                      downlink=f"model | grid({model_bits})", error_feedback=False, seed=seed,
+                      min_elements=min_elements)
 
 
 def acc_double_quant(momentum: float = 0.5, model_bits: int = 8, grad_bits: int = 4, *, seed: int = 0,
-                     **inner: Any) -> Compressed:
+                     min_elements: int = 1024, **inner: Any) -> Compressed:
     """Accelerated AsyLPG: double quantization with momentum, here server momentum (FedAvgM).
 
     The paper accelerates with a momentum (Katyusha-style) sequence on the master; in
     Flower terms that is the server optimiser, so the inner strategy is FedAvgM.
     """
-    return double_quant(model_bits, grad_bits, momentum=momentum, seed=seed, **inner)
+    return double_quant(model_bits, grad_bits, momentum=momentum, seed=seed, min_elements=min_elements, **inner)
 
 
 class QuantizedEpochSGD(Compressed):
@@ -149,9 +154,11 @@ class QuantizedEpochSGD(Compressed):
     """
 
     def __init__(self, strategy: Strategy, *, levels: int = 15, bucket: int = 512, first_epoch: int = 2,
-                 growth: int = 2, lr: float = 0.05, lr_decay: float = 0.5, seed: int = 0) -> None:
+                 growth: int = 2, lr: float = 0.05, lr_decay: float = 0.5, seed: int = 0,
+                 min_elements: int = 1024) -> None:
         spec = f"qsgd(levels={levels}, bucket={bucket})"
-        super().__init__(strategy, uplink=spec, downlink=f"anchor | {spec}", error_feedback=False, seed=seed)
+        super().__init__(strategy, uplink=spec, downlink=f"anchor | {spec}", error_feedback=False, seed=seed,
+                         min_elements=min_elements)
         if first_epoch < 1 or growth < 1:
             raise ValueError(f"first_epoch and growth must be >= 1, got {first_epoch} and {growth}")
         self.first_epoch, self.growth, self.lr, self.lr_decay = first_epoch, growth, lr, lr_decay
@@ -174,40 +181,44 @@ class QuantizedEpochSGD(Compressed):
 
 
 def qesgd(levels: int = 15, bucket: int = 512, *, first_epoch: int = 2, growth: int = 2, lr: float = 0.05,
-          lr_decay: float = 0.5, seed: int = 0, **inner: Any) -> QuantizedEpochSGD:
+          lr_decay: float = 0.5, seed: int = 0, min_elements: int = 1024, **inner: Any) -> QuantizedEpochSGD:
     """Quantized Epoch-SGD (reconstruction, see :class:`QuantizedEpochSGD`)."""
     return QuantizedEpochSGD(FedAvg(**inner), levels=levels, bucket=bucket, first_epoch=first_epoch,
-                             growth=growth, lr=lr, lr_decay=lr_decay, seed=seed)
+                             growth=growth, lr=lr, lr_decay=lr_decay, seed=seed, min_elements=min_elements)
 
 
-def ef_signsgd(*, downlink: str | None = None, seed: int = 0, **inner: Any) -> Compressed:
+def ef_signsgd(*, downlink: str | None = None, seed: int = 0, min_elements: int = 1024, **inner: Any) -> Compressed:
     """EF-SignSGD (Karimireddy et al., 2019): scaled sign ||x||_1/d * sign(x) with error memory.
 
     One bit per coordinate plus a scale per tensor; biased, so the client's error
     feedback is what makes it converge. Extra baseline, not one of the four papers.
     """
-    return Compressed(FedAvg(**inner), uplink="sign", downlink=downlink, error_feedback=True, seed=seed)
+    return Compressed(FedAvg(**inner), uplink="sign", downlink=downlink, error_feedback=True, seed=seed,
+                      min_elements=min_elements)
 
 
 def qsparse_async(*, concurrency: int = 4, buffer_size: int = 2, max_staleness: int = 8,
-                  staleness_exponent: float = 0.5, seed: int = 0, **compression: Any) -> AsyncCompressed:
+                  staleness_exponent: float = 0.5, seed: int = 0, min_elements: int = 1024,
+                  **compression: Any) -> AsyncCompressed:
     """Asynchronous Qsparse-local-SGD (Basu et al., Sec. 4): workers synchronise when they are
     done with their H local steps; the master applies each compressed update on arrival
     (buffered by ``buffer_size``), down-weighted by staleness, rejecting updates more than
     ``max_staleness`` versions old. Compression as in :func:`qsparse` (``**compression``
     overrides its arguments)."""
     return AsyncCompressed(concurrency=concurrency, buffer_size=buffer_size, max_staleness=max_staleness,
-                           staleness_exponent=staleness_exponent, seed=seed, **qsparse_compression(**compression))
+                           staleness_exponent=staleness_exponent, seed=seed, min_elements=min_elements,
+                           **qsparse_compression(**compression))
 
 
 def double_quant_async(*, concurrency: int = 4, buffer_size: int = 2, max_staleness: int = 8,
-                       staleness_exponent: float = 0.5, seed: int = 0, **compression: Any) -> AsyncCompressed:
+                       staleness_exponent: float = 0.5, seed: int = 0, min_elements: int = 1024,
+                       **compression: Any) -> AsyncCompressed:
     """AsyLPG proper: asynchronous double quantization. Each worker reads the b_x-bit model,
     computes, and sends its b-bit update; the master applies it on arrival if its delay is
     within the bound (the paper's tau), down-weighted by staleness. Compression as in
     :func:`double_quant`."""
     return AsyncCompressed(concurrency=concurrency, buffer_size=buffer_size, max_staleness=max_staleness,
-                           staleness_exponent=staleness_exponent, seed=seed,
+                           staleness_exponent=staleness_exponent, seed=seed, min_elements=min_elements,
                            **double_quant_compression(**compression))
 
 
