@@ -181,6 +181,21 @@ def test_every_client_replica_matches_the_server_record_with_partial_participati
     assert strategy.traffic.total().resyncs >= len(contacted) >= 2
 
 
+def test_anchor_mode_sends_the_anchor_once_per_epoch_and_client():
+    from qfl.strategies.presets import qesgd
+
+    grid = FakeGrid(app(), 4)
+    strategy = qesgd(levels=63, first_epoch=2, growth=2, min_elements=200, fraction_evaluate=0.0)
+    result = strategy.start(grid=grid, initial_arrays=initial(), num_rounds=6)
+    # Epochs start at rounds 1 and 3: only then does everyone get the anchor in full;
+    # in between, the replies' anchor reports let the server send only the difference.
+    resyncs = [strategy.traffic.at(r, "train").resyncs for r in range(1, 7)]
+    assert resyncs == [4, 0, 4, 0, 0, 0]
+    full = strategy.traffic.at(1, "train").downlink
+    assert all(strategy.traffic.at(r, "train").downlink < full / 3 for r in (2, 4, 5, 6))
+    assert result.arrays is not None
+
+
 def test_a_client_that_failed_is_resynced_not_chained():
     grid = FakeGrid(app(), 3)
     strategy = Compressed(FedAvg(fraction_evaluate=0.0, min_train_nodes=1), uplink="topk(0.1)",

@@ -62,7 +62,7 @@ def compression_mod(msg: Message, context: Context, call_next: ClientAppCallable
 
     info = ConfigRecord()
     held = replica_info(context.state)
-    if fields.get("qfl.mode") == "delta" and held is not None:
+    if fields.get("qfl.mode") in ("delta", "anchor") and held is not None:  # the replica, or the epoch's anchor
         info["qfl.version"], info["qfl.digest"] = held
     content = RecordDict({k: v for k, v in reply.content.items()})
     if msg.metadata.message_type.split(".")[0] == MessageType.TRAIN:

@@ -141,7 +141,10 @@ class QuantizedEpochSGD(Compressed):
 
     * Epochs: epoch e lasts ``first_epoch * growth**e`` rounds and the local learning
       rate is ``lr * lr_decay**e`` (the Epoch-SGD schedule of Hazan and Kale: step
-      size shrinks, epochs lengthen).
+      size shrinks, epochs lengthen). A federated round does far more than one SGD step,
+      so the first epoch is 10 rounds: with 2, the step size had fallen 16-fold by
+      round 31 and training stalled (Fashion-MNIST, 20 clients, 60 rounds: 77.7% final
+      accuracy, against 83.1% with 10).
     * At the start of each epoch the server sends the model losslessly: the *anchor*.
     * Within the epoch the model travels as an unbiased quantization of its difference
       to the anchor, Q(w - w_anchor) ("anchor" downlink mode). The variance of Q scales
@@ -153,7 +156,7 @@ class QuantizedEpochSGD(Compressed):
     ``lr`` is sent to clients in the train ConfigRecord each round (key ``lr``).
     """
 
-    def __init__(self, strategy: Strategy, *, levels: int = 15, bucket: int = 512, first_epoch: int = 2,
+    def __init__(self, strategy: Strategy, *, levels: int = 15, bucket: int = 512, first_epoch: int = 10,
                  growth: int = 2, lr: float = 0.05, lr_decay: float = 0.5, seed: int = 0,
                  min_elements: int = 1024) -> None:
         spec = f"qsgd(levels={levels}, bucket={bucket})"
@@ -180,7 +183,7 @@ class QuantizedEpochSGD(Compressed):
         return super().configure_train(server_round, arrays, config, grid)
 
 
-def qesgd(levels: int = 15, bucket: int = 512, *, first_epoch: int = 2, growth: int = 2, lr: float = 0.05,
+def qesgd(levels: int = 15, bucket: int = 512, *, first_epoch: int = 10, growth: int = 2, lr: float = 0.05,
           lr_decay: float = 0.5, seed: int = 0, min_elements: int = 1024, **inner: Any) -> QuantizedEpochSGD:
     """Quantized Epoch-SGD (reconstruction, see :class:`QuantizedEpochSGD`)."""
     return QuantizedEpochSGD(FedAvg(**inner), levels=levels, bucket=bucket, first_epoch=first_epoch,
