@@ -56,6 +56,7 @@ CONFIG = {
     "method": "custom", "uplink": UPLINK, "downlink": DOWNLINK, "error-feedback": True,
     "model": MODEL, "seed": 42, "partitioning": "iid", "max-client-samples": 200, "test-samples": 500,
     "local-steps": 10, "batch-size": 32, "lr": 0.05, "fraction-train": 1.0, "round-timeout": 120.0,
+    "min-elements": 1024,
 }
 MARK_ENV = "QFL_TEST_DEPLOY_MARK"
 #: Flower's own bytes per message beyond qfl's payload (protobuf message, object tree and
@@ -148,7 +149,8 @@ def read_trace(path: Path) -> dict[int, list[dict]]:
 def model_sizes() -> dict[str, int]:
     """Byte counts implied by the model and the specs (see the checks below)."""
     state = build_model(MODEL, CONFIG["seed"]).state_dict()
-    up, down = Policy.build(UPLINK), Policy.build(DOWNLINK.split("|", 1)[1])
+    up = Policy.build(UPLINK, CONFIG["min-elements"])
+    down = Policy.build(DOWNLINK.split("|", 1)[1], CONFIG["min-elements"])
     small = [k for k, t in state.items() if up.operator_for(k, t) is IDENTITY]
     large = {k: t.numel() for k, t in state.items() if k not in small}
     assert small and large and all(down.operator_for(k, state[k]) is not IDENTITY for k in large)

@@ -123,7 +123,7 @@ def test_every_preset_runs_in_the_simulation_engine(tmp_path, capsys):
         assert up > 0 and up_full > 0, method
         if method == "fedavg":
             assert up <= up_full  # lossless, qfl headers are smaller than numpy's
-        elif method in ("qsparse", "qsparse_sign", "qsparse_async"):
+        elif method in ("qsparse", "qsparse_sign", "qsparse_async", "qsparse_sign_async"):
             assert up < up_full / 20, method
         else:
             assert up < up_full / 2, method

@@ -850,7 +850,7 @@ def _claim_qesgd(c: Comparison, runs: list[MethodSummary]) -> str:
 # paper -> (methods that implement it, line builder); async variants test the same claim.
 _PAPERS = (
     (("qsgd4", "qsgd8"), _claim_qsgd),
-    (("qsparse", "qsparse_sign", "qsparse_async"), _claim_qsparse),
+    (("qsparse", "qsparse_sign", "qsparse_async", "qsparse_sign_async"), _claim_qsparse),
     (("double_quant", "sparse_double_quant", "acc_double_quant", "double_quant_async"), _claim_asylpg),
     (("qesgd",), _claim_qesgd),
 )

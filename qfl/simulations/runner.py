@@ -25,7 +25,7 @@ from typing import Any
 from .settings import Settings
 
 #: The comparison the README's main command runs.
-DEFAULT_METHODS = ("fedavg", "qsgd8", "qsparse", "double_quant", "qesgd", "ef_signsgd")
+DEFAULT_METHODS = ("fedavg", "qsgd8", "qsparse", "qsparse_sign", "double_quant", "qesgd")
 
 
 def _toml(value: Any) -> str:

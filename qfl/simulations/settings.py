@@ -41,7 +41,7 @@ class Settings:
     data_dir: str = ""
     max_client_samples: int = 0
     test_samples: int = 10000
-    min_elements: int = 1024
+    min_elements: int = 256
     results_dir: str = ""
     label: str = ""
     slow_clients: float = 0.0

@@ -228,6 +228,7 @@ def double_quant_async(*, concurrency: int = 4, buffer_size: int = 2, max_stalen
 #: Asynchronous presets: name -> factory(concurrency=..., buffer_size=..., ...).
 ASYNC_PRESETS: dict[str, Callable[..., AsyncCompressed]] = {
     "qsparse_async": qsparse_async,
+    "qsparse_sign_async": lambda **kw: qsparse_async(sign=True, **kw),
     "double_quant_async": double_quant_async,
 }
 
