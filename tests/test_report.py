@@ -368,3 +368,26 @@ def test_import_is_light():
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
     assert out.stdout.strip() == "", f"heavy modules imported at top level: {out.stdout}"
+
+
+def test_robustness_line_recomputes_the_verdicts_against_a_smoothed_baseline():
+    # fedavg's last round dips to 0.80: the target is 0.79 and the compressed run, which
+    # peaks at 0.815, reaches it. Averaged over the last 5 evaluations fedavg has 0.834,
+    # the target 0.824, and the same run never gets there.
+    base = make_result("fedavg", [0.10, 0.70, 0.83, 0.84, 0.85, 0.85, 0.80], 1_000_000, 1_000_000)
+    run = make_result("qsparse_sign", [0.10, 0.50, 0.60, 0.70, 0.79, 0.815, 0.81], 10_000, 100_000)
+    c = R.compare([R.parse_result(base), R.parse_result(run)])
+    lines = R.finding_lines(c)
+    assert "- 1 of 1 other runs reach the target: `qsparse_sign` (round 4)." in lines
+    assert lines[-1] == ("- Robustness: averaged over its last 5 evaluations `fedavg` has 83.40% (final 80.00%); "
+                         "against that target, 82.40%, no other run reaches it, and neither goal is met.")
+    smooth = R.compare([R.parse_result(base), R.parse_result(run)], baseline_window=5)
+    assert smooth.target == pytest.approx(0.824) and not smooth.row("qsparse_sign").reached
+    assert R.robustness_lines(smooth) == []  # already smoothed: nothing to add
+    with pytest.raises(ValueError, match="baseline_window"):
+        R.compare([R.parse_result(base)], baseline_window=0)
+    # With a run that does reach the smoothed target, its factors and verdicts are given.
+    good = make_result("qsgd8", [0.10, 0.70, 0.83, 0.84, 0.85, 0.85, 0.84], 250_000, 1_000_000)
+    lines = R.finding_lines(R.compare([R.parse_result(base), R.parse_result(run), R.parse_result(good)]))
+    assert "1 of 2 other runs reach it (`qsgd8` round 2); the best, `qsgd8`, needs 4.00× fewer uplink and 1.00× fewer " \
+           "downlink bytes (uplink goal **FAIL**, downlink goal **FAIL**)." in lines[-1]

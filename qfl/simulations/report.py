@@ -369,6 +369,9 @@ class Comparison:
     baseline: str
     target: float
     target_drop: float
+    #: The baseline accuracy the target is taken from is the mean of its last this-many
+    #: evaluations (1: its final accuracy).
+    baseline_window: int = 1
 
     def row(self, label: str) -> MethodSummary:
         for r in self.rows:
@@ -457,22 +460,27 @@ def _summarize(result: RunResult, target: float, base: MethodSummary | None, is_
     )
 
 
-def compare(results: Sequence[RunResult], baseline: str = "fedavg", target_drop: float = 0.01) -> Comparison:
+def compare(results: Sequence[RunResult], baseline: str = "fedavg", target_drop: float = 0.01,
+            baseline_window: int = 1) -> Comparison:
     """Compute every row against the baseline.
 
+    The target is the baseline's accuracy minus ``target_drop``, the accuracy being
+    the mean of its last ``baseline_window`` evaluations (1: the final one).
     Rows: baseline first, then runs that reach the target by uplink bytes to
     target (the scarce direction in federated learning), then the others by label.
     """
     if not (isinstance(target_drop, (int, float)) and math.isfinite(target_drop) and target_drop >= 0):
         raise ValueError(f"target_drop must be a finite number >= 0, got {target_drop!r}")
+    if isinstance(baseline_window, bool) or not isinstance(baseline_window, int) or baseline_window < 1:
+        raise ValueError(f"baseline_window must be an integer >= 1, got {baseline_window!r}")
     if not results:
         raise ValueError("no results to compare")
     labels = [r.label for r in results]
     if len(set(labels)) != len(labels):
         raise ValueError(f"labels must be unique, got {labels}")
     base_result = _pick_baseline(results, baseline)
-    base_acc = [r.accuracy for r in base_result.rounds if r.accuracy is not None][-1]
-    target = float(base_acc) - float(target_drop)
+    base_accs = [r.accuracy for r in base_result.rounds if r.accuracy is not None][-baseline_window:]
+    target = float(np.mean(base_accs)) - float(target_drop)
     base_row = _summarize(base_result, target, None, is_baseline=True)
     # The baseline against itself: every defined factor is 1 (0 / 0 stays undefined).
     base_row = _summarize(base_result, target, base_row, is_baseline=True)
@@ -480,7 +488,8 @@ def compare(results: Sequence[RunResult], baseline: str = "fedavg", target_drop:
     reached = sorted((r for r in others if r.reached), key=lambda r: (r.uplink_to_target, r.label))
     missed = sorted((r for r in others if not r.reached), key=lambda r: r.label)
     return Comparison(rows=(base_row, *reached, *missed), results={r.label: r for r in results},
-                      baseline=base_result.label, target=target, target_drop=float(target_drop))
+                      baseline=base_result.label, target=target, target_drop=float(target_drop),
+                      baseline_window=baseline_window)
 
 
 # --------------------------------------------------------------------------- #
@@ -771,7 +780,39 @@ def finding_lines(comparison: Comparison) -> list[str]:
         lines.append("- Runs meeting both goals: " + ", ".join(_code(r.label) for r in both) + ".")
     else:
         lines.append("- No run meets both goals.")
-    return lines
+    return lines + robustness_lines(comparison)
+
+
+#: Evaluations the robustness check averages the baseline's accuracy over.
+ROBUSTNESS_WINDOW = 5
+
+
+def robustness_lines(comparison: Comparison, window: int = ROBUSTNESS_WINDOW) -> list[str]:
+    """The same verdicts against a target from the mean of the baseline's last ``window``
+    evaluations: a final round that happens to dip (or peak) moves the target by as
+    much as a method's whole margin, and this says whether the conclusions survive it."""
+    if comparison.baseline_window != 1:
+        return []
+    base_accs = [r.accuracy for r in comparison.results[comparison.baseline].rounds if r.accuracy is not None]
+    if len(base_accs) < window:
+        return []
+    other = compare(list(comparison.results.values()), comparison.baseline, comparison.target_drop, window)
+    hit = [r for r in other.rows if r.reached and not r.is_baseline]
+    text = (f"- Robustness: averaged over its last {window} evaluations {_code(comparison.baseline)} has "
+            f"{_pct(other.target + other.target_drop)} (final {_pct(comparison.base.final_accuracy)}); against "
+            f"that target, {_pct(other.target)}, ")
+    if not hit:
+        return [text + "no other run reaches it, and neither goal is met."]
+    others = len(other.rows) - 1
+    text += (f"{len(hit)} of {others} other runs reach it ("
+             + ", ".join(f"{_code(r.label)} round {r.round_reached}" for r in hit) + ")")
+    best = _best(other)
+    assert best is not None
+    verdicts = ["PASS" if _meets(best.uplink_to_target_factor, UPLINK_GOAL) else "FAIL",
+                "PASS" if _meets(best.downlink_to_target_factor, DOWNLINK_GOAL) else "FAIL"]
+    return [text + f"; the best, {_code(best.label)}, needs {_fmt_factor(best.uplink_to_target_factor)} fewer "
+            f"uplink and {_fmt_factor(best.downlink_to_target_factor)} fewer downlink bytes (uplink goal "
+            f"**{verdicts[0]}**, downlink goal **{verdicts[1]}**)."]
 
 
 def _verdict(ok: Sequence[bool]) -> str:
