@@ -293,7 +293,9 @@ def test_script_deploys_compressed_app(tmp_path, mark):
 def test_tls_auth_refuses_unknown_supernodes(tmp_path, mark):
     """TLS + SuperNode auth: an unregistered and a keyless SuperNode are refused while the
     registered ones run; one of them restarts mid-run (same identity, state lost) and is resynced."""
-    nodes, rounds = 2, 4
+    # Five rounds: the restarted SuperNode's round-2 message may be lost without an error
+    # reply (it times out), so its failure can come in round 3 and its resync in round 4.
+    nodes, rounds = 2, 5
     out, trace = tmp_path / "out", tmp_path / "trace.jsonl"
     seen: dict = {}
     restart = restart_after(1, 1, "custom")
@@ -327,8 +329,9 @@ def test_tls_auth_refuses_unknown_supernodes(tmp_path, mark):
     result = json.loads((out / "custom.json").read_text())
     check_learning(result)
     rows = result["rounds"][1:]
-    # The restarted SuperNode lost its replica: one failed reply (its lost message, or the
-    # delta it could not apply), then a full model, then it trains on. Nothing else fails.
+    # The restarted SuperNode lost its replica: one failed reply (the SuperLink's error for
+    # its lost message, or the delta it could not apply; a message lost without an error
+    # reply only times out), then a full model, then it trains on. Nothing else fails.
     assert sum(r["failures"] for r in rows) == 1, rows
     assert sum(r["resyncs"] for r in rows) == nodes + 1, rows
     assert rows[0]["resyncs"] == nodes and all(r["dropped"] == 0 for r in rows)
@@ -371,6 +374,41 @@ def test_restarted_supernode_is_resynced(tmp_path, mark):
     check_bytes(result, model_sizes())
     flower = check_flower_counters(dep.record, result)
     report("restart", wall_s=round(wall, 1), run_s=dep.record["run_seconds"], **flower)
+
+
+def test_asynchronous_method_in_a_deployment(tmp_path, mark):
+    """AsyncCompressed over a real SuperLink: push/pull instead of rounds, each message in
+    a fresh ClientApp process, replicas several versions old caught up by chains of steps."""
+    nodes, rounds = 3, 3
+    out, trace = tmp_path / "out", tmp_path / "trace.jsonl"
+    config = {k: v for k, v in CONFIG.items() if k not in ("method", "uplink", "downlink")}
+    t0 = time.monotonic()
+    dep = run_deployment(["qsparse_sign_async"], {**config, "num-server-rounds": rounds}, out, nodes=nodes,
+                         timeout=900, env={MARK_ENV: mark, TRACE_ENV: str(trace)})
+    wall = time.monotonic() - t0
+    assert dep.ok, (dep.errors, dep.run.log[-3000:])
+    result = json.loads((out / "qsparse_sign_async.json").read_text())
+    assert result["async"] is True
+    rows = result["rounds"]
+    assert rows[0]["round"] == 0 and rows[-1]["round"] > rounds  # server versions, more than the sync rounds
+    assert rows[-1]["loss"] < rows[0]["loss"] - 0.05, [r["loss"] for r in rows]
+    trained = rows[1:]
+    # Every reply decoded, none refused; a node that trained on an older version got the
+    # chain of steps since, so no replica ever disagreed with the server's record (a
+    # disagreement is an error reply: a failure).
+    assert sum(r["dropped"] + r["failures"] for r in trained) == 0, trained
+    assert sum(r["resyncs"] for r in trained) == nodes  # first contact only
+    assert sum(r["uplink_bytes"] for r in trained) < 0.05 * sum(r["uplink_full_bytes"] for r in trained)
+    lines = read_trace(trace)
+    assert sorted(lines) == list(range(nodes))
+    pids = [line["pid"] for node in lines.values() for line in node]
+    assert len(set(pids)) == len(pids)  # one ClientApp process per message
+    for node in lines.values():
+        versions = [line["replica_version"] for line in node]
+        assert versions == sorted(versions) and versions[-1] > versions[0], versions  # it caught up
+        assert all(line["memory_norm"] is not None for line in node[1:])  # error memory carried over
+    flower = check_flower_counters(dep.record, result)
+    report("async", wall_s=round(wall, 1), run_s=dep.record["run_seconds"], versions=rows[-1]["round"], **flower)
 
 
 def test_ctrl_c_stops_every_process(tmp_path, mark):
