@@ -150,6 +150,10 @@ def parse_downlink(spec: str | Operator | None, default_mode: str = "model") -> 
     return default_mode, parse(spec)
 
 
+#: Default element count below which a tensor travels losslessly (see :class:`Policy`).
+MIN_ELEMENTS = 1024
+
+
 @dataclass(frozen=True)
 class Policy:
     """Which operator compresses which tensor of a model.
@@ -167,11 +171,11 @@ class Policy:
     """
 
     op: Operator = IDENTITY
-    min_elements: int = 1024
+    min_elements: int = MIN_ELEMENTS
     overrides: tuple[tuple[str, Operator], ...] = field(default_factory=tuple)
 
     @staticmethod
-    def build(spec: str | Operator | None, min_elements: int = 1024,
+    def build(spec: str | Operator | None, min_elements: int = MIN_ELEMENTS,
               overrides: Mapping[str, str | Operator] | None = None) -> Policy:
         """Policy from spec strings (or operators)."""
         if isinstance(min_elements, bool) or not isinstance(min_elements, int) or min_elements < 0:

@@ -39,7 +39,6 @@ import numba as nb
 import numpy as np
 
 
-
 def threading_layer() -> str | None:
     """The numba threading layer qfl asks for in this process (None: numba's choice).
 

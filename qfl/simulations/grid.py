@@ -4,16 +4,18 @@ Flower's strategies sample with ``random.sample(list(grid.get_node_ids()), k)``.
 ids are drawn at random when nodes register and the SuperLink lists them in an order
 of its own (in a deployment, the order in which SuperNodes happened to connect), so
 even with ``random`` seeded, two runs could train different partitions in the same
-round: a comparison then measures the luck of the draw as much as the method. Listed by partition, a seeded ``random`` gives every
-run the same schedule of partitions; replies, handed back in partition order rather
-than in order of arrival, are then aggregated in the same order too, so that a rerun
-with the same seed sends the same bytes and ends with the same model.
+round: a comparison then measures the luck of the draw as much as the method. Listed
+by partition, a seeded ``random`` gives every run the same schedule of partitions;
+replies, handed back in partition order rather than in order of arrival, are then
+aggregated in the same order too, so that a rerun with the same seed sends the same
+bytes and ends with the same model.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from logging import WARNING
 
 from flwr.app import Message, MessageType, RecordDict
 from flwr.serverapp import Grid
@@ -61,7 +63,7 @@ class PartitionOrderedGrid(Grid):
             if isinstance(value, int) and not isinstance(value, bool) and node in self.partitions:
                 self.partitions[node] = value
             else:
-                log(30, "qfl: node %s did not say its partition (%s); it is sampled after the others", node,
+                log(WARNING, "qfl: node %s did not say its partition (%s); it is sampled after the others", node,
                     reply.error.reason if reply.has_error() else "no partition-id in the reply")
 
     # ---------------------------------------------------------------- delegation

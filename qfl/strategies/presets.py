@@ -21,6 +21,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedAvgM, Strategy
 
+from ..spec import MIN_ELEMENTS
 from .asynchronous import AsyncCompressed
 from .compressed import Compressed
 
@@ -37,7 +38,7 @@ def _levels(bits: int) -> int:
     return 2 ** (bits - 1) - 1
 
 
-def fedavg(*, seed: int = 0, min_elements: int = 1024, **inner: Any) -> Compressed:
+def fedavg(*, seed: int = 0, min_elements: int = MIN_ELEMENTS, **inner: Any) -> Compressed:
     """Uncompressed FedAvg (McMahan et al.): the baseline, with the same byte accounting.
 
     Both directions are lossless (identity payloads are the raw tensor bytes plus a
@@ -47,7 +48,7 @@ def fedavg(*, seed: int = 0, min_elements: int = 1024, **inner: Any) -> Compress
                       min_elements=min_elements)
 
 
-def qsgd(bits: int = 4, bucket: int = 512, *, seed: int = 0, min_elements: int = 1024, **inner: Any) -> Compressed:
+def qsgd(bits: int = 4, bucket: int = 512, *, seed: int = 0, min_elements: int = MIN_ELEMENTS, **inner: Any) -> Compressed:
     """QSGD (Alistarh et al., 2017): unbiased stochastic quantization of the uplink.
 
     Settings as in the paper's experiments: b-bit QSGD with bucket size 512 and the l2
@@ -71,7 +72,7 @@ def qsparse_compression(ratio: float = 0.01, bits: int = 4, *, sign: bool = Fals
 
 def qsparse(ratio: float = 0.01, bits: int = 4, *, sign: bool = False, bucket: int = 512,
             downlink: str | None = "delta | topk(0.05) | qsgd(levels=15, bucket=512)",
-            downlink_initial: str | None = "grid(8)", seed: int = 0, min_elements: int = 1024,
+            downlink_initial: str | None = "grid(8)", seed: int = 0, min_elements: int = MIN_ELEMENTS,
             **inner: Any) -> Compressed:
     """Qsparse-local-SGD (Basu et al., 2019): top-k composed with a quantizer, error memory, H local steps.
 
@@ -95,7 +96,7 @@ def double_quant_compression(model_bits: int = 8, grad_bits: int = 4, *, bucket:
 
 
 def double_quant(model_bits: int = 8, grad_bits: int = 4, *, bucket: int | None = None, momentum: float | None = None,
-                 seed: int = 0, min_elements: int = 1024, **inner: Any) -> Compressed:
+                 seed: int = 0, min_elements: int = MIN_ELEMENTS, **inner: Any) -> Compressed:
     """AsyLPG's double quantization (Yu, Wu, Huang, 2019), synchronous form.
 
     Downlink: the model itself on a b_x-bit grid, ``model | grid(b_x)`` (stateless, the
@@ -110,7 +111,7 @@ def double_quant(model_bits: int = 8, grad_bits: int = 4, *, bucket: int | None 
 
 
 def sparse_double_quant(budget: float = 0.05, model_bits: int = 8, grad_bits: int = 4, *, seed: int = 0,
-                        min_elements: int = 1024, **inner: Any) -> Compressed:
+                        min_elements: int = MIN_ELEMENTS, **inner: Any) -> Compressed:
     """Sparse-AsyLPG: unbiased magnitude-proportional sparsification, then the b-bit grid.
 
     Uplink ``bernoulli(budget) | grid(b)``: coordinate i kept with probability
@@ -123,7 +124,7 @@ def sparse_double_quant(budget: float = 0.05, model_bits: int = 8, grad_bits: in
 
 
 def acc_double_quant(momentum: float = 0.5, model_bits: int = 8, grad_bits: int = 4, *, seed: int = 0,
-                     min_elements: int = 1024, **inner: Any) -> Compressed:
+                     min_elements: int = MIN_ELEMENTS, **inner: Any) -> Compressed:
     """Accelerated AsyLPG: double quantization with momentum, here server momentum (FedAvgM).
 
     The paper accelerates with a momentum (Katyusha-style) sequence on the master; in
@@ -158,7 +159,7 @@ class QuantizedEpochSGD(Compressed):
 
     def __init__(self, strategy: Strategy, *, levels: int = 15, bucket: int = 512, first_epoch: int = 10,
                  growth: int = 2, lr: float = 0.05, lr_decay: float = 0.5, seed: int = 0,
-                 min_elements: int = 1024) -> None:
+                 min_elements: int = MIN_ELEMENTS) -> None:
         spec = f"qsgd(levels={levels}, bucket={bucket})"
         super().__init__(strategy, uplink=spec, downlink=f"anchor | {spec}", error_feedback=False, seed=seed,
                          min_elements=min_elements)
@@ -184,13 +185,13 @@ class QuantizedEpochSGD(Compressed):
 
 
 def qesgd(levels: int = 15, bucket: int = 512, *, first_epoch: int = 10, growth: int = 2, lr: float = 0.05,
-          lr_decay: float = 0.5, seed: int = 0, min_elements: int = 1024, **inner: Any) -> QuantizedEpochSGD:
+          lr_decay: float = 0.5, seed: int = 0, min_elements: int = MIN_ELEMENTS, **inner: Any) -> QuantizedEpochSGD:
     """Quantized Epoch-SGD (reconstruction, see :class:`QuantizedEpochSGD`)."""
     return QuantizedEpochSGD(FedAvg(**inner), levels=levels, bucket=bucket, first_epoch=first_epoch,
                              growth=growth, lr=lr, lr_decay=lr_decay, seed=seed, min_elements=min_elements)
 
 
-def ef_signsgd(*, downlink: str | None = None, seed: int = 0, min_elements: int = 1024, **inner: Any) -> Compressed:
+def ef_signsgd(*, downlink: str | None = None, seed: int = 0, min_elements: int = MIN_ELEMENTS, **inner: Any) -> Compressed:
     """EF-SignSGD (Karimireddy et al., 2019): scaled sign ||x||_1/d * sign(x) with error memory.
 
     One bit per coordinate plus a scale per tensor; biased, so the client's error
@@ -201,7 +202,7 @@ def ef_signsgd(*, downlink: str | None = None, seed: int = 0, min_elements: int 
 
 
 def qsparse_async(*, concurrency: int = 4, buffer_size: int = 2, max_staleness: int = 8,
-                  staleness_exponent: float = 0.5, seed: int = 0, min_elements: int = 1024,
+                  staleness_exponent: float = 0.5, seed: int = 0, min_elements: int = MIN_ELEMENTS,
                   **compression: Any) -> AsyncCompressed:
     """Asynchronous Qsparse-local-SGD (Basu et al., Sec. 4): workers synchronise when they are
     done with their H local steps; the master applies each compressed update on arrival
@@ -214,7 +215,7 @@ def qsparse_async(*, concurrency: int = 4, buffer_size: int = 2, max_staleness: 
 
 
 def double_quant_async(*, concurrency: int = 4, buffer_size: int = 2, max_staleness: int = 8,
-                       staleness_exponent: float = 0.5, seed: int = 0, min_elements: int = 1024,
+                       staleness_exponent: float = 0.5, seed: int = 0, min_elements: int = MIN_ELEMENTS,
                        **compression: Any) -> AsyncCompressed:
     """AsyLPG proper: asynchronous double quantization. Each worker reads the b_x-bit model,
     computes, and sends its b-bit update; the master applies it on arrival if its delay is

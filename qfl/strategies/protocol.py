@@ -20,7 +20,7 @@ from ..codec import check_against, nonfinite, norm
 from ..compress import Operator
 from ..records import Tensors, decode_record, record_bytes
 from ..replica import DIGEST, FULL_BYTES, REPLY_KEY, STATE_BYTES, VERSION, Offer, ServerDownlink
-from ..spec import Policy, parse_downlink
+from ..spec import MIN_ELEMENTS, Policy, parse_downlink
 from ..wire import DEFAULT_LIMITS, STYPE, Limits
 #: Message ids remembered to attribute the SuperLink's error replies (a few rounds' worth).
 _REMEMBERED = 65536
@@ -100,7 +100,7 @@ class ServerProtocol:
         uplink: str | Operator | None = None,
         downlink: str | Operator | None = None,
         error_feedback: bool = True,
-        min_elements: int = 1024,
+        min_elements: int = MIN_ELEMENTS,
         uplink_overrides: Mapping[str, str | Operator] | None = None,
         downlink_overrides: Mapping[str, str | Operator] | None = None,
         downlink_initial: str | Operator | None = None,
