@@ -29,7 +29,10 @@ def test_cnn_has_int64_batchnorm_buffer():
     assert "bn1.running_mean" in sd and "bn1.running_var" in sd
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
+IMAGE_MODELS = sorted(set(MODELS) - {"char-lstm"})  # char-lstm: tests/test_shakespeare.py
+
+
+@pytest.mark.parametrize("name", IMAGE_MODELS)
 def test_forward_shape(name):
     model = build_model(name, seed=0)
     out = model(torch.zeros(5, 1, 28, 28))
@@ -59,7 +62,7 @@ def test_name_is_case_insensitive():
     assert type(build_model("CNN", seed=0)) is type(build_model("cnn", seed=0))
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("name", IMAGE_MODELS)
 def test_training_steps_reduce_loss(name):
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(32, 1, 28, 28, generator=gen)

@@ -54,11 +54,25 @@ def test_async_plan_matches_the_synchronous_work():
     assert versions * buffer == 10 * 10 and every == 2
 
 
-def test_parse_set():
-    assert parse_set(["a=1", "b=0.5", "c=true", "d=dirichlet", "e='x y'"]) == \
+def test_parse_set_is_flowers_run_config_syntax():
+    assert parse_set(["a=1", "b=0.5 c=true", 'd="dirichlet"', "e='x y'"]) == \
         {"a": 1, "b": 0.5, "c": True, "d": "dirichlet", "e": "x y"}
-    with pytest.raises(ValueError, match="key=value"):
-        parse_set(["nokey"])
+    with pytest.raises(ValueError, match="--set"):
+        parse_set(["d=dirichlet"])  # a TOML string needs quotes, as with flwr run --run-config
+
+
+def test_dataset_defaults_and_rounds_factor():
+    s = Settings.from_run_config({"dataset": "shakespeare", "num-server-rounds": 60, "rounds-factor": 1.5})
+    assert (s.model_name, s.learning_rate) == ("char-lstm", 1.0)
+    assert (s.rounds_of("fedavg"), s.rounds_of("qsparse")) == (60, 90)
+    s = Settings.from_run_config({"model": "mlp", "lr": 0.1})
+    assert (s.model_name, s.learning_rate) == ("mlp", 0.1)
+    with pytest.raises(ValueError, match="dataset"):
+        Settings.from_run_config({"dataset": "cifar"})
+    with pytest.raises(ValueError, match="rounds-factor"):
+        Settings.from_run_config({"rounds-factor": 0.5})
+    with pytest.raises(ValueError, match="links"):
+        Settings.from_run_config({"links": "slow: up=1"})
 
 
 def sampled_partitions(perm: list[int], seed: int, rounds: int = 5) -> list[list[int]]:
@@ -135,27 +149,47 @@ def test_every_preset_runs_in_the_simulation_engine(tmp_path, capsys):
 def test_runner_cli_writes_results_and_report(tmp_path):
     from qfl.simulations.runner import main
 
-    args = ["--methods", "fedavg,qsparse", "--rounds", "2", "--clients", "4", "--local-steps", "2",
-            "--out", str(tmp_path)] + [x for k, v in TINY.items() if k not in
-                                        ("num-server-rounds", "num-clients", "local-steps")
-                                        for x in ("--set", f"{k}={v}")]
+    args = ["--methods", "fedavg,qsparse", "--seeds", "1,2", "--rounds", "2", "--rounds-factor", "1.5",
+            "--clients", "4", "--local-steps", "2", "--goals", "uplink=100", "--out", str(tmp_path)] + [
+        x for k, v in TINY.items() if k not in ("num-server-rounds", "num-clients", "local-steps")
+        for x in ("--set", f"{k}={json.dumps(v)}")]
     assert main(args) == 0
+    for seed in (1, 2):
+        assert len(json.loads((tmp_path / f"seed-{seed}" / "qsparse.json").read_text())["rounds"]) == 4  # 0..3
+        assert len(json.loads((tmp_path / f"seed-{seed}" / "fedavg.json").read_text())["rounds"]) == 3
+    manifest = json.loads((tmp_path / "run.json").read_text())
+    assert manifest["failed"] == [] and "--seeds 1,2" in manifest["command"] and manifest["cpus"] >= 1
     report = (tmp_path / "report.md").read_text()
-    assert "`qsparse`" in report and "accuracy_vs_uplink.png" in report
+    assert "`qsparse`" in report and "accuracy_vs_uplink.png" in report and "Seeds: 1, 2" in report
     assert (tmp_path / "accuracy_vs_uplink.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+#: What may differ between two runs of the same config and seed: time, memory, where the code is.
+UNREPEATABLE = ("wall_time", "server_rss_mb", "results-dir", "runtime")
+
+
+def _repeatable(obj):
+    """A result file without the fields that measure the machine rather than the run."""
+    if isinstance(obj, dict):
+        return {k: _repeatable(v) for k, v in obj.items() if k not in UNREPEATABLE}
+    if isinstance(obj, list):
+        return [_repeatable(v) for v in obj]
+    return obj
 
 
 @pytest.mark.slow
 def test_same_seed_same_run_in_the_simulation_engine(tmp_path):
-    # Two separate simulations (other node ids, other arrival orders) with the same seed:
-    # the same partitions train in each round, their replies are aggregated in the same
-    # order, so the bytes and the accuracies are identical; another seed differs.
+    # Separate simulations (other node ids, other arrival orders, other numbers of
+    # clients running at once) with the same seed: the same partitions train in each
+    # round, replies are aggregated in the same order, and every figure of the result
+    # files is identical, field by field; another seed differs.
     config = {**TINY, "num-server-rounds": 3, "fraction-train": 0.5}
-    runs = {}
-    for name, seed in (("a", 7), ("b", 7), ("c", 8)):
-        assert run_methods(["qsparse"], {**config, "seed": seed}, tmp_path / name, timeout=300) == {"qsparse": True}
-        rows = json.loads((tmp_path / name / "qsparse.json").read_text())["rounds"]
-        runs[name] = [{k: r[k] for k in ("accuracy", "loss", "uplink_bytes", "downlink_bytes", "resyncs")}
-                      for r in rows]
-    assert runs["a"] == runs["b"]
-    assert runs["a"] != runs["c"]
+    methods = ["fedavg", "qsparse"]
+    files = {}
+    for name, seed, parallel in (("a", 7, 1), ("b", 7, 2), ("c", 8, 2)):
+        status = run_methods(methods, {**config, "seed": seed}, tmp_path / name, timeout=300, parallel=parallel)
+        assert status == dict.fromkeys(methods, True)
+        files[name] = {m: _repeatable(json.loads((tmp_path / name / f"{m}.json").read_text())) for m in methods}
+    assert files["a"] == files["b"]
+    assert files["a"]["qsparse"]["rounds"] != files["c"]["qsparse"]["rounds"]
+    assert all(r["clients"] for r in files["a"]["qsparse"]["rounds"][1:])  # per-client bytes for the link model

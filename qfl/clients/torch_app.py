@@ -87,7 +87,12 @@ def train_local(model: nn.Module, x: torch.Tensor, y: torch.Tensor, plan: LocalT
 
 @torch.no_grad()
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1024) -> tuple[float, float]:
-    """(mean cross-entropy, accuracy) of ``model`` on (x, y)."""
+    """(mean cross-entropy, accuracy) of ``model`` on (x, y), per target.
+
+    ``y`` may hold one target per sample (classification) or several (a sequence
+    model's next-token targets, with logits of shape (N, classes, T)): both are averaged
+    over every target.
+    """
     model.eval()
     if x.shape[0] == 0:
         return float("nan"), float("nan")
@@ -96,7 +101,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
         out = model(x[i:i + batch_size])
         loss += float(nn.functional.cross_entropy(out, y[i:i + batch_size], reduction="sum"))
         correct += int((out.argmax(1) == y[i:i + batch_size]).sum())
-    return loss / x.shape[0], correct / x.shape[0]
+    return loss / y.numel(), correct / y.numel()
 
 
 def make_client_app(

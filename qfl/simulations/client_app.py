@@ -1,4 +1,4 @@
-"""The simulation's ClientApp: the reference torch client on a Fashion-MNIST partition.
+"""The simulation's ClientApp: the reference torch client on its partition of the workload.
 
 Partition and node identity come from the node config (``partition-id``,
 ``num-partitions``: set by the simulation engine, or by ``--node-config`` on a real
@@ -29,7 +29,6 @@ import qfl
 from ..clients import make_client_app
 from ..clients.mod import held_memory
 from ..replica import replica_info
-from .data import client_data
 from .models import build_model
 from .settings import Settings
 
@@ -48,14 +47,13 @@ def _partition(context: Context) -> tuple[int, int]:
 
 @functools.lru_cache(maxsize=4)
 def _data(pid: int, n: int, s: Settings):
-    return client_data(pid, n, scheme=s.partitioning, alpha=s.alpha, classes_per_partition=s.classes_per_client,
-                       seed=s.seed, data_dir=s.data_dir or None, max_samples=s.max_client_samples or None)
+    return s.workload.client_data(s, pid, n)
 
 
 def model_fn(context: Context):
     """Every client builds the same architecture; weights come from the server."""
     s = _settings(context)
-    return build_model(s.model, s.seed)
+    return build_model(s.model_name, s.seed)
 
 
 def data_fn(context: Context):

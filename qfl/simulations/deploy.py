@@ -35,7 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .runner import _human, _Progress, parse_set, write_app
+from .report import human_bytes
+from .runner import Progress, method_health, parse_set, write_app
 from .settings import Settings
 
 #: Name of the file with Flower's view of the run, next to the result files.
@@ -211,7 +212,7 @@ def run_deployment(methods: Sequence[str], common: dict[str, Any], out: str | Pa
     security = "TLS + SuperNode auth" if auth else ("TLS" if tls else "insecure")
     print(f"== deploying {', '.join(labels)}: {rounds} rounds, {nodes} SuperNodes ({security})", file=stream,
           flush=True)
-    progress = _Progress(out, labels, rounds, stream=stream)
+    progress = Progress(out, labels, dict.fromkeys(labels, rounds), stream=stream)
     errors: list[str] = []
     logs: Path | None = None
     # FLWR_HOME (config, installed FABs, logs) lives in a temp dir removed at the end in
@@ -242,7 +243,7 @@ def run_deployment(methods: Sequence[str], common: dict[str, Any], out: str | Pa
 
 
 def _run(fed: Any, app: Path, config: dict[str, Any], labels: list[str], out: Path, timeout: float,
-         progress: _Progress, during: During | None, errors: list[str], show_commands: bool, started: float,
+         progress: Progress, during: During | None, errors: list[str], show_commands: bool, started: float,
          stream) -> tuple[Any, dict[str, bool]]:
     """The part of :func:`run_deployment` that runs on a started federation."""
     print(f"   SuperLink {fed.address} ({fed.transport}, flwr {fed.flwr_version}), SuperNodes: "
@@ -271,15 +272,22 @@ def _run(fed: Any, app: Path, config: dict[str, Any], labels: list[str], out: Pa
         progress.join(5)
         if hook_thread is not None:  # before the federation stops: it may be starting a SuperNode
             hook_thread.join(fed.startup_timeout + 30)
-    return run, {label: (out / f"{label}.json").exists() for label in labels}
+    status = {}
+    for label in labels:
+        path = out / f"{label}.json"
+        problem = "no result file" if not path.exists() else method_health(path)
+        if problem:
+            errors.append(f"{label}: {problem}")
+        status[label] = problem is None
+    return run, status
 
 
 def _print_summary(dep: Deployment, stream) -> None:
     rec, q = dep.record, dep.record["qfl"]
     print(f"== finished in {rec['wall_seconds']:.0f} s (run {rec['run_id']}: {rec['status']}): "
           + ", ".join(f"{k} {'ok' if v else 'FAILED'}" for k, v in dep.status.items()), file=stream, flush=True)
-    print(f"   qfl: uplink {_human(q['uplink_bytes'])} ({q['replies']} replies), downlink "
-          f"{_human(q['downlink_bytes'])} ({q['messages']} messages, {q['resyncs']} full), "
+    print(f"   qfl: uplink {human_bytes(q['uplink_bytes'])} ({q['replies']} replies), downlink "
+          f"{human_bytes(q['downlink_bytes'])} ({q['messages']} messages, {q['resyncs']} full), "
           f"{q['dropped']} dropped, {q['failures']} failed", file=stream, flush=True)
     nt = rec.get("network_traffic")
     if nt:
@@ -288,8 +296,8 @@ def _print_summary(dep: Deployment, stream) -> None:
         def times(x):
             return f"x{x:.2f}" if x else "n/a"
 
-        print(f"   Flower Fleet API: inbound {_human(nt['inbound-bytes'])} ({times(ratio['inbound_per_uplink'])} "
-              f"qfl uplink), outbound {_human(nt['outbound-bytes'])} ({times(ratio['outbound_per_downlink'])} "
+        print(f"   Flower Fleet API: inbound {human_bytes(nt['inbound-bytes'])} ({times(ratio['inbound_per_uplink'])} "
+              f"qfl uplink), outbound {human_bytes(nt['outbound-bytes'])} ({times(ratio['outbound_per_downlink'])} "
               "qfl downlink)", file=stream, flush=True)
     for err in dep.errors:
         print(f"   {err}", file=stream, flush=True)
@@ -307,7 +315,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--alpha", type=float, default=Settings.alpha, help="Dirichlet concentration")
     p.add_argument("--partitioning", default=Settings.partitioning)
     p.add_argument("--seed", type=int, default=Settings.seed)
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any other run-config key")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other run-config key, in flwr run's --run-config syntax (quote strings)")
     p.add_argument("--tls", action="store_true", help="TLS with a throwaway CA for localhost")
     p.add_argument("--auth", action="store_true", help="SuperNode authentication (implies --tls)")
     p.add_argument("--restart", metavar="NODE@ROUND", help="restart SuperNode NODE after round ROUND (first method)")
@@ -317,9 +326,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--show-commands", action="store_true", help="print the Flower commands as they are run")
     p.add_argument("--no-report", action="store_true")
     args = p.parse_args(argv)
+    try:
+        extra = parse_set(args.set)
+    except ValueError as exc:
+        p.error(str(exc))
     common = {"num-server-rounds": args.rounds, "num-clients": args.nodes, "fraction-train": args.fraction,
               "local-steps": args.local_steps, "alpha": args.alpha, "partitioning": args.partitioning,
-              "seed": args.seed, **parse_set(args.set)}
+              "seed": args.seed, **extra}
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     during = None
     if args.restart:

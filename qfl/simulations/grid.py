@@ -21,6 +21,9 @@ from flwr.app import Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore import log
 
+from ..records import record_bytes
+from .results import ClientTraffic
+
 #: The reply's MetricRecord key and entry the simulation ClientApp's query handler sets.
 PARTITION_RECORD, PARTITION_ID = "partition", "partition-id"
 
@@ -39,6 +42,8 @@ class PartitionOrderedGrid(Grid):
         self.timeout = timeout
         #: node id -> partition id (None: asked, no answer).
         self.partitions: dict[int, int | None] = {}
+        #: What each train/evaluate message carried since :meth:`take_traffic` (for the link model).
+        self.traffic: list[ClientTraffic] = []
 
     # ------------------------------------------------------------------ ordering
     def get_node_ids(self) -> Iterable[int]:
@@ -88,6 +93,28 @@ class PartitionOrderedGrid(Grid):
         return self.grid.pull_messages(message_ids)
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        """The replies in partition order (floating-point sums depend on the order)."""
-        replies = list(self.grid.send_and_receive(messages, timeout=timeout))
-        return sorted(replies, key=lambda m: self._rank(m.metadata.src_node_id))
+        """The replies in partition order (floating-point sums depend on the order).
+
+        Notes the array bytes each node received and sent back: a synchronous round
+        lasts as long as its slowest client's download, training and upload, which the
+        report's link model computes from these.
+        """
+        messages = list(messages)
+        down = {m.metadata.dst_node_id: _array_bytes(m) for m in messages}
+        replies = sorted(self.grid.send_and_receive(messages, timeout=timeout),
+                         key=lambda m: self._rank(m.metadata.src_node_id))
+        up = {m.metadata.src_node_id: _array_bytes(m) for m in replies if not m.has_error()}
+        for node in sorted(down, key=self._rank):
+            self.traffic.append(ClientTraffic(partition=self.partitions.get(node),
+                                              downlink_bytes=down[node], uplink_bytes=up.get(node, 0),
+                                              replied=node in up))
+        return replies
+
+    def take_traffic(self) -> tuple[ClientTraffic, ...]:
+        """The per-client traffic noted since the last call."""
+        out, self.traffic = tuple(self.traffic), []
+        return out
+
+
+def _array_bytes(msg: Message) -> int:
+    return sum(record_bytes(r) for r in msg.content.array_records.values()) if msg.has_content() else 0

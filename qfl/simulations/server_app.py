@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.metadata
 import json
+import math
 import os
 import random
 import time
@@ -22,6 +23,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
@@ -33,9 +35,9 @@ import qfl
 from ..clients import evaluate
 from ..strategies import AsyncCompressed, Compressed
 from ..strategies.presets import ASYNC_PRESETS, build
-from .data import test_data
 from .grid import PartitionOrderedGrid
 from .models import build_model, count_parameters
+from .results import RoundRecord, RunResult
 from .settings import Settings
 
 app = ServerApp()
@@ -59,7 +61,7 @@ def make_strategy(s: Settings) -> Compressed | AsyncCompressed:
                           downlink_initial=s.downlink_initial or None, error_feedback=s.error_feedback,
                           min_elements=s.min_elements, seed=s.seed)
     if s.method == "qesgd":
-        return build(s.method, lr=s.lr, seed=s.seed, min_elements=s.min_elements, **inner)
+        return build(s.method, lr=s.learning_rate, seed=s.seed, min_elements=s.min_elements, **inner)
     return build(s.method, seed=s.seed, min_elements=s.min_elements, **inner)
 
 
@@ -75,57 +77,54 @@ PROTOCOL_COUNTS = ("messages", "replies", "resyncs", "dropped", "failures")
 
 
 class Recorder:
-    """Centralised evaluation after each round, and the per-round rows of the result file."""
+    """Centralised evaluation after each round, and the round records of the result file."""
 
-    def __init__(self, s: Settings, strategy: Compressed | AsyncCompressed, out: Path) -> None:
-        self.s, self.strategy, self.out = s, strategy, out
+    def __init__(self, s: Settings, strategy: Compressed | AsyncCompressed, out: Path,
+                 grid: PartitionOrderedGrid | None = None) -> None:
+        self.s, self.strategy, self.out, self.grid = s, strategy, out, grid
         # Bytes per direction, and the protocol's health: messages sent, replies received,
         # full-model resyncs, refused replies, error replies.
         self.counted = dict.fromkeys(BYTE_COUNTS + PROTOCOL_COUNTS, 0)
         self.last_round = -1
-        self.model = build_model(s.model, s.seed)
-        self.x, self.y = test_data(max_samples=s.test_samples, data_dir=s.data_dir or None)
-        self.rows: list[dict[str, Any]] = []
+        self.model = build_model(s.model_name, s.seed)
+        self.x, self.y = s.workload.test_data(s)
+        self.rows: list[RoundRecord] = []
         self.started = time.perf_counter()
         self.progress = out / f"{s.name}.progress.jsonl"
         self.progress.write_text("")
+        if grid is not None:
+            grid.take_traffic()  # a previous method's last messages are not this one's
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
         self.model.load_state_dict(arrays.to_torch_state_dict())
         loss, acc = evaluate(self.model, self.x, self.y)
-        row: dict[str, Any] = {"round": server_round, "accuracy": acc, "loss": loss,
-                               "wall_time": time.perf_counter() - self.started}
         total = self.strategy.traffic.total()
+        counts = {}
         for key, before in self.counted.items():  # counts since the previous evaluation
-            row[f"{key}_bytes" if key in BYTE_COUNTS else key] = getattr(total, key) - before
+            counts[f"{key}_bytes" if key in BYTE_COUNTS else key] = getattr(total, key) - before
             self.counted[key] = getattr(total, key)
-        # Memory and resyncs: why clients were resynced (cumulative), what the server's
-        # downlink keeps, the largest client state replies reported since the previous
-        # evaluation, the ServerApp's resident memory.
-        row["resync_reasons"] = dict(self.strategy.downlink.resyncs)
-        row["server_state"] = self.strategy.downlink.state_size()
-        row["client_state_bytes"] = max((t.client_state_bytes for (r, _), t in self.strategy.traffic.rounds.items()
-                                         if self.last_round < r <= server_round), default=0)
-        row["server_rss_mb"] = _rss_mb()
+        row = RoundRecord(
+            round=server_round, accuracy=acc, loss=loss if math.isfinite(loss) else None,
+            wall_time=time.perf_counter() - self.started, **counts,
+            # Memory and resyncs: why clients were resynced (cumulative), what the
+            # server's downlink keeps, the largest client state replies reported since
+            # the previous evaluation, the ServerApp's resident memory.
+            resync_reasons=dict(self.strategy.downlink.resyncs),
+            server_state=self.strategy.downlink.state_size(),
+            client_state_bytes=max((t.client_state_bytes for (r, _), t in self.strategy.traffic.rounds.items()
+                                    if self.last_round < r <= server_round), default=0),
+            server_rss_mb=round(psutil.Process().memory_info().rss / 2**20, 1),
+            clients=self.grid.take_traffic() if self.grid is not None else (),
+        )
         self.last_round = server_round
         self.rows.append(row)
         with self.progress.open("a") as f:
-            f.write(json.dumps({"label": self.s.name, **row}) + "\n")
+            f.write(json.dumps({"label": self.s.name, "round": row.round, "accuracy": acc,
+                                "uplink_bytes": row.uplink_bytes, "downlink_bytes": row.downlink_bytes,
+                                "wall_time": row.wall_time}) + "\n")
         log(20, "[%s] round %d: test accuracy %.4f, uplink %d B, downlink %d B", self.s.name, server_round, acc,
-            row["uplink_bytes"], row["downlink_bytes"])
+            row.uplink_bytes, row.downlink_bytes)
         return MetricRecord({"accuracy": acc, "loss": loss})
-
-
-def _rss_mb() -> float | None:
-    """Resident memory of this (ServerApp) process, from /proc (None elsewhere)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return round(int(line.split()[1]) / 1024, 1)
-    except OSError:
-        pass
-    return None
 
 
 @app.main()
@@ -142,7 +141,7 @@ def main(grid: Grid, context: Context) -> None:
     grid = PartitionOrderedGrid(grid)  # with random seeded per method: the same clients every run
     failed = []
     for method in s.methods:
-        one = dataclasses.replace(s, method=method)
+        one = dataclasses.replace(s, method=method, num_server_rounds=s.rounds_of(method))
         try:
             run_method(grid, one)
         except Exception:  # noqa: BLE001 - keep the other methods of the comparison going
@@ -160,9 +159,9 @@ def run_method(grid: Grid, s: Settings) -> Path:
     strategy = make_strategy(s)
     out = results_dir(s)
     (out / f"{s.name}.error.txt").unlink(missing_ok=True)
-    recorder = Recorder(s, strategy, out)
-    initial = ArrayRecord(build_model(s.model, s.seed).state_dict())
-    train_config = ConfigRecord({"lr": s.lr, "local-steps": s.local_steps})
+    recorder = Recorder(s, strategy, out, grid if isinstance(grid, PartitionOrderedGrid) else None)
+    initial = ArrayRecord(build_model(s.model_name, s.seed).state_dict())
+    train_config = ConfigRecord({"lr": s.learning_rate, "local-steps": s.local_steps})
     if isinstance(strategy, AsyncCompressed):
         strategy.message_timeout = s.round_timeout
         _, _, versions, every = s.async_plan()
@@ -175,20 +174,15 @@ def run_method(grid: Grid, s: Settings) -> Path:
 
 
 def write_result(s: Settings, strategy: Compressed | AsyncCompressed, recorder: Recorder, out: Path) -> Path:
-    """The run's result file (see the module docstring); returns its path."""
-    result = {
-        "label": s.name,
-        "method": s.method,
-        "uplink": str(strategy.uplink.op),
-        "downlink": f"{strategy.downlink.mode} | {strategy.downlink.policy.op}",
-        "error_feedback": strategy.error_feedback,
-        "config": {k.replace("_", "-"): v for k, v in vars(s).items()},
-        "model_parameters": count_parameters(recorder.model),
-        "rounds": recorder.rows,
-        "async": isinstance(strategy, AsyncCompressed),
+    """The run's result file (schema: :class:`qfl.simulations.results.RunResult`); returns its path."""
+    result = RunResult(
+        label=s.name, method=s.method, seed=s.seed, uplink=str(strategy.uplink.op),
+        downlink=f"{strategy.downlink.mode} | {strategy.downlink.policy.op}",
+        error_feedback=strategy.error_feedback,
+        config={k.replace("_", "-"): v for k, v in vars(s).items()},
+        model_parameters=count_parameters(recorder.model), rounds=tuple(recorder.rows),
+        is_async=isinstance(strategy, AsyncCompressed),
         # Which code ran the server (a deployment imports qfl from the SuperLink's environment).
-        "runtime": {"qfl": str(Path(qfl.__file__).parent), "flwr": flwr_version()},
-    }
-    path = out / f"{s.name}.json"
-    path.write_text(json.dumps(result, indent=1))
-    return path
+        runtime={"qfl": str(Path(qfl.__file__).parent), "flwr": flwr_version()},
+    )
+    return result.save(out / f"{s.name}.json")

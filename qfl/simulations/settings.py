@@ -8,10 +8,18 @@ on partitions, model and seed.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
 from ..strategies.presets import ASYNC_PRESETS, PRESETS
+from .links import parse_links
+from .workloads import WORKLOADS
+
+#: A quarter of the clients on a slow mobile link, the rest on broadband; a local step
+#: takes 50 ms on every device (see :mod:`qfl.simulations.links`).
+DEFAULT_LINKS = ("slow: share=0.25, up=1, down=4, latency=50, step=0.05; "
+                 "fast: up=50, down=100, latency=20, step=0.05")
 
 SCHEMES = ("iid", "dirichlet", "pathological")
 
@@ -26,17 +34,21 @@ class Settings:
     downlink_initial: str = ""
     error_feedback: bool = True
     num_server_rounds: int = 20
+    baseline: str = "fedavg"
+    rounds_factor: float = 1.0
     num_clients: int = 20
     fraction_train: float = 0.5
     local_steps: int = 20
     local_epochs: int = 1
     batch_size: int = 32
-    lr: float = 0.05
+    lr: float = 0.0
     momentum: float = 0.0
+    dataset: str = "fashion-mnist"
+    seq_len: int = 80
     partitioning: str = "dirichlet"
     alpha: float = 0.5
     classes_per_client: int = 2
-    model: str = "cnn"
+    model: str = ""
     seed: int = 42
     data_dir: str = ""
     max_client_samples: int = 0
@@ -47,6 +59,7 @@ class Settings:
     slow_clients: float = 0.0
     slow_factor: float = 1.0
     round_timeout: float = 3600.0
+    links: str = DEFAULT_LINKS
     async_concurrency: int = 0
     async_buffer: int = 0
     max_staleness: int = 8
@@ -96,17 +109,48 @@ class Settings:
             raise ValueError("run config 'method' lists a method twice")
         if self.label and len(self.methods) > 1:
             raise ValueError("run config 'label' names a single run; leave it empty when 'method' lists several")
+        if self.dataset not in WORKLOADS:
+            raise ValueError(f"run config 'dataset': {self.dataset!r} is not one of {', '.join(WORKLOADS)}")
         if self.partitioning not in SCHEMES:
             raise ValueError(f"run config 'partitioning': {self.partitioning!r} is not one of {', '.join(SCHEMES)}")
         for key in ("num_server_rounds", "num_clients", "batch_size", "test_samples"):
             if getattr(self, key) < 1:
                 raise ValueError(f"run config {key.replace('_', '-')!r} must be >= 1")
+        if not (math.isfinite(self.rounds_factor) and self.rounds_factor >= 1):
+            raise ValueError("run config 'rounds-factor' must be a number >= 1")
         if not 0 < self.fraction_train <= 1:
             raise ValueError("run config 'fraction-train' must be in (0, 1]")
         if self.local_steps < 0 or self.local_epochs < 0 or (self.local_steps == 0 and self.local_epochs == 0):
             raise ValueError("run config 'local-steps' (or, when 0, 'local-epochs') must be positive")
+        try:
+            parse_links(self.links)
+        except ValueError as exc:
+            raise ValueError(f"run config 'links': {exc}") from None
         if not 0 <= self.slow_clients <= 1 or self.slow_factor < 1:
             raise ValueError("run config 'slow-clients' must be in [0, 1] and 'slow-factor' >= 1")
+
+    @property
+    def workload(self):  # noqa: ANN201 - Workload
+        """The dataset's workload: data, default model and learning rate."""
+        return WORKLOADS[self.dataset]
+
+    @property
+    def model_name(self) -> str:
+        """``model``, or the dataset's model when it is empty."""
+        return self.model or self.workload.model
+
+    @property
+    def learning_rate(self) -> float:
+        """``lr``, or the dataset's learning rate when it is 0."""
+        return self.lr or self.workload.lr
+
+    def rounds_of(self, method: str) -> int:
+        """Rounds ``method`` trains: ``num-server-rounds`` for the baseline, ``rounds-factor``
+        times that for the others (what is compared is bytes to the baseline's accuracy,
+        which a compressed method may need more rounds to reach)."""
+        if method == self.baseline:
+            return self.num_server_rounds
+        return math.ceil(self.num_server_rounds * self.rounds_factor - 1e-9)
 
     @property
     def clients_per_round(self) -> int:
