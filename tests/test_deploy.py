@@ -132,7 +132,9 @@ def run_cli(args: list[str], env: dict[str, str], timeout: float, interrupt_when
 
 
 def cli_args(out: Path, nodes: int, rounds: int, *extra: str) -> list[str]:
-    sets = [a for k, v in CONFIG.items() if k != "method" for a in ("--set", f"{k}={v}")]
+    # Flower's run-config syntax: values are TOML literals (strings quoted).
+    sets = [a for k, v in CONFIG.items() if k != "method"
+            for a in ("--set", tomli_w.dumps({k: v}).strip())]
     return ["--methods", CONFIG["method"], "--nodes", str(nodes), "--rounds", str(rounds), *sets,
             "--out", str(out), "--no-report", *extra]
 

@@ -9,11 +9,18 @@ by partition, a seeded ``random`` gives every run the same schedule of partition
 replies, handed back in partition order rather than in order of arrival, are then
 aggregated in the same order too, so that a rerun with the same seed sends the same
 bytes and ends with the same model.
+
+A seeded ``random`` alone is not enough: anything else in the ServerApp's process that
+draws from the global ``random`` (the simulation engine's threads, a node that was slow
+to answer and is listed later) shifts the draws. With ``seed`` given, the grid reseeds
+``random`` from (seed, exchange count) each time the nodes are listed, so the sample of
+round r depends on the seed and r only.
 """
 
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Iterable
 from logging import WARNING
 
@@ -37,9 +44,12 @@ class PartitionOrderedGrid(Grid):
     and are not asked again.
     """
 
-    def __init__(self, grid: Grid, timeout: float = 120.0) -> None:
+    def __init__(self, grid: Grid, timeout: float = 120.0, seed: int | None = None) -> None:
         self.grid = grid
         self.timeout = timeout
+        self.seed = seed
+        #: send_and_receive calls so far (partition queries excepted): the round's sampling key.
+        self.exchanges = 0
         #: node id -> partition id (None: asked, no answer).
         self.partitions: dict[int, int | None] = {}
         #: What each train/evaluate message carried since :meth:`take_traffic` (for the link model).
@@ -52,6 +62,8 @@ class PartitionOrderedGrid(Grid):
         new = [n for n in ids if n not in self.partitions]
         if new:
             self._ask(new)
+        if self.seed is not None:  # Flower samples from what this returns, with the global random
+            random.seed(f"qfl-sampling:{self.seed}:{self.exchanges}")
         return sorted(ids, key=self._rank)
 
     def _rank(self, node: int) -> tuple[float, int]:
@@ -100,6 +112,7 @@ class PartitionOrderedGrid(Grid):
         report's link model computes from these.
         """
         messages = list(messages)
+        self.exchanges += 1
         down = {m.metadata.dst_node_id: _array_bytes(m) for m in messages}
         replies = sorted(self.grid.send_and_receive(messages, timeout=timeout),
                          key=lambda m: self._rank(m.metadata.src_node_id))

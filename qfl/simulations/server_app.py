@@ -138,7 +138,8 @@ def main(grid: Grid, context: Context) -> None:
     s = Settings.from_run_config(dict(context.run_config))
     log(20, "qfl %s from %s (flwr %s, pid %d)", qfl.__version__, Path(qfl.__file__).parent, flwr_version(),
         os.getpid())
-    grid = PartitionOrderedGrid(grid)  # with random seeded per method: the same clients every run
+    # The same partitions sampled every run with this seed, whatever the node ids and timing.
+    grid = PartitionOrderedGrid(grid, timeout=s.round_timeout, seed=s.seed)
     failed = []
     for method in s.methods:
         one = dataclasses.replace(s, method=method, num_server_rounds=s.rounds_of(method))
@@ -156,6 +157,8 @@ def run_method(grid: Grid, s: Settings) -> Path:
     """Run one method and write its result file; returns the file's path."""
     torch.manual_seed(s.seed)
     random.seed(s.seed)  # Flower's strategies sample nodes with the random module
+    if isinstance(grid, PartitionOrderedGrid):
+        grid.exchanges = 0  # every method of the comparison trains the same partitions in round r
     strategy = make_strategy(s)
     out = results_dir(s)
     (out / f"{s.name}.error.txt").unlink(missing_ok=True)
