@@ -19,6 +19,7 @@ import json
 import os
 import platform
 import shlex
+import signal
 import subprocess
 import sys
 import tempfile
@@ -216,6 +217,10 @@ def manifest(argv: Sequence[str]) -> dict[str, Any]:
     }
 
 
+def _terminate(signum: int, frame) -> None:  # noqa: ANN001 - a signal handler
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line entry point; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -267,6 +272,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    # ``kill`` (SIGTERM) unwinds like Ctrl-C, so the SuperLink, the simulation and its
+    # Ray workers that LocalFederation started are stopped too instead of left running.
+    signal.signal(signal.SIGTERM, _terminate)
     info = manifest(argv)
     started = time.perf_counter()
     status: dict[tuple[str, int], bool] = {}
