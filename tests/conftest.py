@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+# The loopback deployment harness is not part of the wheel: tools/qfl_deploy.
+sys.path.insert(0, str(Path(__file__).parents[1] / "tools"))
 # The tiny task lives in the simulation-engine test app, so in-process and engine tests share it.
 sys.path.insert(0, str(Path(__file__).parent / "apps" / "engine"))
 from engine_app.task import tiny_data, tiny_model  # noqa: E402
