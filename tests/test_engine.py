@@ -28,7 +28,7 @@ from qfl.records import record_bytes, to_record
 from qfl.simulations.superlink import LocalFederation
 from qfl.spec import Policy, parse_downlink
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.integration
 
 APP = Path(__file__).parent / "apps" / "engine"
 NODES, ROUNDS, MIN_ELEMENTS = 4, 3, 200

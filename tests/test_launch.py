@@ -1,11 +1,11 @@
 """Tests for local Flower federations: qfl.simulations.superlink and the harness tools/qfl_deploy.
 
-The ``slow`` tests start real SuperLink/SuperNode processes from the venv of
-the running interpreter and run ``tests/apps/probe`` on them; run them with
-every supported flwr, e.g.::
+The ``integration`` and ``slow`` tests start real SuperLink (and SuperNode)
+processes from the venv of the running interpreter and run ``tests/apps/probe``
+on them; run them with every supported flwr, e.g.::
 
-    .venv/bin/python    -m pytest tests/test_launch.py -m slow -x -q
-    .venv139/bin/python -m pytest tests/test_launch.py -m slow -x -q
+    .venv/bin/python    -m pytest tests/test_launch.py -m "not unit" -x -q
+    .venv139/bin/python -m pytest tests/test_launch.py -m "not unit" -x -q
 
 Every test that starts processes checks afterwards that none of them (nor
 their children: superexec, serverapp, clientapp, simulation, Ray) is left.
@@ -202,7 +202,7 @@ def test_commands_without_starting(tmp_path):
 # ---------------------------------------------------------------------------
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_simulation_run_completes_and_keeps_app_pristine(federations, tmp_path):
     # A copy of the probe app with a legacy [tool.flwr.federations] section:
     # `flwr run` would comment it out in place; run_app must not let it.

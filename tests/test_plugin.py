@@ -16,7 +16,7 @@ import pytest
 APP = Path(__file__).parent / "apps" / "quickstart"
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_quickstart_app_runs_compressed_in_the_simulation_engine(tmp_path):
     from qfl.simulations.superlink import LocalFederation
 
