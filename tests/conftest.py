@@ -12,7 +12,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parents[1] / "tools"))
 # The tiny task lives in the simulation-engine test app, so in-process and engine tests share it.
 sys.path.insert(0, str(Path(__file__).parent / "apps" / "engine"))
-from engine_app.task import tiny_data, tiny_model  # noqa: E402
+from engine_app.task import tiny_data, tiny_model
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
