@@ -54,6 +54,25 @@ def list_tagged_processes(tag: str, var: str = TAG_ENV) -> dict[int, str]:
     return out
 
 
+def _running(proc: psutil.Process) -> bool:
+    try:
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _wait_gone(procs: Sequence[psutil.Process], timeout: float) -> list[psutil.Process]:
+    """Those of ``procs`` still running after ``timeout`` s.
+
+    Not ``psutil.wait_procs``: it waits until a zombie is reaped, which for a process
+    that is not our child is its parent's business; a zombie runs nothing.
+    """
+    deadline = time.monotonic() + timeout
+    while (alive := [p for p in procs if _running(p)]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return alive
+
+
 def _kill(procs: Sequence[psutil.Process], grace: float, terminate: bool = True) -> None:
     """SIGTERM (if ``terminate``), then SIGKILL after ``grace`` s, and wait until they are gone."""
     alive = list(procs)
@@ -61,11 +80,11 @@ def _kill(procs: Sequence[psutil.Process], grace: float, terminate: bool = True)
         for proc in alive:
             with contextlib.suppress(psutil.Error):
                 proc.terminate()
-        alive = psutil.wait_procs(alive, timeout=grace)[1]
+        alive = _wait_gone(alive, grace)
     for proc in alive:
         with contextlib.suppress(psutil.Error):
             proc.kill()
-    psutil.wait_procs(alive, timeout=2.0)
+    _wait_gone(alive, 2.0)
 
 
 def stop_tagged_processes(tag: str, grace: float = 5.0, var: str = TAG_ENV) -> set[int]:
