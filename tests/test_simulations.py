@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import subprocess
+import sys
+import time
 import tomllib
 from pathlib import Path
 
@@ -65,12 +69,16 @@ def test_dataset_defaults_and_rounds_factor():
     s = Settings.from_run_config({"dataset": "shakespeare", "num-server-rounds": 60, "rounds-factor": 1.5})
     assert (s.model_name, s.learning_rate) == ("char-lstm", 1.0)
     assert (s.rounds_of("fedavg"), s.rounds_of("qsparse")) == (60, 90)
+    s = Settings.from_run_config({"num-server-rounds": 10, "rounds-factor": 2, "rounds-factor-methods": "qsparse"})
+    assert [s.rounds_of(m) for m in ("fedavg", "qsgd8", "qsparse")] == [10, 10, 20]
     s = Settings.from_run_config({"model": "mlp", "lr": 0.1})
     assert (s.model_name, s.learning_rate) == ("mlp", 0.1)
     with pytest.raises(ValueError, match="dataset"):
         Settings.from_run_config({"dataset": "cifar"})
     with pytest.raises(ValueError, match="rounds-factor"):
         Settings.from_run_config({"rounds-factor": 0.5})
+    with pytest.raises(ValueError, match="server-lr"):
+        Settings.from_run_config({"server-lr": 0.0})
     with pytest.raises(ValueError, match="links"):
         Settings.from_run_config({"links": "slow: up=1"})
 
@@ -193,3 +201,47 @@ def test_same_seed_same_run_in_the_simulation_engine(tmp_path):
     assert files["a"] == files["b"]
     assert files["a"]["qsparse"]["rounds"] != files["c"]["qsparse"]["rounds"]
     assert all(r["clients"] for r in files["a"]["qsparse"]["rounds"][1:])  # per-client bytes for the link model
+
+
+def _marked(mark: str) -> list[int]:
+    """Live processes whose environment carries QFL_TEST_RUNNER_MARK=mark."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["pid"]):
+        try:
+            if proc.pid != os.getpid() and proc.environ().get("QFL_TEST_RUNNER_MARK") == mark and \
+                    proc.status() != psutil.STATUS_ZOMBIE:
+                found.append(proc.pid)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
+
+
+@pytest.mark.integration
+def test_killed_runner_stops_the_federation_it_started(tmp_path):
+    # `kill <runner>` (SIGTERM) must not leave a SuperLink, the simulation and its Ray
+    # workers running: they would eat the cores of every later run.
+    import signal
+    import uuid
+
+    mark = uuid.uuid4().hex
+    sets = [a for k, v in {**TINY, "num-server-rounds": 5000}.items() if k not in ("num-clients", "fraction-train")
+            for a in ("--set", f"{k}={json.dumps(v)}")]
+    proc = subprocess.Popen([sys.executable, "-m", "qfl.simulations.runner", "--methods", "fedavg", "--clients", "4",
+                             "--fraction", "0.5", "--rounds", "5000", *sets, "--out", str(tmp_path), "--no-report"],
+                            env={**os.environ, "QFL_TEST_RUNNER_MARK": mark}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    progress = tmp_path / "seed-42" / "fedavg.progress.jsonl"
+    deadline = time.monotonic() + 600
+    while not (progress.exists() and progress.read_text().count("\n") >= 2) and proc.poll() is None:
+        assert time.monotonic() < deadline, "the run did not start"
+        time.sleep(1)
+    assert proc.poll() is None, proc.stdout.read()
+    assert len(_marked(mark)) > 2  # runner, SuperLink, simulation, workers
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=180)
+    deadline = time.monotonic() + 60
+    while _marked(mark) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert not _marked(mark)

@@ -4,7 +4,7 @@
 #   - .venv      : Python venv with flwr 1.41 (HTTP SuperNodes), torch CPU, qfl[sim,test]
 #                  (test: pytest, hypothesis, trustme for the deployment harness, ruff),
 #   - .venv139   : the same with flwr 1.39.0 (the last gRPC SuperNode), for compatibility tests.
-# Re-running is cheap: finished steps are skipped.
+# Re-running is cheap: finished steps are skipped. --no-139: .venv only (the demo).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -34,6 +34,10 @@ make_venv() {  # $1 = venv dir, $2 = flwr requirement
 }
 
 make_venv .venv "flwr[simulation]>=1.40,<1.42"
+if [ "${1:-}" = "--no-139" ]; then  # the demo needs only .venv; the tests need both
+  echo "== ready: $(.venv/bin/python -c 'import flwr; print("flwr", flwr.__version__)') in .venv"
+  exit 0
+fi
 make_venv .venv139 "flwr[simulation]==1.39.0"
 echo "== ready: $(.venv/bin/python -c 'import flwr; print("flwr", flwr.__version__)') in .venv," \
      "$(.venv139/bin/python -c 'import flwr; print("flwr", flwr.__version__)') in .venv139"

@@ -2,5 +2,6 @@
 
 from .asynchronous import AsyncCompressed, AsyncStats
 from .compressed import Compressed, Traffic, TrafficLog
+from .momentum import FedAvgMomentum
 
-__all__ = ["AsyncCompressed", "AsyncStats", "Compressed", "Traffic", "TrafficLog"]
+__all__ = ["AsyncCompressed", "AsyncStats", "Compressed", "FedAvgMomentum", "Traffic", "TrafficLog"]
