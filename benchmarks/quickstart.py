@@ -38,7 +38,7 @@ def run(fed, config: dict, out: Path) -> dict:
 
 def main() -> int:
     from qfl.simulations.compare import DROP, WINDOW
-    from qfl.simulations.launch import LocalFederation
+    from qfl.simulations.superlink import LocalFederation
     from qfl.strategies.presets import RECOMMENDED
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

@@ -5,8 +5,8 @@ interpreter's own flwr, so the suite proves the transport it runs under: flwr 1.
 (SuperNodes speak gRPC-rere to a separate Fleet port) or flwr 1.41 (HTTP on the
 SuperLink's single port); tools/test.sh runs this file under both::
 
-    /tmp/venv/bin/python    -m pytest tests/test_deploy.py -q -s --durations=0
-    /tmp/venv139/bin/python -m pytest tests/test_deploy.py -q -s --durations=0
+    .venv/bin/python    -m pytest tests/test_deploy.py -q -s --durations=0
+    .venv139/bin/python -m pytest tests/test_deploy.py -q -s --durations=0
 
 The app is compressed both ways with error feedback (top-5% + 4-bit QSGD up, delta
 top-20% + 4-bit QSGD down) on a small Fashion-MNIST task. Each test checks the
@@ -35,17 +35,17 @@ from pathlib import Path
 
 import pytest
 import tomli_w
-import torch
 
 import qfl
 from qfl.compress import IDENTITY
 from qfl.records import record_bytes, to_record
-from qfl.simulations import launch
 from qfl.simulations.client_app import TRACE_ENV
-from qfl.simulations.deploy import FLOWER_RUN_FILE, restart_after, run_deployment
 from qfl.simulations.models import build_model
+from qfl.simulations.server_app import flwr_version
+from qfl.simulations.superlink import fleet_transport, list_tagged_processes
 from qfl.spec import Policy
 from qfl.wire import encode
+from qfl_deploy.deploy import FLOWER_RUN_FILE, restart_after, run_deployment
 
 pytestmark = pytest.mark.slow
 
@@ -64,26 +64,13 @@ MARK_ENV = "QFL_TEST_DEPLOY_MARK"
 #: object headers: measured ~6-9 KB for the 13 tensors of the CNN on both transports).
 FLOWER_OVERHEAD_PER_MESSAGE = 16_384
 QFL_DIR = str(Path(qfl.__file__).parent)
+DEPLOY_SCRIPT = str(Path(__file__).parents[1] / "tools" / "deploy.py")
 
 
 # --------------------------------------------------------------------------- helpers
 def marked_processes(mark: str) -> dict[int, str]:
     """Live processes whose environment carries ``MARK_ENV=mark`` (every Flower process of a test)."""
-    needle = f"{MARK_ENV}={mark}".encode()
-    found = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            if needle not in (entry / "environ").read_bytes().split(b"\0"):
-                continue
-            stat = (entry / "stat").read_text()
-            if stat[stat.rindex(")") + 2] in "ZX":
-                continue
-            found[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
-        except (OSError, ValueError):
-            continue
-    return found
+    return list_tagged_processes(mark, var=MARK_ENV)
 
 
 @pytest.fixture
@@ -101,12 +88,12 @@ def mark():
 
 
 def run_cli(args: list[str], env: dict[str, str], timeout: float, interrupt_when=None) -> tuple[int, str]:
-    """Run ``python -m qfl.simulations.deploy`` and return (exit code, output).
+    """Run ``python tools/deploy.py`` and return (exit code, output).
 
     ``interrupt_when()`` is polled while it runs; once true the script gets SIGINT
     (Ctrl-C). The script is killed if it outlives ``timeout``.
     """
-    argv = [sys.executable, "-m", "qfl.simulations.deploy", *args]
+    argv = [sys.executable, DEPLOY_SCRIPT, *args]
     proc = subprocess.Popen(argv, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
     deadline = time.monotonic() + timeout
@@ -182,7 +169,7 @@ def check_learning(result: dict) -> None:
     assert rows[0]["round"] == 0 and rows[-1]["round"] == result["config"]["num-server-rounds"]
     assert rows[-1]["loss"] < rows[0]["loss"] - 0.05, [r["loss"] for r in rows]
     assert result["runtime"]["qfl"] == QFL_DIR  # the ServerApp ran this checkout's qfl
-    assert result["runtime"]["flwr"] == launch.flwr_version()
+    assert result["runtime"]["flwr"] == flwr_version()
 
 
 def check_clean_protocol(result: dict, nodes: int) -> None:
@@ -260,12 +247,12 @@ def check_state_survives(trace: dict[int, list[dict]], rounds: int, nodes: int) 
 
 def report(name: str, **figures) -> None:
     text = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in figures.items())
-    print(f"\n[deploy] {name} flwr {launch.flwr_version()} ({launch.fleet_transport()}): {text}", flush=True)
+    print(f"\n[deploy] {name} flwr {flwr_version()} ({fleet_transport()}): {text}", flush=True)
 
 
 # --------------------------------------------------------------------------- tests
 def test_script_deploys_compressed_app(tmp_path, mark):
-    """``python -m qfl.simulations.deploy``: 3 SuperNodes, 3 rounds, compressed both ways."""
+    """``python tools/deploy.py``: 3 SuperNodes, 3 rounds, compressed both ways."""
     nodes, rounds = 3, 3
     out, trace = tmp_path / "out", tmp_path / "trace.jsonl"
     t0 = time.monotonic()
@@ -276,11 +263,13 @@ def test_script_deploys_compressed_app(tmp_path, mark):
     result = json.loads((out / "custom.json").read_text())
     record = json.loads((out / FLOWER_RUN_FILE).read_text())
     assert record["ok"] and record["status"] == "finished:completed"
-    assert record["transport"] == launch.fleet_transport() and not record["tls"] and not record["auth"]
+    assert record["transport"] == fleet_transport() and not record["tls"] and not record["auth"]
     supernodes = [c for c in record["commands"] if "flower-supernode" in c]
-    assert len(supernodes) == nodes
-    for i, cmd in enumerate(supernodes):
-        assert f"--node-config 'partition-id={i} num-partitions={nodes}'" in cmd, cmd
+    assert len(supernodes) == nodes and all("--node-config" in c for c in supernodes)
+    assert [n["node_config"] for n in record["supernodes"]] == [
+        {"partition-id": i, "num-partitions": nodes} for i in range(nodes)]
+    # every --set reached the run: the result records the run config it ran with
+    assert all(result["config"][k] == v for k, v in CONFIG.items() if k != "method"), result["config"]
     check_learning(result)
     check_clean_protocol(result, nodes)
     check_state_survives(read_trace(trace), rounds, nodes)

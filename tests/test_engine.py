@@ -3,7 +3,7 @@
 tests/apps/engine runs qfl's reference ClientApp (with compression_mod) on 4 virtual
 SuperNodes; its ServerApp runs the inner strategy alone or wrapped in ``Compressed``.
 All runs share one SuperLink started with runtime dependency installation off and a
-private FLWR_HOME (qfl.simulations.launch), every node trains every round, and the
+private FLWR_HOME (qfl.simulations.superlink), every node trains every round, and the
 clients' training is seeded per (round, partition), so runs are comparable:
 
 * identity (no specs) gives plain FedAvg's model to float tolerance;
@@ -25,10 +25,10 @@ from expected import blob_bound, identity_bytes
 
 from qfl.compress import IDENTITY
 from qfl.records import record_bytes, to_record
-from qfl.simulations.launch import LocalFederation
+from qfl.simulations.superlink import LocalFederation
 from qfl.spec import Policy, parse_downlink
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.integration
 
 APP = Path(__file__).parent / "apps" / "engine"
 NODES, ROUNDS, MIN_ELEMENTS = 4, 3, 200

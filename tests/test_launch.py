@@ -1,11 +1,11 @@
-"""Tests for qfl.simulations.launch (local Flower federations).
+"""Tests for local Flower federations: qfl.simulations.superlink and the harness tools/qfl_deploy.
 
-The ``slow`` tests start real SuperLink/SuperNode processes from the venv of
-the running interpreter and run ``tests/apps/probe`` on them; run them with
-every supported flwr, e.g.::
+The ``integration`` and ``slow`` tests start real SuperLink (and SuperNode)
+processes from the venv of the running interpreter and run ``tests/apps/probe``
+on them; run them with every supported flwr, e.g.::
 
-    /tmp/venv/bin/python    -m pytest tests/test_launch.py -m slow -x -q
-    /tmp/venv139/bin/python -m pytest tests/test_launch.py -m slow -x -q
+    .venv/bin/python    -m pytest tests/test_launch.py -m "not unit" -x -q
+    .venv139/bin/python -m pytest tests/test_launch.py -m "not unit" -x -q
 
 Every test that starts processes checks afterwards that none of them (nor
 their children: superexec, serverapp, clientapp, simulation, Ray) is left.
@@ -13,6 +13,8 @@ their children: superexec, serverapp, clientapp, simulation, Ray) is left.
 
 from __future__ import annotations
 
+import http.client
+import importlib.metadata
 import json
 import shutil
 import socket
@@ -23,19 +25,13 @@ import time
 import urllib.request
 from pathlib import Path
 
+import psutil
 import pytest
+from flwr.common.config import parse_config_args
 
-from qfl.simulations import launch
-from qfl.simulations.launch import (
-    FederationError,
-    LocalFederation,
-    RunFailedError,
-    format_config,
-    free_ports,
-    list_tagged_processes,
-    write_supernode_keys,
-    write_tls_files,
-)
+from qfl.simulations import superlink
+from qfl.simulations.superlink import FederationError, RunFailedError, free_ports, list_tagged_processes
+from qfl_deploy.federation import LoopbackFederation, write_supernode_keys, write_tls_files
 
 PROBE = Path(__file__).parent / "apps" / "probe"
 BIN_DIR = str(Path(sys.executable).parent)
@@ -49,15 +45,12 @@ def per_round_gain(partitions: list[int]) -> float:
 def _alive(pid: int, cmdline: str | None = None) -> bool:
     """True if ``pid`` runs (not a zombie) and, if given, still has ``cmdline``."""
     try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            data = fh.read().decode()
-        with open(f"/proc/{pid}/cmdline", "rb") as fh:
-            cmd = fh.read().replace(b"\0", b" ").decode().strip()
-    except OSError:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return False
+        return cmdline is None or " ".join(proc.cmdline()) == cmdline
+    except psutil.Error:
         return False
-    if data[data.rindex(")") + 2] in "ZX":
-        return False
-    return cmdline is None or cmd == cmdline
 
 
 @pytest.fixture
@@ -67,11 +60,11 @@ def federations(tmp_path):
     Yields ``make(**kwargs)``; ``make.seen`` collects PIDs observed while the
     test ran so the teardown can prove they are all gone.
     """
-    feds: list[LocalFederation] = []
+    feds: list[LoopbackFederation] = []
     seen: dict[int, str] = {}
 
-    def make(**kwargs) -> LocalFederation:
-        fed = LocalFederation(flwr_home=tmp_path / f"fed{len(feds)}", **kwargs)
+    def make(**kwargs) -> LoopbackFederation:
+        fed = LoopbackFederation(flwr_home=tmp_path / f"fed{len(feds)}", **kwargs)
         feds.append(fed)
         return fed
 
@@ -89,7 +82,7 @@ def federations(tmp_path):
     assert not still, f"processes seen during the test still alive: {still}"
 
 
-def _check_run(res, fed: LocalFederation) -> None:
+def _check_run(res, fed: LoopbackFederation) -> None:
     assert res.ok, (
         f"run failed: rc={res.returncode} timed_out={res.timed_out} "
         f"status={res.status}\n{res.log[-3000:]}\n{fed.dump_logs()}"
@@ -112,35 +105,26 @@ def test_free_ports_distinct_and_bindable():
     for port in ports:
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", port))
-    assert 0 < launch.free_port() < 65536
+    assert all(0 < port < 65536 for port in ports)
 
 
-def test_format_config():
-    assert (
-        format_config({"a": 1, "b": 0.5, "c": True, "d": "x y", "e": 'q"q', "f": 2.0})
-        == "a=1 b=0.5 c=true d=\"x y\" e='q\"q' f=2.0"
-    )
-    with pytest.raises(ValueError):
-        format_config({"bad key": 1})
-    with pytest.raises(TypeError):
-        format_config({"k": [1, 2]})  # type: ignore[dict-item]
-
-
-def test_format_config_roundtrips_through_flwr_parser():
-    from flwr.common.config import parse_config_args
-
-    cfg = {"partition-id": 3, "lr": 0.01, "flag": False, "path": "/tmp/a b", "q": 'x"y'}
-    assert parse_config_args([format_config(cfg)]) == cfg
+def test_config_files_roundtrip_through_flwr_parser(tmp_path):
+    """Every --*-config reaches Flower as a TOML file: any string survives, quotes included."""
+    fed = LoopbackFederation(2, flwr_home=tmp_path)
+    cfg = {"partition-id": 3, "lr": 0.01, "flag": False, "path": "/tmp/a b", "q": 'x"y', "r": "it's", "f": 2.0}
+    path = fed.config_file("node", cfg)
+    assert path.endswith(".toml") and Path(path).is_relative_to(fed.log_dir)
+    assert parse_config_args([path]) == cfg
 
 
 def test_executables_and_transport_match_interpreter():
     for name in ("flwr", "flower-superlink", "flower-supernode"):
-        assert launch.flwr_executable(name).startswith(BIN_DIR)
+        assert superlink.flwr_executable(name).startswith(BIN_DIR)
     with pytest.raises(FileNotFoundError):
-        launch.flwr_executable("no-such-flower-tool")
-    major, minor = (int(x) for x in launch.flwr_version().split(".")[:2])
+        superlink.flwr_executable("no-such-flower-tool")
+    major, minor = (int(x) for x in importlib.metadata.version("flwr").split(".")[:2])
     expected = "grpc-rere" if (major, minor) < (1, 40) else "http"
-    assert launch.fleet_transport() == expected
+    assert superlink.fleet_transport() == expected
 
 
 def test_tls_files_handshake(tmp_path):
@@ -186,29 +170,31 @@ def test_supernode_keys_are_flwr_loadable(tmp_path):
 
 
 def test_legacy_federations_detection():
-    has = launch._has_legacy_federations  # pylint: disable=protected-access
+    has = superlink._has_legacy_federations  # pylint: disable=protected-access
     assert not has((PROBE / "pyproject.toml").read_bytes())
     legacy = (
         '[tool.flwr.app]\npublisher = "x"\n\n[tool.flwr.federations]\ndefault = "a"\n\n'
         '[tool.flwr.federations.a]\naddress = "h:1"\n\n[tool.flwr.app.config]\nk = 1\n'
     )
     assert has(legacy.encode())
-    stripped = launch._strip_legacy_federations(legacy)  # pylint: disable=protected-access
+    stripped = superlink._strip_legacy_federations(legacy)  # pylint: disable=protected-access
     assert not has(stripped.encode())
     assert stripped == '[tool.flwr.app]\npublisher = "x"\n\n[tool.flwr.app.config]\nk = 1\n'
 
 
 def test_commands_without_starting(tmp_path):
-    fed = LocalFederation(3, simulation=True, flwr_home=tmp_path)
+    fed = LoopbackFederation(3, simulation=True, flwr_home=tmp_path)
     fed.control_port = fed.fleet_port = 4242
     argv = fed.run_command(PROBE, {"num-server-rounds": 1})
-    assert argv[:4] == [launch.flwr_executable("flwr"), "run", str(PROBE), "qfl-local"]
-    assert "num-supernodes=3 client-resources-num-cpus=1" in argv
+    assert argv[:4] == [superlink.flwr_executable("flwr"), "run", str(PROBE), "qfl-local"]
+    assert parse_config_args([argv[argv.index("--run-config") + 1]]) == {"num-server-rounds": 1}
+    federation = parse_config_args([argv[argv.index("--federation-config") + 1]])
+    assert federation == {"num-supernodes": 3, "client-resources-num-cpus": 1}
     assert "--stream" in argv
     sl = fed.superlink_command()
     assert "--simulation" in sl and "--disable-runtime-dependency-installation" in sl
     with pytest.raises(ValueError):
-        LocalFederation(2, supernode_auth=True)  # auth needs TLS
+        LoopbackFederation(2, supernode_auth=True)  # auth needs TLS
 
 
 # ---------------------------------------------------------------------------
@@ -216,7 +202,7 @@ def test_commands_without_starting(tmp_path):
 # ---------------------------------------------------------------------------
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_simulation_run_completes_and_keeps_app_pristine(federations, tmp_path):
     # A copy of the probe app with a legacy [tool.flwr.federations] section:
     # `flwr run` would comment it out in place; run_app must not let it.
@@ -296,7 +282,7 @@ def test_tls_and_supernode_auth(federations, tmp_path):
         ctx = ssl.create_default_context(cafile=str(fed.tls_files.ca_cert))
         with urllib.request.urlopen(f"https://{fed.address}/health", context=ctx) as r:
             assert r.status == 200
-        with pytest.raises(Exception):
+        with pytest.raises((OSError, http.client.HTTPException)):  # refused, reset or garbled
             urllib.request.urlopen(f"http://{fed.address}/health", timeout=5).read()
         assert "--enable-supernode-auth" in fed.superlink.argv
 
@@ -375,7 +361,7 @@ def test_supernode_restart_mid_run(federations, tmp_path):
 @pytest.mark.slow
 def test_failed_start_cleans_up(tmp_path):
     """A SuperLink that cannot start raises and leaves nothing running."""
-    fed = LocalFederation(
+    fed = LoopbackFederation(
         1,
         flwr_home=tmp_path,
         superlink_args=["--no-such-flag"],

@@ -16,9 +16,9 @@ import pytest
 APP = Path(__file__).parent / "apps" / "quickstart"
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_quickstart_app_runs_compressed_in_the_simulation_engine(tmp_path):
-    from qfl.simulations.launch import LocalFederation
+    from qfl.simulations.superlink import LocalFederation
 
     out = tmp_path / "result.json"
     with LocalFederation(simulation=True, num_supernodes=3) as fed:

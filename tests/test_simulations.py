@@ -128,7 +128,7 @@ def test_nodes_that_do_not_say_their_partition_come_last():
     assert list(grid.get_node_ids()) == order and len(inner.sent) == asked  # asked once only
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_every_preset_runs_in_the_simulation_engine(tmp_path, capsys):
     methods = [*PRESETS, *ASYNC_PRESETS]
     status = run_methods(methods, TINY, tmp_path, timeout=300)
@@ -153,7 +153,7 @@ def test_every_preset_runs_in_the_simulation_engine(tmp_path, capsys):
     assert (tmp_path / "report.md").exists() is False  # run_methods writes results only
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_runner_cli_writes_results_and_report(tmp_path):
     from qfl.simulations.runner import main
 
@@ -185,7 +185,7 @@ def _repeatable(obj):
     return obj
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_same_seed_same_run_in_the_simulation_engine(tmp_path):
     # Separate simulations (other node ids, other arrival orders, other numbers of
     # clients running at once) with the same seed: the same partitions train in each
@@ -218,7 +218,7 @@ def _marked(mark: str) -> list[int]:
     return found
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_killed_runner_stops_the_federation_it_started(tmp_path):
     # `kill <runner>` (SIGTERM) must not leave a SuperLink, the simulation and its Ray
     # workers running: they would eat the cores of every later run.

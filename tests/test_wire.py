@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import math
 import random
-import struct
-import zlib
 
 import numpy as np
 import pytest
@@ -15,6 +13,7 @@ import qfl
 from qfl import wire
 from qfl.wire import Limits, WireFormatError, decode, decode_all, encode
 from qfl.wire import _bits as B
+from qfl.wire.fuzz import content_of, frame
 
 SPECS = [
     "identity", "fp16", "bf16", "qsgd(16)", "qsgd(3, norm=max, bucket=32)", "qsgd(5000)", "grid(8)",
@@ -190,30 +189,6 @@ def test_random_byte_flips_raise_wire_format_error(spec, blob):
             decode(bytes(b))
 
 
-def reframe(content: bytes) -> bytes:
-    """A blob with a valid header and checksum around arbitrary content."""
-    n = len(content) + 4
-    length = bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        length.append(byte | (0x80 if n else 0))
-        if not n:
-            break
-    return wire.MAGIC + bytes([wire.VERSION]) + bytes(length) + struct.pack("<I", zlib.crc32(content)) + content
-
-
-def content_of(blob: bytes) -> bytes:
-    pos, shift, length = 3, 0, 0
-    while True:
-        byte = blob[pos]
-        pos += 1
-        length |= (byte & 0x7F) << shift
-        shift += 7
-        if not byte & 0x80:
-            break
-    return blob[pos + 4:pos + length]
-
-
 @pytest.mark.parametrize("spec,blob", valid_blobs())
 def test_parser_behind_the_checksum_only_raises_wire_format_error(spec, blob):
     """Flip and cut content under a recomputed CRC: the parser itself must hold."""
@@ -229,7 +204,7 @@ def test_parser_behind_the_checksum_only_raises_wire_format_error(spec, blob):
                 if c:
                     c[rnd.randrange(len(c))] = rnd.randrange(256)
         try:
-            p = decode(reframe(bytes(c)), limits)
+            p = decode(frame(bytes(c)), limits)
         except WireFormatError:
             continue
         # Whatever decodes is a well-formed payload that decompresses to its shape.
@@ -260,14 +235,14 @@ def test_oversized_declarations_are_refused_before_allocation():
     assert content[:5] == bytes([1, 1, 0, 1, 1])
     forged = bytes(content[:5]) + bytes([0x80, 0x80, 0x80, 0x80, 0x80, 0x20]) + bytes(content[6:])
     with pytest.raises(WireFormatError, match="exceeds the allowed maximum|above the limit"):
-        decode(reframe(forged))
+        decode(frame(forged))
 
 
 def test_declared_counts_must_match_the_operator():
     # A top-k blob whose kept count disagrees with ratio * n is refused.
     p = qfl.parse("topk(k=5)").compress(torch.randn(100))
     content = bytearray(content_of(encode(p)))
-    forged = reframe(bytes(content).replace(bytes([7, 2, 0, 1, 10]), bytes([7, 2, 0, 1, 12]), 1))
+    forged = frame(bytes(content).replace(bytes([7, 2, 0, 1, 10]), bytes([7, 2, 0, 1, 12]), 1))
     with pytest.raises(WireFormatError):
         decode(forged)
 
@@ -359,7 +334,7 @@ def test_fixed_width_levels_out_of_range_are_refused():
     assert at > 0
     content[at + 10] = 255
     with pytest.raises(WireFormatError, match="outside the declared range"):
-        decode(reframe(bytes(content)))
+        decode(frame(bytes(content)))
     for width_spec in ("grid(4)", "qsgd(5, norm=max)"):  # other widths: parallel/serial unpacking
         q = qfl.parse(width_spec).compress(torch.randn(300_000) * torch.rand(300_000))
         assert torch.equal(decode(encode(q)).decompress(), q.decompress())

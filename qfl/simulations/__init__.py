@@ -1,1 +1,11 @@
-"""Flower apps, data, models, experiment runner and report for qfl."""
+"""The simulation app and the tooling that runs and compares it.
+
+What belongs here: qfl as a Flower App (``server_app``, ``client_app``, ``settings``: the
+run config, ``workloads``, ``data``, ``shakespeare``, ``models``), what runs it on one
+machine (``runner``, with ``superlink``: a local SuperLink in simulation mode), and what
+turns its results into evidence (``results``: the one result schema, ``compare``,
+``links``, ``report``). Everything a user imports to run experiments, nothing more:
+harnesses that start SuperNodes, certificates and keys for tests live outside the wheel
+in ``tools/qfl_deploy``. The compression itself belongs in :mod:`qfl.strategies` and
+:mod:`qfl.clients`, never here.
+"""

@@ -131,7 +131,7 @@ def run_methods(methods: Sequence[str], common: dict[str, Any], out: Path, *, ti
     engine believes it has; default: the machine's cores). More than the cores lets
     emulated slow clients, which sleep rather than compute, overlap as real ones would.
     """
-    from .launch import LocalFederation
+    from .superlink import LocalFederation
 
     out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)

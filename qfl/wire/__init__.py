@@ -5,6 +5,10 @@ or Elias-omega coded (QSGD's coding of gaps and levels), whichever is smaller; s
 positions are Rice-coded gaps or a bitmap, whichever is smaller; rand-k sends only its
 seed. Decoding raises :class:`WireFormatError` for anything that is not a valid blob,
 after checking sizes against :class:`Limits` and before allocating.
+
+What belongs here: turning a :class:`qfl.compress.Payload` into bytes and back, and
+nothing that knows about Flower records, strategies or training. A new operator's coding
+goes here together with its bound in ``tests/expected.py``; ``fuzz`` drives the decoder.
 """
 
 from .format import DEFAULT_LIMITS, MAGIC, VERSION, Limits, WireFormatError, decode, decode_all, encode

@@ -1,7 +1,7 @@
 """Run the simulation app as a real Flower deployment on this machine.
 
-    python -m qfl.simulations.deploy --nodes 3 --methods qsparse --rounds 5 --out results/deploy
-    python -m qfl.simulations.deploy --nodes 3 --tls --auth --restart 0@2 --out results/deploy
+    python tools/deploy.py --nodes 3 --methods qsparse --rounds 5 --out results/deploy
+    python tools/deploy.py --nodes 3 --tls --auth --restart 0@2 --out results/deploy
 
 One ``flower-superlink`` and N ``flower-supernode`` processes (SuperNode ``i`` with
 ``--node-config "partition-id=i num-partitions=N"``) on loopback with free ports and a
@@ -35,9 +35,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .report import human_bytes
-from .runner import Progress, method_health, parse_set, write_app
-from .settings import Settings
+from qfl.simulations.report import human_bytes
+from qfl.simulations.runner import Progress, method_health, parse_set, write_app
+from qfl.simulations.server_app import flwr_version
+from qfl.simulations.settings import Settings
+
+from .federation import LoopbackFederation
 
 #: Name of the file with Flower's view of the run, next to the result files.
 FLOWER_RUN_FILE = "flower-run.jsonl"
@@ -55,7 +58,7 @@ class Deployment:
     methods: list[str]
     #: label -> result file written
     status: dict[str, bool]
-    #: the ``flwr run`` outcome (:class:`qfl.simulations.launch.RunResult`)
+    #: the ``flwr run`` outcome (:class:`qfl.simulations.superlink.FlowerRun`)
     run: Any
     #: the line written to ``flower-run.jsonl``
     record: dict[str, Any]
@@ -101,7 +104,7 @@ def flower_record(fed: Any, run: Any, out: Path, labels: Sequence[str], wall_tim
         "status": (run.status or {}).get("status"),
         "ok": bool(run.ok),
         "timed_out": run.timed_out,
-        "flwr": fed.flwr_version,
+        "flwr": flwr_version(),
         "transport": fed.transport,
         "tls": fed.tls,
         "auth": fed.supernode_auth,
@@ -136,7 +139,7 @@ def _signals_as_interrupts() -> Iterator[None]:
         return
     fired = []
 
-    def interrupt(signum, frame):  # noqa: ARG001
+    def interrupt(signum, frame):
         if fired:
             print("   (still stopping the federation)", file=sys.stderr, flush=True)
             return
@@ -189,8 +192,6 @@ def run_deployment(methods: Sequence[str], common: dict[str, Any], out: str | Pa
     (e.g. :func:`restart_after`). ``env`` adds environment variables for every Flower
     process. Raises KeyboardInterrupt after cleaning up if interrupted.
     """
-    from .launch import LocalFederation
-
     if auth and not tls:
         raise ValueError("SuperNode authentication needs TLS (Flower's rule): pass tls=True")
     if nodes < 1:
@@ -218,7 +219,7 @@ def run_deployment(methods: Sequence[str], common: dict[str, Any], out: str | Pa
     # FLWR_HOME (config, installed FABs, logs) lives in a temp dir removed at the end in
     # every case; the logs of a failed run are copied to <out>/flower-logs first.
     with _signals_as_interrupts(), tempfile.TemporaryDirectory(prefix="qfl-deploy-") as tmp:
-        fed = LocalFederation(num_supernodes=nodes, tls=tls, supernode_auth=auth, env=env,
+        fed = LoopbackFederation(num_supernodes=nodes, tls=tls, supernode_auth=auth, env=env,
                               flwr_home=Path(tmp) / "flwr")
         failed = True
         try:
@@ -246,7 +247,7 @@ def _run(fed: Any, app: Path, config: dict[str, Any], labels: list[str], out: Pa
          progress: Progress, during: During | None, errors: list[str], show_commands: bool, started: float,
          stream) -> tuple[Any, dict[str, bool]]:
     """The part of :func:`run_deployment` that runs on a started federation."""
-    print(f"   SuperLink {fed.address} ({fed.transport}, flwr {fed.flwr_version}), SuperNodes: "
+    print(f"   SuperLink {fed.address} ({fed.transport}, flwr {flwr_version()}), SuperNodes: "
           + ", ".join(f"{n.index}=node {n.node_id}" for n in fed.supernodes)
           + f" [{time.perf_counter() - started:.0f} s]", file=stream, flush=True)
     if show_commands:
@@ -257,7 +258,7 @@ def _run(fed: Any, app: Path, config: dict[str, Any], labels: list[str], out: Pa
         def call_hook() -> None:
             try:
                 during(fed, out, done)
-            except Exception as exc:  # noqa: BLE001 - reported with the result
+            except Exception as exc:
                 errors.append(f"during-run hook failed: {exc}")
 
         hook_thread = threading.Thread(target=call_hook, daemon=True, name="qfl-deploy-hook")
@@ -305,7 +306,7 @@ def _print_summary(dep: Deployment, stream) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line entry point; returns the exit code (130 when interrupted)."""
-    p = argparse.ArgumentParser(prog="python -m qfl.simulations.deploy", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python tools/deploy.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--methods", default="qsparse", help="comma-separated presets (and/or 'custom')")
     p.add_argument("--nodes", type=int, default=2, help="SuperNodes to start (= num-clients)")
@@ -351,7 +352,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if not args.no_report and any(dep.status.values()):
-        from .report import write_report
+        from qfl.simulations.report import write_report
 
         report = write_report(dep.out, baseline="fedavg" if "fedavg" in methods else methods[0])
         print(f"== report: {report}", flush=True)
