@@ -63,6 +63,8 @@ def test_parse_set_is_flowers_run_config_syntax():
         {"a": 1, "b": 0.5, "c": True, "d": "dirichlet", "e": "x y"}
     with pytest.raises(ValueError, match="--set"):
         parse_set(["d=dirichlet"])  # a TOML string needs quotes, as with flwr run --run-config
+    with pytest.raises(ValueError, match="without spaces"):
+        parse_set(["lr = 0.1"])  # Flower's parser alone would drop it silently
 
 
 def test_dataset_defaults_and_rounds_factor():

@@ -177,10 +177,17 @@ def parse_set(pairs: Sequence[str]) -> dict[str, Any]:
     """``--set`` values in Flower's ``--run-config`` syntax (TOML values: quote strings)."""
     from flwr.common.config import parse_config_args
 
-    try:
-        return parse_config_args([" ".join(pairs)]) if pairs else {}
-    except Exception as exc:  # click.ClickException: say what was wrong here
-        raise ValueError(f"--set {' '.join(pairs)!r}: {getattr(exc, 'message', exc)}") from None
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        try:
+            parsed = parse_config_args([pair])
+        except Exception as exc:  # click.ClickException: say what was wrong here
+            raise ValueError(f"--set {pair!r}: {getattr(exc, 'message', exc)}") from None
+        if not parsed:  # Flower's parser returns {} for what it cannot split, e.g. "lr = 0.1"
+            raise ValueError(f"--set {pair!r}: expected KEY=VALUE without spaces around '=' "
+                             "(quote strings: key=\"value\")")
+        out.update(parsed)
+    return out
 
 
 def git_commit(path: Path) -> dict[str, Any]:
