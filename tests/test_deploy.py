@@ -38,7 +38,7 @@ import torch
 
 import qfl
 from qfl.compress import IDENTITY
-from qfl.records import record_bytes, to_record
+from qfl.clients.records import record_bytes, to_record
 from qfl.simulations import launch
 from qfl.simulations.client_app import TRACE_ENV
 from qfl.simulations.deploy import FLOWER_RUN_FILE, restart_after, run_deployment
