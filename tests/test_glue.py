@@ -134,11 +134,11 @@ def test_a_custom_start_keeps_its_checkpoints_and_results_with_two_changed_lines
     total = strategy.traffic.total()
     assert total.uplink < total.uplink_full / 3 and total.dropped == total.failures == 0
     assert results["train"]["3"]["qfl.uplink-bytes"] > 0  # qfl's counts reach the user's results file
-    # The same training, bit for bit, as the wrapper around plain FedAvg.
+    # The same training as the wrapper around plain FedAvg (up to the order FedAvg sums replies in).
     reference = Compressed(FedAvg(fraction_train=1.0, fraction_evaluate=1.0), uplink=UPLINK, downlink=DOWNLINK,
                            seed=5).start(grid=FakeGrid(honest_app(), 3), initial_arrays=initial(), num_rounds=3)
     mine, theirs = to_tensors(result.arrays), to_tensors(reference.arrays)
-    assert all(torch.equal(mine[k], theirs[k]) for k in mine)
+    assert all(torch.allclose(mine[k].double(), theirs[k].double(), atol=1e-6) for k in mine)
 
 
 def test_wrapping_a_strategy_that_overrides_start_says_to_subclass():
@@ -201,14 +201,15 @@ def huge_values(arrays: ArrayRecord, content: RecordDict) -> None:
     arrays["0.bias"] = blob_array(encode(Payload(IDENTITY, (64,), torch.float32, Raw(torch.full((64,), 3e38)))))
 
 
-def test_a_1e30_poisoner_is_dropped_by_default_and_the_model_is_the_honest_one():
+@pytest.mark.parametrize("scale,reason", [(1e30, "values beyond"), (1e4, "UpdateGuard.median_factor")])
+def test_a_poisoner_is_dropped_by_default_and_the_model_is_the_honest_one(scale, reason):
     assert DEFAULT_GUARD.median_factor == 10.0
-    strategy, result, models, log = hostile_run(poisoned(1e30))
+    strategy, result, models, log = hostile_run(poisoned(scale))
     reference = honest_models()
     for r in range(4):
         assert all(torch.equal(models[r][k], reference[r][k]) for k in models[r]), r
-    assert all(result.train_metrics_clientapp[r]["qfl.guarded"] == 1 for r in (1, 2, 3))
-    assert any("UpdateGuard.median_factor" in line for line in log.lines)
+    assert all(result.train_metrics_clientapp[r]["qfl.dropped"] == 1 for r in (1, 2, 3))
+    assert sum(reason in line for line in log.lines) == 3
 
 
 def test_two_clients_one_poisoned_the_lower_median_keeps_it_out():
@@ -271,7 +272,7 @@ TAMPERED = {
     "digest-str": (info_field("qfl.digest", "abc"), "'qfl.digest' must be an integer"),
     "state-bytes-float": (info_field("qfl.state-bytes", 1.5), "'qfl.state-bytes' must be an integer"),
     "full-bytes-huge": (info_field("qfl.full-bytes", 2**63 - 1 + 0.0), "'qfl.full-bytes' must be an integer"),
-    "kind-evaluate": (info_field("qfl.kind", "report"), "'report' reply"),
+    "kind-evaluate": (info_field("qfl.kind", "report"), "a report does not"),
     "unknown-field": (info_field("qfl.owner", "me"), "unexpected fields"),
 }
 

@@ -27,7 +27,9 @@ Composition with Flower's other mods:
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Callable
+from types import CodeType
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, RecordDict
@@ -39,7 +41,7 @@ from ..codec import Tensors, compress_model, model_delta, nonfinite, norm
 from ..memory import compensate
 from ..protocol import CLIPPING_NORM, FULL, REPLY_KEY, DownlinkHeader, ReplyInfo, Settings, is_qfl_config, read_float, strip
 from ..replica import DownlinkError, client_model
-from ..wire import Limits, WireFormatError
+from ..wire import STYPE, Limits
 from . import state as held_state
 from .records import decode_record, encode_record, record_bytes, state_bytes, to_record, to_tensors
 
@@ -93,6 +95,10 @@ def _run(msg: Message, context: Context, call_next: ClientAppCallable, first_con
         _warn_uncompressed(msg, context)
         return call_next(msg, context)
     ckey, cfg = located
+    outer = _outer_reader()
+    if outer is not None:
+        return _error(msg, f"compression_mod runs inside {outer}, which would read qfl's {STYPE} payloads instead of "
+                      f"the model: list compression_mod first, e.g. ClientApp(..., mods=[compression_mod, {outer}])")
     try:
         header, settings = DownlinkHeader.from_config(cfg), Settings.from_config(cfg)
         clip = read_float(cfg, CLIPPING_NORM, 0.0) if CLIPPING_NORM in cfg else None
@@ -137,6 +143,41 @@ def _run(msg: Message, context: Context, call_next: ClientAppCallable, first_con
 compression_mod = make_compression_mod()
 compression_mod.__doc__ = """Flower mod: the client half of qfl (see the module docstring); first-contact
 messages are decoded with :data:`FIRST_CONTACT` limits (:func:`make_compression_mod` for others)."""
+
+
+def _model_readers() -> dict[CodeType, str]:
+    """Flower's mods that read the model's arrays (the DP mods), by code object."""
+    try:
+        from flwr.clientapp import mod as flower_mods
+    except ImportError:  # an older Flower without them: nothing to look for
+        return {}
+    out = {}
+    for name in ("fixedclipping_mod", "adaptiveclipping_mod"):
+        fn = getattr(flower_mods, name, None)
+        if fn is not None:
+            out[fn.__code__] = name
+    local = getattr(flower_mods, "LocalDpMod", None)
+    if local is not None:
+        out[local.__call__.__code__] = "LocalDpMod"
+    return out
+
+
+_READERS = _model_readers()
+
+
+def _outer_reader() -> str | None:
+    """The name of a model-reading Flower mod that called this one, if any.
+
+    Mods run outermost first; one listed before compression_mod would be handed qfl's
+    blobs and fail on every client. The call stack says whether one is outside us.
+    """
+    frame = sys._getframe(1)
+    while frame is not None:
+        name = _READERS.get(frame.f_code)
+        if name is not None:
+            return name
+        frame = frame.f_back
+    return None
 
 
 def _limits(record: ArrayRecord, header: DownlinkHeader, holding, first_contact: Limits) -> dict[str, Limits]:

@@ -80,8 +80,10 @@ class UpdateGuard:
             raise ValueError(f"UpdateGuard.window must be a positive integer, got {self.window!r}")
 
     @staticmethod
-    def from_config(norm_guard: float, max_update_norm: float) -> UpdateGuard:
-        """From run-config values where 0 means off (``norm-guard``, ``max-update-norm``)."""
+    def from_config(norm_guard: float, max_update_norm: float) -> UpdateGuard | None:
+        """From run-config values where 0 means off (``norm-guard``, ``max-update-norm``); None if both are."""
+        if not norm_guard and not max_update_norm:
+            return None
         return UpdateGuard(norm_guard or None, max_update_norm or None)
 
 
@@ -203,6 +205,8 @@ class ServerProtocol:
         self._base: Tensors | None = None  # the model the current training round started from
         self._full_bytes = 0  # what plain Flower sends for that model
         self._clip: float | None = None  # client-side DP clipping norm of the current training round
+        self._pending: int | None = None  # a train round configured whose replies have not come back
+        self._aggregated = 0  # train rounds whose replies reached qfl
         #: MetricRecord key the inner strategy weighs replies by (FedAvg's ``weighted_by_key``).
         self.weight_key: str | None = None
 
@@ -312,6 +316,14 @@ class ServerProtocol:
             return messages
         model, full = to_tensors(arrays), record_bytes(arrays)
         if phase == "train":
+            if self._pending is not None and not self._aggregated:
+                raise MisconfigurationError(
+                    f"qfl: the replies of round {self._pending} never reached Compressed.aggregate_train: a wrapper "
+                    "around Compressed skipped aggregation (Flower's DifferentialPrivacyClientSide* wrappers do when "
+                    "any client fails). If every client failed, check the ClientApp's mods: compression_mod must come "
+                    "first, e.g. mods=[compression_mod, fixedclipping_mod]. Wrapped the other way round, "
+                    "Compressed(DifferentialPrivacyClientSide...(FedAvg(...), ...)), qfl reports the clients' errors.")
+            self._pending = server_round
             self._base, self._full_bytes = model, full
             self._clip = self._clipping_norm(messages)
         return self.compress_messages(server_round, self.traffic.at(server_round, phase), messages, model, full)
@@ -338,6 +350,7 @@ class ServerProtocol:
         if self._base is None:
             raise RuntimeError("aggregate_train called before configure_train")
         base = self._base
+        self._pending, self._aggregated = None, self._aggregated + 1
         passed, candidates, unmodded = [], [], []
         for msg in replies:
             traffic.replies += 1
