@@ -304,3 +304,37 @@ def test_the_guard_is_settable_in_code_and_in_the_run_config():
             Settings.from_run_config({key: value})
     with pytest.raises(ValueError, match="median_factor"):
         UpdateGuard(median_factor=0.5)
+
+
+def test_compression_mod_beside_secaggplus_mod_refuses_with_the_reason():
+    from flwr.app import Context
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+
+    from qfl.clients.mod import SECAGG_CONFIGS, SECAGG_REASON, compression_mod
+
+    assert SECAGG_CONFIGS == RECORD_KEY_CONFIGS
+    msg = Message(content=RecordDict({RECORD_KEY_CONFIGS: ConfigRecord({"stage": "setup"})}), dst_node_id=1,
+                  message_type="train")
+    called = []
+    reply = compression_mod(msg, Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={}),
+                            lambda m, c: called.append(m))
+    assert reply.has_error() and reply.error.reason == SECAGG_REASON and not called
+    assert "SecAggPlusWorkflow" in SECAGG_REASON and "legacy" in SECAGG_REASON
+
+
+def test_presets_take_a_guard():
+    from qfl.strategies.presets import build
+
+    assert build("qsparse").guard == DEFAULT_GUARD
+    assert build("qsparse", guard=UpdateGuard(max_update_norm=5.0)).guard.max_update_norm == 5.0
+    assert build("fedavg", guard=None).guard is None
+
+
+@pytest.mark.parametrize("key,value", [("alpha", -1.0), ("alpha", 0.0), ("lr", math.nan), ("lr", -0.1),
+                                       ("classes-per-client", 0), ("momentum", math.inf), ("round-timeout", 0.0),
+                                       ("max-client-samples", -3), ("staleness-exponent", -1.0)])
+def test_run_config_values_are_range_checked_naming_the_key(key, value):
+    from qfl.simulations.settings import Settings
+
+    with pytest.raises(ValueError, match=key):
+        Settings.from_run_config({key: value})
