@@ -246,3 +246,16 @@ def test_crafted_blobs_raise_wire_errors_under_an_address_space_limit():
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.count("wire:") == 2, out.stdout
+
+
+def test_the_first_contact_bound_is_configurable():
+    from qfl.clients import make_compression_mod
+
+    tight = make_compression_mod(first_contact=Limits(max_elements=100))
+    grid = FakeGrid(make_client_app(tiny_model, tiny_data, default=PLAN, mods=(tight,)), 1)
+    msg = downlink_message(grid, Compressed(fedavg()), ArrayRecord(tiny_model().state_dict()))
+    reply = grid.app(msg, grid.contexts[grid.node_ids[0]])
+    assert reply.has_error() and "allowed maximum 100" in reply.error.reason
+    grid = FakeGrid(client(), 1)
+    assert not grid.app(downlink_message(grid, Compressed(fedavg()), ArrayRecord(tiny_model().state_dict())),
+                        grid.contexts[grid.node_ids[0]]).has_error()
