@@ -255,7 +255,7 @@ def test_the_first_contact_bound_is_configurable():
     grid = FakeGrid(make_client_app(tiny_model, tiny_data, default=PLAN, mods=(tight,)), 1)
     msg = downlink_message(grid, Compressed(fedavg()), ArrayRecord(tiny_model().state_dict()))
     reply = grid.app(msg, grid.contexts[grid.node_ids[0]])
-    assert reply.has_error() and "allowed maximum 100" in reply.error.reason
+    assert reply.has_error() and "max_elements=100" in reply.error.reason
     grid = FakeGrid(client(), 1)
     assert not grid.app(downlink_message(grid, Compressed(fedavg()), ArrayRecord(tiny_model().state_dict())),
                         grid.contexts[grid.node_ids[0]]).has_error()
