@@ -104,10 +104,6 @@ def _str_list(config: Mapping[str, Any], key: str) -> list[str]:
     return v
 
 
-def _optional(config: Mapping[str, Any], key: str, reader, *args) -> Any:
-    return reader(config, key, *args) if key in config else None
-
-
 # ------------------------------------------------------------------ server -> client
 @dataclass(frozen=True)
 class Settings:
@@ -143,9 +139,6 @@ class Settings:
             raise ProtocolError(f"uplink policy: {exc}") from None
         return Settings(read_str(config, _KEY), policy, read_bool(config, _EF), read_int(config, _SEED),
                         read_int(config, _ROUND), read_int(config, _SESSION))
-
-    def with_round(self, tag: int) -> Settings:
-        return Settings(self.key, self.uplink, self.error_feedback, self.seed, tag, self.session)
 
 
 @dataclass(frozen=True)
@@ -245,7 +238,7 @@ class ReplyInfo:
             raise ProtocolError(f"{_VERSION!r} and {_DIGEST!r} come together")
         replica = (read_int(config, _VERSION), read_int(config, _DIGEST, 0, 2**32 - 1)) if _VERSION in config else None
         return ReplyInfo(read_str(config, _KIND, REPLY_KINDS), read_int(config, _STATE_BYTES), replica,
-                         _optional(config, _FULL_BYTES, read_int))
+                         read_int(config, _FULL_BYTES) if _FULL_BYTES in config else None)
 
 
 __all__ = ["CLIPPING_NORM", "DOWNLINK_MODES", "FULL", "PREFIX", "REPLY_KEY", "DownlinkHeader", "ProtocolError", "ReplyInfo",

@@ -17,7 +17,14 @@ from fakes import FakeGrid
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result
-from test_robustness import Ordered, attack_mod, honest_app, initial, poisoned, snapshots
+from test_robustness import (
+    Ordered,
+    attack_mod,
+    honest_app,
+    initial,
+    poisoned,
+    snapshots,
+)
 from test_strategy import Capture
 
 from qfl.clients.records import blob_array, to_tensors
@@ -204,7 +211,7 @@ def huge_values(arrays: ArrayRecord, content: RecordDict) -> None:
 @pytest.mark.parametrize("scale,reason", [(1e30, "values beyond"), (1e4, "UpdateGuard.median_factor")])
 def test_a_poisoner_is_dropped_by_default_and_the_model_is_the_honest_one(scale, reason):
     assert DEFAULT_GUARD.median_factor == 10.0
-    strategy, result, models, log = hostile_run(poisoned(scale))
+    _, result, models, log = hostile_run(poisoned(scale))
     reference = honest_models()
     for r in range(4):
         assert all(torch.equal(models[r][k], reference[r][k]) for k in models[r]), r
@@ -222,7 +229,7 @@ def test_two_clients_one_poisoned_the_lower_median_keeps_it_out():
 
 @pytest.mark.parametrize("guard", [DEFAULT_GUARD, None])
 def test_huge_kept_values_never_reach_the_model_nor_crash_a_later_round(guard):
-    strategy, result, models, log = hostile_run(huge_values, guard=guard)
+    _, result, models, _ = hostile_run(huge_values, guard=guard)
     assert sorted(models) == [0, 1, 2, 3]
     for r in (1, 2, 3):
         assert result.train_metrics_clientapp[r]["qfl.dropped"] == 1

@@ -18,7 +18,7 @@ from flwr.serverapp.strategy import FedAvg
 import qfl
 from qfl.clients import LocalTraining, make_client_app
 from qfl.clients.mod import FIRST_CONTACT, compression_mod
-from qfl.clients.records import blob_array, encode_record, to_tensors
+from qfl.clients.records import blob_array
 from qfl.protocol import FULL, DownlinkHeader, ProtocolError, ReplyInfo, Settings
 from qfl.spec import Policy
 from qfl.strategies import Compressed
@@ -243,7 +243,7 @@ def test_crafted_blobs_raise_wire_errors_under_an_address_space_limit():
             else:
                 sys.exit("decoded a hostile blob")
     """)
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=False)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.count("wire:") == 2, out.stdout
 

@@ -32,18 +32,43 @@ from collections.abc import Callable
 from types import CodeType
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Error,
+    Message,
+    MessageType,
+    RecordDict,
+)
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.constant import ErrorCode
 from flwr.supercore import log
 
 from ..codec import Tensors, compress_model, model_delta, nonfinite, norm
 from ..memory import compensate
-from ..protocol import CLIPPING_NORM, FULL, REPLY_KEY, DownlinkHeader, ReplyInfo, Settings, is_qfl_config, read_float, strip
+from ..protocol import (
+    CLIPPING_NORM,
+    FULL,
+    REPLY_KEY,
+    DownlinkHeader,
+    ReplyInfo,
+    Settings,
+    is_qfl_config,
+    read_float,
+    strip,
+)
 from ..replica import DownlinkError, client_model
 from ..wire import STYPE, Limits
 from . import state as held_state
-from .records import decode_record, encode_record, record_bytes, state_bytes, to_record, to_tensors
+from .records import (
+    decode_record,
+    encode_record,
+    record_bytes,
+    state_bytes,
+    to_record,
+    to_tensors,
+)
 
 #: ConfigRecord key of Flower's SecAgg+ stages (``secaggplus_constants.RECORD_KEY_CONFIGS``).
 SECAGG_CONFIGS = "secaggplus_configs"

@@ -2,7 +2,14 @@
 
 from .asynchronous import AsyncCompressed, AsyncStats
 from .compressed import Compressed, compressed
-from .server import DEFAULT_GUARD, CompositionError, MisconfigurationError, Traffic, TrafficLog, UpdateGuard
+from .server import (
+           DEFAULT_GUARD,
+           CompositionError,
+           MisconfigurationError,
+           Traffic,
+           TrafficLog,
+           UpdateGuard,
+)
 
 __all__ = ["DEFAULT_GUARD", "AsyncCompressed", "AsyncStats", "CompositionError", "Compressed",
            "MisconfigurationError", "Traffic", "TrafficLog", "UpdateGuard", "compressed"]

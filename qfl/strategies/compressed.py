@@ -221,9 +221,10 @@ def compressed(
     if not isinstance(cls, type):
         raise TypeError(f"compressed() takes a strategy class, got {cls!r}; to wrap an instance use Compressed(...)")
     check_strategy(cls)
-    settings = dict(uplink=uplink, downlink=downlink, error_feedback=error_feedback, min_elements=min_elements,
-                    uplink_overrides=uplink_overrides, downlink_overrides=downlink_overrides,
-                    downlink_initial=downlink_initial, history=history, seed=seed, limits=limits, guard=guard)
+    settings = {"uplink": uplink, "downlink": downlink, "error_feedback": error_feedback, "min_elements": min_elements,
+                "uplink_overrides": uplink_overrides, "downlink_overrides": downlink_overrides,
+                "downlink_initial": downlink_initial, "history": history, "seed": seed, "limits": limits,
+                "guard": guard}
     ServerProtocol(**settings)  # fail now, not when the class is instantiated
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:

@@ -24,13 +24,26 @@ from logging import ERROR, WARNING
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.supercore import log
 
-from ..clients.records import decode_record, encode_record, record_bytes, to_record, to_tensors
+from ..clients.records import (
+    decode_record,
+    encode_record,
+    record_bytes,
+    to_record,
+    to_tensors,
+)
 from ..codec import MAX_VALUE, Tensors, apply_delta, check_against, norm, out_of_range
 from ..compress import Operator
-from ..protocol import CLIPPING_NORM, REPLY_KEY, ProtocolError, ReplyInfo, Settings, read_float
+from ..protocol import (
+    CLIPPING_NORM,
+    REPLY_KEY,
+    ProtocolError,
+    ReplyInfo,
+    Settings,
+    read_float,
+)
 from ..replica import Offer, ServerDownlink
 from ..spec import MIN_ELEMENTS, Policy, parse_downlink
-from ..wire import DEFAULT_LIMITS, STYPE, Limits, WireFormatError
+from ..wire import DEFAULT_LIMITS, STYPE, Limits
 
 
 class MisconfigurationError(RuntimeError):
