@@ -125,11 +125,16 @@ class CustomFedAvg(FedAvg):
         return result
 
 
-def test_a_custom_start_keeps_its_checkpoints_and_results_with_two_changed_lines(tmp_path):
+@pytest.mark.parametrize("spelling", ["factory", "wrapper"])
+def test_a_custom_start_keeps_its_checkpoints_and_results_with_two_changed_lines(tmp_path, spelling):
     grid = FakeGrid(honest_app(), 3)
-    # The user's ServerApp, with qfl: one import and this line changed.
-    strategy = compressed(CustomFedAvg, uplink=UPLINK, downlink=DOWNLINK, seed=5)(fraction_train=1.0,
-                                                                                  fraction_evaluate=1.0)
+    # The user's ServerApp, with qfl: one import and this line changed (either spelling).
+    if spelling == "factory":
+        strategy = compressed(CustomFedAvg, uplink=UPLINK, downlink=DOWNLINK, seed=5)(fraction_train=1.0,
+                                                                                      fraction_evaluate=1.0)
+    else:
+        strategy = Compressed(CustomFedAvg(fraction_train=1.0, fraction_evaluate=1.0), uplink=UPLINK,
+                              downlink=DOWNLINK, seed=5)
     strategy.set_save_path_and_run_dir(tmp_path, "run")
     result = strategy.start(grid=grid, initial_arrays=initial(), num_rounds=3)
 
@@ -148,9 +153,14 @@ def test_a_custom_start_keeps_its_checkpoints_and_results_with_two_changed_lines
     assert all(torch.allclose(mine[k].double(), theirs[k].double(), atol=1e-6) for k in mine)
 
 
-def test_wrapping_a_strategy_that_overrides_start_says_to_subclass():
-    with pytest.raises(TypeError, match="compressed\\(CustomFedAvg"):
-        Compressed(CustomFedAvg())
+def test_wrapping_a_strategy_that_overrides_start_adopts_it():
+    inner = CustomFedAvg(fraction_train=0.3)
+    strategy = Compressed(inner, uplink=UPLINK)
+    assert isinstance(strategy, CustomFedAvg) and not isinstance(strategy, Compressed)
+    assert type(strategy).start is CustomFedAvg.start and strategy.fraction_train == 0.3
+    assert str(strategy.uplink.op) == str(Compressed(FedAvg(), uplink=UPLINK).uplink.op)
+    with pytest.raises(TypeError):
+        Compressed(inner, uplnk=UPLINK)
 
 
 # ------------------------------------------------------------ loud misconfiguration

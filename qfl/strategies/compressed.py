@@ -9,7 +9,8 @@ Two ways in, one behaviour:
   *class*. Use it when the class overrides ``start()`` (Flower's advanced-pytorch
   example saves checkpoints and a results file there): a wrapper's ``start()`` would
   bypass that override, a subclass keeps it and only adds qfl's hooks to
-  ``configure_*``/``aggregate_*``. Two changed lines of user code::
+  ``configure_*``/``aggregate_*``. ``Compressed(CustomFedAvg(...))`` builds the same
+  subclass from the instance. Two changed lines of user code::
 
       from qfl.strategies import compressed
       strategy = compressed(CustomFedAvg, uplink="topk(0.01) | qsgd(16)")(fraction_train=0.5, ...)
@@ -23,6 +24,7 @@ refused with a :class:`CompositionError` when the run starts.
 
 from __future__ import annotations
 
+import inspect
 import sys
 from collections.abc import Iterable, Mapping
 from logging import INFO
@@ -102,11 +104,21 @@ class Compressed(Strategy):
     ----------
     strategy : flwr.serverapp.strategy.Strategy
         The strategy to wrap (Message API). A legacy ``flwr.server.strategy`` strategy
-        is refused with a TypeError, and so is one that overrides ``start()`` (use
-        :func:`compressed`, which keeps the override).
+        is refused with a TypeError. One whose class overrides ``start()`` is not
+        wrapped but adopted: the result is an instance of ``compressed(type(strategy))``
+        holding the strategy's attributes, so its ``start()`` keeps running (a wrapper's
+        would bypass it).
     """
 
     __doc__ = (__doc__ or "") + _PARAMETERS
+
+    def __new__(cls, strategy: Strategy | None = None, **settings: Any) -> Any:
+        """``Compressed(CustomFedAvg(...))`` with a ``start()`` override: the adopted subclass
+        instance (see ``strategy`` above); anything else: a wrapper, built by ``__init__``."""
+        if cls is Compressed and isinstance(strategy, Strategy) and not isinstance(strategy, Compressed) \
+                and type(strategy).start is not Strategy.start:
+            return _adopt(strategy, settings)
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -125,10 +137,6 @@ class Compressed(Strategy):
         guard: UpdateGuard | None = DEFAULT_GUARD,
     ) -> None:
         check_strategy(strategy)
-        if type(strategy).start is not Strategy.start and not isinstance(strategy, Compressed):
-            raise TypeError(f"{type(strategy).__name__} overrides start(), which Compressed(...) would bypass "
-                            f"(its checkpoints, result files, logging). Use the subclassing form instead: "
-                            f"`compressed({type(strategy).__name__}, uplink=..., downlink=...)(<its arguments>)`.")
         self.strategy = strategy
         self.protocol = ServerProtocol(uplink=uplink, downlink=downlink, error_feedback=error_feedback,
                                        min_elements=min_elements, uplink_overrides=uplink_overrides,
@@ -191,6 +199,10 @@ class Compressed(Strategy):
         metrics = self.strategy.aggregate_evaluate(server_round, self.protocol.evaluate_replies(server_round, replies))
         return self.protocol.finish_train(None, metrics, self.traffic.at(server_round, "evaluate"))[1]
 
+
+# What help() and IDEs show: __init__'s explicit parameters, not __new__'s pass-through.
+Compressed.__signature__ = inspect.signature(Compressed.__init__).replace(
+    parameters=list(inspect.signature(Compressed.__init__).parameters.values())[1:])
 
 S = TypeVar("S", bound=Strategy)
 
@@ -271,6 +283,16 @@ def compressed(
 
 compressed.__doc__ = (compressed.__doc__ or "") + "\n    Parameters\n    ----------\n    cls : type\n        A " \
     "``flwr.serverapp.strategy.Strategy`` subclass." + _PARAMETERS
+
+
+def _adopt(strategy: Strategy, settings: dict[str, Any]) -> Strategy:
+    """An instance of ``compressed(type(strategy), **settings)`` carrying ``strategy``'s attributes."""
+    sub = compressed(type(strategy), **settings)
+    adopted = sub.__new__(sub)
+    adopted.__dict__.update(strategy.__dict__)
+    adopted.protocol = ServerProtocol(**settings)
+    adopted.protocol.weight_key = _weight_key(adopted)
+    return adopted
 
 
 def check_strategy(strategy: object) -> None:
