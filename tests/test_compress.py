@@ -190,6 +190,24 @@ def test_qsparse_composition_contraction():
     assert op.properties(d).contraction == pytest.approx(k / (d * (1 + beta)))
 
 
+@pytest.mark.parametrize("sparsifier", [TopK(k=50), RandK(k=50)])
+def test_fine_quantizer_after_a_projection_is_a_contraction_undamped(sparsifier):
+    # max-norm QSGD with s = 7 levels on buckets of 16: beta = 16 / (4 * 49) < 1, so
+    # Q(S(x)) contracts with (1 - beta) gamma_S and needs no 1/(1 + beta) damping.
+    torch.manual_seed(8)
+    x = torch.randn(500) * torch.rand(500) ** 4  # heavy-tailed, like an update
+    q = QSGD(7, norm="max", bucket=16)
+    op = Chain.of([sparsifier, q])
+    beta = q.beta(50)
+    props = op.properties(500)
+    assert not props.unbiased and props.contraction == pytest.approx(50 / 500 * (1 - beta))
+    sq = ((samples(op, x, 2000) - x.double()) ** 2).sum(1)
+    se = float(sq.std()) / math.sqrt(len(sq))
+    assert float(sq.mean()) <= (1 - props.contraction) * float(x.double().norm() ** 2) + 3 * se
+    # A quantizer too coarse for this (beta >= 1) gives no such guarantee.
+    assert Chain.of([sparsifier, QSGD(1, bucket=64)]).properties(500).contraction is None
+
+
 def test_signtopk_identity():
     torch.manual_seed(7)
     x = torch.randn(1000)

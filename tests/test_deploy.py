@@ -34,6 +34,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
+import tomli_w
 import torch
 
 import qfl
@@ -134,7 +135,7 @@ def run_cli(args: list[str], env: dict[str, str], timeout: float, interrupt_when
 def cli_args(out: Path, nodes: int, rounds: int, *extra: str) -> list[str]:
     # Flower's run-config syntax: values are TOML literals (strings quoted).
     sets = [a for k, v in CONFIG.items() if k != "method"
-            for a in ("--set", tomli_w.dumps({k: v}).strip())]
+            for a in ("--set", f"{k}={tomli_w.dumps({k: v}).split('=', 1)[1].strip()}")]
     return ["--methods", CONFIG["method"], "--nodes", str(nodes), "--rounds", str(rounds), *sets,
             "--out", str(out), "--no-report", *extra]
 

@@ -65,12 +65,16 @@ def test_dataset_defaults_and_rounds_factor():
     s = Settings.from_run_config({"dataset": "shakespeare", "num-server-rounds": 60, "rounds-factor": 1.5})
     assert (s.model_name, s.learning_rate) == ("char-lstm", 1.0)
     assert (s.rounds_of("fedavg"), s.rounds_of("qsparse")) == (60, 90)
+    s = Settings.from_run_config({"num-server-rounds": 10, "rounds-factor": 2, "rounds-factor-methods": "qsparse"})
+    assert [s.rounds_of(m) for m in ("fedavg", "qsgd8", "qsparse")] == [10, 10, 20]
     s = Settings.from_run_config({"model": "mlp", "lr": 0.1})
     assert (s.model_name, s.learning_rate) == ("mlp", 0.1)
     with pytest.raises(ValueError, match="dataset"):
         Settings.from_run_config({"dataset": "cifar"})
     with pytest.raises(ValueError, match="rounds-factor"):
         Settings.from_run_config({"rounds-factor": 0.5})
+    with pytest.raises(ValueError, match="server-lr"):
+        Settings.from_run_config({"server-lr": 0.0})
     with pytest.raises(ValueError, match="links"):
         Settings.from_run_config({"links": "slow: up=1"})
 

@@ -65,6 +65,7 @@ def eval_loss(result, last=True) -> float:
 @pytest.mark.parametrize("inner", [
     lambda: FedAvg(), lambda: FedAdam(eta=0.05, eta_l=0.1), lambda: FedAvgM(server_momentum=0.5, server_learning_rate=0.5),  # 1.0 diverges uncompressed too
     lambda: FedProx(proximal_mu=0.01), lambda: FedTrimmedAvg(beta=0.2),
+    lambda: qfl.strategies.FedAvgMomentum(server_momentum=0.5, server_learning_rate=0.5),
 ])
 def test_any_inner_strategy_trains_with_both_directions_compressed(inner):
     grid = FakeGrid(app(), 5)
@@ -432,3 +433,34 @@ def test_a_second_strategy_in_the_same_run_starts_with_fresh_client_state():
     assert second.traffic.total().resyncs == 2 and second.traffic.total().dropped == 0
     for ctx in grid.contexts.values():
         assert load_replica(ctx.state)[1] == second.downlink.version
+
+
+# ----------------------------------------------------------------- server momentum
+def _reply(arrays: dict, n: int) -> Message:
+    request = Message(RecordDict(), dst_node_id=7, message_type="train")
+    request.metadata.__dict__["_message_id"] = "m1"
+    content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+                          "metrics": MetricRecord({"num-examples": n})})
+    return Message(content, reply_to=request)
+
+
+def test_server_momentum_moves_parameters_and_averages_statistics():
+    import numpy as np
+
+    from qfl.strategies import FedAvgMomentum
+
+    start = {"w": np.ones(3, np.float32), "bn.running_var": np.ones(2, np.float32),
+             "bn.num_batches_tracked": np.array(0, np.int64)}
+    strategy = FedAvgMomentum(server_momentum=0.5)
+    strategy.configure_train(1, ArrayRecord({k: Array(v) for k, v in start.items()}), ConfigRecord(), FakeGrid(app(), 2))
+    var = np.full(2, 0.1, np.float32)  # the clients' running variance fell to 0.1 in round 1
+    for server_round, w in ((1, 0.5), (2, 0.5)):
+        arrays, _ = strategy.aggregate_train(server_round, [
+            _reply({"w": np.full(3, w, np.float32), "bn.running_var": var, "bn.num_batches_tracked": np.array(5)}, 1)])
+    got = {k: a.numpy() for k, a in arrays.items()}
+    # w: 1 -> 0.5 (v = 0.5), then v = 0.5 * 0.5 + 0 -> 0.25: momentum carries it on.
+    assert got["w"] == pytest.approx(np.full(3, 0.25))
+    # Statistics take the replies' average: Flower's FedAvgM would extrapolate the
+    # variance to 0.1 - 0.45 < 0 (NaN activations).
+    assert got["bn.running_var"] == pytest.approx(var) and got["bn.num_batches_tracked"] == 5
+    assert got["bn.num_batches_tracked"].dtype == np.int64

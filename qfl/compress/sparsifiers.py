@@ -34,6 +34,12 @@ class Sparsifier(Operator):
         """How many positions a valid payload keeps, when that is fixed by (op, n)."""
         return None
 
+    def is_projection(self) -> bool:
+        """Whether kept values pass unchanged and the rest become zero, so x - S(x) is
+        orthogonal to S(x): then an unbiased quantizer of variance factor beta < 1 on the
+        kept values keeps the composition a contraction without damping (see Chain)."""
+        return False
+
     def _compress(self, x: torch.Tensor, generator: torch.Generator | None,
                   inner: ValueOperator | None = None) -> Part:
         indices, seed, values = self.select(x, generator)
@@ -119,6 +125,9 @@ class TopK(Sparsifier):
     def properties(self, n: int) -> Properties:
         return Properties(unbiased=False, contraction=self.expected_count(n) / n if n else 1.0)
 
+    def is_projection(self) -> bool:
+        return True
+
 
 @dataclass(frozen=True)
 class RandK(Sparsifier):
@@ -172,6 +181,9 @@ class RandK(Sparsifier):
         if self.unbiased:
             return Properties(unbiased=True, variance=n / k - 1.0)
         return Properties(unbiased=False, contraction=k / n)
+
+    def is_projection(self) -> bool:
+        return not self.unbiased
 
 
 @dataclass(frozen=True)

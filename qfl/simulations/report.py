@@ -103,7 +103,7 @@ def setting_lines(c: Comparison, manifest: Mapping[str, Any] | None = None) -> l
     cfg = _config(c)
     base = c.base
     rounds = {m.label: max(r.rounds for r in m.rows) for m in c.methods}
-    others = sorted({r for label, r in rounds.items() if label != c.baseline})
+    longer = {label: r for label, r in rounds.items() if r != rounds[c.baseline]}
     lines = [
         f"- Dataset **{cfg.get('dataset', 'fashion-mnist')}**, model `{cfg.get('model') or 'default'}` "
         f"({next(iter(c.results[c.baseline].values())).model_parameters:,} parameters), "
@@ -115,8 +115,8 @@ def setting_lines(c: Comparison, manifest: Mapping[str, Any] | None = None) -> l
         f"- Seeds: {', '.join(map(str, c.seeds))}. Central test set: {cfg.get('test-samples')} samples at most "
         "(the whole test split when it is smaller).",
         f"- Rounds: {rounds[c.baseline]} for the baseline {_code(c.baseline)}"
-        + (f", {', '.join(map(str, others))} for the other methods (more rounds to reach the target: what is "
-           "compared is bytes to target)" if others and others != [rounds[c.baseline]] else "") + ".",
+        + (f"; {', '.join(f'{_code(k)} {v}' for k, v in longer.items())} (more rounds to reach the target: "
+           "what is compared is bytes to target)" if longer else "") + ".",
         f"- Target, per seed: {_code(c.baseline)}'s mean accuracy over its last {c.window} evaluations − "
         f"{100 * c.drop:g} pp ({', '.join(f'seed {r.seed}: {_pct(r.target)}' for r in base.rows)}).",
     ]

@@ -141,7 +141,7 @@ def run_methods(methods: Sequence[str], common: dict[str, Any], out: Path, *, ti
             (out / f"{label}{suffix}").unlink(missing_ok=True)
     rounds = {m: settings.rounds_of(m) for m in methods}
     print(f"== {prefix}running {', '.join(methods)}: {settings.num_server_rounds} rounds"
-          + (f" ({settings.rounds_factor:g}x for all but {settings.baseline})" if settings.rounds_factor != 1 else "")
+          + "".join(f", {m} {r}" for m, r in rounds.items() if r != settings.num_server_rounds)
           + f", {settings.num_clients} clients, dataset {settings.dataset}, seed {settings.seed}", flush=True)
     progress = Progress(out, methods, rounds, prefix)
     progress.start()
@@ -228,6 +228,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=d.num_server_rounds, help="rounds of the baseline")
     p.add_argument("--rounds-factor", type=float, default=d.rounds_factor,
                    help="the other methods train this many times --rounds (bytes to target is what is compared)")
+    p.add_argument("--rounds-factor-methods", default=d.rounds_factor_methods,
+                   help="comma-separated methods --rounds-factor applies to (default: all but the baseline)")
     p.add_argument("--baseline", default=d.baseline)
     p.add_argument("--clients", type=int, default=d.num_clients)
     p.add_argument("--fraction", type=float, default=d.fraction_train, help="fraction of clients per round")
@@ -247,7 +249,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
-        common = {"num-server-rounds": args.rounds, "rounds-factor": args.rounds_factor, "baseline": args.baseline,
+        common = {"num-server-rounds": args.rounds, "rounds-factor": args.rounds_factor,
+                  "rounds-factor-methods": args.rounds_factor_methods, "baseline": args.baseline,
                   "num-clients": args.clients, "fraction-train": args.fraction, "local-steps": args.local_steps,
                   "alpha": args.alpha, "partitioning": args.partitioning, "dataset": args.dataset,
                   **parse_set(args.set)}

@@ -34,6 +34,7 @@ import qfl
 
 from ..clients import evaluate
 from ..strategies import AsyncCompressed, Compressed, UpdateGuard
+from ..strategies.momentum import FedAvgMomentum
 from ..strategies.presets import ASYNC_PRESETS, build
 from .grid import PartitionOrderedGrid
 from .models import build_model, count_parameters
@@ -63,7 +64,9 @@ def _strategy(s: Settings) -> Compressed | AsyncCompressed:
                                        min_elements=s.min_elements)
     inner = s.fedavg_kwargs()
     if s.method == "custom":
-        return Compressed(FedAvg(**inner), uplink=s.uplink or None, downlink=s.downlink or None,
+        server = (FedAvgMomentum(server_learning_rate=s.server_lr, server_momentum=s.server_momentum, **inner)
+                  if s.server_momentum or s.server_lr != 1 else FedAvg(**inner))
+        return Compressed(server, uplink=s.uplink or None, downlink=s.downlink or None,
                           downlink_initial=s.downlink_initial or None, error_feedback=s.error_feedback,
                           min_elements=s.min_elements, seed=s.seed)
     if s.method == "qesgd":

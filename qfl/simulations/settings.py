@@ -36,6 +36,7 @@ class Settings:
     num_server_rounds: int = 20
     baseline: str = "fedavg"
     rounds_factor: float = 1.0
+    rounds_factor_methods: str = ""
     num_clients: int = 20
     fraction_train: float = 0.5
     local_steps: int = 20
@@ -43,6 +44,8 @@ class Settings:
     batch_size: int = 32
     lr: float = 0.0
     momentum: float = 0.0
+    server_lr: float = 1.0
+    server_momentum: float = 0.0
     dataset: str = "fashion-mnist"
     seq_len: int = 80
     partitioning: str = "dirichlet"
@@ -120,6 +123,8 @@ class Settings:
                 raise ValueError(f"run config {key.replace('_', '-')!r} must be >= 1")
         if not (math.isfinite(self.rounds_factor) and self.rounds_factor >= 1):
             raise ValueError("run config 'rounds-factor' must be a number >= 1")
+        if not (math.isfinite(self.server_lr) and self.server_lr > 0) or not 0 <= self.server_momentum < 1:
+            raise ValueError("run config 'server-lr' must be > 0 and 'server-momentum' in [0, 1)")
         if not 0 < self.fraction_train <= 1:
             raise ValueError("run config 'fraction-train' must be in (0, 1]")
         if self.local_steps < 0 or self.local_epochs < 0 or (self.local_steps == 0 and self.local_epochs == 0):
@@ -168,9 +173,11 @@ class Settings:
 
     def rounds_of(self, method: str) -> int:
         """Rounds ``method`` trains: ``num-server-rounds`` for the baseline, ``rounds-factor``
-        times that for the others (what is compared is bytes to the baseline's accuracy,
-        which a compressed method may need more rounds to reach)."""
-        if method == self.baseline:
+        times that for the others, or for those ``rounds-factor-methods`` lists (what is
+        compared is bytes to the baseline's accuracy, which a sparse method may need more
+        rounds to reach; methods judged on their final accuracy need not train longer)."""
+        longer = [m.strip() for m in self.rounds_factor_methods.split(",") if m.strip()]
+        if method == self.baseline or (longer and method not in longer):
             return self.num_server_rounds
         return math.ceil(self.num_server_rounds * self.rounds_factor - 1e-9)
 

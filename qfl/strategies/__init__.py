@@ -2,14 +2,8 @@
 
 from .asynchronous import AsyncCompressed, AsyncStats
 from .compressed import Compressed, compressed
-from .server import (
-           DEFAULT_GUARD,
-           CompositionError,
-           MisconfigurationError,
-           Traffic,
-           TrafficLog,
-           UpdateGuard,
-)
+from .momentum import FedAvgMomentum
+from .server import DEFAULT_GUARD, CompositionError, MisconfigurationError, Traffic, TrafficLog, UpdateGuard
 
-__all__ = ["DEFAULT_GUARD", "AsyncCompressed", "AsyncStats", "CompositionError", "Compressed",
+__all__ = ["DEFAULT_GUARD", "AsyncCompressed", "AsyncStats", "CompositionError", "Compressed", "FedAvgMomentum",
            "MisconfigurationError", "Traffic", "TrafficLog", "UpdateGuard", "compressed"]

@@ -1,12 +1,21 @@
-"""quickstart-pytorch's ServerApp; the only qfl change is wrapping FedAvg in ``Compressed``."""
+"""quickstart-pytorch's ServerApp; the only qfl change is wrapping the strategy in ``Compressed``.
+
+Run-config keys beyond quickstart-pytorch's, for tests and benchmarks/quickstart.py:
+``uplink``/``downlink`` (qfl specs; ``plain = true`` runs plain Flower without
+``Compressed``), ``server-momentum`` (FedAvgMomentum instead of FedAvg when > 0) and
+``test-samples`` (> 0: the server also evaluates on that many Fashion-MNIST test images
+after every round).
+"""
 
 import json
 
-from flwr.app import ArrayRecord, ConfigRecord, Context
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
-from qfl.strategies import Compressed
+from qfl.simulations.data import test_data
+from qfl.strategies import Compressed, FedAvgMomentum
 
 from .task import Net
 
@@ -16,19 +25,39 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg = context.run_config
-    strategy = Compressed(
-        FedAvg(fraction_train=float(cfg["fraction-train"])),
-        uplink="topk(0.05) | qsgd(levels=15, bucket=512)",
-        downlink="delta | qsgd(levels=63, bucket=512)",
+    torch.manual_seed(int(cfg["seed"]))
+    momentum = float(cfg["server-momentum"])
+    inner = (FedAvgMomentum(fraction_train=float(cfg["fraction-train"]), server_momentum=momentum) if momentum
+             else FedAvg(fraction_train=float(cfg["fraction-train"])))
+    strategy = inner if cfg["plain"] else Compressed(
+        inner,
+        uplink=str(cfg["uplink"]),
+        downlink=str(cfg["downlink"]),
         min_elements=256,
     )
-    result = strategy.start(grid=grid, initial_arrays=ArrayRecord(Net().state_dict()),
-                            num_rounds=int(cfg["num-server-rounds"]), train_config=ConfigRecord({"lr": float(cfg["lr"])}))
+    central = {}
+    samples = int(cfg["test-samples"])
+    images, labels = test_data(max_samples=samples) if samples else (None, None)
+
+    def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        model = Net()
+        model.load_state_dict(arrays.to_torch_state_dict())
+        model.eval()
+        with torch.no_grad():
+            acc = float((model(images).argmax(1) == labels).float().mean())
+        central[server_round] = acc
+        return MetricRecord({"central_acc": acc})
+
+    init = Net()
+    result = strategy.start(grid=grid, initial_arrays=ArrayRecord(init.state_dict()),
+                            num_rounds=int(cfg["num-server-rounds"]), train_config=ConfigRecord({"lr": float(cfg["lr"])}),
+                            evaluate_fn=evaluate if samples else None)
     if cfg["result-path"]:
-        total = strategy.traffic.total()
+        total = strategy.traffic.total() if isinstance(strategy, Compressed) else None
         with open(str(cfg["result-path"]), "w") as f:
             json.dump({"eval": {r: dict(m) for r, m in result.evaluate_metrics_clientapp.items()},
                        "train": {r: dict(m) for r, m in result.train_metrics_clientapp.items()},
-                       "uplink": total.uplink, "uplink_full": total.uplink_full,
-                       "downlink": total.downlink, "downlink_full": total.downlink_full,
-                       "dropped": total.dropped, "resyncs": total.resyncs}, f)
+                       "central": central,
+                       **({"uplink": total.uplink, "uplink_full": total.uplink_full,
+                           "downlink": total.downlink, "downlink_full": total.downlink_full,
+                           "dropped": total.dropped, "resyncs": total.resyncs} if total else {})}, f)
