@@ -1,8 +1,10 @@
 """qfl: communication-efficient federated learning on Flower.
 
 Layers, each importing only those above it: ``qfl.compress`` (math on one tensor),
-``qfl.wire`` (bytes), state helpers here (spec strings, error memory, replicas),
-``qfl.strategies`` (server), ``qfl.clients`` (client mod), ``qfl.simulations``.
+``qfl.wire`` (bytes), Flower-free helpers here (spec strings, error memory, replicas,
+``qfl.protocol``: the typed fields server and client exchange), ``qfl.clients`` (the
+client mod, and the conversion between Flower records and tensors both sides use),
+``qfl.strategies`` (server), ``qfl.simulations``.
 """
 
 from .memory import compress_with_memory

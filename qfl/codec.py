@@ -6,6 +6,7 @@ memory or replica) and the receiver's reconstruction come from the same code.
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Mapping
 
 import torch
@@ -13,8 +14,9 @@ import torch
 from .compress import Identity, Payload
 from .compress.base import FLOAT_DTYPES
 from .memory import compress_with_memory, memory_dtype
-from .records import Tensors
 from .spec import Policy
+
+Tensors = dict[str, torch.Tensor]
 
 
 def is_float(t: torch.Tensor) -> bool:
@@ -95,6 +97,21 @@ def nonfinite(tensors: Mapping[str, torch.Tensor]) -> str | None:
     return None
 
 
+#: Largest magnitude a model or update value may have (about 1.1e12, far beyond any
+#: real weight): below it the float32 sum of the squares of a 2^28-element tensor stays
+#: finite, so every l2 norm computed from an accepted update or model (a quantizer's
+#: scale, a clipping norm, the update guard) is finite too.
+MAX_VALUE = 2.0**40
+
+
+def out_of_range(tensors: Mapping[str, torch.Tensor], bound: float = MAX_VALUE) -> str | None:
+    """Name of the first float tensor with NaN, Inf or a value beyond ``bound``, or None."""
+    for name, t in tensors.items():
+        if is_float(t) and t.numel() and not bool((t.abs() <= bound).all()):
+            return name
+    return None
+
+
 def norm(tensors: Tensors) -> float:
     """Global l2 norm over the float tensors."""
     total = 0.0
@@ -102,3 +119,18 @@ def norm(tensors: Tensors) -> float:
         if is_float(t):
             total += float(t.double().pow(2).sum())
     return total**0.5
+
+
+def digest(tensors: Mapping[str, torch.Tensor]) -> int:
+    """CRC32 over names, dtypes, shapes and raw bytes: cheap proof two replicas are identical.
+
+    Both sides compute replicas with the same deterministic code, so equal inputs give
+    bit-equal tensors and equal digests; any divergence shows up as a mismatch.
+    """
+    crc = 0
+    for key, t in tensors.items():
+        flat = t.detach().cpu().contiguous().reshape(-1)
+        raw = flat.to(torch.uint8) if flat.dtype == torch.bool else flat.view(torch.uint8)
+        crc = zlib.crc32(f"{key}:{t.dtype}:{tuple(t.shape)}".encode(), crc)
+        crc = zlib.crc32(raw.numpy(), crc)
+    return crc

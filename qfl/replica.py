@@ -28,35 +28,26 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
-from .codec import apply_delta, compress_model, is_float, model_delta
+from .codec import Tensors, apply_delta, compress_model, digest, model_delta
 from .compress import IDENTITY, Payload
-from .records import Tensors, digest, encode_record, to_record, to_tensors
+from .protocol import FULL, DownlinkHeader
 from .spec import Policy
 from .wire import encode
-
-#: Prefix of every qfl entry in a message's ConfigRecord (clients strip them).
-PREFIX = "qfl."
-#: Key of the ConfigRecord in which a client's reply reports its qfl state.
-REPLY_KEY = "qfl"
-#: Keys of the downlink fields in a message's ConfigRecord.
-MODE, BASE, VERSION, DIGEST = "qfl.mode", "qfl.base", "qfl.version", "qfl.digest"
-#: Key in a reply's qfl record: bytes of array data the client keeps in ``context.state``.
-STATE_BYTES = "qfl.state-bytes"
-#: Key in a train reply's qfl record: bytes of the ArrayRecord the user's code returned,
-#: i.e. what plain Flower would have carried up (the server's model may be wider).
-FULL_BYTES = "qfl.full-bytes"
-FULL = -1  # BASE of a full (resync) payload
 
 
 @dataclass(frozen=True)
 class Offer:
-    """One distinct downlink payload: the record to send and its ConfigRecord fields."""
+    """One distinct downlink payload: encoded blobs per tensor, and the header saying what they are."""
 
-    record: ArrayRecord
-    fields: dict[str, int | str]
+    blobs: dict[str, bytes]
+    header: DownlinkHeader
     kind: str  # "model", "full", "delta" or "current"
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the payload puts on the wire."""
+        return sum(map(len, self.blobs.values()))
 
 
 class ServerDownlink:
@@ -123,7 +114,8 @@ class ServerDownlink:
         self.version += 1
         if self.mode == "model":
             payloads, _, _ = compress_model(model, self.policy, self.generator)
-            self._offers["model"] = Offer(encode_record(payloads), {MODE: "model", VERSION: self.version}, "model")
+            self._offers["model"] = Offer({k: encode(p) for k, p in payloads.items()},
+                                          DownlinkHeader("model", self.version), "model")
             return True
         if self.replica is None or self.replica.keys() != model.keys() or any(
             self.replica[k].shape != model[k].shape for k in model
@@ -218,18 +210,17 @@ class ServerDownlink:
 
     def _build_anchor(self, with_anchor: bool) -> Offer:
         assert self.replica is not None
-        fields: dict[str, int | str] = {MODE: "anchor", VERSION: self.version, DIGEST: self._digests[self.version],
-                                        BASE: FULL if with_anchor else self.version}
+        header = DownlinkHeader("anchor", self.version, FULL if with_anchor else self.version,
+                                self._digests[self.version])
         blobs = {}
         for k, v in self.replica.items():
             head = encode(IDENTITY.compress(v)) if with_anchor else b""
             blobs[k] = head + (self._anchor_delta[k] if self._anchor_delta is not None else b"")
         kind = "full" if with_anchor else ("delta" if self._anchor_delta is not None else "current")
-        return Offer(encode_record(blobs), fields, kind)
+        return Offer(blobs, header, kind)
 
     def _build(self, key: object) -> Offer:
         assert self.replica is not None
-        fields: dict[str, int | str] = {MODE: "delta", VERSION: self.version, DIGEST: self._digests[self.version]}
         if key == "full":
             # A resync: the replica itself, losslessly (identity blobs in the model's own
             # dtypes), or the checkpoint and the steps since, whichever is smaller.
@@ -240,11 +231,12 @@ class ServerDownlink:
                 chained = {k: b"".join([base[k], *(s[k] for s in steps)]) for k in self.replica}
                 if sum(map(len, chained.values())) < sum(map(len, blobs.values())):
                     blobs = chained
-            return Offer(encode_record(blobs), {**fields, BASE: FULL}, "full")
+            return Offer(blobs, DownlinkHeader("delta", self.version, FULL, self._digests[self.version]), "full")
         base = int(key)  # type: ignore[arg-type]
         steps = [self._steps[v] for v in range(base + 1, self.version + 1)]
-        record = encode_record({k: b"".join(s[k] for s in steps) for k in self.replica})
-        return Offer(record, {**fields, BASE: base}, "delta" if steps else "current")
+        blobs = {k: b"".join(s[k] for s in steps) for k in self.replica}
+        return Offer(blobs, DownlinkHeader("delta", self.version, base, self._digests[self.version]),
+                     "delta" if steps else "current")
 
     # ----------------------------------------------------------------- clients
     def acknowledge(self, node_id: int, version: int, replica_digest: int) -> bool:
@@ -275,7 +267,7 @@ class ServerDownlink:
         replica_bytes = sum(t.numel() * t.element_size() for t in (self.replica or {}).values())
         checkpoint_bytes = sum(map(len, self._checkpoint[1].values())) if self._checkpoint else 0
         anchor_bytes = sum(map(len, self._anchor_delta.values())) if self._anchor_delta else 0
-        offer_bytes = sum(len(a.data) for o in self._offers.values() for a in o.record.values())
+        offer_bytes = sum(o.nbytes for o in self._offers.values())
         return {"steps": len(self._steps), "step_bytes": step_bytes, "replica_bytes": replica_bytes,
                 "checkpoint_bytes": checkpoint_bytes + anchor_bytes, "offer_bytes": offer_bytes,
                 "offers": len(self._offers), "nodes": len(self.nodes) + len(self._lost),
@@ -283,34 +275,35 @@ class ServerDownlink:
 
 
 # ============================================================================ client
-_REPLICA, _REPLICA_META = "qfl.replica", "qfl.replica-meta"
+#: What a client holds between messages: its replica (or anchor) and that replica's version.
+Held = tuple[Tensors, int]
 
 
 class DownlinkError(ValueError):
     """The client cannot rebuild the model from this message (it needs a resync)."""
 
 
-def client_model(arrays: Mapping[str, list[Payload]], fields: Mapping[str, object], state: RecordDict) -> Tensors:
-    """Rebuild the model a message stands for, updating the replica in ``state`` (delta mode).
+def client_model(arrays: Mapping[str, list[Payload]], header: DownlinkHeader,
+                 held: Held | None) -> tuple[Tensors, Tensors | None]:
+    """(model the message stands for, replica to hold from now on or None to keep ``held``).
 
-    Raises DownlinkError with the reason when the replica is missing, at an unservable
-    version, or ends up with another digest than the server's; the replica is then
-    dropped so that the next message brings a full model.
+    Pure: the caller persists the new replica (at ``header.version``, digest
+    ``header.digest``) only once the whole message went through, so a message that
+    fails leaves the client's state as it was. Raises DownlinkError with the reason
+    when the replica is missing, at an unservable version, or ends up with another
+    digest than the server's; the server then resyncs the node.
     """
-    mode = fields.get(MODE)
-    if mode == "model":
+    if header.mode == "model":
         out = {}
         for k, ps in arrays.items():
             if len(ps) != 1:
                 raise DownlinkError(f"{k}: a model-mode message carries {len(ps)} payloads, expected 1")
             out[k] = ps[0].decompress()
-        return out
-    if mode == "anchor":
-        return _anchor_model(arrays, fields, state)
-    if mode != "delta":
-        raise DownlinkError(f"unknown downlink mode {mode!r}")
-    base, target, want = int(fields[BASE]), int(fields[VERSION]), int(fields[DIGEST])
-    if base == FULL:
+        return out, None
+    if header.mode == "anchor":
+        return _anchor_model(arrays, header, held)
+    target = header.version
+    if header.base == FULL:
         # A resync: the first payload of each tensor is a base replica, any others are
         # the steps from it (a checkpoint and its chain).
         counts = {len(ps) for ps in arrays.values()}
@@ -318,81 +311,53 @@ def client_model(arrays: Mapping[str, list[Payload]], fields: Mapping[str, objec
             raise DownlinkError(f"a resync carries {sorted(counts)} payloads per tensor, expected one count >= 1")
         replica = {k: ps[0].decompress() for k, ps in arrays.items()}
         for j in range(1, counts.pop()):
-            replica = {k: apply_delta(replica[k], arrays[k][j].decompress()) for k in replica}
+            replica = {k: _step(replica[k], arrays[k][j], k) for k in replica}
     else:
-        replica, have = load_replica(state)
-        if replica is None:
+        if held is None:
             raise DownlinkError(f"no replica held (state lost?); version {target} needs a full model")
-        if not base <= have <= target:
-            drop_replica(state)
-            raise DownlinkError(f"replica is at version {have}, this message brings {base} -> {target}")
+        replica, have = held
+        if not header.base <= have <= target:
+            raise DownlinkError(f"replica is at version {have}, this message brings {header.base} -> {target}")
         if replica.keys() != arrays.keys():
-            drop_replica(state)
             raise DownlinkError("the message's tensors differ from the replica's")
         for k, ps in arrays.items():
-            if len(ps) != target - base:
-                raise DownlinkError(f"{k}: {len(ps)} steps for versions {base} -> {target}")
-        for j in range(have - base, target - base):
-            replica = {k: apply_delta(replica[k], arrays[k][j].decompress()) for k in replica}
-    if digest(replica) != want:
-        drop_replica(state)
+            if len(ps) != header.steps:
+                raise DownlinkError(f"{k}: {len(ps)} steps for versions {header.base} -> {target}")
+        for j in range(have - header.base, header.steps):
+            replica = {k: _step(replica[k], arrays[k][j], k) for k in replica}
+    if digest(replica) != header.digest:
         raise DownlinkError(f"replica digest after version {target} differs from the server's")
-    save_replica(state, replica, target, want)
-    return replica
+    return replica, replica
 
 
-def _anchor_model(arrays: Mapping[str, list[Payload]], fields: Mapping[str, object], state: RecordDict) -> Tensors:
+def _step(base: torch.Tensor, payload: Payload, name: str) -> torch.Tensor:
+    """``base`` plus one decoded step, refused unless the step has the replica's shape."""
+    if payload.shape != tuple(base.shape):
+        raise DownlinkError(f"{name}: a step of shape {payload.shape} for a replica of shape {tuple(base.shape)}")
+    return apply_delta(base, payload.decompress())
+
+
+def _anchor_model(arrays: Mapping[str, list[Payload]], header: DownlinkHeader,
+                  held: Held | None) -> tuple[Tensors, Tensors | None]:
     """Anchor mode: anchor (from the message or the state) plus the shared difference."""
-    base, version, want = int(fields[BASE]), int(fields[VERSION]), int(fields[DIGEST])
-    if base == FULL:
+    new_anchor = None
+    if header.base == FULL:
         anchor = {k: ps[0].decompress() for k, ps in arrays.items() if ps}
-        if anchor.keys() != arrays.keys() or digest(anchor) != want:
-            drop_replica(state)
-            raise DownlinkError(f"the anchor of version {version} does not match the server's digest")
-        save_replica(state, anchor, version, want)
+        if anchor.keys() != arrays.keys() or digest(anchor) != header.digest:
+            raise DownlinkError(f"the anchor of version {header.version} does not match the server's digest")
+        new_anchor = anchor
         rest = {k: ps[1:] for k, ps in arrays.items()}
     else:
-        anchor, have = load_replica(state)
-        if anchor is None or have != base:
-            drop_replica(state)
-            raise DownlinkError(f"anchor version {base} is needed, the client holds {have}")
+        if held is None or held[1] != header.base:
+            raise DownlinkError(f"anchor version {header.base} is needed, the client holds "
+                                f"{None if held is None else held[1]}")
+        anchor = held[0]
         if anchor.keys() != arrays.keys():
-            drop_replica(state)
             raise DownlinkError("the message's tensors differ from the anchor's")
         rest = dict(arrays)
     if any(len(ps) > 1 for ps in rest.values()):
         raise DownlinkError("an anchor-mode message carries more than one difference per tensor")
-    return {k: apply_delta(anchor[k], rest[k][0].decompress()) if rest[k] else anchor[k] for k in anchor}
+    return {k: _step(anchor[k], rest[k][0], k) if rest[k] else anchor[k] for k in anchor}, new_anchor
 
 
-def load_replica(state: RecordDict) -> tuple[Tensors | None, int]:
-    """(replica, version) from a client's context state, (None, -1) if none."""
-    if _REPLICA not in state or _REPLICA_META not in state:
-        return None, -1
-    meta = state[_REPLICA_META]
-    return to_tensors(state[_REPLICA]), int(meta["version"])
-
-
-def replica_info(state: RecordDict) -> tuple[int, int] | None:
-    """(version, digest) of the held replica, without loading it."""
-    if _REPLICA_META not in state:
-        return None
-    meta = state[_REPLICA_META]
-    return int(meta["version"]), int(meta["digest"])
-
-
-def save_replica(state: RecordDict, replica: Tensors, version: int, replica_digest: int) -> None:
-    """Persist the replica in ``context.state``: it must outlive the ClientApp process."""
-    state[_REPLICA] = to_record(replica)
-    state[_REPLICA_META] = ConfigRecord({"version": version, "digest": replica_digest})
-
-
-def drop_replica(state: RecordDict) -> None:
-    """Forget the replica (the next message must bring a full model)."""
-    for key in (_REPLICA, _REPLICA_META):
-        if key in state:
-            del state[key]
-
-
-__all__ = ["BASE", "DIGEST", "FULL", "FULL_BYTES", "MODE", "PREFIX", "REPLY_KEY", "STATE_BYTES", "VERSION", "DownlinkError", "Offer", "ServerDownlink", "client_model", "drop_replica", "is_float", "load_replica",
-           "replica_info", "save_replica"]
+__all__ = ["DownlinkError", "Held", "Offer", "ServerDownlink", "client_model"]

@@ -20,7 +20,7 @@ from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
 from flwr.supercore.task_identity import TaskIdentity
 
-from qfl.records import record_bytes
+from qfl.clients.records import record_bytes
 
 
 def set_task_identity(run_id: int = 1, node_id: int = 0, task_id: int = 1) -> None:

@@ -8,8 +8,8 @@ from flwr.app import ArrayRecord, MetricRecord
 from flwr.serverapp.strategy import FedAvg
 
 from qfl.clients import LocalTraining, evaluate, make_client_app
-from qfl.records import digest
-from qfl.replica import load_replica
+from qfl.codec import digest
+from qfl.clients.state import load_replica
 from qfl.strategies import AsyncCompressed, Compressed
 
 PLAN = LocalTraining(steps=5, lr=0.1)

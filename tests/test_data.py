@@ -182,12 +182,12 @@ def test_missing_data_message_lists_places_and_remedies(monkeypatch, tmp_path, n
     env_dir.mkdir()
     arg_dir = tmp_path / "does-not-exist"
     monkeypatch.setenv(D.DATA_DIR_ENV, str(env_dir))
+    with pytest.raises(FileNotFoundError, match=f"configured data-dir:\n  - {arg_dir} .*no such directory"):
+        D.load_fashion_mnist(arg_dir)  # named explicitly: no fallback
     with pytest.raises(FileNotFoundError) as info:
-        D.load_fashion_mnist(arg_dir)
+        D.load_fashion_mnist()
     msg = str(info.value)
     for fragment in (
-        str(arg_dir),
-        "no such directory",
         str(env_dir),
         "train-images-idx3-ubyte",
         str(no_debian),
@@ -198,7 +198,7 @@ def test_missing_data_message_lists_places_and_remedies(monkeypatch, tmp_path, n
     ):
         assert fragment in msg, f"{fragment!r} not in:\n{msg}"
     # The order tried is the documented lookup order.
-    assert msg.index(str(arg_dir)) < msg.index(str(env_dir)) < msg.index(str(no_debian))
+    assert msg.index(str(env_dir)) < msg.index(str(no_debian))
 
 
 def test_missing_data_without_any_configuration(no_debian):
@@ -219,13 +219,18 @@ def test_lookup_order(monkeypatch, tmp_path, no_debian):
     assert len(D.load_fashion_mnist().train_labels) == 40
 
 
-def test_incomplete_configured_dir_warns_and_falls_back(monkeypatch, tmp_path):
+def test_incomplete_env_dir_warns_and_falls_back_but_a_configured_data_dir_is_an_error(monkeypatch, tmp_path):
     deb = make_fake_dataset(tmp_path / "deb")
     monkeypatch.setattr(D, "DEBIAN_DATA_DIR", deb)
     partial = make_fake_dataset(tmp_path / "partial")
     (partial / "t10k-labels-idx1-ubyte").unlink()
+    monkeypatch.setenv(D.DATA_DIR_ENV, str(partial))
     with pytest.warns(UserWarning, match="t10k-labels-idx1-ubyte"):
-        assert D.find_fashion_mnist(partial) == deb
+        assert D.find_fashion_mnist() == deb
+    for configured in (partial, tmp_path / "empty"):
+        (tmp_path / "empty").mkdir(exist_ok=True)
+        with pytest.raises(FileNotFoundError, match="configured data-dir"):
+            D.find_fashion_mnist(configured)
 
 
 def test_load_fake_dataset_and_disk_cache(tmp_path):

@@ -38,7 +38,7 @@ import tomli_w
 
 import qfl
 from qfl.compress import IDENTITY
-from qfl.records import record_bytes, to_record
+from qfl.clients.records import record_bytes, to_record
 from qfl.simulations.client_app import TRACE_ENV
 from qfl.simulations.models import build_model
 from qfl.simulations.server_app import flwr_version

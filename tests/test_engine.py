@@ -24,7 +24,7 @@ from conftest import tiny_model
 from expected import blob_bound, identity_bytes
 
 from qfl.compress import IDENTITY
-from qfl.records import record_bytes, to_record
+from qfl.clients.records import record_bytes, to_record
 from qfl.simulations.superlink import LocalFederation
 from qfl.spec import Policy, parse_downlink
 

@@ -23,9 +23,10 @@ from flwr.serverapp.strategy import FedAvg
 import qfl
 from qfl.clients import LocalTraining, compression_mod, make_client_app
 from qfl.compress import IDENTITY, Levels, Payload, Raw, Sparse
-from qfl.records import blob_array, digest, encode_record, to_tensors
-from qfl.replica import load_replica
-from qfl.strategies import Compressed
+from qfl.clients.records import blob_array, encode_record, to_tensors
+from qfl.codec import digest
+from qfl.clients.state import load_replica
+from qfl.strategies import Compressed, UpdateGuard
 from qfl.wire import WireFormatError, decode, encode
 
 PLAN = LocalTraining(steps=2, lr=0.1)
@@ -128,7 +129,7 @@ ATTACKS = {
                                                          Raw(torch.full((64,), float("nan")))))), "NaN"),
     "inf": (replace("3.bias", lambda a: blob_of(Payload(IDENTITY, (4,), torch.float32,
                                                          Raw(torch.tensor([1.0, float("inf"), 0.0, 0.0]))))),
-            "3.bias contains NaN or Inf"),
+            "3.bias contains NaN, Inf"),
     "wrong-shape": (replace("0.weight", lambda a: blob_of(qfl.parse(UPLINK).compress(torch.randn(20, 64)))),
                     "shape (20, 64) does not match"),
     "missing-key": (drop("3.bias"), "missing ['3.bias']"),
@@ -169,7 +170,7 @@ def test_hostile_clients_are_dropped_every_round_and_honest_updates_aggregated_e
     grid = FakeGrid(honest_app(), HONEST + len(names))
     for i, name in enumerate(names):
         grid.apps[grid.node_ids[HONEST + i]] = honest_app(mods=(attack_mod(ATTACKS[name][0]), compression_mod))
-    strategy = strategy_for(len(grid.node_ids), max_update_norm=50.0)
+    strategy = strategy_for(len(grid.node_ids), guard=UpdateGuard(max_update_norm=50.0))
     models: dict = {}
     with Capture() as log:
         result = strategy.start(grid=grid, initial_arrays=initial(), num_rounds=ROUNDS, evaluate_fn=snapshots(models))
@@ -203,7 +204,7 @@ def test_without_per_tensor_limits_a_huge_declaration_would_be_decoded():
     huge-size attack costs nothing; the generic limit alone would decode 16M elements."""
     blob = huge_blob()
     with pytest.raises(WireFormatError, match="exceeds the allowed maximum 1280"):
-        decode(blob, strategy_for(1).limits_for(torch.zeros(64, 20)))
+        decode(blob, strategy_for(1).protocol.limits_for(torch.zeros(64, 20)))
     assert decode(blob).numel == 1 << 24  # what the default limits would have let through
 
 
@@ -223,7 +224,7 @@ def test_a_poisoned_train_function_is_dropped_by_the_norm_limit():
 
     grid = FakeGrid(honest_app(), 3)
     grid.apps[grid.node_ids[2]] = boosting_app()
-    strategy = strategy_for(3, max_update_norm=50.0)
+    strategy = strategy_for(3, guard=UpdateGuard(max_update_norm=50.0))
     result = strategy.start(grid=grid, initial_arrays=initial(), num_rounds=2)
     assert [result.train_metrics_clientapp[r]["qfl.dropped"] for r in (1, 2)] == [1, 1]
     assert strategy.strategy.aggregated[2] == grid.node_ids[:2]
@@ -349,7 +350,7 @@ def test_server_records_stay_bounded_under_node_churn():
     or restart under new ids): the server keeps records only for nodes seen within the
     last ``history`` versions, and its steps and digests stay bounded too."""
     from qfl.replica import ServerDownlink, client_model
-    from qfl.records import decode_record
+    from qfl.wire import decode_all
 
     history = 4
     down = ServerDownlink("delta", qfl.Policy.build("qsgd(64)", min_elements=10), history=history)
@@ -360,11 +361,9 @@ def test_server_records_stay_bounded_under_node_churn():
         model = {"w": model["w"] + 0.01 * torch.randn(30, 20, generator=g), "n": model["n"] + 1}
         down.update(model)
         for node in (3 * r, 3 * r + 1, 3 * r + 2):
-            state = RecordDict()
             offer = down.offer(node)
-            client_model(decode_record(offer.record), offer.fields, state)
-            replica, version = load_replica(state)
-            assert down.acknowledge(node, version, digest(replica))
+            _, replica = client_model({k: decode_all(b) for k, b in offer.blobs.items()}, offer.header, None)
+            assert down.acknowledge(node, offer.header.version, digest(replica))
         if r % 7 == 0:
             down.forget(3 * r)  # and some of them fail
         sizes.append(down.state_size())
@@ -378,7 +377,7 @@ def test_replies_report_the_client_state_and_the_server_keeps_the_largest():
     grid = FakeGrid(honest_app(), 3)
     strategy = strategy_for(3)
     result = strategy.start(grid=grid, initial_arrays=initial(), num_rounds=2)
-    from qfl.records import state_bytes
+    from qfl.clients.records import state_bytes
 
     held = max(state_bytes(ctx.state) for ctx in grid.contexts.values())
     replica_bytes = sum(t.numel() * t.element_size() for t in load_replica(grid.contexts[grid.node_ids[0]].state)[0].values())

@@ -21,9 +21,10 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx, FedTrimme
 import qfl
 from qfl.clients import LocalTraining, make_client_app
 from qfl.compress import IDENTITY, Payload, Raw
-from qfl.records import encode_record, record_bytes, to_tensors
-from qfl.replica import load_replica
-from qfl.strategies import Compressed
+from qfl.clients.records import encode_record, record_bytes, to_tensors
+from qfl.codec import digest
+from qfl.clients.state import load_replica
+from qfl.strategies import Compressed, MisconfigurationError, UpdateGuard
 from qfl.wire import STYPE
 
 PLAN = LocalTraining(steps=5, lr=0.1)
@@ -128,16 +129,16 @@ class Spy(FedAvg):
 
 
 def test_shared_recorddict_is_never_mutated_and_payloads_are_encoded_once(monkeypatch):
-    import qfl.records
+    import qfl.replica
 
     calls = []
-    real = qfl.records.encode
+    real = qfl.replica.encode
 
     def counting(p):
         calls.append(p)
         return real(p)
 
-    monkeypatch.setattr(qfl.records, "encode", counting)
+    monkeypatch.setattr(qfl.replica, "encode", counting)
     grid = FakeGrid(app(), 6)
     spy = Spy()
     strategy = Compressed(spy, uplink=None, downlink="model | grid(8)")
@@ -174,7 +175,7 @@ def test_every_client_replica_matches_the_server_record_with_partial_participati
             replica, version = load_replica(grid.contexts[nid].state)
             if nid in strategy.downlink.nodes:
                 assert strategy.downlink.nodes[nid] == version
-                assert qfl.records.digest(replica) == strategy.downlink._digests[version]
+                assert digest(replica) == strategy.downlink._digests[version]
     state = strategy.downlink.state_size()
     assert state["steps"] <= 4 and state["digests"] <= 5
     contacted = {m.metadata.dst_node_id for m in grid.sent}
@@ -320,7 +321,7 @@ def test_bad_replies_are_dropped_with_a_reason_and_the_round_goes_on():
         assert any("dropped the reply" in line and reason in line for line in log.lines), reason
     # The aggregate is exactly the aggregate of the good replies.
     strategy2 = Compressed(FedAvg(fraction_evaluate=0.0), uplink="topk(0.1) | qsgd(16)", downlink=None)
-    strategy2._base, strategy2._full_bytes = strategy._base, strategy._full_bytes
+    strategy2.protocol._base, strategy2.protocol._full_bytes = strategy.protocol._base, strategy.protocol._full_bytes
     ref, _ = strategy2.aggregate_train(1, good)
     for k, v in to_tensors(ref).items():
         assert torch.equal(v, to_tensors(arrays_out)[k])
@@ -330,13 +331,13 @@ def test_all_replies_bad_keeps_the_model():
     grid = FakeGrid(app(), 2)
     strategy = Compressed(FedAvg(fraction_evaluate=0.0), uplink="topk(0.1)")
     replies = good_replies(strategy, grid)
-    arrays, metrics = strategy.aggregate_train(1, [forge(r, drop_info=True) for r in replies])
-    assert arrays is None and metrics["qfl.dropped"] == 2
+    with pytest.raises(MisconfigurationError, match="compression_mod"):  # answered as if without the mod
+        strategy.aggregate_train(1, [forge(r, drop_info=True) for r in replies])
 
 
 def test_huge_update_norm_is_dropped():
     grid = FakeGrid(app(), 2)
-    strategy = Compressed(FedAvg(fraction_evaluate=0.0), uplink="topk(0.1)", max_update_norm=1e-6)
+    strategy = Compressed(FedAvg(fraction_evaluate=0.0), uplink="topk(0.1)", guard=UpdateGuard(max_update_norm=1e-6))
     replies = good_replies(strategy, grid)
     with Capture() as log:
         arrays, metrics = strategy.aggregate_train(1, replies)

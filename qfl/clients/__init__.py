@@ -1,6 +1,7 @@
 """Client side: the compression mod, and a reference PyTorch ClientApp."""
 
-from .mod import compression_mod
+from .mod import FIRST_CONTACT, compression_mod, make_compression_mod
 from .torch_app import LocalTraining, evaluate, make_client_app, train_local
 
-__all__ = ["LocalTraining", "compression_mod", "evaluate", "make_client_app", "train_local"]
+__all__ = ["FIRST_CONTACT", "LocalTraining", "compression_mod", "evaluate", "make_client_app",
+           "make_compression_mod", "train_local"]

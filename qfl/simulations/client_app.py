@@ -27,8 +27,7 @@ from flwr.app import Context, Message, MetricRecord, RecordDict
 import qfl
 
 from ..clients import make_client_app
-from ..clients.mod import held_memory
-from ..replica import replica_info
+from ..clients.state import held_memory, replica_info
 from .models import build_model
 from .settings import Settings
 

@@ -238,10 +238,10 @@ def find_fashion_mnist(data_dir: str | os.PathLike[str] | None = None) -> Path:
     """Find a directory holding all four Fashion-MNIST IDX files.
 
     Candidates are tried in order: ``data_dir``, ``$QFL_DATA_DIR``, then
-    :data:`DEBIAN_DATA_DIR`. Falling through (with a warning when an
-    explicitly configured location is skipped) keeps a stale setting from
-    breaking a machine that has the Debian package, while the warning still
-    surfaces the misconfiguration.
+    :data:`DEBIAN_DATA_DIR`. A ``data_dir`` that lacks the files is an error
+    (the run config named it: using other data would be a silent
+    substitution); a stale ``$QFL_DATA_DIR`` falls through to the Debian
+    package with a warning.
 
     Parameters
     ----------
@@ -270,22 +270,25 @@ def find_fashion_mnist(data_dir: str | os.PathLike[str] | None = None) -> Path:
     tried: list[str] = []
     for origin, directory in candidates:
         if not directory.is_dir():
-            tried.append(f"  - {directory} ({origin}): no such directory")
-            continue
-        missing = _missing_files(directory)
-        if missing:
-            tried.append(
-                f"  - {directory} ({origin}): missing " + ", ".join(f"{m}[.gz]" for m in missing)
-            )
-            continue
-        if tried:
-            warnings.warn(
-                "Fashion-MNIST not found where configured:\n"
-                + "\n".join(tried)
-                + f"\nusing {directory} ({origin}) instead",
-                stacklevel=2,
-            )
-        return directory
+            problem = "no such directory"
+        else:
+            missing = _missing_files(directory)
+            problem = "missing " + ", ".join(f"{m}[.gz]" for m in missing) if missing else None
+        if problem is None:
+            if tried:
+                warnings.warn(
+                    "Fashion-MNIST not found where configured:\n"
+                    + "\n".join(tried)
+                    + f"\nusing {directory} ({origin}) instead",
+                    stacklevel=2,
+                )
+            return directory
+        tried.append(f"  - {directory} ({origin}): {problem}")
+        if origin == "data_dir argument":
+            # Named explicitly (the ``data-dir`` run-config key): training on other data
+            # than the one named would be a silent substitution.
+            raise FileNotFoundError("Fashion-MNIST IDX files not found in the configured data-dir:\n"
+                                    + tried[-1] + "\n" + _DOWNLOAD_HINT)
     raise FileNotFoundError(
         "Fashion-MNIST IDX files not found. Looked in:\n" + "\n".join(tried) + "\n" + _DOWNLOAD_HINT
     )

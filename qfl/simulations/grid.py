@@ -28,7 +28,7 @@ from flwr.app import Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore import log
 
-from ..records import record_bytes
+from ..clients.records import record_bytes
 from .results import ClientTraffic
 
 #: The reply's MetricRecord key and entry the simulation ClientApp's query handler sets.

@@ -33,7 +33,7 @@ from flwr.supercore import log
 import qfl
 
 from ..clients import evaluate
-from ..strategies import AsyncCompressed, Compressed
+from ..strategies import AsyncCompressed, Compressed, UpdateGuard
 from ..strategies.momentum import FedAvgMomentum
 from ..strategies.presets import ASYNC_PRESETS, build
 from .grid import PartitionOrderedGrid
@@ -50,7 +50,13 @@ def flwr_version() -> str:
 
 
 def make_strategy(s: Settings) -> Compressed | AsyncCompressed:
-    """The strategy a run config names."""
+    """The strategy a run config names, with the update guard it sets (``norm-guard``, ``max-update-norm``)."""
+    strategy = _strategy(s)
+    strategy.guard = UpdateGuard.from_config(s.norm_guard, s.max_update_norm)
+    return strategy
+
+
+def _strategy(s: Settings) -> Compressed | AsyncCompressed:
     if s.method in ASYNC_PRESETS:
         concurrency, buffer, _, _ = s.async_plan()
         return ASYNC_PRESETS[s.method](concurrency=concurrency, buffer_size=buffer, max_staleness=s.max_staleness,

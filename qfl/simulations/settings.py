@@ -67,6 +67,8 @@ class Settings:
     async_buffer: int = 0
     max_staleness: int = 8
     staleness_exponent: float = 0.5
+    norm_guard: float = 10.0
+    max_update_norm: float = 0.0
 
     @staticmethod
     def from_run_config(config: dict[str, Any]) -> Settings:
@@ -127,6 +129,26 @@ class Settings:
             raise ValueError("run config 'fraction-train' must be in (0, 1]")
         if self.local_steps < 0 or self.local_epochs < 0 or (self.local_steps == 0 and self.local_epochs == 0):
             raise ValueError("run config 'local-steps' (or, when 0, 'local-epochs') must be positive")
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"run config {f.name.replace('_', '-')!r} must be a finite number, got {value}")
+        if self.alpha <= 0:
+            raise ValueError(f"run config 'alpha' (Dirichlet concentration) must be > 0, got {self.alpha}")
+        if self.lr < 0 or self.momentum < 0 or self.staleness_exponent < 0:
+            raise ValueError("run config 'lr', 'momentum' and 'staleness-exponent' must be >= 0 (lr 0: the "
+                             "dataset's default)")
+        if self.classes_per_client < 1 or self.seq_len < 1:
+            raise ValueError("run config 'classes-per-client' and 'seq-len' must be >= 1")
+        if self.max_client_samples < 0 or self.min_elements < 0 or self.max_staleness < 0:
+            raise ValueError("run config 'max-client-samples', 'min-elements' and 'max-staleness' must be >= 0")
+        if self.async_concurrency < 0 or self.async_buffer < 0 or self.round_timeout <= 0:
+            raise ValueError("run config 'async-concurrency' and 'async-buffer' must be >= 0, 'round-timeout' > 0")
+        if self.norm_guard != 0 and self.norm_guard < 1:
+            raise ValueError(f"run config 'norm-guard' must be 0 (off) or >= 1 (x the median update norm), got "
+                             f"{self.norm_guard}")
+        if self.max_update_norm < 0:
+            raise ValueError(f"run config 'max-update-norm' must be 0 (off) or positive, got {self.max_update_norm}")
         try:
             parse_links(self.links)
         except ValueError as exc:

@@ -30,15 +30,21 @@ from dataclasses import dataclass
 from logging import INFO, WARNING
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result
 from flwr.supercore import log
 
-from ..codec import apply_delta, is_float
-from ..records import Tensors, record_bytes, to_record, to_tensors
-from ..wire import WireFormatError
-from .protocol import ServerProtocol, with_traffic
+from ..clients.records import record_bytes, to_record, to_tensors
+from ..codec import Tensors, apply_delta, is_float, norm, out_of_range
+from .server import ServerProtocol, with_traffic
 
 
 @dataclass
@@ -194,14 +200,18 @@ class AsyncCompressed(ServerProtocol):
                 self.max_staleness, job.node)
             return model
         try:
-            _, delta = self.decode_update(reply, model)
-        except (WireFormatError, ValueError) as exc:
+            _, delta, info = self.decode_update(reply, model)
+            if out_of_range({k: apply_delta(model[k], delta[k]) for k in model}) is not None:
+                raise ValueError("the update takes the model beyond qfl.codec.MAX_VALUE")
+        except (ValueError, TypeError, OverflowError) as exc:  # WireFormatError, ProtocolError, ...
             self.stats.dropped += 1
-            traffic.dropped += 1
-            self.downlink.forget(job.node)
-            log(WARNING, "qfl async: dropped the reply of node %s: %s", job.node, exc)
+            self._drop(traffic, reply, exc, self.version)
             return model
-        self.record_state(traffic, reply)
+        if not self.screen(traffic, [(reply, norm(delta))]):
+            self.stats.dropped += 1
+            return model
+        self.acknowledge(reply, info)
+        traffic.client_state_bytes = max(traffic.client_state_bytes, info.state_bytes)
         n = _examples(reply, self.weighted_by_key)
         self.buffer.append((delta, n * (1 + staleness) ** -self.staleness_exponent, n))
         self.stats.staleness_sum += staleness

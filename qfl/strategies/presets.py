@@ -26,6 +26,7 @@ from ..spec import MIN_ELEMENTS
 from .asynchronous import AsyncCompressed
 from .compressed import Compressed
 from .momentum import FedAvgMomentum
+from .server import DEFAULT_GUARD, UpdateGuard
 
 
 def _inner(inner: dict[str, Any], momentum: float | None = None, server_lr: float = 1.0) -> Strategy:
@@ -314,11 +315,13 @@ PRESETS: dict[str, Callable[..., Compressed]] = {
 }
 
 
-def build(name: str, **kwargs: Any) -> Compressed:
-    """A synchronous preset by name; ValueError listing the known ones."""
+def build(name: str, *, guard: UpdateGuard | None = DEFAULT_GUARD, **kwargs: Any) -> Compressed:
+    """A synchronous preset by name, with ``guard`` screening client updates; ValueError listing the known ones."""
     if name not in PRESETS:
         raise ValueError(f"unknown method {name!r}; known methods: {', '.join(sorted(PRESETS))}")
-    return PRESETS[name](**kwargs)
+    strategy = PRESETS[name](**kwargs)
+    strategy.guard = guard
+    return strategy
 
 
 # ---------------------------------------------------------------------------- claims

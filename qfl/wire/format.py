@@ -96,11 +96,32 @@ class Limits:
         call (a chain of steps in one Array): without it, many tiny blobs that each
         declare ``max_elements`` zeros could make the decoder allocate without bound.
         2^32 by default (17 steps of a 250M-element tensor).
+    max_expansion
+        Largest number of declared elements per byte received, over one ``decode`` or
+        ``decode_all`` call (None: no bound). Without it a 1 KB sparse blob declaring
+        64M elements costs 256 MB once decompressed. 4096 by default: top-k keeping one
+        element in 1000 stays far below it; a receiver that knows the shapes to expect
+        bounds them with ``max_elements`` instead and may lift it.
     """
 
     max_elements: int = 1 << 28
     max_ndim: int = 32
     max_total_elements: int = 1 << 32
+    max_expansion: int | None = 4096
+
+    def __post_init__(self) -> None:
+        for name in ("max_elements", "max_ndim", "max_total_elements", "max_expansion"):
+            v = getattr(self, name)
+            if v is None and name == "max_expansion":
+                continue
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"Limits.{name} must be a non-negative integer, got {v!r}")
+
+    def budget(self, nbytes: int) -> int:
+        """Elements a call decoding ``nbytes`` may declare in all."""
+        if self.max_expansion is None:
+            return self.max_total_elements
+        return min(self.max_total_elements, self.max_expansion * nbytes)
 
 
 DEFAULT_LIMITS = Limits()
@@ -409,6 +430,8 @@ class _Decoder:
             if r > 47:
                 raise self.fail(f"rice parameter {r} out of range")
             nbits = self.varint("index stream length", 8 * (len(self.data) - self.pos))
+            if k * (r + 1) > nbits:  # a Rice code takes at least r + 1 bits: check before allocating
+                raise self.fail(f"truncated: {k} positions cannot fit in {nbits} bits with rice parameter {r}")
             buf = self.padded((nbits + 7) // 8, "index stream")
             out = np.empty(k, np.int64)
             self.check(B.rice_decode(buf, nbits, r, k, n, out), "indices")
@@ -467,8 +490,9 @@ def _content(data: memoryview, limits: Limits, allowed: int | None = None) -> Pa
     if n > limits.max_elements:
         raise dec.fail(f"declared shape {shape} has {n} elements, above the limit max_elements={limits.max_elements}")
     if allowed is not None and n > allowed:
-        raise dec.fail(f"declared shape {shape} has {n} elements, above what is left ({allowed}) of the limit "
-                       f"max_total_elements={limits.max_total_elements} for all blobs of one array")
+        raise dec.fail(f"declared shape {shape} has {n} elements, above what is left ({allowed}) of the limits "
+                       f"max_total_elements={limits.max_total_elements} and max_expansion={limits.max_expansion} "
+                       "elements per byte for all blobs of one array")
     sparsifier, value = _ops_of(op)
     if dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64) and not isinstance(op, Identity):
         raise dec.fail(f"{op} cannot apply to dtype {dtype}")
@@ -524,7 +548,7 @@ def _frame(view: memoryview, start: int) -> tuple[memoryview, int]:
 def decode_all(data: bytes | bytearray | memoryview, limits: Limits = DEFAULT_LIMITS) -> list[Payload]:
     """Decode a concatenation of blobs (possibly empty) into payloads, in order."""
     view = memoryview(data).cast("B") if not isinstance(data, memoryview) else data.cast("B")
-    out, pos, budget = [], 0, limits.max_total_elements
+    out, pos, budget = [], 0, limits.budget(len(view))
     while pos < len(view):
         content, pos = _frame(view, pos)
         out.append(_content(content, limits, budget))
@@ -538,4 +562,4 @@ def decode(data: bytes | bytearray | memoryview, limits: Limits = DEFAULT_LIMITS
     content, end = _frame(view, 0)
     if end != len(view):
         raise WireFormatError(f"{len(view) - end} trailing bytes after the blob")
-    return _content(content, limits, limits.max_total_elements)
+    return _content(content, limits, limits.budget(len(view)))

@@ -12,7 +12,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAdam, FedAvg
 
-from qfl.records import to_tensors
+from qfl.clients.records import to_tensors
 from qfl.strategies import Compressed
 
 from .task import tiny_model

@@ -1,4 +1,4 @@
-"""Between Flower records and tensors: ordinary arrays, qfl blobs, digests.
+"""Between Flower records and tensors: ordinary arrays and qfl blobs (both sides of the wire use it).
 
 A compressed tensor travels as ``Array(dtype="uint8", shape=(n,), stype="qfl/v1",
 data=blob)`` under the tensor's own name, so a compressed ArrayRecord has the same keys
@@ -8,17 +8,15 @@ actually cross the wire.
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Mapping
 
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, RecordDict
 
-from .compress import Payload
-from .wire import DEFAULT_LIMITS, STYPE, Limits, WireFormatError, decode_all, encode
-
-Tensors = dict[str, torch.Tensor]
+from ..codec import Tensors
+from ..compress import Payload
+from ..wire import DEFAULT_LIMITS, STYPE, Limits, WireFormatError, decode_all, encode
 
 
 def _contiguous(a: np.ndarray) -> np.ndarray:
@@ -93,18 +91,3 @@ def record_bytes(record: ArrayRecord) -> int:
 def state_bytes(state: RecordDict) -> int:
     """Bytes of array data a client keeps in ``context.state`` (replica, error memory, ...)."""
     return sum(record_bytes(r) for r in state.array_records.values())
-
-
-def digest(tensors: Mapping[str, torch.Tensor]) -> int:
-    """CRC32 over names, dtypes, shapes and raw bytes: cheap proof two replicas are identical.
-
-    Both sides compute replicas with the same deterministic code, so equal inputs give
-    bit-equal tensors and equal digests; any divergence shows up as a mismatch.
-    """
-    crc = 0
-    for key, t in tensors.items():
-        flat = t.detach().cpu().contiguous().reshape(-1)
-        raw = flat.to(torch.uint8) if flat.dtype == torch.bool else flat.view(torch.uint8)
-        crc = zlib.crc32(f"{key}:{t.dtype}:{tuple(t.shape)}".encode(), crc)
-        crc = zlib.crc32(raw.numpy(), crc)
-    return crc

@@ -1,0 +1,619 @@
+"""The server half of the qfl protocol, shared by the synchronous and asynchronous strategies.
+
+It owns the uplink policy, the downlink (:class:`qfl.replica.ServerDownlink`), the byte
+accounting and the checks every reply must pass. Strategies decide *when* to send and
+*how* to aggregate; this class decides *what* goes on the wire and what comes back.
+
+Clients are untrusted. A reply reaches the inner strategy only if its qfl record parses
+(:mod:`qfl.protocol`), it carries exactly the records the inner strategy expects, every
+blob decodes within the model's own sizes with the configured operator, the update is
+finite, the model it rebuilds is finite, and the :class:`UpdateGuard` accepts its norm.
+Anything else is dropped, logged and counted (``qfl.dropped``), never raised.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+import statistics
+from collections import OrderedDict, deque
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from logging import ERROR, WARNING
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.supercore import log
+
+from ..clients.records import (
+    decode_record,
+    encode_record,
+    record_bytes,
+    to_record,
+    to_tensors,
+)
+from ..codec import MAX_VALUE, Tensors, apply_delta, check_against, norm, out_of_range
+from ..compress import Operator
+from ..protocol import (
+    CLIPPING_NORM,
+    REPLY_KEY,
+    ProtocolError,
+    ReplyInfo,
+    Settings,
+    read_float,
+)
+from ..replica import Offer, ServerDownlink
+from ..spec import MIN_ELEMENTS, Policy, parse_downlink
+from ..wire import DEFAULT_LIMITS, STYPE, Limits
+
+
+class MisconfigurationError(RuntimeError):
+    """The run cannot train as configured (a ClientApp without ``compression_mod``, mods in an order
+    that reads qfl's blobs); raised after a round whose replies all show it."""
+
+
+class CompositionError(TypeError):
+    """qfl wrapped with or inside a Flower component in an order that cannot keep its guarantee."""
+
+
+@dataclass(frozen=True)
+class UpdateGuard:
+    """Which decoded client updates are too large to reach aggregation.
+
+    A single client scaling its update by 1e30 would otherwise own the model for good.
+    An update is dropped when its l2 norm exceeds ``median_factor`` times the lower median
+    of the norms accepted recently (the round's candidates and the last ``window``
+    accepted ones; the lower median, so that one honest and one hostile client do not
+    average into a median that lets the hostile one in), or ``max_update_norm``. With a
+    single norm to compare (the very first update of a run) only ``max_update_norm``
+    applies; a median of 0 is no reference either.
+
+    Parameters
+    ----------
+    median_factor : float or None (default: 10)
+        None disables the relative check.
+    max_update_norm : float or None (default: None)
+        Absolute bound on the l2 norm of an update.
+    window : int (default: 64)
+        Accepted norms remembered across rounds (the reference of asynchronous runs).
+    """
+
+    median_factor: float | None = 10.0
+    max_update_norm: float | None = None
+    window: int = 64
+
+    def __post_init__(self) -> None:
+        for name in ("median_factor", "max_update_norm"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
+                                  or v <= 0):
+                raise ValueError(f"UpdateGuard.{name} must be a positive finite number or None, got {v!r}")
+        if self.median_factor is not None and self.median_factor < 1:
+            raise ValueError(f"UpdateGuard.median_factor must be >= 1, got {self.median_factor}")
+        if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
+            raise ValueError(f"UpdateGuard.window must be a positive integer, got {self.window!r}")
+
+    @staticmethod
+    def from_config(norm_guard: float, max_update_norm: float) -> UpdateGuard | None:
+        """From run-config values where 0 means off (``norm-guard``, ``max-update-norm``); None if both are."""
+        if not norm_guard and not max_update_norm:
+            return None
+        return UpdateGuard(norm_guard or None, max_update_norm or None)
+
+
+#: The guard every strategy gets unless told otherwise.
+DEFAULT_GUARD = UpdateGuard()
+#: Message ids remembered to attribute the SuperLink's error replies (a few rounds' worth).
+_REMEMBERED = 65536
+
+
+@dataclass
+class Traffic:
+    """Bytes of one round and phase. ``*_full`` is what plain Flower would have sent.
+
+    ``resyncs`` counts messages that carried a full model (first contact, or a replica
+    the server could not vouch for), ``dropped`` replies that were refused (undecodable
+    or invalid; ``guarded``: of those, the ones the :class:`UpdateGuard` or a clipping
+    bound refused), ``failures`` error replies (the node failed, went away or could not
+    rebuild the model; the server resyncs it next time).
+    """
+
+    downlink: int = 0
+    downlink_full: int = 0
+    uplink: int = 0
+    uplink_full: int = 0
+    messages: int = 0
+    replies: int = 0
+    resyncs: int = 0
+    dropped: int = 0
+    guarded: int = 0
+    failures: int = 0
+    client_state_bytes: int = 0
+
+    @property
+    def missing(self) -> int:
+        """Messages without a reply (the node timed out or vanished)."""
+        return max(self.messages - self.replies, 0)
+
+    def metrics(self) -> dict[str, int]:
+        """MetricRecord entries, keys prefixed ``qfl.``.
+
+        Besides the fields: ``qfl.missing``, messages without a reply (the node did not
+        answer before the round's timeout), and ``qfl.client-state-bytes``, the largest
+        ``context.state`` (replica and error memory) a reply reported.
+        """
+        return {
+            "qfl.downlink-bytes": self.downlink,
+            "qfl.downlink-full-bytes": self.downlink_full,
+            "qfl.uplink-bytes": self.uplink,
+            "qfl.uplink-full-bytes": self.uplink_full,
+            "qfl.resyncs": self.resyncs,
+            "qfl.dropped": self.dropped,
+            "qfl.guarded": self.guarded,
+            "qfl.failures": self.failures,
+            "qfl.missing": self.missing,
+            "qfl.client-state-bytes": self.client_state_bytes,
+        }
+
+
+@dataclass
+class TrafficLog:
+    """Per (round, phase) traffic, accumulated over a run."""
+
+    rounds: dict[tuple[int, str], Traffic] = field(default_factory=dict)
+
+    def at(self, server_round: int, phase: str) -> Traffic:
+        """The entry of one round and phase ("train" or "evaluate")."""
+        return self.rounds.setdefault((server_round, phase), Traffic())
+
+    def total(self) -> Traffic:
+        """Sum over all rounds and phases (``client_state_bytes``: the largest)."""
+        out = Traffic()
+        for t in self.rounds.values():
+            for k, v in asdict(t).items():
+                setattr(out, k, max(out.client_state_bytes, v) if k == "client_state_bytes" else getattr(out, k) + v)
+        return out
+
+
+class ServerProtocol:
+    """Compression settings and state of one strategy (see :class:`Compressed` for the parameters)."""
+
+    def __init__(
+        self,
+        *,
+        uplink: str | Operator | None = None,
+        downlink: str | Operator | None = None,
+        error_feedback: bool = True,
+        min_elements: int = MIN_ELEMENTS,
+        uplink_overrides: Mapping[str, str | Operator] | None = None,
+        downlink_overrides: Mapping[str, str | Operator] | None = None,
+        downlink_initial: str | Operator | None = None,
+        history: int = 16,
+        seed: int = 0,
+        limits: Limits = DEFAULT_LIMITS,
+        guard: UpdateGuard | None = DEFAULT_GUARD,
+    ) -> None:
+        if not isinstance(error_feedback, bool):
+            raise TypeError(f"error_feedback must be a bool, got {error_feedback!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**62:
+            raise ValueError(f"seed must be an integer in [0, 2^62), got {seed!r}")
+        if not isinstance(limits, Limits):
+            raise TypeError(f"limits must be a qfl.wire.Limits, got {type(limits).__name__}")
+        self.uplink = Policy.build(uplink, min_elements, uplink_overrides)
+        mode, down_op = parse_downlink(downlink)
+        initial = None if downlink_initial is None else Policy.build(downlink_initial, min_elements)
+        self.downlink = ServerDownlink(mode, Policy.build(down_op, min_elements, downlink_overrides), history, seed,
+                                       initial)
+        self.error_feedback = error_feedback
+        self.seed = seed
+        self.limits = limits
+        self._accepted_norms: deque[float] = deque(maxlen=1)
+        self.guard = guard
+        self.traffic = TrafficLog()
+        # Names this strategy's client state (replica, error memory): a second strategy
+        # in the same run, or a new run on long-lived nodes, must not inherit it.
+        self.session = secrets.randbits(62)
+        self._warned = False
+        self._pushed: list[Message] = []  # sent messages whose ids the Grid has yet to set
+        self._destinations: OrderedDict[str, int] = OrderedDict()  # message id -> node id (recent ones)
+        self._base: Tensors | None = None  # the model the current training round started from
+        self._full_bytes = 0  # what plain Flower sends for that model
+        self._clip: float | None = None  # client-side DP clipping norm of the current training round
+        self._pending: int | None = None  # a train round configured whose replies have not come back
+        self._aggregated = 0  # train rounds whose replies reached qfl
+        #: MetricRecord key the inner strategy weighs replies by (FedAvg's ``weighted_by_key``).
+        self.weight_key: str | None = None
+
+    @property
+    def guard(self) -> UpdateGuard | None:
+        """The :class:`UpdateGuard` screening decoded updates (None: off)."""
+        return self._guard
+
+    @guard.setter
+    def guard(self, guard: UpdateGuard | None) -> None:
+        if guard is not None and not isinstance(guard, UpdateGuard):
+            raise TypeError(f"guard must be an UpdateGuard or None, got {type(guard).__name__}")
+        self._guard = guard
+        self._accepted_norms = deque(self._accepted_norms, maxlen=guard.window if guard is not None else 1)
+
+    # ----------------------------------------------------------------- downlink
+    def settings(self, key: str, tag: int) -> Settings:
+        """What every client needs (uplink policy, memory, seed); ``tag`` (the round, or
+        the server version in async mode) varies the client's randomness."""
+        return Settings(key, self.uplink, self.error_feedback, self.seed, tag, self.session)
+
+    def compress_messages(self, tag: int, traffic: Traffic, messages: list[Message], model: Tensors,
+                          full_bytes: int) -> list[Message]:
+        """Put the downlink payload for each destination into each message.
+
+        The content is replaced, never mutated (Flower's FedAvg shares one RecordDict
+        between all its messages), and built once per distinct payload.
+        """
+        if not messages:
+            return messages
+        self._note_destinations(messages)
+        self._warn_once(model)
+        self.downlink.update(model)
+        built: dict[tuple[int, int], RecordDict] = {}
+        records: dict[int, ArrayRecord] = {}
+        for msg in messages:
+            offer = self.downlink.offer(msg.metadata.dst_node_id)
+            key = (id(msg.content), id(offer))
+            if key not in built:
+                if id(offer) not in records:
+                    records[id(offer)] = encode_blobs(offer.blobs)
+                built[key] = self._content(msg.content, offer, records[id(offer)], tag)
+            msg.content = built[key]
+            traffic.downlink += offer.nbytes
+            traffic.downlink_full += full_bytes
+            traffic.messages += 1
+            traffic.resyncs += offer.kind == "full"
+        return messages
+
+    def _note_destinations(self, messages: list[Message]) -> None:
+        """Remember where messages go: the Grid sets their ids in place when it pushes them."""
+        self._collect_ids()
+        self._pushed = [*self._pushed, *messages]
+
+    def _collect_ids(self) -> None:
+        waiting = []
+        for msg in self._pushed:
+            if msg.metadata.message_id:
+                self._destinations[msg.metadata.message_id] = msg.metadata.dst_node_id
+            else:
+                waiting.append(msg)
+        self._pushed = waiting[-_REMEMBERED:]
+        while len(self._destinations) > _REMEMBERED:
+            self._destinations.popitem(last=False)
+
+    def node_of(self, reply: Message) -> int:
+        """The node a reply is about.
+
+        Error replies the SuperLink makes itself (node unavailable, message expired: a
+        SuperNode that stopped or restarted) come from the SuperLink's own node id, so
+        look up where the message they answer was sent.
+        """
+        self._collect_ids()
+        return self._destinations.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+
+    def _content(self, content: RecordDict, offer: Offer, record: ArrayRecord, tag: int) -> RecordDict:
+        akey = model_key(content)
+        ckeys = list(content.config_records.keys())
+        ckey = ckeys[0] if len(ckeys) == 1 else "config"
+        if len(ckeys) > 1:
+            raise ValueError(f"qfl expects at most one ConfigRecord in a message, found {ckeys}")
+        cfg = ConfigRecord(dict(content[ckey])) if ckey in content else ConfigRecord()
+        cfg.update({**self.settings(akey, tag).to_config(), **offer.header.to_config()})
+        new = RecordDict({k: v for k, v in content.items()})
+        new[akey] = record
+        new[ckey] = cfg
+        return new
+
+    def _warn_once(self, model: Tensors) -> None:
+        if self._warned or not self.error_feedback:
+            return
+        self._warned = True
+        for name, t in model.items():
+            props = self.uplink.operator_for(name, t).properties(t.numel())
+            if props.unbiased and (props.variance or 0.0) >= 1.0:
+                log(WARNING, "qfl: error feedback with %s on %s (variance factor %.3g >= 1) can diverge; "
+                    "use error_feedback=False for unbiased compressors or a contraction (top-k, sign, damped)",
+                    self.uplink.operator_for(name, t), name, props.variance)
+                return
+
+    # ------------------------------------------------------------ one sync round
+    def configure(self, phase: str, server_round: int, arrays: ArrayRecord,
+                  messages: Iterable[Message]) -> list[Message]:
+        """The inner strategy's messages of a round with the model replaced by the downlink payload."""
+        messages = list(messages)
+        if phase == "evaluate" and not messages:  # e.g. fraction_evaluate=0: nothing to send, nothing to count
+            return messages
+        model, full = to_tensors(arrays), record_bytes(arrays)
+        if phase == "train":
+            if self._pending is not None and not self._aggregated:
+                raise MisconfigurationError(
+                    f"qfl: the replies of round {self._pending} never reached Compressed.aggregate_train: a wrapper "
+                    "around Compressed skipped aggregation (Flower's DifferentialPrivacyClientSide* wrappers do when "
+                    "any client fails). If every client failed, check the ClientApp's mods: compression_mod must come "
+                    "first, e.g. mods=[compression_mod, fixedclipping_mod]. Wrapped the other way round, "
+                    "Compressed(DifferentialPrivacyClientSide...(FedAvg(...), ...)), qfl reports the clients' errors.")
+            self._pending = server_round
+            self._base, self._full_bytes = model, full
+            self._clip = self._clipping_norm(messages)
+        return self.compress_messages(server_round, self.traffic.at(server_round, phase), messages, model, full)
+
+    @staticmethod
+    def _clipping_norm(messages: list[Message]) -> float | None:
+        """The client-side DP clipping norm the messages carry (Flower's DP wrappers put it in the config)."""
+        norms = set()
+        for msg in messages:
+            for record in msg.content.config_records.values():
+                if CLIPPING_NORM in record:
+                    norms.add(read_float(record, CLIPPING_NORM))
+        return min(norms) if norms else None
+
+    def train_replies(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
+        """The replies the inner strategy may aggregate: ordinary ArrayRecords (server model +
+        decoded delta) for the ones that pass every check; error replies pass on (the inner
+        strategy logs and skips them), everything else is dropped here.
+
+        Raises MisconfigurationError when no reply could be used and some came back
+        without qfl's compression (see :meth:`check_misconfigured`).
+        """
+        traffic = self.traffic.at(server_round, "train")
+        if self._base is None:
+            raise RuntimeError("aggregate_train called before configure_train")
+        base = self._base
+        self._pending, self._aggregated = None, self._aggregated + 1
+        passed, candidates, unmodded = [], [], []
+        for msg in replies:
+            traffic.replies += 1
+            if msg.has_error():
+                traffic.failures += 1
+                self.downlink.forget(self.node_of(msg))
+                if STYPE in (msg.error.reason or ""):
+                    unmodded.append(msg.error.reason)
+                passed.append(msg)
+                continue
+            traffic.uplink += sum(record_bytes(r) for r in msg.content.array_records.values())
+            traffic.uplink_full += self.full_uplink(msg, self._full_bytes)
+            if REPLY_KEY not in msg.content:
+                unmodded.append("a reply without qfl's record")
+            try:
+                akey, delta, info = self.decode_update(msg, base)
+                candidates.append((msg, akey, delta, info, norm(delta)))
+            except (ValueError, TypeError, OverflowError) as exc:  # WireFormatError, ProtocolError, ...
+                self._drop(traffic, msg, exc, server_round)
+        for msg, akey, delta, info, n in self.screen(traffic, candidates, server_round):
+            rebuilt = {k: apply_delta(base[k], delta[k]) for k in base}
+            bad = out_of_range(rebuilt)
+            if bad is not None:  # a bounded update, yet the model it makes is not
+                self._drop(traffic, msg, ValueError(f"the update takes {bad} beyond {MAX_VALUE:.3g}"), server_round)
+                continue
+            self.acknowledge(msg, info)
+            traffic.client_state_bytes = max(traffic.client_state_bytes, info.state_bytes)
+            new = RecordDict({k: v for k, v in msg.content.items() if k != REPLY_KEY})
+            new[akey] = to_record(rebuilt)
+            passed.append(Message(content=new, metadata=msg.metadata))
+        if traffic.missing:
+            log(WARNING, "qfl: %d of %d nodes did not reply in round %s", traffic.missing, traffic.messages,
+                server_round)
+        self.check_misconfigured(server_round, "train", unmodded, sum(not m.has_error() for m in passed))
+        return passed
+
+    def evaluate_replies(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
+        """Evaluate replies without qfl's record, after acknowledging the replica each reports."""
+        traffic = self.traffic.at(server_round, "evaluate")
+        passed, unmodded = [], []
+        for msg in replies:
+            traffic.replies += 1
+            if msg.has_error():
+                traffic.failures += 1
+                self.downlink.forget(self.node_of(msg))
+                if STYPE in (msg.error.reason or ""):
+                    unmodded.append(msg.error.reason)
+                passed.append(msg)
+                continue
+            if REPLY_KEY not in msg.content:
+                unmodded.append("a reply without qfl's record")
+            try:
+                info = self.reply_info(msg, "report")
+                _check_records(msg.content, arrays=0, weight_key=self.weight_key)
+            except ValueError as exc:
+                self._drop(traffic, msg, exc, server_round)
+                continue
+            self.acknowledge(msg, info)
+            traffic.client_state_bytes = max(traffic.client_state_bytes, info.state_bytes)
+            passed.append(Message(content=RecordDict({k: v for k, v in msg.content.items() if k != REPLY_KEY}),
+                                  metadata=msg.metadata))
+        self.check_misconfigured(server_round, "evaluate", unmodded, sum(not m.has_error() for m in passed))
+        return passed
+
+    def check_misconfigured(self, server_round: int, phase: str, unmodded: list[str], usable: int) -> None:
+        """Stop the run when a round's replies show clients that do not speak qfl and none could be used.
+
+        A ClientApp without ``compression_mod`` (or with a mod before it that reads the
+        model) fails on qfl's blobs, naming their stype, or answers without qfl's record.
+        Then every round would end without an update and the run would "succeed" with
+        an untrained model. A few such nodes among working ones are dropped and logged.
+        """
+        if not unmodded:
+            return
+        text = (f"{len(unmodded)} {phase} replies of round {server_round} came back without qfl's compression "
+                f"(e.g. {unmodded[0]!r}). The ClientApp lacks compression_mod, or a mod that reads the model "
+                "(fixedclipping_mod, adaptiveclipping_mod, ...) runs before it. Add it first in the ClientApp's "
+                "mods: `from qfl.clients import compression_mod` and `ClientApp(..., mods=[compression_mod, ...])`.")
+        if usable == 0:
+            raise MisconfigurationError(f"qfl: {text}")
+        log(WARNING, "qfl: %s Their replies are dropped.", text)
+
+    def finish_train(self, arrays: ArrayRecord | None, metrics: MetricRecord | None,
+                     traffic: Traffic) -> tuple[ArrayRecord | None, MetricRecord]:
+        """The inner strategy's aggregate, refused if not finite (the model then stays as it was)."""
+        if arrays is not None:
+            try:
+                bad = out_of_range(to_tensors(arrays))
+            except ValueError:
+                bad = None  # not a plain model: nothing qfl can check
+            if bad is not None:
+                log(ERROR, "qfl: the aggregated model has NaN, Inf or values beyond %.3g in %s; keeping the previous "
+                    "model", MAX_VALUE, bad)
+                arrays = None
+        return arrays, with_traffic(metrics, traffic)
+
+    def _drop(self, traffic: Traffic, msg: Message, exc: Exception, server_round: int | None = None) -> None:
+        traffic.dropped += 1
+        self.downlink.forget(msg.metadata.src_node_id)
+        where = "" if server_round is None else f" in round {server_round}"
+        log(WARNING, "qfl: dropped the reply of node %s%s: %s", msg.metadata.src_node_id, where, exc)
+
+    # ------------------------------------------------------------------- uplink
+    def reply_info(self, msg: Message, kind: str) -> ReplyInfo:
+        """The reply's qfl record, parsed; ProtocolError if absent, malformed or of another kind."""
+        record = msg.content.get(REPLY_KEY) if REPLY_KEY in msg.content else None
+        if not isinstance(record, ConfigRecord):
+            raise ProtocolError("the reply carries no qfl record: is compression_mod attached to the ClientApp?")
+        info = ReplyInfo.from_config(record)
+        if info.kind != kind:
+            raise ProtocolError(f"a {info.kind!r} reply where an {kind!r} was expected")
+        return info
+
+    def decode_update(self, msg: Message, base: Tensors) -> tuple[str, Tensors, ReplyInfo]:
+        """(ArrayRecord key, decoded delta, reply info) of a train reply, after every check.
+
+        Raises ValueError (WireFormatError, ProtocolError) with the reason for a reply
+        that must not reach aggregation: a malformed qfl record, other records than one
+        model and one MetricRecord, undecodable blobs, another operator or shape than
+        configured, other tensors than the model's, NaN/Inf.
+        """
+        info = self.reply_info(msg, "update")
+        _check_records(msg.content, arrays=1, weight_key=self.weight_key)
+        akey = next(iter(msg.content.array_records))
+        record = msg.content[akey]
+        if set(record.keys()) != set(base.keys()):
+            missing, extra = sorted(base.keys() - record.keys()), sorted(record.keys() - base.keys())
+            raise ValueError(f"the reply's tensors differ from the model's (missing {missing}, unexpected {extra})")
+        # Each tensor is decoded with its own size as the limit: a blob declaring more
+        # (a hostile "size far beyond the model") is refused before anything is allocated.
+        payloads = decode_record(record, {k: self.limits_for(t) for k, t in base.items()})
+        delta = {}
+        for name, ps in payloads.items():
+            if len(ps) != 1:
+                raise ValueError(f"{name}: {len(ps)} payloads, expected 1")
+            check_against(name, ps[0], base[name], self.uplink)
+            delta[name] = ps[0].decompress()
+        bad = out_of_range(delta)
+        if bad is not None:
+            raise ValueError(f"the update of {bad} contains NaN, Inf or values beyond {MAX_VALUE:.3g}")
+        return akey, delta, info
+
+    def screen(self, traffic: Traffic, candidates: list, server_round: int | None = None) -> list:
+        """The candidates (tuples whose last item is the update's norm) the guard and the
+        round's clipping norm accept; the others are dropped and counted."""
+        if self.guard is None and self._clip is None:
+            return candidates
+        reference = None
+        if self.guard is not None and self.guard.median_factor is not None:
+            pool = [*self._accepted_norms, *(c[-1] for c in candidates)]
+            if len(pool) >= 2 and (low := statistics.median_low(pool)) > 0:
+                reference = low
+        out = []
+        for cand in candidates:
+            msg, n = cand[0], cand[-1]
+            reason = None
+            if self._clip is not None and n > self._clip:
+                reason = f"update norm {n:.4g} exceeds the round's clipping norm {self._clip:.4g}"
+            elif self.guard is not None and self.guard.max_update_norm is not None and n > self.guard.max_update_norm:
+                reason = f"update norm {n:.4g} exceeds max_update_norm={self.guard.max_update_norm:.4g}"
+            elif reference is not None and n > self.guard.median_factor * reference:
+                reason = (f"update norm {n:.4g} exceeds {self.guard.median_factor:g} x the median norm "
+                          f"{reference:.4g} (UpdateGuard.median_factor)")
+            if reason is None:
+                out.append(cand)
+            else:
+                traffic.guarded += 1
+                self._drop(traffic, msg, ValueError(reason), server_round)
+        self._accepted_norms.extend(c[-1] for c in out)
+        return out
+
+    def limits_for(self, tensor) -> Limits:
+        """Decoder limits for a reply's payload standing for ``tensor``: its own size."""
+        n = tensor.numel()
+        return Limits(max_elements=min(self.limits.max_elements, n), max_ndim=self.limits.max_ndim,
+                      max_total_elements=min(self.limits.max_total_elements, n), max_expansion=None)
+
+    def full_uplink(self, msg: Message, model_bytes: int) -> int:
+        """What plain Flower would have carried up for this reply.
+
+        The client's mod reports the size of the ArrayRecord the user's code returned;
+        the server's model is no measure of it when the inner strategy widens dtypes
+        (FedAdam and FedYogi keep float64). Replies without a valid report count
+        ``model_bytes``.
+        """
+        try:
+            size = self.reply_info(msg, "update").full_bytes
+        except ValueError:
+            size = None
+        return size if size is not None else model_bytes
+
+    def acknowledge(self, msg: Message, info: ReplyInfo) -> None:
+        """Record the replica a client reports (delta/anchor modes)."""
+        if info.replica is not None:
+            version, dig = info.replica
+            if not self.downlink.acknowledge(msg.metadata.src_node_id, version, dig):
+                log(WARNING, "qfl: node %s reports replica version %s with an unknown digest; it will be resynced",
+                    msg.metadata.src_node_id, version)
+
+    def strip(self, msg: Message) -> Message:
+        """The reply without qfl's record (after acknowledging the replica it reports, if it parses)."""
+        if REPLY_KEY not in msg.content:
+            return msg
+        try:
+            info = ReplyInfo.from_config(msg.content[REPLY_KEY])
+        except (ValueError, TypeError):
+            info = None
+        if info is not None:
+            self.acknowledge(msg, info)
+        return Message(content=RecordDict({k: v for k, v in msg.content.items() if k != REPLY_KEY}),
+                       metadata=msg.metadata)
+
+
+def _check_records(content: RecordDict, arrays: int, weight_key: str | None = None) -> None:
+    """A reply must carry ``arrays`` ArrayRecords, one MetricRecord of finite numbers (with a
+    positive ``weight_key``, the inner strategy's weight) and no ConfigRecord but qfl's:
+    anything more could reach the inner strategy unchecked (and make it end the run)."""
+    if len(content.array_records) != arrays:
+        raise ValueError(f"expected {arrays} ArrayRecord(s) in the reply, found {list(content.array_records)}")
+    if len(content.metric_records) != 1:
+        raise ValueError(f"expected one MetricRecord in the reply, found {list(content.metric_records)}")
+    others = [k for k in content.config_records if k != REPLY_KEY]
+    if others:
+        raise ValueError(f"unexpected ConfigRecord(s) {others} in the reply")
+    metrics = next(iter(content.metric_records.values()))
+    for key, value in metrics.items():
+        values = value if isinstance(value, list) else [value]
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
+            raise ValueError(f"metric {key!r} is not finite")
+    if weight_key is not None:
+        weight = metrics.get(weight_key)
+        if isinstance(weight, list) or weight is None or weight <= 0:
+            raise ValueError(f"the weight {weight_key!r} must be a positive number, got {weight!r}")
+
+
+def encode_blobs(blobs: Mapping[str, bytes]) -> ArrayRecord:
+    """The ArrayRecord carrying an offer's blobs (one qfl Array per tensor)."""
+    return encode_record(dict(blobs))
+
+
+def model_key(content: RecordDict) -> str:
+    """The key of the single ArrayRecord (the model) of a message."""
+    keys = list(content.array_records.keys())
+    if len(keys) != 1:
+        raise ValueError(f"qfl expects exactly one ArrayRecord (the model) in a message, found {keys}")
+    return keys[0]
+
+
+def with_traffic(metrics: MetricRecord | None, traffic: Traffic) -> MetricRecord:
+    """A copy of ``metrics`` with the round's ``qfl.*`` byte counts added."""
+    out = MetricRecord(dict(metrics)) if metrics is not None else MetricRecord()
+    out.update(traffic.metrics())
+    return out
