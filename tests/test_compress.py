@@ -356,18 +356,6 @@ def test_payload_of_sparse_chain_holds_quantized_values():
 
 
 # ------------------------------------------------- compiled kernels: every code path
-@pytest.fixture(params=[False, True], ids=["serial", "parallel"])
-def kernel_mode(request):
-    """Force the serial or the parallel variant of the kernels (normally chosen by size
-    and machine load); their results must be identical."""
-    from qfl.compress import _kernels as K
-
-    old = K.FORCE_PARALLEL
-    K.FORCE_PARALLEL = request.param
-    yield request.param
-    K.FORCE_PARALLEL = old
-
-
 def _topk_reference(x, k):
     """Top-k by magnitude, ties to the lower index, from a stable sort."""
     order = sorted(range(x.numel()), key=lambda i: (-abs(float(x[i])), i))[:k]
@@ -375,16 +363,16 @@ def _topk_reference(x, k):
 
 
 def test_kernels_serial_and_parallel_agree(kernel_mode):
-    from qfl.compress import _kernels as K
+    from qfl.compress import runtime
 
     torch.manual_seed(12)
     x = (torch.randn(400_000) * torch.rand(400_000) ** 4).numpy()
     for op in ("qsgd(16)", "qsgd(256, bucket=512)", "grid(8)", "grid(4, bucket=100)",
                "bernoulli(budget=0.05) | grid(4)", "bernoulli(0.1)", "topk(0.01)", "topk(0.3)", "randk(0.01)"):
         p = qfl.parse(op).compress(torch.from_numpy(x), torch.Generator().manual_seed(3))
-        K.FORCE_PARALLEL = not kernel_mode
+        runtime.FORCE_PARALLEL = not kernel_mode
         q = qfl.parse(op).compress(torch.from_numpy(x), torch.Generator().manual_seed(3))
-        K.FORCE_PARALLEL = kernel_mode
+        runtime.FORCE_PARALLEL = kernel_mode
         assert torch.equal(p.decompress(), q.decompress()), op
 
 
@@ -393,9 +381,9 @@ import sys, threading
 if sys.argv[1] == "ray":
     import ray  # as in a virtual client of Flower's simulation engine
 import torch, numba, qfl
-from qfl.compress import _kernels as K
+from qfl.compress import runtime
 from qfl.wire import decode, encode
-K.FORCE_PARALLEL = True
+runtime.FORCE_PARALLEL = True
 x = torch.randn(600_000, generator=torch.Generator().manual_seed(5))
 specs = ["qsgd(16)", "grid(4)", "topk(0.3)", "bernoulli(budget=0.05) | grid(4)", "qsgd(3, norm=max)"]
 ref = {s: decode(encode(qfl.parse(s).compress(x, torch.Generator().manual_seed(1)))).decompress() for s in specs}
@@ -425,7 +413,7 @@ def test_kernels_from_many_threads_at_once(process):
                          timeout=600, env={k: v for k, v in os.environ.items() if k != "NUMBA_THREADING_LAYER"})
     assert out.returncode == 0, out.stderr[-3000:]
     layer = out.stdout.split()[-1]
-    assert (layer == "workqueue") == (process == "ray"), layer  # see qfl.compress._kernels.threading_layer
+    assert (layer == "workqueue") == (process == "ray"), layer  # see qfl.compress.runtime.threading_layer
 
 
 @pytest.mark.parametrize("n,k", [(1_200_000, 12_000), (1_200_000, 1), (1_200_000, 250_000), (1_200_000, 600_000),

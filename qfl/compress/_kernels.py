@@ -20,44 +20,18 @@ Performance notes (they decide how the loops are written):
   (stochastic rounding, dequantisation) stay parallel.
 * Big outputs are allocated with numpy (``np.empty``), which asks the kernel for huge
   pages: a fresh 40 MB buffer then costs ~3 ms of page faults instead of ~15 ms.
-* In a Ray worker (a virtual client of Flower's simulation engine) threads come from
-  numba's ``workqueue`` layer, not its OpenMP one (see :func:`threading_layer`), and
-  one thread at a time may run parallel variants (:func:`parallel_slot`).
+* Whether a call runs parallel, on which threading layer and where compiled kernels
+  are cached is process policy, decided in :mod:`qfl.compress.runtime`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
-import sys
-import threading
-import time
-from collections.abc import Iterator
 
 import numba as nb
 import numpy as np
 
-
-def threading_layer() -> str | None:
-    """The numba threading layer qfl asks for in this process (None: numba's choice).
-
-    Flower's simulation engine runs every virtual client as a Ray actor on one host,
-    each training with PyTorch's own OpenMP threads. numba's OpenMP layer adds the
-    system libgomp's pool to each (loading any kernel whose call graph holds a parallel
-    loop starts it, even if no parallel loop runs), and a round of 20 sign-top-k
-    clients on two cores then took 9.2 s instead of 1.6 s under the workqueue layer
-    (benchmarks/client_threads.py). Elsewhere the OpenMP layer stays: its parallel
-    regions are several times cheaper to enter (grid(8) on 10M elements: 18 ms vs 33 ms
-    encode + decode). NUMBA_THREADING_LAYER in the environment always wins.
-    """
-    if "NUMBA_THREADING_LAYER" in os.environ or "ray" not in sys.modules:
-        return None
-    return "workqueue"
-
-
-if (_LAYER := threading_layer()) is not None:
-    nb.config.THREADING_LAYER = _LAYER
+from .runtime import parallel_slot, twin
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -70,61 +44,6 @@ _TWO_M53 = 1.0 / 9007199254740992.0  # 2**-53
 
 #: Elements per parallel work chunk; large enough to amortise scheduling.
 CHUNK = 1 << 16
-#: Below this many elements kernels run serially: starting a parallel region costs
-#: more than it can save.
-PARALLEL_MIN = 1 << 18
-#: Tests set this to True/False to force the parallel/serial variants.
-FORCE_PARALLEL: bool | None = None
-_load_checked = [-1.0, True]
-
-
-def use_parallel(n: int) -> bool:
-    """Whether a kernel over ``n`` elements should run its parallel variant.
-
-    Only for large inputs, and only while the cores are not already saturated (1-minute
-    load average below the CPU count, re-read at most once a second). On a machine that
-    other processes keep busy -- Flower's simulation engine runs many clients on one
-    host; CI runners are shared -- every parallel region waits for a worker thread the
-    scheduler has parked, at a scheduler tick (4 ms) or more each time, which costs more
-    than the second core saves. Results do not depend on the choice (counter-based
-    randomness, fixed reduction order).
-    """
-    if FORCE_PARALLEL is not None:
-        return FORCE_PARALLEL and n > 0
-    if n < PARALLEL_MIN or nb.get_num_threads() < 2:
-        return False
-    now = time.monotonic()
-    if now - _load_checked[0] > 1.0:
-        try:
-            load = os.getloadavg()[0]
-        except OSError:  # pragma: no cover - platforms without a load average
-            load = 0.0
-        _load_checked[0] = now
-        _load_checked[1] = load < (os.cpu_count() or 1)
-    return _load_checked[1]
-
-
-_SLOT = threading.Lock()
-
-
-@contextlib.contextmanager
-def parallel_slot(n: int) -> Iterator[bool]:
-    """Whether a kernel over ``n`` elements runs its parallel variant, holding the
-    process's one parallel slot while it does.
-
-    The workqueue layer (see :func:`threading_layer`) terminates the process when two
-    threads enter parallel code at once (a server decoding replies in a thread pool
-    would); a caller that finds the slot taken runs the serial variant instead, with
-    the same result.
-    """
-    if use_parallel(n) and _SLOT.acquire(blocking=False):
-        try:
-            yield True
-        finally:
-            _SLOT.release()
-    else:
-        yield False
-
 _ABS = np.uint32(0x7FFFFFFF)
 #: |x| keys at or above this are Inf (exactly) or NaN.
 NONFINITE_KEY = np.uint32(0x7F800000)
@@ -300,15 +219,9 @@ def _levels_chunk(x, norms, bucket, s, signed_grid, seed, out, c):
         i = end
 
 
-@nb.njit(parallel=True, cache=True)
-def _levels_parallel(x, norms, bucket, s, signed_grid, seed, out):
+@twin
+def _levels(x, norms, bucket, s, signed_grid, seed, out):
     for c in nb.prange((x.size + CHUNK - 1) // CHUNK):
-        _levels_chunk(x, norms, bucket, s, signed_grid, seed, out, c)
-
-
-@nb.njit(cache=True)
-def _levels_serial(x, norms, bucket, s, signed_grid, seed, out):
-    for c in range((x.size + CHUNK - 1) // CHUNK):
         _levels_chunk(x, norms, bucket, s, signed_grid, seed, out, c)
 
 
@@ -321,8 +234,7 @@ def stochastic_levels(x, norms, bucket, s, signed_grid, seed, out):
     Work is split in CHUNK ranges walked bucket by bucket, so the per-bucket factor is
     computed once per bucket, not once per element; chunks run in parallel for large x.
     """
-    with parallel_slot(x.size) as parallel:
-        (_levels_parallel if parallel else _levels_serial)(x, norms, bucket, s, signed_grid, seed, out)
+    _levels(x.size, x, norms, bucket, s, signed_grid, seed, out)
 
 
 @nb.njit(inline="always", cache=True)
@@ -342,22 +254,15 @@ def _dequantize_chunk(levels, factors, bucket, out, c):
         i = end
 
 
-@nb.njit(parallel=True, cache=True)
-def _dequantize_parallel(levels, factors, bucket, out):
+@twin
+def _dequantize(levels, factors, bucket, out):
     for c in nb.prange((levels.size + CHUNK - 1) // CHUNK):
-        _dequantize_chunk(levels, factors, bucket, out, c)
-
-
-@nb.njit(cache=True)
-def _dequantize_serial(levels, factors, bucket, out):
-    for c in range((levels.size + CHUNK - 1) // CHUNK):
         _dequantize_chunk(levels, factors, bucket, out, c)
 
 
 def dequantize_levels(levels, factors, bucket, out):
     """``out[i] = levels[i] * factors[i // bucket]`` (factor = norm / s, damping folded in)."""
-    with parallel_slot(levels.size) as parallel:
-        (_dequantize_parallel if parallel else _dequantize_serial)(levels, factors, bucket, out)
+    _dequantize(levels.size, levels, factors, bucket, out)
 
 
 # ------------------------------------------------------------------------ top-k
@@ -452,7 +357,7 @@ def _candidates(keys, t, cap, cidx):
     return c
 
 
-@nb.njit(parallel=True, cache=True)
+@nb.njit(inline="always", cache=True)
 def _histogram(x, shift, match, match_shift):
     """Histogram of 16-bit digit ``(key >> shift) & 0xFFFF`` of the keys ``k`` with
     ``k >> match_shift == match`` (``match = -1``: all keys)."""
@@ -471,10 +376,11 @@ def _histogram(x, shift, match, match_shift):
     return hist.sum(axis=0)
 
 
-@nb.njit(parallel=True, cache=True)
+@twin
 def _topk_radix(x, k, idx, vals):
-    """Exact top-k over all of x by a two-level radix select (three parallel passes);
-    the fallback of ``topk_select``. Returns the number of non-finite elements."""
+    """Exact top-k over all of x by a two-level radix select (three passes, parallel
+    in the parallel variant); the fallback of ``topk_select``. Returns the number of
+    non-finite elements."""
     n = x.size
     hi_hist = _histogram(x, 16, -1, 0)
     bad = hi_hist[NONFINITE_KEY >> 16:].sum()
@@ -528,14 +434,6 @@ def _topk_radix(x, k, idx, vals):
 
 
 def topk_select(x, k):
-    """Exact top-k of float32 ``x`` by magnitude: ``(indices, values, nonfinite)``; see
-    ``_topk_select``."""
-    with parallel_slot(x.size) as parallel:
-        return _topk_select(x, k, parallel)
-
-
-@nb.njit(cache=True)
-def _topk_select(x, k, parallel):
     """Exact top-k of float32 ``x`` by magnitude; ties go to lower indices.
 
     Returns ``(indices, values, nonfinite)``: indices sorted, ``values = x[indices]``, and
@@ -545,15 +443,26 @@ def _topk_select(x, k, parallel):
     one serial pass collects them, and an exact radix select among those candidates
     picks the top k. Whenever the sample misleads (fewer than k candidates, or far too
     many, e.g. with massive ties), or k is a large fraction of n, an exact radix select
-    over all of x runs instead (three parallel passes if ``parallel``, else serially),
-    so the result never depends on the sample. NaN/Inf have the largest keys: when
-    present they are always candidates (or the fallback's histogram counts them).
+    over all of x runs instead, so the result never depends on the sample. NaN/Inf have
+    the largest keys: when present they are always candidates (or the fallback's
+    histogram counts them).
     """
-    n = x.size
     idx = np.empty(k, np.int64)
     vals = np.empty(k, np.float32)
     if k == 0:
         return idx, vals, count_nonfinite(x) > 0
+    status = _topk_sampled(x, k, idx, vals)
+    if status >= 0:
+        return idx, vals, status > 0
+    return idx, vals, _topk_radix(x.size, x, k, idx, vals) > 0
+
+
+@nb.njit(cache=True)
+def _topk_sampled(x, k, idx, vals):
+    """The sampled path of :func:`topk_select`: 1 if done and x holds NaN/Inf, 0 if done
+    and finite, -1 if the sample misled (or x is too small to sample) and nothing is
+    written."""
+    n = x.size
     keys = x.view(np.uint32)
     if n >= 64 * _SAMPLE and 4 * k <= n:
         t = _sample_threshold(keys, k)
@@ -570,18 +479,8 @@ def _topk_select(x, k, parallel):
                     worst = max(worst, ckeys[j])
                 t2, ties = _threshold(ckeys, k)
                 _take(x, ckeys, cidx, k, t2, ties, idx, vals)
-                return idx, vals, worst >= NONFINITE_KEY
-    if not parallel:
-        all_keys = np.empty(n, np.uint32)
-        worst = np.uint32(0)
-        for i in range(n):
-            all_keys[i] = keys[i] & _ABS
-            worst = max(worst, all_keys[i])
-        t, ties = _threshold(all_keys, k)
-        _take(x, all_keys, np.arange(n), k, t, ties, idx, vals)
-        return idx, vals, worst >= NONFINITE_KEY
-    bad = _topk_radix(x, k, idx, vals)
-    return idx, vals, bad > 0
+                return 1 if worst >= NONFINITE_KEY else 0
+    return -1
 
 
 # ------------------------------------------------------------------- scattering
@@ -700,15 +599,9 @@ def _sum_abs_clipped_seg(x, lam):
 _BIG = 16 * CHUNK
 
 
-@nb.njit(parallel=True, cache=True)
-def _sum_abs_clipped_parallel(x, lam, sums, cnts):
+@twin
+def _sum_abs_clipped_chunks(x, lam, sums, cnts):
     for c in nb.prange(sums.size):
-        sums[c], cnts[c] = _sum_abs_clipped_seg(x[c * _BIG:min(c * _BIG + _BIG, x.size)], lam)
-
-
-@nb.njit(cache=True)
-def _sum_abs_clipped_serial(x, lam, sums, cnts):
-    for c in range(sums.size):
         sums[c], cnts[c] = _sum_abs_clipped_seg(x[c * _BIG:min(c * _BIG + _BIG, x.size)], lam)
 
 
@@ -721,8 +614,7 @@ def _sum_abs_clipped(x, lam):
     nchunks = (x.size + _BIG - 1) // _BIG
     sums = np.zeros(nchunks, np.float64)
     cnts = np.zeros(nchunks, np.int64)
-    with parallel_slot(x.size) as parallel:
-        (_sum_abs_clipped_parallel if parallel else _sum_abs_clipped_serial)(x, lam, sums, cnts)
+    _sum_abs_clipped_chunks(x.size, x, lam, sums, cnts)
     total = 0.0
     for v in sums:
         total += float(v)
@@ -780,18 +672,9 @@ def _keep_fill(x, p_const, lam, seed, c, q, idx, vals):
             q += 1
 
 
-@nb.njit(parallel=True, cache=True)
-def _keep_parallel(x, p_const, lam, seed, counts, starts, idx, vals, fill):
+@twin
+def _keep(x, p_const, lam, seed, counts, starts, idx, vals, fill):
     for c in nb.prange(counts.size):
-        if fill:
-            _keep_fill(x, p_const, lam, seed, c, starts[c], idx, vals)
-        else:
-            counts[c] = _keep_count(x, p_const, lam, seed, c)
-
-
-@nb.njit(cache=True)
-def _keep_serial(x, p_const, lam, seed, counts, starts, idx, vals, fill):
-    for c in range(counts.size):
         if fill:
             _keep_fill(x, p_const, lam, seed, c, starts[c], idx, vals)
         else:
@@ -808,7 +691,7 @@ def bernoulli_keep(x, p_const, lam, seed):
     nchunks = (x.size + CHUNK - 1) // CHUNK
     counts = np.zeros(nchunks, np.int64)
     with parallel_slot(x.size) as parallel:
-        kernel = _keep_parallel if parallel else _keep_serial
+        kernel = _keep.variant(parallel)
         idx = np.empty(0, np.int64)
         vals = np.empty(0, np.float32)
         kernel(x, float(p_const), float(lam), seed, counts, counts, idx, vals, False)

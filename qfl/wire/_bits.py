@@ -12,7 +12,7 @@ declared element count allows, so corrupted input cannot hang them.
 Integer levels are coded in blocks of ``BLOCK`` elements with gap coding restarted at
 each block boundary, and the blocks' bit lengths go into the header: encoding and
 decoding then run block-parallel while the stream stays one contiguous bit string.
-Parallel or serial is chosen per call (``qfl.compress._kernels.parallel_slot``); the
+Parallel or serial is chosen per call (``qfl.compress.runtime.parallel_slot``); the
 bytes never depend on it.
 """
 
@@ -23,7 +23,7 @@ import math
 import numba as nb
 import numpy as np
 
-from ..compress._kernels import parallel_slot
+from ..compress.runtime import twin
 
 #: Elements per independently coded block of an Elias level stream.
 BLOCK = 1 << 16
@@ -471,15 +471,9 @@ def _encode_block(levels, b, starts, nonzero, scratch, bits, gap_code, gap_len, 
         bits[b] = _encode_sparse(blk, scratch, starts[b], gap_code, gap_len, sm_code, sm_len)
 
 
-@nb.njit(parallel=True, cache=True)
-def _encode_blocks_parallel(levels, starts, nonzero, scratch, bits, gap_code, gap_len, sm_code, sm_len):
+@twin
+def _encode_blocks(levels, starts, nonzero, scratch, bits, gap_code, gap_len, sm_code, sm_len):
     for b in nb.prange(bits.size):
-        _encode_block(levels, b, starts, nonzero, scratch, bits, gap_code, gap_len, sm_code, sm_len)
-
-
-@nb.njit(cache=True)
-def _encode_blocks_serial(levels, starts, nonzero, scratch, bits, gap_code, gap_len, sm_code, sm_len):
-    for b in range(bits.size):
         _encode_block(levels, b, starts, nonzero, scratch, bits, gap_code, gap_len, sm_code, sm_len)
 
 
@@ -518,30 +512,30 @@ def _copy_whole_bytes(scratch, s0, o, nbits, out):
         src += 1
 
 
-@nb.njit(parallel=True, cache=True)
-def _copy_blocks_parallel(scratch, starts, offsets, bits, out):
+@twin
+def _copy_blocks(scratch, starts, offsets, bits, out):
     for b in nb.prange(bits.size):
         _copy_whole_bytes(scratch, starts[b], offsets[b], bits[b], out)
 
 
-@nb.njit(cache=True)
-def _concatenate(scratch, starts, bits, parallel):
+def _concatenate(n, scratch, starts, bits):
     """One stream from the blocks' bit strings: block b's bits land at bit offset
-    sum(bits[:b]). Bytes that lie inside one block are copied (in parallel); bytes that
-    blocks share (or that end the stream) are OR-ed together afterwards."""
+    sum(bits[:b]). Bytes that lie inside one block are copied (in parallel for large
+    ``n``); bytes that blocks share (or that end the stream) are OR-ed together
+    afterwards."""
+    offsets = np.zeros(bits.size + 1, np.int64)
+    np.cumsum(bits, out=offsets[1:])
+    out = np.empty((int(offsets[-1]) + 7) >> 3, np.uint8)
+    _copy_blocks(n, scratch, starts, offsets, bits, out)
+    _join_partial_bytes(scratch, starts, offsets, bits, out)
+    return out
+
+
+@nb.njit(cache=True)
+def _join_partial_bytes(scratch, starts, offsets, bits, out):
+    """Partial bytes: where a block starts or ends mid-byte. Clear them, then OR in each
+    block's share (its scratch bits past its length are zero)."""
     nblk = bits.size
-    offsets = np.zeros(nblk + 1, np.int64)
-    for b in range(nblk):
-        offsets[b + 1] = offsets[b] + bits[b]
-    nbytes = (offsets[nblk] + 7) >> 3
-    out = np.empty(nbytes, np.uint8)
-    if parallel:
-        _copy_blocks_parallel(scratch, starts, offsets, bits, out)
-    else:
-        for b in range(nblk):
-            _copy_whole_bytes(scratch, starts[b], offsets[b], bits[b], out)
-    # Partial bytes: where a block starts or ends mid-byte. Clear them, then OR in each
-    # block's share (its scratch bits past its length are zero).
     for b in range(nblk):
         if bits[b]:
             if offsets[b] & 7:
@@ -558,7 +552,6 @@ def _concatenate(scratch, starts, bits, parallel):
         if e & 7 and not (o & 7 and (e >> 3) == (o >> 3)):  # tail byte, unless it is the head
             d = e >> 3
             out[d] |= _byte_at(scratch, starts[b], 8 * d - o)
-    return out
 
 
 @nb.njit(cache=True)
@@ -582,9 +575,7 @@ def _encode_with(levels: np.ndarray, lower: np.ndarray, nonzero: np.ndarray):
     starts = _scratch_starts(sizes + nonzero + lower)
     scratch = np.empty(int(starts[-1]) + 8, np.uint8)
     bits = np.zeros(lower.size, np.int64)
-    with parallel_slot(levels.size) as parallel:
-        kernel = _encode_blocks_parallel if parallel else _encode_blocks_serial
-        kernel(levels, starts, nonzero, scratch, bits, GAP_CODE, GAP_LEN, SM_CODE, SM_LEN)
+    _encode_blocks(levels.size, levels, starts, nonzero, scratch, bits, GAP_CODE, GAP_LEN, SM_CODE, SM_LEN)
     return scratch, starts, bits
 
 
@@ -597,11 +588,10 @@ def elias_encode_if_smaller(levels: np.ndarray, limit_bits: int):
     scratch, starts, bits = _encode_with(levels, lower, nonzero)
     if int(bits.sum()) >= limit_bits:
         return None
-    with parallel_slot(levels.size) as parallel:
-        return bits, _concatenate(scratch, starts, bits, parallel)
+    return bits, _concatenate(levels.size, scratch, starts, bits)
 
 
-@nb.njit(parallel=True, cache=True)
+@twin
 def _elias_block_bits(levels, gap_len, sm_len):
     n = levels.size
     nblk = (n + BLOCK - 1) // BLOCK
@@ -710,35 +700,16 @@ def _decode_block(padded, pos, end, max_level, blk, pair, single, dec_value, dec
     return OK
 
 
-@nb.njit(parallel=True, cache=True)
-def _decode_blocks_parallel(padded, offsets, n, max_level, out, status, pair, single, dec_value, dec_len):
+@twin
+def _decode_blocks(padded, offsets, n, max_level, out, status, pair, single, dec_value, dec_len):
     for b in nb.prange(status.size):
         status[b] = _decode_block(padded, offsets[b], offsets[b + 1], max_level,
                                   out[b * BLOCK:min(b * BLOCK + BLOCK, n)], pair, single, dec_value, dec_len)
 
 
-@nb.njit(cache=True)
-def _elias_decode(padded, block_bits, n, max_level, out, pair, single, dec_value, dec_len, parallel):
-    nblk = block_bits.size
-    offsets = np.zeros(nblk + 1, np.int64)
-    for b in range(nblk):
-        offsets[b + 1] = offsets[b] + block_bits[b]
-    status = np.zeros(nblk, np.int64)
-    if parallel:
-        _decode_blocks_parallel(padded, offsets, n, max_level, out, status, pair, single, dec_value, dec_len)
-    else:
-        for b in range(nblk):
-            status[b] = _decode_block(padded, offsets[b], offsets[b + 1], max_level,
-                                      out[b * BLOCK:min(b * BLOCK + BLOCK, n)], pair, single, dec_value, dec_len)
-    for b in range(nblk):
-        if status[b] != OK:
-            return status[b]
-    return OK
-
-
 def elias_block_bits(levels: np.ndarray) -> np.ndarray:
     """Bit length of each block's (gap, sign, |level|) stream over the nonzero levels."""
-    return _elias_block_bits(levels, GAP_LEN, SM_LEN)
+    return _elias_block_bits(levels.size, levels, GAP_LEN, SM_LEN)
 
 
 def elias_size_lower_bound(levels: np.ndarray) -> int:
@@ -757,8 +728,7 @@ def elias_encode(levels: np.ndarray, block_bits: np.ndarray) -> np.ndarray:
     scratch, starts, bits = _encode_with(levels, lower, nonzero)
     if not np.array_equal(bits, block_bits):
         raise ValueError("block_bits do not match the levels")
-    with parallel_slot(levels.size) as parallel:
-        return _concatenate(scratch, starts, bits, parallel)
+    return _concatenate(levels.size, scratch, starts, bits)
 
 
 def elias_decode(padded: np.ndarray, block_bits: np.ndarray, n: int, max_level: int, out: np.ndarray) -> int:
@@ -767,8 +737,12 @@ def elias_decode(padded: np.ndarray, block_bits: np.ndarray, n: int, max_level: 
     Every block must end exactly at its declared bit length and every level must be
     within ``max_level`` in magnitude. ``padded`` holds the stream and 8 more bytes.
     """
-    with parallel_slot(n) as parallel:
-        return _elias_decode(padded, block_bits, n, max_level, out, PAIR, SINGLE, DEC_VALUE, DEC_LEN, parallel)
+    offsets = np.zeros(block_bits.size + 1, np.int64)
+    np.cumsum(block_bits, out=offsets[1:])
+    status = np.zeros(block_bits.size, np.int64)
+    _decode_blocks(n, padded, offsets, n, max_level, out, status, PAIR, SINGLE, DEC_VALUE, DEC_LEN)
+    bad = np.flatnonzero(status)
+    return int(status[bad[0]]) if bad.size else OK
 
 
 # ----------------------------------------------------------------- fixed-width codes
@@ -802,15 +776,9 @@ def _pack_groups(values, offset, width, buf, c):
             buf[p] = np.uint8((acc << np.uint64(8 - nacc)) & np.uint64(0xFF))
 
 
-@nb.njit(parallel=True, cache=True)
-def _pack_parallel(values, offset, width, buf):
+@twin
+def _pack(values, offset, width, buf):
     for c in nb.prange(((values.size + 7) // 8 + _GROUPS - 1) // _GROUPS):
-        _pack_groups(values, offset, width, buf, c)
-
-
-@nb.njit(cache=True)
-def _pack_serial(values, offset, width, buf):
-    for c in range(((values.size + 7) // 8 + _GROUPS - 1) // _GROUPS):
         _pack_groups(values, offset, width, buf, c)
 
 
@@ -825,8 +793,7 @@ def pack_fixed(values: np.ndarray, offset: int, width: int) -> np.ndarray:
     if width == 8:
         _pack8(values, offset, buf)
         return buf
-    with parallel_slot(n) as parallel:
-        (_pack_parallel if parallel else _pack_serial)(values, offset, width, buf)
+    _pack(n, values, offset, width, buf)
     return buf
 
 
@@ -855,15 +822,9 @@ def _unpack_groups(padded, n, offset, width, max_abs, out, c):
     return bad
 
 
-@nb.njit(parallel=True, cache=True)
-def _unpack_parallel(padded, n, offset, width, max_abs, out, bad):
+@twin
+def _unpack(padded, n, offset, width, max_abs, out, bad):
     for c in nb.prange(bad.size):
-        bad[c] = _unpack_groups(padded, n, offset, width, max_abs, out, c)
-
-
-@nb.njit(cache=True)
-def _unpack_serial(padded, n, offset, width, max_abs, out, bad):
-    for c in range(bad.size):
         bad[c] = _unpack_groups(padded, n, offset, width, max_abs, out, c)
 
 
@@ -875,8 +836,7 @@ def unpack_fixed(padded: np.ndarray, n: int, offset: int, width: int, max_abs: i
     if width == 8:
         return ERR_RANGE if _unpack8(padded, n, offset, max_abs, out) else OK
     bad = np.zeros(((n + 7) // 8 + _GROUPS - 1) // _GROUPS, np.bool_)
-    with parallel_slot(n) as parallel:
-        (_unpack_parallel if parallel else _unpack_serial)(padded, n, offset, width, max_abs, out, bad)
+    _unpack(n, padded, n, offset, width, max_abs, out, bad)
     return ERR_RANGE if bad.any() else OK
 
 
