@@ -78,9 +78,10 @@ def files_under(root: Path) -> set[str]:
     return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
 
 
-def run_child(env: dict[str, str], n: int) -> dict:
+def run_child(env: dict[str, str], n: int, cwd: Path) -> dict:
+    # cwd: not the repository, whose qfl/ would shadow the copy (sys.path[0] is the cwd).
     out = subprocess.run([sys.executable, "-c", _CHILD, str(n), FIRST_SPEC, ";".join(NEXT_SPECS)],
-                         env=env, capture_output=True, text=True, timeout=1800)
+                         env=env, cwd=cwd, capture_output=True, text=True, timeout=1800)
     if out.returncode != 0:
         raise SystemExit(f"child failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -110,15 +111,15 @@ def main(argv: list[str] | None = None) -> int:
         before = files_under(install)
         env = {k: v for k, v in os.environ.items() if k not in ("NUMBA_CACHE_DIR", "PYTHONPATH")}
         env.update(PYTHONPATH=str(install), XDG_CACHE_HOME=str(scratch / "cache"), PYTHONDONTWRITEBYTECODE="1")
-        rows = {"empty cache": run_child(env, args.elements)}
+        rows = {"empty cache": run_child(env, args.elements, scratch)}
         t = time.perf_counter()
-        warm = subprocess.run([sys.executable, "-m", "qfl", "warm"], env=env, capture_output=True, text=True,
-                              timeout=3600)
+        warm = subprocess.run([sys.executable, "-m", "qfl", "warm"], env=env, cwd=scratch, capture_output=True,
+                              text=True, timeout=3600)
         warm_s = time.perf_counter() - t
         if warm.returncode != 0:
             raise SystemExit(f"qfl warm failed:\n{warm.stderr[-3000:]}")
-        rows["warm cache"] = run_child(env, args.elements)
-        rows["warm cache again"] = run_child(env, args.elements)
+        rows["warm cache"] = run_child(env, args.elements, scratch)
+        rows["warm cache again"] = run_child(env, args.elements, scratch)
         written = sorted(files_under(install) - before)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

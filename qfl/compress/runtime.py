@@ -15,10 +15,17 @@ kernel once, so that no later process compiles what an earlier one did. Other pa
 numba functions keep numba's default: only files inside qfl are located here.
 
 Threads. Parallel variants run only for large inputs, only when the cores are not
-saturated, and one caller at a time (:func:`parallel_slot`). The threading layer is
-``workqueue`` whenever a Ray worker or a PyTorch process could share the cores with
-numba's pool (:func:`threading_layer`): numba's OpenMP layer keeps its own libgomp pool
-besides PyTorch's, and the two pools' spinning workers oversubscribe the cores.
+saturated, one caller at a time (:func:`parallel_slot`), and on no more threads than
+the cores this process may run on. qfl always shares its process with PyTorch, and
+PyTorch's CPU build brings its own libgomp: numba's OpenMP layer loads the system's,
+a second pool. libgomp workers spin for up to ~300k pause loops (milliseconds) after
+every parallel region before they sleep, so each pool's spinning workers take the
+cores the other pool's next region needs -- training steps right after a compression,
+compression right after a training step. qfl therefore starts numba's pool with
+passive waiting (:func:`start_pool`), leaving PyTorch's pool as the user configured it;
+in Ray workers it uses the workqueue layer (:func:`threading_layer`).
+benchmarks/train_overlap.py measures training steps interleaved with compression
+under each choice.
 """
 
 from __future__ import annotations
@@ -129,6 +136,45 @@ def threading_layer() -> str | None:
 if (_LAYER := threading_layer()) is not None:
     nb.config.THREADING_LAYER = _LAYER
 
+def usable_cores() -> int:
+    """CPUs this process may run on (its affinity mask: taskset, cgroup cpusets)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - platforms without affinity masks
+        return os.cpu_count() or 1
+
+
+#: Environment variables by which a user sets libgomp's waiting; qfl then leaves it alone.
+_WAIT_SETTINGS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+_pool_lock = threading.Lock()
+_pool_started = [False]
+
+
+def start_pool() -> int:
+    """Start numba's thread pool once, its OpenMP workers waiting passively; returns
+    numba's thread count.
+
+    libgomp reads its wait policy when it is loaded, which for numba's OpenMP layer is
+    now (PyTorch's libgomp, loaded with ``import torch``, is another copy and keeps its
+    settings). The variable is set only for that moment and only if the user set
+    neither ``OMP_WAIT_POLICY`` nor ``GOMP_SPINCOUNT``.
+    """
+    if _pool_started[0]:
+        return nb.get_num_threads()
+    with _pool_lock:
+        if not _pool_started[0]:
+            passive = not any(k in os.environ for k in _WAIT_SETTINGS)
+            if passive:
+                os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+            try:
+                nb.get_num_threads()  # loads the threading layer
+            finally:
+                if passive:
+                    del os.environ["OMP_WAIT_POLICY"]
+            _pool_started[0] = True
+    return nb.get_num_threads()
+
+
 #: Below this many elements kernels run serially: starting a parallel region costs
 #: more than it can save.
 PARALLEL_MIN = 1 << 18
@@ -150,7 +196,7 @@ def use_parallel(n: int) -> bool:
     """
     if FORCE_PARALLEL is not None:
         return FORCE_PARALLEL and n > 0
-    if n < PARALLEL_MIN or nb.get_num_threads() < 2:
+    if n < PARALLEL_MIN or start_pool() < 2 or usable_cores() < 2:
         return False
     now = time.monotonic()
     if now - _load_checked[0] > 1.0:
@@ -159,7 +205,7 @@ def use_parallel(n: int) -> bool:
         except OSError:  # pragma: no cover - platforms without a load average
             load = 0.0
         _load_checked[0] = now
-        _load_checked[1] = load < (os.cpu_count() or 1)
+        _load_checked[1] = load < usable_cores()
     return _load_checked[1]
 
 
@@ -174,12 +220,16 @@ def parallel_slot(n: int) -> Iterator[bool]:
     The workqueue layer (see :func:`threading_layer`) terminates the process when two
     threads enter parallel code at once (a server decoding replies in a thread pool
     would); a caller that finds the slot taken runs the serial variant instead, with
-    the same result.
+    the same result. While it holds the slot, numba runs on at most as many threads as
+    the process has usable cores.
     """
     if use_parallel(n) and _SLOT.acquire(blocking=False):
+        threads = start_pool()
         try:
+            nb.set_num_threads(max(1, min(threads, usable_cores())))
             yield True
         finally:
+            nb.set_num_threads(threads)
             _SLOT.release()
     else:
         yield False
