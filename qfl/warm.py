@@ -12,13 +12,15 @@ after installing.
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from numba.core.dispatcher import Dispatcher
 
-from .compress import _kernels, runtime
+from .compress import runtime
 from .spec import parse
 from .wire import _bits, decode, encode
 
@@ -47,14 +49,17 @@ class Report:
 
 def dispatchers() -> list:
     """Every numba dispatcher of qfl's kernels (both variants of each twin)."""
-    found = []
-    for module in (_kernels, _bits):
+    found: dict[int, object] = {}
+    for name, module in list(sys.modules.items()):
+        if not (name == "qfl" or name.startswith("qfl.")) or module is None:
+            continue
         for value in vars(module).values():
             if isinstance(value, runtime.Twin):
-                found += [value.parallel, value.serial]
-            elif hasattr(value, "stats") and hasattr(value, "py_func"):
-                found.append(value)
-    return found
+                found.setdefault(id(value.parallel), value.parallel)
+                found.setdefault(id(value.serial), value.serial)
+            elif isinstance(value, Dispatcher):
+                found.setdefault(id(value), value)
+    return list(found.values())
 
 
 def counts() -> tuple[int, int]:

@@ -422,7 +422,7 @@ def test_topk_every_path_exact(kernel_mode, n, k):
     # 1.2M elements with k <= n/4 take the sampled-threshold path; k > n/4 the full radix
     # select (parallel or serial); small n the serial select. Few distinct magnitudes
     # make massive ties, which the sampled path must hand to the exact fallback.
-    from qfl.compress import _kernels as K
+    from qfl.compress import _sparse_kernels as K
 
     g = torch.Generator().manual_seed(n + k)
     for x in (torch.randn(n, generator=g), torch.randint(-3, 4, (n,), generator=g).float()):
@@ -446,7 +446,7 @@ def test_topk_every_path_exact(kernel_mode, n, k):
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 @pytest.mark.parametrize("n,k", [(1_200_000, 12_000), (1_200_000, 600_000), (3000, 30)])
 def test_topk_detects_nonfinite_on_every_path(kernel_mode, bad, n, k):
-    from qfl.compress import _kernels as K
+    from qfl.compress import _sparse_kernels as K
 
     x = torch.randn(n)
     for where in (0, n // 2, n - 1):
@@ -518,7 +518,7 @@ def test_large_casts_and_identity_round_trip():
 
 
 def test_sparse_decompress_scatters_any_order_and_checks_range():
-    from qfl.compress import _kernels as K
+    from qfl.compress import _sparse_kernels as K
     from qfl.compress.payload import Payload, Raw
 
     out = np.full(10, 7.0, np.float32)
@@ -534,7 +534,7 @@ def test_sparse_decompress_scatters_any_order_and_checks_range():
 
 def test_randk_positions_match_floyd_definition():
     # random_subset reads membership back from a bitset instead of sorting: same subset.
-    from qfl.compress import _kernels as K
+    from qfl.compress import _sparse_kernels as K
 
     for n, k, seed in ((1000, 10, 1), (1000, 1000, 2), (70, 0, 3), (200_000, 2000, 4)):
         taken, out = set(), []
