@@ -7,7 +7,7 @@ brings the system libgomp into a process that already runs PyTorch's own. This r
 the same simulation (the simulation app, ``--clients`` clients all training every round,
 ``--spec`` on the uplink, full-precision downlink) once under each layer, and once with
 NUMBA_THREADING_LAYER unset (qfl picks the workqueue layer in Ray workers, see
-``qfl.compress._kernels.threading_layer``), and prints the seconds per round without
+``qfl.compress.runtime.threading_layer``), and prints the seconds per round without
 the first round (actor start-up, data loading).
 
     .venv/bin/python benchmarks/client_threads.py

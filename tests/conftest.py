@@ -1,4 +1,5 @@
-"""Shared pieces: the tiny classification task (from tests/apps/engine) and its fixture."""
+"""Shared pieces: the tiny classification task (from tests/apps/engine) and its fixture; the
+serial/parallel switch of the compiled kernels."""
 
 from __future__ import annotations
 
@@ -51,3 +52,15 @@ def pytest_collection_modifyitems(items):
 def task():
     """(model_fn, data_fn) of the tiny task."""
     return tiny_model, tiny_data
+
+
+@pytest.fixture(params=[False, True], ids=["serial", "parallel"])
+def kernel_mode(request):
+    """Force the serial or the parallel variant of the kernels (normally chosen by size
+    and machine load); their results must be identical."""
+    from qfl.compress import runtime
+
+    old = runtime.FORCE_PARALLEL
+    runtime.FORCE_PARALLEL = request.param
+    yield request.param
+    runtime.FORCE_PARALLEL = old

@@ -374,18 +374,6 @@ def test_payload_of_sparse_chain_holds_quantized_values():
 
 
 # ------------------------------------------------- compiled kernels: every code path
-@pytest.fixture(params=[False, True], ids=["serial", "parallel"])
-def kernel_mode(request):
-    """Force the serial or the parallel variant of the kernels (normally chosen by size
-    and machine load); their results must be identical."""
-    from qfl.compress import _kernels as K
-
-    old = K.FORCE_PARALLEL
-    K.FORCE_PARALLEL = request.param
-    yield request.param
-    K.FORCE_PARALLEL = old
-
-
 def _topk_reference(x, k):
     """Top-k by magnitude, ties to the lower index, from a stable sort."""
     order = sorted(range(x.numel()), key=lambda i: (-abs(float(x[i])), i))[:k]
@@ -393,16 +381,16 @@ def _topk_reference(x, k):
 
 
 def test_kernels_serial_and_parallel_agree(kernel_mode):
-    from qfl.compress import _kernels as K
+    from qfl.compress import runtime
 
     torch.manual_seed(12)
     x = (torch.randn(400_000) * torch.rand(400_000) ** 4).numpy()
     for op in ("qsgd(16)", "qsgd(256, bucket=512)", "grid(8)", "grid(4, bucket=100)",
                "bernoulli(budget=0.05) | grid(4)", "bernoulli(0.1)", "topk(0.01)", "topk(0.3)", "randk(0.01)"):
         p = qfl.parse(op).compress(torch.from_numpy(x), torch.Generator().manual_seed(3))
-        K.FORCE_PARALLEL = not kernel_mode
+        runtime.FORCE_PARALLEL = not kernel_mode
         q = qfl.parse(op).compress(torch.from_numpy(x), torch.Generator().manual_seed(3))
-        K.FORCE_PARALLEL = kernel_mode
+        runtime.FORCE_PARALLEL = kernel_mode
         assert torch.equal(p.decompress(), q.decompress()), op
 
 
@@ -411,9 +399,9 @@ import sys, threading
 if sys.argv[1] == "ray":
     import ray  # as in a virtual client of Flower's simulation engine
 import torch, numba, qfl
-from qfl.compress import _kernels as K
+from qfl.compress import runtime
 from qfl.wire import decode, encode
-K.FORCE_PARALLEL = True
+runtime.FORCE_PARALLEL = True
 x = torch.randn(600_000, generator=torch.Generator().manual_seed(5))
 specs = ["qsgd(16)", "grid(4)", "topk(0.3)", "bernoulli(budget=0.05) | grid(4)", "qsgd(3, norm=max)"]
 ref = {s: decode(encode(qfl.parse(s).compress(x, torch.Generator().manual_seed(1)))).decompress() for s in specs}
@@ -443,7 +431,7 @@ def test_kernels_from_many_threads_at_once(process):
                          timeout=600, env={k: v for k, v in os.environ.items() if k != "NUMBA_THREADING_LAYER"})
     assert out.returncode == 0, out.stderr[-3000:]
     layer = out.stdout.split()[-1]
-    assert (layer == "workqueue") == (process == "ray"), layer  # see qfl.compress._kernels.threading_layer
+    assert (layer == "workqueue") == (process == "ray"), layer  # see qfl.compress.runtime.threading_layer
 
 
 @pytest.mark.parametrize("n,k", [(1_200_000, 12_000), (1_200_000, 1), (1_200_000, 250_000), (1_200_000, 600_000),
@@ -452,7 +440,7 @@ def test_topk_every_path_exact(kernel_mode, n, k):
     # 1.2M elements with k <= n/4 take the sampled-threshold path; k > n/4 the full radix
     # select (parallel or serial); small n the serial select. Few distinct magnitudes
     # make massive ties, which the sampled path must hand to the exact fallback.
-    from qfl.compress import _kernels as K
+    from qfl.compress import _sparse_kernels as K
 
     g = torch.Generator().manual_seed(n + k)
     for x in (torch.randn(n, generator=g), torch.randint(-3, 4, (n,), generator=g).float()):
@@ -476,7 +464,7 @@ def test_topk_every_path_exact(kernel_mode, n, k):
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 @pytest.mark.parametrize("n,k", [(1_200_000, 12_000), (1_200_000, 600_000), (3000, 30)])
 def test_topk_detects_nonfinite_on_every_path(kernel_mode, bad, n, k):
-    from qfl.compress import _kernels as K
+    from qfl.compress import _sparse_kernels as K
 
     x = torch.randn(n)
     for where in (0, n // 2, n - 1):
@@ -548,7 +536,7 @@ def test_large_casts_and_identity_round_trip():
 
 
 def test_sparse_decompress_scatters_any_order_and_checks_range():
-    from qfl.compress import _kernels as K
+    from qfl.compress import _sparse_kernels as K
     from qfl.compress.payload import Payload, Raw
 
     out = np.full(10, 7.0, np.float32)
@@ -564,7 +552,7 @@ def test_sparse_decompress_scatters_any_order_and_checks_range():
 
 def test_randk_positions_match_floyd_definition():
     # random_subset reads membership back from a bitset instead of sorting: same subset.
-    from qfl.compress import _kernels as K
+    from qfl.compress import _sparse_kernels as K
 
     for n, k, seed in ((1000, 10, 1), (1000, 1000, 2), (70, 0, 3), (200_000, 2000, 4)):
         taken, out = set(), []

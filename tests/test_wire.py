@@ -252,16 +252,6 @@ def test_stype_names_the_version():
 
 
 # ------------------------------------------------------ Elias coder: every code path
-@pytest.fixture(params=[False, True], ids=["serial", "parallel"])
-def kernel_mode(request):
-    from qfl.compress import _kernels as K
-
-    old = K.FORCE_PARALLEL
-    K.FORCE_PARALLEL = request.param
-    yield request.param
-    K.FORCE_PARALLEL = old
-
-
 def expected_block_bits(lv: np.ndarray) -> np.ndarray:
     """Per-block stream length from the definition (omega lengths checked above)."""
     out = []

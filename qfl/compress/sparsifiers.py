@@ -13,7 +13,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from . import _kernels as K
+from . import _sparse_kernels as K
 from .base import Operator, Properties, ValueOperator, as_numpy_f32, draw_seed, raise_nonfinite
 from .payload import Part, Raw, Sparse
 

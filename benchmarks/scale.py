@@ -1,0 +1,234 @@
+"""Large models: what compression costs a client and the server, next to training.
+
+Issue 13 item 2 asks for Compressed + compression_mod against plain Flower in the
+simulation engine. This script measures the parts of that cost that are qfl's own, in
+one process and without the engine (the strategy and the mod are being rewritten; their
+per-message overhead is measured separately once they land):
+
+* **client**: local SGD steps on synthetic data (the training time), then the model
+  change compressed tensor by tensor with error memory (``qfl.codec.compress_model``,
+  the mod's path) and encoded (``qfl.wire.encode``) -- compress+encode time and bytes;
+* **server**: each reply decoded and decompressed (``qfl.wire.decode``) and added into
+  one running float32 sum -- decode+aggregate time per reply, per 10M parameters;
+* **memory**: the process's resident set (psutil) after each phase, next to the model's
+  own size, and its peak (``ru_maxrss``).
+
+Models (random init, real deltas from real steps):
+
+* ``resnet18``: ResNet-18 (BasicBlock, 10 classes, 32x32 inputs), 11.2M parameters,
+  ``--steps`` steps (default 20) at batch ``--batch``;
+* ``gpt2``: a GPT-2-small-shaped decoder (vocab 50257, 12 layers, width 768, 1024
+  positions, tied head), 124M parameters, ``--gpt-steps`` steps (default 1) on
+  synthetic tokens, batch 1 x ``--seq`` tokens (kept small for 2 CPU cores).
+
+Goals, printed as ratios with PASS/FAIL:
+
+* client compress+encode <= 10% of the local training time (ResNet-18, ``--steps`` steps);
+* server decode+aggregate <= 50 ms per 10M parameters per reply.
+
+The load average is printed at start and end; above 1 per core the figures are not a
+verdict. Run::
+
+    PYTHONPATH=. python benchmarks/scale.py [--models resnet18,gpt2] [--clients 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import torch
+from torch import nn
+
+import qfl
+from qfl import wire
+from qfl.codec import compress_model
+from qfl.spec import Policy
+
+MB = 1 << 20
+
+
+# ============================================================================ models
+class _Block(nn.Module):
+    def __init__(self, c_in: int, c_out: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.skip = (nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+                     if stride != 1 or c_in != c_out else nn.Identity())
+
+    def forward(self, x):
+        y = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(y)) + self.skip(x))
+
+
+def resnet18(classes: int = 10) -> nn.Module:
+    """ResNet-18 (He et al. 2016): four stages of two BasicBlocks, 64-512 channels."""
+    layers: list[nn.Module] = [nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU()]
+    c = 64
+    for width, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+        layers += [_Block(c, width, stride), _Block(width, width, 1)]
+        c = width
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, classes)]
+    return nn.Sequential(*layers)
+
+
+class GPT2Shaped(nn.Module):
+    """GPT-2 small's shapes (Radford et al. 2019): pre-norm decoder blocks, tied head."""
+
+    def __init__(self, vocab: int = 50257, width: int = 768, layers: int = 12, heads: int = 12, positions: int = 1024):
+        super().__init__()
+        self.tok = nn.Embedding(vocab, width)
+        self.pos = nn.Embedding(positions, width)
+        block = nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.0, activation="gelu",
+                                           batch_first=True, norm_first=True)
+        self.blocks = nn.TransformerEncoder(block, layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(width)
+
+    def forward(self, ids):
+        t = ids.shape[1]
+        h = self.tok(ids) + self.pos(torch.arange(t))
+        mask = nn.Transformer.generate_square_subsequent_mask(t)
+        h = self.norm(self.blocks(h, mask=mask, is_causal=True))
+        return h @ self.tok.weight.T
+
+
+def train_steps(name: str, model: nn.Module, steps: int, batch: int, seq: int, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    model.train()
+    for _ in range(steps):
+        opt.zero_grad()
+        if name == "resnet18":
+            x = torch.randn(batch, 3, 32, 32, generator=g)
+            y = torch.randint(0, 10, (batch,), generator=g)
+            loss = nn.functional.cross_entropy(model(x), y)
+        else:
+            ids = torch.randint(0, 50257, (1, seq + 1), generator=g)
+            logits = model(ids[:, :-1])
+            loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+        loss.backward()
+        opt.step()
+
+
+# ============================================================================ measuring
+def rss() -> int:
+    return psutil.Process().memory_info().rss
+
+
+def peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+def run_model(name: str, args: argparse.Namespace, policy: Policy) -> dict:
+    torch.manual_seed(args.seed)
+    model = resnet18() if name == "resnet18" else GPT2Shaped()
+    params = sum(p.numel() for p in model.parameters())
+    start = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    model_bytes = sum(v.numel() * v.element_size() for v in start.values())
+    steps = args.steps if name == "resnet18" else args.gpt_steps
+    out = {"params": params, "model_bytes": model_bytes, "steps": steps, "clients": []}
+    total = {k: torch.zeros_like(v, dtype=torch.float32) for k, v in start.items() if v.is_floating_point()}
+    out["rss_model"] = rss()
+    for c in range(args.clients):
+        model.load_state_dict(start)
+        t = time.perf_counter()
+        train_steps(name, model, steps, args.batch, args.seq, args.seed + c)
+        train_s = time.perf_counter() - t
+        trained = model.state_dict()
+        delta = {k: (trained[k] - start[k]) if start[k].is_floating_point() else trained[k] for k in start}
+        t = time.perf_counter()
+        payloads, _, _ = compress_model(delta, policy, torch.Generator().manual_seed(c), memory={})
+        blobs = {k: wire.encode(p) for k, p in payloads.items()}
+        codec_s = time.perf_counter() - t
+        del payloads, delta
+        rss_client = rss()
+        t = time.perf_counter()
+        for k, blob in blobs.items():
+            x = wire.decode(blob).decompress()
+            if k in total:
+                total[k].add_(x.reshape(total[k].shape))
+        server_s = time.perf_counter() - t
+        out["clients"].append({"train_s": train_s, "codec_s": codec_s, "server_s": server_s,
+                               "bytes": sum(len(b) for b in blobs.values()), "rss_client": rss_client,
+                               "rss_server": rss()})
+        del blobs
+    out["peak_rss"] = peak_rss()
+    return out
+
+
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "FAIL"
+
+
+def commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                              text=True, timeout=10).stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="resnet18,gpt2", help="comma-separated: resnet18, gpt2")
+    ap.add_argument("--spec", default="topk(0.01) | qsgd(levels=16, bucket=512)", help="uplink spec")
+    ap.add_argument("--min-elements", type=int, default=qfl.spec.MIN_ELEMENTS)
+    ap.add_argument("--clients", type=int, default=2, help="replies per model")
+    ap.add_argument("--steps", type=int, default=20, help="local steps, ResNet-18")
+    ap.add_argument("--batch", type=int, default=16, help="batch, ResNet-18")
+    ap.add_argument("--gpt-steps", type=int, default=1, help="local steps, GPT-2-shaped")
+    ap.add_argument("--seq", type=int, default=32, help="tokens per step, GPT-2-shaped")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    if not models or any(m not in ("resnet18", "gpt2") for m in models):
+        ap.error("--models takes a comma-separated subset of: resnet18, gpt2")
+    if min(args.clients, args.steps, args.batch, args.gpt_steps, args.seq) < 1:
+        ap.error("--clients, --steps, --batch, --gpt-steps and --seq must be positive")
+    policy = Policy.build(args.spec, args.min_elements)
+    cores = os.cpu_count() or 1
+    load_start = os.getloadavg()
+    print(f"# qfl scale benchmark, commit {commit()}, {platform.machine()} {cores} CPUs, torch {torch.__version__} "
+          f"({torch.get_num_threads()} threads), spec {args.spec!r}, min-elements {args.min_elements}")
+    print(f"# load average at start: {load_start[0]:.2f} {load_start[1]:.2f} {load_start[2]:.2f}")
+    results = {m: run_model(m, args, policy) for m in models}
+    load_end = os.getloadavg()
+
+    print(f"\n{'model':9} {'params':>12} {'steps':>5} {'train s':>8} {'enc s':>7} {'enc/train':>9} "
+          f"{'dec+agg s':>9} {'ms/10M':>7} {'bytes':>11} {'x smaller':>9} {'RSS MB':>7} {'peak MB':>7} {'model MB':>8}")
+    goals = []
+    for m, r in results.items():
+        for i, c in enumerate(r["clients"]):
+            per10m = 1e3 * c["server_s"] / (r["params"] / 1e7)
+            print(f"{m:9} {r['params']:12,} {r['steps']:5} {c['train_s']:8.2f} {c['codec_s']:7.3f} "
+                  f"{c['codec_s'] / c['train_s']:9.3f} {c['server_s']:9.3f} {per10m:7.1f} {c['bytes']:11,} "
+                  f"{r['model_bytes'] / c['bytes']:9.0f} {c['rss_server'] / MB:7.0f} {r['peak_rss'] / MB:7.0f} "
+                  f"{r['model_bytes'] / MB:8.0f}")
+        # Later replies: the first pays one-off costs (page faults, kernel loading).
+        later = r["clients"][1:] or r["clients"]
+        enc = max(c["codec_s"] / c["train_s"] for c in later)
+        dec = max(1e3 * c["server_s"] / (r["params"] / 1e7) for c in later)
+        if m == "resnet18":
+            goals.append((f"{m}: client compress+encode / {r['steps']} steps' training", enc, 0.10))
+        goals.append((f"{m}: server decode+aggregate, ms per 10M parameters per reply", dec, 50.0))
+    quiet = max(load_start[0], load_end[0]) <= cores
+    print(f"\n# load average at end: {load_end[0]:.2f} {load_end[1]:.2f} {load_end[2]:.2f}")
+    print("goals (worst reply after the first)"
+          + ("" if quiet else f" -- NOT A VERDICT: load above 1 per core on {cores} cores") + ":")
+    for label, value, limit in goals:
+        print(f"  {label}: {value:.3g} = {value / limit:.2f}x the {limit:g} limit -> {verdict(value <= limit)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
