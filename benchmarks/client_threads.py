@@ -32,9 +32,26 @@ def seconds_per_round(layer: str | None, spec: str, rounds: int, clients: int, o
     env = {k: v for k, v in os.environ.items() if k != "NUMBA_THREADING_LAYER"}
     if layer is not None:
         env["NUMBA_THREADING_LAYER"] = layer
-    args = [sys.executable, "-m", "qfl.simulations.runner", "--methods", "custom", "--rounds", str(rounds),
-            "--clients", str(clients), "--fraction", "1.0", "--set", f"uplink={spec}",
-            "--set", "test-samples=1000", "--out", str(out), "--no-report"]
+    args = [
+        sys.executable,
+        "-m",
+        "qfl.simulations.runner",
+        "--methods",
+        "custom",
+        "--rounds",
+        str(rounds),
+        "--clients",
+        str(clients),
+        "--fraction",
+        "1.0",
+        "--set",
+        f"uplink={spec}",
+        "--set",
+        "test-samples=1000",
+        "--out",
+        str(out),
+        "--no-report",
+    ]
     subprocess.run(args, env=env, check=True, stdout=subprocess.DEVNULL)
     rows = json.loads((out / "custom.json").read_text())["rounds"]
     walls = [r["wall_time"] for r in rows]

@@ -105,8 +105,10 @@ def model_update(n: int, seed: int, steps: int = 5, batch: int = 128, lr: float 
     d_in, d_out = 784, 10
     h = _mlp_width(n, d_in, d_out)
     model = torch.nn.Sequential(
-        torch.nn.Linear(d_in, h), torch.nn.ReLU(),
-        torch.nn.Linear(h, h), torch.nn.ReLU(),
+        torch.nn.Linear(d_in, h),
+        torch.nn.ReLU(),
+        torch.nn.Linear(h, h),
+        torch.nn.ReLU(),
         torch.nn.Linear(h, d_out),
     )
     teacher = torch.randn(d_in, d_out)
@@ -130,8 +132,10 @@ def describe(x: torch.Tensor) -> str:
     m2 = float((v * v).mean())
     kurt = float((v**4).mean() / (m2 * m2)) if m2 > 0 else float("nan")
     rng = float(nz.max() / nz.median()) if nz.numel() else float("nan")
-    return (f"{x.numel():,} float32, zeros {100 * (1 - nz.numel() / max(x.numel(), 1)):.1f}%, "
-            f"kurtosis {kurt:.1f} (Gaussian 3), max/median |x| {rng:.1f}")
+    return (
+        f"{x.numel():,} float32, zeros {100 * (1 - nz.numel() / max(x.numel(), 1)):.1f}%, "
+        f"kurtosis {kurt:.1f} (Gaussian 3), max/median |x| {rng:.1f}"
+    )
 
 
 # ============================================================================ methods
@@ -161,9 +165,18 @@ def qfl_method(name: str, spec: str, seed: int) -> Method:
         t3 = clock()
         x_hat = got.decompress()
         t4 = clock()
-        return len(blob), x_hat, {"compress": t1 - t0, "wire_encode": t2 - t1,
-                                  "wire_decode": t3 - t2, "decompress": t4 - t3,
-                                  "encode": t2 - t0, "decode": t4 - t2}
+        return (
+            len(blob),
+            x_hat,
+            {
+                "compress": t1 - t0,
+                "wire_encode": t2 - t1,
+                "wire_decode": t3 - t2,
+                "decompress": t4 - t3,
+                "encode": t2 - t0,
+                "decode": t4 - t2,
+            },
+        )
 
     return Method(name, "qfl", run, note=str(op))
 
@@ -186,7 +199,7 @@ def _container_bytes(tensors) -> int:
 
 def bnb_method() -> Method | None:
     try:
-        import bitsandbytes.functional as F  # noqa: N812
+        import bitsandbytes.functional as F
     except Exception as exc:  # pragma: no cover - depends on the environment
         print(f"# bitsandbytes unavailable ({exc}); pip install -e .[bench]", file=sys.stderr)
         return None
@@ -311,9 +324,15 @@ class Row:
     def as_dict(self) -> dict[str, Any]:
         stages = sorted({k for r in self.runs for k in r})
         return {
-            "name": self.name, "kind": self.kind, "note": self.note, "bytes": self.bytes(),
-            "rel_err": self.rel_err, "total_s": self.total(),
-            "median_s": {s: self.median(s) for s in stages}, "runs": self.runs, "bytes_runs": self.nbytes,
+            "name": self.name,
+            "kind": self.kind,
+            "note": self.note,
+            "bytes": self.bytes(),
+            "rel_err": self.rel_err,
+            "total_s": self.total(),
+            "median_s": {s: self.median(s) for s in stages},
+            "runs": self.runs,
+            "bytes_runs": self.nbytes,
         }
 
 
@@ -365,18 +384,22 @@ def check_targets(rows: list[Row]) -> list[Target]:
         bo, bp = ours.bytes(), peer.bytes()
         ok_t = to <= time_factor * tp
         ok_b = bo <= bytes_factor * bp
-        detail = (f"time {to * 1e3:.1f} ms vs {tp * 1e3:.1f} ms = {to / tp:.2f}x "
-                  f"(need <= {time_factor:g}x{faster_word}) {'ok' if ok_t else 'MISSED'}; "
-                  f"bytes {bo:,} vs {bp:,} = {bo / bp:.3f}x (need <= {bytes_factor:g}x) "
-                  f"{'ok' if ok_b else 'MISSED'}")
+        detail = (
+            f"time {to * 1e3:.1f} ms vs {tp * 1e3:.1f} ms = {to / tp:.2f}x "
+            f"(need <= {time_factor:g}x{faster_word}) {'ok' if ok_t else 'MISSED'}; "
+            f"bytes {bo:,} vs {bp:,} = {bo / bp:.3f}x (need <= {bytes_factor:g}x) "
+            f"{'ok' if ok_b else 'MISSED'}"
+        )
         out.append(Target(label, "PASS" if ok_t and ok_b else "FAIL", detail))
 
     compare("(1) grid(8) vs bitsandbytes blockwise8", "grid(8)", "bnb blockwise8", 0.5, 1.0, "")
     compare("(2) topk(0.01) vs fedlab TopK(0.01)", "topk(0.01)", "fedlab TopK(0.01)", 0.3, 0.6, "")
-    compare("(3) qsgd(16) vs fedlab QSGD(n_bit=4)", "qsgd(16)", "fedlab QSGD(n_bit=4)", 1 / 3, 1 / 4,
-            ", i.e. >= 3x faster")
-    compare("(4) qsgd(255, bucket=512) vs bitsandbytes blockwise8", "qsgd(255, bucket=512)", "bnb blockwise8",
-            0.5, 1.0, "")
+    compare(
+        "(3) qsgd(16) vs fedlab QSGD(n_bit=4)", "qsgd(16)", "fedlab QSGD(n_bit=4)", 1 / 3, 1 / 4, ", i.e. >= 3x faster"
+    )
+    compare(
+        "(4) qsgd(255, bucket=512) vs bitsandbytes blockwise8", "qsgd(255, bucket=512)", "bnb blockwise8", 0.5, 1.0, ""
+    )
     floor = _find(rows, "floor: x.amax()")
     for name in ("identity", "fp16", "bf16"):
         ours = _find(rows, name)
@@ -385,9 +408,13 @@ def check_targets(rows: list[Row]) -> list[Target]:
             out.append(Target(label, "SKIP", f"needs rows {name!r} and the floor"))
             continue
         ratio = ours.total() / floor.total()
-        out.append(Target(label, "PASS" if ratio <= 3 else "FAIL",
-                          f"time {ours.total() * 1e3:.1f} ms vs {floor.total() * 1e3:.2f} ms = {ratio:.1f}x "
-                          f"(need <= 3x)"))
+        out.append(
+            Target(
+                label,
+                "PASS" if ratio <= 3 else "FAIL",
+                f"time {ours.total() * 1e3:.1f} ms vs {floor.total() * 1e3:.2f} ms = {ratio:.1f}x (need <= 3x)",
+            )
+        )
     return out
 
 
@@ -401,33 +428,57 @@ def table(rows: list[Row], n: int) -> str:
     lines = []
     for r in rows:
         nb = r.bytes()
-        lines.append([
-            r.name, _ms(r.median("encode")), _ms(r.median("decode")),
-            _ms(r.total()), f"{nb:,}" if r.kind != "floor" else "-",
-            f"{8 * nb / n:.3f}" if r.kind != "floor" else "-",
-            "-" if r.rel_err is None else f"{r.rel_err:.4g}",
-        ])
+        lines.append(
+            [
+                r.name,
+                _ms(r.median("encode")),
+                _ms(r.median("decode")),
+                _ms(r.total()),
+                f"{nb:,}" if r.kind != "floor" else "-",
+                f"{8 * nb / n:.3f}" if r.kind != "floor" else "-",
+                "-" if r.rel_err is None else f"{r.rel_err:.4g}",
+            ]
+        )
     return _markdown(head, lines)
 
 
 def breakdown(rows: list[Row]) -> str:
     head = ["qfl operator", "compress ms", "wire encode ms", "wire decode ms", "decompress ms"]
-    lines = [[r.name, _ms(r.median("compress")), _ms(r.median("wire_encode")),
-              _ms(r.median("wire_decode")), _ms(r.median("decompress"))] for r in rows if r.kind == "qfl"]
+    lines = [
+        [
+            r.name,
+            _ms(r.median("compress")),
+            _ms(r.median("wire_encode")),
+            _ms(r.median("wire_decode")),
+            _ms(r.median("decompress")),
+        ]
+        for r in rows
+        if r.kind == "qfl"
+    ]
     return _markdown(head, lines)
 
 
 def _markdown(head: list[str], lines: list[list[str]]) -> str:
-    widths = [max(len(head[i]), *(len(l[i]) for l in lines)) if lines else len(head[i]) for i in range(len(head))]
+    widths = [max(len(head[i]), *(len(line[i]) for line in lines)) if lines else len(head[i]) for i in range(len(head))]
+
     def fmt(cells):
-        return "| " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))) + " |"
+        return (
+            "| "
+            + " | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+            + " |"
+        )
+
     sep = "|" + "|".join(("-" * (w + 2)) if i == 0 else ("-" * (w + 1) + ":") for i, w in enumerate(widths)) + "|"
-    return "\n".join([fmt(head), sep, *(fmt(l) for l in lines)])
+    return "\n".join([fmt(head), sep, *(fmt(line) for line in lines)])
 
 
 def versions() -> dict[str, str]:
-    out = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
-           "qfl": qfl.__version__}
+    out = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "qfl": qfl.__version__,
+    }
     import numba
 
     out["numba"] = numba.__version__
@@ -467,15 +518,21 @@ def _per_thread_count(counts: list[int], argv: list[str], json_path: str | None)
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--size", type=int, default=10_000_000, help="elements per tensor (default 10M)")
     ap.add_argument("--repeats", type=int, default=7, help="timed runs per method (default 7, median reported)")
-    ap.add_argument("--ops", default="", help="comma-separated substrings or regexes; keep only the qfl "
-                    "operators whose row name or spec matches one (peers and floor are always run)")
+    ap.add_argument(
+        "--ops",
+        default="",
+        help="comma-separated substrings or regexes; keep only the qfl "
+        "operators whose row name or spec matches one (peers and floor are always run)",
+    )
     ap.add_argument("--tensors", default="gaussian,update", help="which tensors: gaussian, update (default both)")
-    ap.add_argument("--threads", default="1,2",
-                    help="comma-separated thread counts, each run in its own process (default 1,2)")
+    ap.add_argument(
+        "--threads", default="1,2", help="comma-separated thread counts, each run in its own process (default 1,2)"
+    )
     ap.add_argument("--no-peers", action="store_true", help="skip bitsandbytes and fedlab")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", metavar="PATH", help="also write every measurement as JSON")
@@ -501,8 +558,9 @@ def main(argv: list[str] | None = None) -> int:
     specs = our_specs(args.size)
     if args.ops:
         pats = [p.strip() for p in args.ops.split(",") if p.strip()]
-        specs = [(name, spec) for name, spec in specs
-                 if any(p in name or p in spec or re.search(p, name) for p in pats)]
+        specs = [
+            (name, spec) for name, spec in specs if any(p in name or p in spec or re.search(p, name) for p in pats)
+        ]
     methods: list[Method] = [floor_method()]
     if not args.no_peers:
         if (m := bnb_method()) is not None:
@@ -512,16 +570,22 @@ def main(argv: list[str] | None = None) -> int:
 
     meta = {
         "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "size": args.size, "repeats": args.repeats, "threads": args.threads,
+        "size": args.size,
+        "repeats": args.repeats,
+        "threads": args.threads,
         "machine": f"{platform.machine()}, {os.cpu_count()} logical CPUs, {platform.platform()}",
         "loadavg_start": os.getloadavg(),
-        "versions": versions(), "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+        "versions": versions(),
+        "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
     }
     print(f"# qfl codec benchmark  {meta['date']}")
     print(f"# {meta['machine']}; threads={args.threads}; repeats={args.repeats} (medians)")
     print("# " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()))
-    print("# load average at start: " + ", ".join(f"{v:.2f}" for v in meta["loadavg_start"])
-          + " (other processes share the cores: compare rows of the same run only)")
+    print(
+        "# load average at start: "
+        + ", ".join(f"{v:.2f}" for v in meta["loadavg_start"])
+        + " (other processes share the cores: compare rows of the same run only)"
+    )
     result: dict[str, Any] = {"meta": meta, "tensors": {}}
     all_targets: list[tuple[str, Target]] = []
     for tname in tensors:
@@ -539,7 +603,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{t.status}  {t.label}: {t.detail}")
             all_targets.append((tname, t))
         result["tensors"][tname] = {
-            "description": desc, "rows": [r.as_dict() for r in rows],
+            "description": desc,
+            "rows": [r.as_dict() for r in rows],
             "targets": [t.__dict__ for t in targets],
         }
         del x
@@ -547,8 +612,10 @@ def main(argv: list[str] | None = None) -> int:
     print("\n# load average at end: " + ", ".join(f"{v:.2f}" for v in meta["loadavg_end"]))
     cores = os.cpu_count() or 1
     meta["verdict"] = max(meta["loadavg_start"][0], meta["loadavg_end"][0]) <= cores
-    print(f"\n## targets ({args.threads} thread(s))"
-          + ("" if meta["verdict"] else f" -- NOT A VERDICT: load above 1 per core on {cores} cores"))
+    print(
+        f"\n## targets ({args.threads} thread(s))"
+        + ("" if meta["verdict"] else f" -- NOT A VERDICT: load above 1 per core on {cores} cores")
+    )
     for tname, t in all_targets:
         print(f"{t.status}  [{tname}] {t.label}")
     if args.json:

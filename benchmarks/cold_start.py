@@ -80,8 +80,14 @@ def files_under(root: Path) -> set[str]:
 
 def run_child(env: dict[str, str], n: int, cwd: Path) -> dict:
     # cwd: not the repository, whose qfl/ would shadow the copy (sys.path[0] is the cwd).
-    out = subprocess.run([sys.executable, "-c", _CHILD, str(n), FIRST_SPEC, ";".join(NEXT_SPECS)],
-                         env=env, cwd=cwd, capture_output=True, text=True, timeout=1800)
+    out = subprocess.run(
+        [sys.executable, "-c", _CHILD, str(n), FIRST_SPEC, ";".join(NEXT_SPECS)],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     if out.returncode != 0:
         raise SystemExit(f"child failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -106,15 +112,17 @@ def main(argv: list[str] | None = None) -> int:
     scratch = Path(tempfile.mkdtemp(prefix="qfl-cold-"))
     try:
         install = scratch / "site-packages"
-        shutil.copytree(Path(qfl.__file__).parent, install / "qfl",
-                        ignore=shutil.ignore_patterns("__pycache__", "*.nbi", "*.nbc"))
+        shutil.copytree(
+            Path(qfl.__file__).parent, install / "qfl", ignore=shutil.ignore_patterns("__pycache__", "*.nbi", "*.nbc")
+        )
         before = files_under(install)
         env = {k: v for k, v in os.environ.items() if k not in ("NUMBA_CACHE_DIR", "PYTHONPATH")}
         env.update(PYTHONPATH=str(install), XDG_CACHE_HOME=str(scratch / "cache"), PYTHONDONTWRITEBYTECODE="1")
         rows = {"empty cache": run_child(env, args.elements, scratch)}
         t = time.perf_counter()
-        warm = subprocess.run([sys.executable, "-m", "qfl", "warm"], env=env, cwd=scratch, capture_output=True,
-                              text=True, timeout=3600)
+        warm = subprocess.run(
+            [sys.executable, "-m", "qfl", "warm"], env=env, cwd=scratch, capture_output=True, text=True, timeout=3600
+        )
         warm_s = time.perf_counter() - t
         if warm.returncode != 0:
             raise SystemExit(f"qfl warm failed:\n{warm.stderr[-3000:]}")
@@ -126,11 +134,15 @@ def main(argv: list[str] | None = None) -> int:
     load_end = load()
 
     print(f"\nfirst compress+encode of {FIRST_SPEC!r} on {args.elements:,} float32, each row a fresh process")
-    print(f"{'':18} {'import torch':>12} {'import qfl':>10} {'first call':>10} {'compiled':>8} {'loaded':>6}   next specs")
+    print(
+        f"{'':18} {'import torch':>12} {'import qfl':>10} {'first call':>10} {'compiled':>8} {'loaded':>6}   next specs"
+    )
     for name, r in rows.items():
         nxt = ", ".join(f"{s} {v:.2f}" for s, v in r["next"].items())
-        print(f"{name:18} {r['import_torch']:11.2f}s {r['import_qfl']:9.2f}s {r['first']:9.2f}s "
-              f"{r['compiled']:8d} {r['loaded']:6d}   {nxt}")
+        print(
+            f"{name:18} {r['import_torch']:11.2f}s {r['import_qfl']:9.2f}s {r['first']:9.2f}s "
+            f"{r['compiled']:8d} {r['loaded']:6d}   {nxt}"
+        )
     print(f"python -m qfl warm: {warm_s:.1f} s ({warm.stdout.strip()})")
     assert all(r["qfl"].startswith(str(install)) for r in rows.values()), "children did not import the copy"
 
@@ -141,14 +153,29 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nload average at end: {load_end[0]:.2f} {load_end[1]:.2f} {load_end[2]:.2f}")
     quiet = max(load_start[0], load_end[0]) <= cores
     print("goals" + ("" if quiet else f" (NOT A VERDICT: load above 1 per core on {cores} cores)") + ":")
-    print(f"  import qfl + first call, warm cache: {startup:.2f} s = {startup / args.goal:.2f}x the {args.goal:g} s goal"
-          f" -> {verdict(startup <= args.goal)}   (empty cache: {empty:.1f} s, {empty / startup:.0f}x slower)")
+    print(
+        f"  import qfl + first call, warm cache: {startup:.2f} s = {startup / args.goal:.2f}x the {args.goal:g} s goal"
+        f" -> {verdict(startup <= args.goal)}   (empty cache: {empty:.1f} s, {empty / startup:.0f}x slower)"
+    )
     print(f"  kernels compiled in processes after qfl warm: {compiled_after} -> {verdict(compiled_after == 0)}")
-    print(f"  files written into the installed package: {len(written)} -> {verdict(not written)}"
-          + (f" {written[:5]}" if written else ""))
+    print(
+        f"  files written into the installed package: {len(written)} -> {verdict(not written)}"
+        + (f" {written[:5]}" if written else "")
+    )
     if args.json:
-        args.json.write_text(json.dumps({"rows": rows, "warm_seconds": warm_s, "load_start": load_start,
-                                         "load_end": load_end, "cores": cores, "written": written}, indent=1))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "rows": rows,
+                    "warm_seconds": warm_s,
+                    "load_start": load_start,
+                    "load_end": load_end,
+                    "cores": cores,
+                    "written": written,
+                },
+                indent=1,
+            )
+        )
     return 0
 
 

@@ -30,8 +30,12 @@ APP = ROOT / "tests" / "apps" / "quickstart"
 
 
 def run(fed, config: dict, out: Path) -> dict:
-    result = fed.run_app(APP, {**config, "result-path": str(out)}, timeout=3600,
-                         federation_config={"num-supernodes": 4, "client-resources-num-cpus": 1})
+    result = fed.run_app(
+        APP,
+        {**config, "result-path": str(out)},
+        timeout=3600,
+        federation_config={"num-supernodes": 4, "client-resources-num-cpus": 1},
+    )
     result.check()
     return json.loads(out.read_text())
 
@@ -52,32 +56,47 @@ def main() -> int:
     args = p.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     longer = math.ceil(1.5 * args.rounds)
-    common = {"fraction-train": 1.0, "local-epochs": 1, "lr": 0.05, "batch-size": 32,
-              "max-samples": args.max_samples, "test-samples": args.test_samples}
+    common = {
+        "fraction-train": 1.0,
+        "local-epochs": 1,
+        "lr": 0.05,
+        "batch-size": 32,
+        "max-samples": args.max_samples,
+        "test-samples": args.test_samples,
+    }
     qfl_config = {"uplink": args.uplink, "downlink": args.downlink, "server-momentum": args.server_momentum}
     print(f"load average {os.getloadavg()[0]:.2f}; qfl: {qfl_config}", flush=True)
     verdicts = []
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp, LocalFederation(simulation=True, num_supernodes=4) as fed:
         for seed in seeds:
-            plain = run(fed, {**common, "seed": seed, "plain": True, "num-server-rounds": args.rounds},
-                        Path(tmp) / f"plain-{seed}.json")
-            ours = run(fed, {**common, **qfl_config, "seed": seed, "num-server-rounds": longer},
-                       Path(tmp) / f"qfl-{seed}.json")
+            plain = run(
+                fed,
+                {**common, "seed": seed, "plain": True, "num-server-rounds": args.rounds},
+                Path(tmp) / f"plain-{seed}.json",
+            )
+            ours = run(
+                fed, {**common, **qfl_config, "seed": seed, "num-server-rounds": longer}, Path(tmp) / f"qfl-{seed}.json"
+            )
             base = [plain["central"][str(r)] for r in range(1, args.rounds + 1)]
             acc = [ours["central"][str(r)] for r in range(1, longer + 1)]
             target = sum(base[-WINDOW:]) / len(base[-WINDOW:]) - DROP
             reached = next((r for r, a in enumerate(acc, 1) if a >= target), None)
             verdicts.append(reached is not None)
-            print(f"seed {seed}: plain Flower {100 * base[-1]:.2f}% at round {args.rounds} (smoothed "
-                  f"{100 * (target + DROP):.2f}%, target {100 * target:.2f}%); qfl "
-                  f"{100 * acc[args.rounds - 1]:.2f}% at round {args.rounds}, {100 * acc[-1]:.2f}% at {longer}, "
-                  + (f"target at round {reached}" if reached else f"target not reached in {longer} rounds")
-                  + f"; bytes {ours['uplink_full'] / max(ours['uplink'], 1):.0f}x fewer up, "
-                    f"{ours['downlink_full'] / max(ours['downlink'], 1):.0f}x fewer down per round", flush=True)
-    print(f"{'PASS' if all(verdicts) else 'FAIL'}: qfl reaches plain Flower's smoothed accuracy - "
-          f"1 pp within 1.5x its rounds on {sum(verdicts)}/{len(verdicts)} seeds "
-          f"({time.perf_counter() - started:.0f} s, load average {os.getloadavg()[0]:.2f})")
+            print(
+                f"seed {seed}: plain Flower {100 * base[-1]:.2f}% at round {args.rounds} (smoothed "
+                f"{100 * (target + DROP):.2f}%, target {100 * target:.2f}%); qfl "
+                f"{100 * acc[args.rounds - 1]:.2f}% at round {args.rounds}, {100 * acc[-1]:.2f}% at {longer}, "
+                + (f"target at round {reached}" if reached else f"target not reached in {longer} rounds")
+                + f"; bytes {ours['uplink_full'] / max(ours['uplink'], 1):.0f}x fewer up, "
+                f"{ours['downlink_full'] / max(ours['downlink'], 1):.0f}x fewer down per round",
+                flush=True,
+            )
+    print(
+        f"{'PASS' if all(verdicts) else 'FAIL'}: qfl reaches plain Flower's smoothed accuracy - "
+        f"1 pp within 1.5x its rounds on {sum(verdicts)}/{len(verdicts)} seeds "
+        f"({time.perf_counter() - started:.0f} s, load average {os.getloadavg()[0]:.2f})"
+    )
     return 0 if all(verdicts) else 1
 
 

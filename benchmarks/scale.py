@@ -63,8 +63,11 @@ class _Block(nn.Module):
         self.bn1 = nn.BatchNorm2d(c_out)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(c_out)
-        self.skip = (nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
-                     if stride != 1 or c_in != c_out else nn.Identity())
+        self.skip = (
+            nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+            if stride != 1 or c_in != c_out
+            else nn.Identity()
+        )
 
     def forward(self, x):
         y = torch.relu(self.bn1(self.conv1(x)))
@@ -89,8 +92,9 @@ class GPT2Shaped(nn.Module):
         super().__init__()
         self.tok = nn.Embedding(vocab, width)
         self.pos = nn.Embedding(positions, width)
-        block = nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.0, activation="gelu",
-                                           batch_first=True, norm_first=True)
+        block = nn.TransformerEncoderLayer(
+            width, heads, 4 * width, dropout=0.0, activation="gelu", batch_first=True, norm_first=True
+        )
         self.blocks = nn.TransformerEncoder(block, layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(width)
 
@@ -158,9 +162,16 @@ def run_model(name: str, args: argparse.Namespace, policy: Policy) -> dict:
             if k in total:
                 total[k].add_(x.reshape(total[k].shape))
         server_s = time.perf_counter() - t
-        out["clients"].append({"train_s": train_s, "codec_s": codec_s, "server_s": server_s,
-                               "bytes": sum(len(b) for b in blobs.values()), "rss_client": rss_client,
-                               "rss_server": rss()})
+        out["clients"].append(
+            {
+                "train_s": train_s,
+                "codec_s": codec_s,
+                "server_s": server_s,
+                "bytes": sum(len(b) for b in blobs.values()),
+                "rss_client": rss_client,
+                "rss_server": rss(),
+            }
+        )
         del blobs
     out["peak_rss"] = peak_rss()
     return out
@@ -172,8 +183,16 @@ def verdict(ok: bool) -> str:
 
 def commit() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                              text=True, timeout=10).stdout.strip() or "unknown"
+        return (
+            subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"],
+                cwd=Path(__file__).parent,
+                capture_output=True,
+                text=True,
+                timeout=10,
+            ).stdout.strip()
+            or "unknown"
+        )
     except OSError:
         return "unknown"
 
@@ -198,22 +217,28 @@ def main(argv: list[str] | None = None) -> int:
     policy = Policy.build(args.spec, args.min_elements)
     cores = os.cpu_count() or 1
     load_start = os.getloadavg()
-    print(f"# qfl scale benchmark, commit {commit()}, {platform.machine()} {cores} CPUs, torch {torch.__version__} "
-          f"({torch.get_num_threads()} threads), spec {args.spec!r}, min-elements {args.min_elements}")
+    print(
+        f"# qfl scale benchmark, commit {commit()}, {platform.machine()} {cores} CPUs, torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads), spec {args.spec!r}, min-elements {args.min_elements}"
+    )
     print(f"# load average at start: {load_start[0]:.2f} {load_start[1]:.2f} {load_start[2]:.2f}")
     results = {m: run_model(m, args, policy) for m in models}
     load_end = os.getloadavg()
 
-    print(f"\n{'model':9} {'params':>12} {'steps':>5} {'train s':>8} {'enc s':>7} {'enc/train':>9} "
-          f"{'dec+agg s':>9} {'ms/10M':>7} {'bytes':>11} {'x smaller':>9} {'RSS MB':>7} {'peak MB':>7} {'model MB':>8}")
+    print(
+        f"\n{'model':9} {'params':>12} {'steps':>5} {'train s':>8} {'enc s':>7} {'enc/train':>9} "
+        f"{'dec+agg s':>9} {'ms/10M':>7} {'bytes':>11} {'x smaller':>9} {'RSS MB':>7} {'peak MB':>7} {'model MB':>8}"
+    )
     goals = []
     for m, r in results.items():
-        for i, c in enumerate(r["clients"]):
+        for _i, c in enumerate(r["clients"]):
             per10m = 1e3 * c["server_s"] / (r["params"] / 1e7)
-            print(f"{m:9} {r['params']:12,} {r['steps']:5} {c['train_s']:8.2f} {c['codec_s']:7.3f} "
-                  f"{c['codec_s'] / c['train_s']:9.3f} {c['server_s']:9.3f} {per10m:7.1f} {c['bytes']:11,} "
-                  f"{r['model_bytes'] / c['bytes']:9.0f} {c['rss_server'] / MB:7.0f} {r['peak_rss'] / MB:7.0f} "
-                  f"{r['model_bytes'] / MB:8.0f}")
+            print(
+                f"{m:9} {r['params']:12,} {r['steps']:5} {c['train_s']:8.2f} {c['codec_s']:7.3f} "
+                f"{c['codec_s'] / c['train_s']:9.3f} {c['server_s']:9.3f} {per10m:7.1f} {c['bytes']:11,} "
+                f"{r['model_bytes'] / c['bytes']:9.0f} {c['rss_server'] / MB:7.0f} {r['peak_rss'] / MB:7.0f} "
+                f"{r['model_bytes'] / MB:8.0f}"
+            )
         # Later replies: the first pays one-off costs (page faults, kernel loading).
         later = r["clients"][1:] or r["clients"]
         enc = max(c["codec_s"] / c["train_s"] for c in later)
@@ -223,8 +248,11 @@ def main(argv: list[str] | None = None) -> int:
         goals.append((f"{m}: server decode+aggregate, ms per 10M parameters per reply", dec, 50.0))
     quiet = max(load_start[0], load_end[0]) <= cores
     print(f"\n# load average at end: {load_end[0]:.2f} {load_end[1]:.2f} {load_end[2]:.2f}")
-    print("goals (worst reply after the first)"
-          + ("" if quiet else f" -- NOT A VERDICT: load above 1 per core on {cores} cores") + ":")
+    print(
+        "goals (worst reply after the first)"
+        + ("" if quiet else f" -- NOT A VERDICT: load above 1 per core on {cores} cores")
+        + ":"
+    )
     for label, value, limit in goals:
         print(f"  {label}: {value:.3g} = {value / limit:.2f}x the {limit:g} limit -> {verdict(value <= limit)}")
     return 0

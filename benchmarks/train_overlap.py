@@ -90,23 +90,35 @@ def main(argv: list[str] | None = None) -> int:
     print(f"load average at start: {start[0]:.2f} {start[1]:.2f} {start[2]:.2f} ({cores} cores)")
     rows = {}
     for mode, extra in MODES.items():
-        env = {k: v for k, v in os.environ.items() if k not in ("NUMBA_THREADING_LAYER", "OMP_WAIT_POLICY",
-                                                                "GOMP_SPINCOUNT")}
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if k not in ("NUMBA_THREADING_LAYER", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+        }
         env.update(extra)
-        out = subprocess.run([sys.executable, "-c", _CHILD, mode, str(args.rounds), str(args.steps), args.spec],
-                             env=env, capture_output=True, text=True, timeout=3600)
+        out = subprocess.run(
+            [sys.executable, "-c", _CHILD, mode, str(args.rounds), str(args.steps), args.spec],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=3600,
+        )
         if out.returncode != 0:
             raise SystemExit(f"{mode} failed:\n{out.stderr[-3000:]}")
         rows[mode] = json.loads(out.stdout.strip().splitlines()[-1])
     end = os.getloadavg()
     ref = rows["torch only"]["step"]
-    print(f"\n{rows['torch only']['params']:,}-parameter CNN, batch 32, {args.steps} steps per round, "
-          f"then {args.spec!r} on every tensor's change")
+    print(
+        f"\n{rows['torch only']['params']:,}-parameter CNN, batch 32, {args.steps} steps per round, "
+        f"then {args.spec!r} on every tensor's change"
+    )
     print(f"{'mode':16} {'layer':10} {'s/step':>8} {'vs torch only':>14} {'codec s/round':>14}")
     for mode, r in rows.items():
         print(f"{mode:16} {r['layer']:10} {r['step']:8.4f} {r['step'] / ref:13.2f}x {r['codec']:14.3f}")
-    print(f"\nload average at end: {end[0]:.2f} {end[1]:.2f} {end[2]:.2f}"
-          + ("" if max(start[0], end[0]) <= cores else f"  (NOT A VERDICT: load above 1 per core on {cores} cores)"))
+    print(
+        f"\nload average at end: {end[0]:.2f} {end[1]:.2f} {end[2]:.2f}"
+        + ("" if max(start[0], end[0]) <= cores else f"  (NOT A VERDICT: load above 1 per core on {cores} cores)")
+    )
     return 0
 
 

@@ -14,8 +14,10 @@ def main(argv: list[str] | None = None) -> int:
     from .warm import warm
 
     r = warm()
-    print(f"qfl warm: {r.compiled} kernel specialisations compiled, {r.loaded} loaded from the cache, "
-          f"{r.seconds:.1f} s; cache: {r.cache_dir}")
+    print(
+        f"qfl warm: {r.compiled} kernel specialisations compiled, {r.loaded} loaded from the cache, "
+        f"{r.seconds:.1f} s; cache: {r.cache_dir}"
+    )
     return 0
 
 

@@ -32,7 +32,9 @@ def compensate(delta: torch.Tensor, memory: torch.Tensor | None) -> torch.Tensor
     if memory is None:
         return corrected
     if memory.shape != delta.shape:
-        raise ValueError(f"error memory of shape {tuple(memory.shape)} does not match an update of shape {tuple(delta.shape)}")
+        raise ValueError(
+            f"error memory of shape {tuple(memory.shape)} does not match an update of shape {tuple(delta.shape)}"
+        )
     return corrected + memory.to(corrected.device, corrected.dtype)
 
 

@@ -98,8 +98,11 @@ def read_float(config: Mapping[str, Any], key: str, lo: float = 0.0, hi: float =
 
 def _str_list(config: Mapping[str, Any], key: str) -> list[str]:
     v = config.get(key, [])
-    if not isinstance(v, list) or len(v) > MAX_OVERRIDES or not all(
-            isinstance(s, str) and len(s) <= MAX_STR for s in v):
+    if (
+        not isinstance(v, list)
+        or len(v) > MAX_OVERRIDES
+        or not all(isinstance(s, str) and len(s) <= MAX_STR for s in v)
+    ):
         raise ProtocolError(f"field {key!r} must be a list of at most {MAX_OVERRIDES} strings")
     return v
 
@@ -122,13 +125,21 @@ class Settings:
     session: int
 
     def to_config(self) -> dict[str, Any]:
-        return {**self.uplink.to_config(_UPLINK), _KEY: self.key, _EF: self.error_feedback, _SEED: self.seed,
-                _ROUND: self.round, _SESSION: self.session}
+        return {
+            **self.uplink.to_config(_UPLINK),
+            _KEY: self.key,
+            _EF: self.error_feedback,
+            _SEED: self.seed,
+            _ROUND: self.round,
+            _SESSION: self.session,
+        }
 
     @staticmethod
     def from_config(config: Mapping[str, Any]) -> Settings:
-        patterns, specs = _str_list(config, f"{_UPLINK}.override-patterns"), _str_list(
-            config, f"{_UPLINK}.override-specs")
+        patterns, specs = (
+            _str_list(config, f"{_UPLINK}.override-patterns"),
+            _str_list(config, f"{_UPLINK}.override-specs"),
+        )
         if len(patterns) != len(specs):
             raise ProtocolError(f"{len(patterns)} override patterns but {len(specs)} override specs")
         spec = read_str(config, f"{_UPLINK}.spec")
@@ -137,8 +148,14 @@ class Settings:
             policy = Policy.build(spec, min_elements, dict(zip(patterns, specs)))
         except ValueError as exc:
             raise ProtocolError(f"uplink policy: {exc}") from None
-        return Settings(read_str(config, _KEY), policy, read_bool(config, _EF), read_int(config, _SEED),
-                        read_int(config, _ROUND), read_int(config, _SESSION))
+        return Settings(
+            read_str(config, _KEY),
+            policy,
+            read_bool(config, _EF),
+            read_int(config, _SEED),
+            read_int(config, _ROUND),
+            read_int(config, _SESSION),
+        )
 
 
 @dataclass(frozen=True)
@@ -237,9 +254,28 @@ class ReplyInfo:
         if (_VERSION in config) != (_DIGEST in config):
             raise ProtocolError(f"{_VERSION!r} and {_DIGEST!r} come together")
         replica = (read_int(config, _VERSION), read_int(config, _DIGEST, 0, 2**32 - 1)) if _VERSION in config else None
-        return ReplyInfo(read_str(config, _KIND, REPLY_KINDS), read_int(config, _STATE_BYTES), replica,
-                         read_int(config, _FULL_BYTES) if _FULL_BYTES in config else None)
+        return ReplyInfo(
+            read_str(config, _KIND, REPLY_KINDS),
+            read_int(config, _STATE_BYTES),
+            replica,
+            read_int(config, _FULL_BYTES) if _FULL_BYTES in config else None,
+        )
 
 
-__all__ = ["CLIPPING_NORM", "DOWNLINK_MODES", "FULL", "PREFIX", "REPLY_KEY", "DownlinkHeader", "ProtocolError", "ReplyInfo",
-           "Settings", "is_qfl_config", "read_bool", "read_float", "read_int", "read_str", "strip"]
+__all__ = [
+    "CLIPPING_NORM",
+    "DOWNLINK_MODES",
+    "FULL",
+    "PREFIX",
+    "REPLY_KEY",
+    "DownlinkHeader",
+    "ProtocolError",
+    "ReplyInfo",
+    "Settings",
+    "is_qfl_config",
+    "read_bool",
+    "read_float",
+    "read_int",
+    "read_str",
+    "strip",
+]

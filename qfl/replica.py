@@ -71,8 +71,9 @@ class ServerDownlink:
         plus the chain of steps when that is cheaper than the current replica in full.
     """
 
-    def __init__(self, mode: str, policy: Policy, history: int = 16, seed: int = 0,
-                 initial: Policy | None = None) -> None:
+    def __init__(
+        self, mode: str, policy: Policy, history: int = 16, seed: int = 0, initial: Policy | None = None
+    ) -> None:
         if mode not in ("model", "delta", "anchor"):
             raise ValueError(f"downlink mode must be 'model', 'delta' or 'anchor', got {mode!r}")
         if history < 1:
@@ -114,11 +115,14 @@ class ServerDownlink:
         self.version += 1
         if self.mode == "model":
             payloads, _, _ = compress_model(model, self.policy, self.generator)
-            self._offers["model"] = Offer({k: encode(p) for k, p in payloads.items()},
-                                          DownlinkHeader("model", self.version), "model")
+            self._offers["model"] = Offer(
+                {k: encode(p) for k, p in payloads.items()}, DownlinkHeader("model", self.version), "model"
+            )
             return True
-        if self.replica is None or self.replica.keys() != model.keys() or any(
-            self.replica[k].shape != model[k].shape for k in model
+        if (
+            self.replica is None
+            or self.replica.keys() != model.keys()
+            or any(self.replica[k].shape != model[k].shape for k in model)
         ):
             # First model, or its structure changed: everyone starts over with a resync.
             if self.initial is None:
@@ -164,8 +168,11 @@ class ServerDownlink:
         self._model_digest = None
 
     def _update_anchor(self, model: Tensors) -> None:
-        if self._reanchor or self.replica is None or self.replica.keys() != model.keys() or any(
-            self.replica[k].shape != model[k].shape for k in model
+        if (
+            self._reanchor
+            or self.replica is None
+            or self.replica.keys() != model.keys()
+            or any(self.replica[k].shape != model[k].shape for k in model)
         ):
             self._reanchor = False
             self.version += 1
@@ -210,8 +217,9 @@ class ServerDownlink:
 
     def _build_anchor(self, with_anchor: bool) -> Offer:
         assert self.replica is not None
-        header = DownlinkHeader("anchor", self.version, FULL if with_anchor else self.version,
-                                self._digests[self.version])
+        header = DownlinkHeader(
+            "anchor", self.version, FULL if with_anchor else self.version, self._digests[self.version]
+        )
         blobs = {}
         for k, v in self.replica.items():
             head = encode(IDENTITY.compress(v)) if with_anchor else b""
@@ -235,8 +243,11 @@ class ServerDownlink:
         base = int(key)  # type: ignore[arg-type]
         steps = [self._steps[v] for v in range(base + 1, self.version + 1)]
         blobs = {k: b"".join(s[k] for s in steps) for k in self.replica}
-        return Offer(blobs, DownlinkHeader("delta", self.version, base, self._digests[self.version]),
-                     "delta" if steps else "current")
+        return Offer(
+            blobs,
+            DownlinkHeader("delta", self.version, base, self._digests[self.version]),
+            "delta" if steps else "current",
+        )
 
     # ----------------------------------------------------------------- clients
     def acknowledge(self, node_id: int, version: int, replica_digest: int) -> bool:
@@ -268,10 +279,16 @@ class ServerDownlink:
         checkpoint_bytes = sum(map(len, self._checkpoint[1].values())) if self._checkpoint else 0
         anchor_bytes = sum(map(len, self._anchor_delta.values())) if self._anchor_delta else 0
         offer_bytes = sum(o.nbytes for o in self._offers.values())
-        return {"steps": len(self._steps), "step_bytes": step_bytes, "replica_bytes": replica_bytes,
-                "checkpoint_bytes": checkpoint_bytes + anchor_bytes, "offer_bytes": offer_bytes,
-                "offers": len(self._offers), "nodes": len(self.nodes) + len(self._lost),
-                "digests": len(self._digests)}
+        return {
+            "steps": len(self._steps),
+            "step_bytes": step_bytes,
+            "replica_bytes": replica_bytes,
+            "checkpoint_bytes": checkpoint_bytes + anchor_bytes,
+            "offer_bytes": offer_bytes,
+            "offers": len(self._offers),
+            "nodes": len(self.nodes) + len(self._lost),
+            "digests": len(self._digests),
+        }
 
 
 # ============================================================================ client
@@ -283,8 +300,9 @@ class DownlinkError(ValueError):
     """The client cannot rebuild the model from this message (it needs a resync)."""
 
 
-def client_model(arrays: Mapping[str, list[Payload]], header: DownlinkHeader,
-                 held: Held | None) -> tuple[Tensors, Tensors | None]:
+def client_model(
+    arrays: Mapping[str, list[Payload]], header: DownlinkHeader, held: Held | None
+) -> tuple[Tensors, Tensors | None]:
     """(model the message stands for, replica to hold from now on or None to keep ``held``).
 
     Pure: the caller persists the new replica (at ``header.version``, digest
@@ -337,8 +355,9 @@ def _step(base: torch.Tensor, payload: Payload, name: str) -> torch.Tensor:
     return apply_delta(base, payload.decompress())
 
 
-def _anchor_model(arrays: Mapping[str, list[Payload]], header: DownlinkHeader,
-                  held: Held | None) -> tuple[Tensors, Tensors | None]:
+def _anchor_model(
+    arrays: Mapping[str, list[Payload]], header: DownlinkHeader, held: Held | None
+) -> tuple[Tensors, Tensors | None]:
     """Anchor mode: anchor (from the message or the state) plus the shared difference."""
     new_anchor = None
     if header.base == FULL:
@@ -349,8 +368,9 @@ def _anchor_model(arrays: Mapping[str, list[Payload]], header: DownlinkHeader,
         rest = {k: ps[1:] for k, ps in arrays.items()}
     else:
         if held is None or held[1] != header.base:
-            raise DownlinkError(f"anchor version {header.base} is needed, the client holds "
-                                f"{None if held is None else held[1]}")
+            raise DownlinkError(
+                f"anchor version {header.base} is needed, the client holds {None if held is None else held[1]}"
+            )
         anchor = held[0]
         if anchor.keys() != arrays.keys():
             raise DownlinkError("the message's tensors differ from the anchor's")

@@ -62,8 +62,9 @@ def _literal(token: str, where: str) -> Any:
 def _stage(text: str) -> Operator:
     m = _STAGE.match(text)
     if not m:
-        raise ValueError(f"bad spec token {text.strip()!r}: expected name or name(arg, key=value, ...); "
-                         f"known operators: {_known()}")
+        raise ValueError(
+            f"bad spec token {text.strip()!r}: expected name or name(arg, key=value, ...); known operators: {_known()}"
+        )
     name, argtext = m.group(1), m.group(2)
     if name not in REGISTRY and name not in _ALIASES:
         raise ValueError(f"unknown operator {name!r} in {text.strip()!r}; known operators: {_known()}")
@@ -91,8 +92,10 @@ def _stage(text: str) -> Operator:
             raise ValueError(f"bad parameters in {text.strip()!r}: {exc}") from None
     cls = REGISTRY[name]
     if len(args) > len(cls.positional):
-        raise ValueError(f"{name} takes at most {len(cls.positional)} positional value(s) "
-                         f"({', '.join(cls.positional) or 'none'}), got {len(args)} in {text.strip()!r}")
+        raise ValueError(
+            f"{name} takes at most {len(cls.positional)} positional value(s) "
+            f"({', '.join(cls.positional) or 'none'}), got {len(args)} in {text.strip()!r}"
+        )
     for key, val in zip(cls.positional, args):
         if key in kwargs:
             raise ValueError(f"parameter {key!r} given twice in {text.strip()!r}")
@@ -175,8 +178,11 @@ class Policy:
     overrides: tuple[tuple[str, Operator], ...] = field(default_factory=tuple)
 
     @staticmethod
-    def build(spec: str | Operator | None, min_elements: int = MIN_ELEMENTS,
-              overrides: Mapping[str, str | Operator] | None = None) -> Policy:
+    def build(
+        spec: str | Operator | None,
+        min_elements: int = MIN_ELEMENTS,
+        overrides: Mapping[str, str | Operator] | None = None,
+    ) -> Policy:
         """Policy from spec strings (or operators)."""
         if isinstance(min_elements, bool) or not isinstance(min_elements, int) or min_elements < 0:
             raise ValueError(f"min_elements must be a non-negative integer, got {min_elements!r}")

@@ -27,11 +27,27 @@ from .wire import _bits, decode, encode
 #: Every kernel a message can reach: each operator family, each level dtype (level_dtype:
 #: <= 127 int8, <= 32767 int16, else int32), both norms, signs, and chains.
 SPECS = (
-    "identity", "fp16", "bf16",
-    "qsgd(16)", "qsgd(255, bucket=512)", "qsgd(1000)", "qsgd(70000)", "qsgd(4, norm=max, bucket=7)",
-    "grid(2)", "grid(4)", "grid(8)", "grid(16, bucket=100)",
-    "sign", "topk(0.01)", "topk(0.3)", "topk(0.01) | qsgd(16, bucket=512)", "topk(0.01) | sign",
-    "randk(0.01)", "randk(0.01) | qsgd(16)", "bernoulli(0.1)", "bernoulli(budget=0.05) | grid(4)",
+    "identity",
+    "fp16",
+    "bf16",
+    "qsgd(16)",
+    "qsgd(255, bucket=512)",
+    "qsgd(1000)",
+    "qsgd(70000)",
+    "qsgd(4, norm=max, bucket=7)",
+    "grid(2)",
+    "grid(4)",
+    "grid(8)",
+    "grid(16, bucket=100)",
+    "sign",
+    "topk(0.01)",
+    "topk(0.3)",
+    "topk(0.01) | qsgd(16, bucket=512)",
+    "topk(0.01) | sign",
+    "randk(0.01)",
+    "randk(0.01) | qsgd(16)",
+    "bernoulli(0.1)",
+    "bernoulli(budget=0.05) | grid(4)",
 )
 #: Above one Elias block and one parallel chunk, so every branch of the coders is reached.
 ELEMENTS = 3 * _bits.BLOCK + 1234

@@ -30,8 +30,11 @@ def blob_bound(op: Operator, t: torch.Tensor) -> int:
     if op == IDENTITY:
         return identity_bytes(t)
     n = t.numel()
-    sparsifier, value = (op.sparsifier, op.value) if isinstance(op, Chain) else (
-        (op, None) if isinstance(op, Sparsifier) else (None, op))
+    sparsifier, value = (
+        (op.sparsifier, op.value)
+        if isinstance(op, Chain)
+        else ((op, None) if isinstance(op, Sparsifier) else (None, op))
+    )
     m, body = n, 0
     if sparsifier is not None:
         m = sparsifier.expected_count(n)

@@ -51,17 +51,26 @@ class FakeGrid(Grid):
         The message never reaches the node: no reply, no state change.
     """
 
-    def __init__(self, app: ClientApp, num_nodes: int, run_config: dict | None = None,
-                 node_config: Callable[[int], dict] | None = None) -> None:
+    def __init__(
+        self,
+        app: ClientApp,
+        num_nodes: int,
+        run_config: dict | None = None,
+        node_config: Callable[[int], dict] | None = None,
+    ) -> None:
         set_task_identity()
         self.app = app
         #: Per-node ClientApps that replace ``app`` (hostile or broken clients).
         self.apps: dict[int, ClientApp] = {}
         self.node_ids = [1000 + i for i in range(num_nodes)]
         self.contexts = {
-            nid: Context(run_id=1, node_id=nid,
-                         node_config=(node_config(i) if node_config else {"partition-id": i, "num-partitions": num_nodes}),
-                         state=RecordDict(), run_config=dict(run_config or {}))
+            nid: Context(
+                run_id=1,
+                node_id=nid,
+                node_config=(node_config(i) if node_config else {"partition-id": i, "num-partitions": num_nodes}),
+                state=RecordDict(),
+                run_config=dict(run_config or {}),
+            )
             for i, nid in enumerate(self.node_ids)
         }
         self.sent: list[Message] = []
@@ -81,8 +90,7 @@ class FakeGrid(Grid):
         return self._run
 
     def create_message(self, content, message_type, dst_node_id, group_id, ttl=None) -> Message:
-        return Message(content=content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id,
-                       ttl=ttl)
+        return Message(content=content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id, ttl=ttl)
 
     def get_node_ids(self) -> Iterable[int]:
         return list(self.node_ids)
@@ -108,8 +116,10 @@ class FakeGrid(Grid):
                 try:
                     reply = self.apps.get(node, self.app)(delivered, self.contexts[node])
                 except Exception:  # the runtime turns ClientApp exceptions into error replies
-                    reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=traceback.format_exc()),
-                                    reply_to=delivered)
+                    reply = Message(
+                        Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=traceback.format_exc()),
+                        reply_to=delivered,
+                    )
             if reply.has_content():
                 reply = Message(content=wire_copy(reply.content), metadata=reply.metadata)
             if node in self.timeout and self.timeout[node](msg):
@@ -161,8 +171,9 @@ class AsyncFakeGrid(FakeGrid):
         try:
             reply = self.apps.get(node, self.app)(delivered, self.contexts[node])
         except Exception:
-            return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=traceback.format_exc()),
-                           reply_to=delivered)
+            return Message(
+                Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=traceback.format_exc()), reply_to=delivered
+            )
         if reply.has_content():
             reply = Message(content=wire_copy(reply.content), metadata=reply.metadata)
         return reply

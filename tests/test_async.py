@@ -8,8 +8,8 @@ from flwr.app import ArrayRecord, MetricRecord
 from flwr.serverapp.strategy import FedAvg
 
 from qfl.clients import LocalTraining, evaluate, make_client_app
-from qfl.codec import digest
 from qfl.clients.state import load_replica
+from qfl.codec import digest
 from qfl.strategies import AsyncCompressed, Compressed
 
 PLAN = LocalTraining(steps=5, lr=0.1)
@@ -31,12 +31,20 @@ def central_loss():
         model.load_state_dict(arrays.to_torch_state_dict())
         loss, acc = evaluate(model, x, y)
         return MetricRecord({"loss": loss, "accuracy": acc})
+
     return fn
 
 
 def strategy(**kw) -> AsyncCompressed:
-    defaults = dict(concurrency=3, buffer_size=1, max_staleness=4, uplink="topk(0.2) | qsgd(16)",
-                    downlink="delta | qsgd(64)", min_elements=200, poll_interval=0.0)
+    defaults = dict(
+        concurrency=3,
+        buffer_size=1,
+        max_staleness=4,
+        uplink="topk(0.2) | qsgd(16)",
+        downlink="delta | qsgd(64)",
+        min_elements=200,
+        poll_interval=0.0,
+    )
     return AsyncCompressed(**{**defaults, **kw})
 
 
@@ -102,8 +110,9 @@ def test_state_stays_bounded_and_replicas_match_after_many_versions():
 
 def test_async_reaches_the_sync_accuracy_band():
     sync_grid = FakeGrid(app(), 4)
-    sync = Compressed(FedAvg(fraction_evaluate=0.0), uplink="topk(0.2) | qsgd(16)", downlink="delta | qsgd(64)",
-                      min_elements=200)
+    sync = Compressed(
+        FedAvg(fraction_evaluate=0.0), uplink="topk(0.2) | qsgd(16)", downlink="delta | qsgd(64)", min_elements=200
+    )
     sync_result = sync.start(grid=sync_grid, initial_arrays=initial(), num_rounds=6, evaluate_fn=central_loss())
     grid = AsyncFakeGrid(app(), 4, delays={1000: 0, 1001: 1, 1002: 2, 1003: 1})
     s = strategy(concurrency=4, buffer_size=2)

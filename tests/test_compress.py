@@ -36,8 +36,9 @@ N = 3000  # Monte Carlo samples
 
 def samples(op, x, n=N):
     """(n, d) matrix of independent decompressed compressions of x."""
-    return torch.stack([op.decompress(op.compress(x, torch.Generator().manual_seed(i))).reshape(-1).double()
-                        for i in range(n)])
+    return torch.stack(
+        [op.decompress(op.compress(x, torch.Generator().manual_seed(i))).reshape(-1).double() for i in range(n)]
+    )
 
 
 def assert_unbiased(op, x, n=N, z=5.0):
@@ -62,7 +63,7 @@ def exact_qsgd_variance(x, s, bucket, use_max):
     x = x.double()
     total = 0.0
     for lo in range(0, x.numel(), bucket):
-        v = x[lo:lo + bucket]
+        v = x[lo : lo + bucket]
         norm = v.abs().max() if use_max else v.norm()
         norm = float(torch.tensor(float(norm), dtype=torch.float32))  # the operator sends float32 scales
         norm = max(norm, float(v.abs().max() if use_max else v.norm()))
@@ -82,7 +83,7 @@ def test_qsgd_variance_exact_and_within_lemma_bound(s, bucket, norm):
     exact = exact_qsgd_variance(x, s, bucket, norm == "max")
     assert abs(est - exact) <= 5 * se + 1e-9
     # Lemma 3.1 bound per bucket, summed: sum_b beta_b ||v_b||^2.
-    bound = sum(op.beta(bucket) * float(x[lo:lo + bucket].double().norm() ** 2) for lo in range(0, 64, bucket))
+    bound = sum(op.beta(bucket) * float(x[lo : lo + bucket].double().norm() ** 2) for lo in range(0, 64, bucket))
     assert est <= bound + 5 * se
 
 
@@ -265,9 +266,21 @@ def test_grid_on_grid_unbiased_nothing_clipped(bits, bucket):
 
 # ------------------------------------------------------------------ dtypes, devices, edge cases
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
-@pytest.mark.parametrize("spec", ["qsgd(8)", "grid(6, bucket=10)", "topk(0.1) | qsgd(4, damped=true)",
-                                  "randk(0.2)", "bernoulli(budget=0.2) | grid(4)", "signtopk(0.1)", "fp16",
-                                  "bf16", "identity", "sign"])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "qsgd(8)",
+        "grid(6, bucket=10)",
+        "topk(0.1) | qsgd(4, damped=true)",
+        "randk(0.2)",
+        "bernoulli(budget=0.2) | grid(4)",
+        "signtopk(0.1)",
+        "fp16",
+        "bf16",
+        "identity",
+        "sign",
+    ],
+)
 def test_shape_and_dtype_preserved(spec, dtype):
     op = qfl.parse(spec)
     for shape in [(), (0,), (17,), (2, 3, 4, 5)]:
@@ -277,8 +290,13 @@ def test_shape_and_dtype_preserved(spec, dtype):
 
 
 def test_identity_is_lossless_for_every_dtype():
-    for x in [torch.randn(5, 3).double(), torch.randn(9).bfloat16(), torch.arange(10),
-              torch.tensor([True, False]), torch.randint(0, 255, (7,), dtype=torch.uint8)]:
+    for x in [
+        torch.randn(5, 3).double(),
+        torch.randn(9).bfloat16(),
+        torch.arange(10),
+        torch.tensor([True, False]),
+        torch.randint(0, 255, (7,), dtype=torch.uint8),
+    ]:
         assert torch.equal(Identity().decompress(Identity().compress(x)), x)
 
 
@@ -292,8 +310,9 @@ def test_non_float_tensors_pass_through_losslessly():
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
-@pytest.mark.parametrize("spec", ["qsgd(4)", "topk(0.5)", "randk(0.5)", "grid(8)", "fp16", "identity", "sign",
-                                  "bernoulli(0.5)"])
+@pytest.mark.parametrize(
+    "spec", ["qsgd(4)", "topk(0.5)", "randk(0.5)", "grid(8)", "fp16", "identity", "sign", "bernoulli(0.5)"]
+)
 def test_nan_and_inf_are_refused(spec, bad):
     for dtype in (torch.float32, torch.float16):
         x = torch.randn(100).to(dtype)
@@ -307,8 +326,19 @@ def test_fp16_overflow_is_refused():
         qfl.parse("fp16").compress(torch.tensor([1.0, 1e6]))
 
 
-@pytest.mark.parametrize("spec", ["qsgd(4)", "qsgd(4, bucket=3)", "topk(0.5)", "randk(0.5)", "grid(8)", "sign",
-                                  "bernoulli(budget=0.5)", "topk(0.5) | qsgd(2)"])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "qsgd(4)",
+        "qsgd(4, bucket=3)",
+        "topk(0.5)",
+        "randk(0.5)",
+        "grid(8)",
+        "sign",
+        "bernoulli(budget=0.5)",
+        "topk(0.5) | qsgd(2)",
+    ],
+)
 def test_empty_and_all_zero(spec):
     op = qfl.parse(spec)
     assert op.decompress(op.compress(torch.zeros(0))).numel() == 0
@@ -385,8 +415,17 @@ def test_kernels_serial_and_parallel_agree(kernel_mode):
 
     torch.manual_seed(12)
     x = (torch.randn(400_000) * torch.rand(400_000) ** 4).numpy()
-    for op in ("qsgd(16)", "qsgd(256, bucket=512)", "grid(8)", "grid(4, bucket=100)",
-               "bernoulli(budget=0.05) | grid(4)", "bernoulli(0.1)", "topk(0.01)", "topk(0.3)", "randk(0.01)"):
+    for op in (
+        "qsgd(16)",
+        "qsgd(256, bucket=512)",
+        "grid(8)",
+        "grid(4, bucket=100)",
+        "bernoulli(budget=0.05) | grid(4)",
+        "bernoulli(0.1)",
+        "topk(0.01)",
+        "topk(0.3)",
+        "randk(0.01)",
+    ):
         p = qfl.parse(op).compress(torch.from_numpy(x), torch.Generator().manual_seed(3))
         runtime.FORCE_PARALLEL = not kernel_mode
         q = qfl.parse(op).compress(torch.from_numpy(x), torch.Generator().manual_seed(3))
@@ -427,15 +466,21 @@ def test_kernels_from_many_threads_at_once(process):
     # In a Ray worker qfl picks numba's workqueue layer, which kills the process when two
     # threads enter parallel code at once; the parallel slot makes the others run
     # serially, with identical results. A subprocess, since the failure mode is an abort.
-    out = subprocess.run([sys.executable, "-c", _THREADS_SCRIPT, process], capture_output=True, text=True,
-                         timeout=600, env={k: v for k, v in os.environ.items() if k != "NUMBA_THREADING_LAYER"})
+    out = subprocess.run(
+        [sys.executable, "-c", _THREADS_SCRIPT, process],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={k: v for k, v in os.environ.items() if k != "NUMBA_THREADING_LAYER"},
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     layer = out.stdout.split()[-1]
     assert (layer == "workqueue") == (process == "ray"), layer  # see qfl.compress.runtime.threading_layer
 
 
-@pytest.mark.parametrize("n,k", [(1_200_000, 12_000), (1_200_000, 1), (1_200_000, 250_000), (1_200_000, 600_000),
-                                 (5000, 50), (5000, 5000)])
+@pytest.mark.parametrize(
+    "n,k", [(1_200_000, 12_000), (1_200_000, 1), (1_200_000, 250_000), (1_200_000, 600_000), (5000, 50), (5000, 5000)]
+)
 def test_topk_every_path_exact(kernel_mode, n, k):
     # 1.2M elements with k <= n/4 take the sampled-threshold path; k > n/4 the full radix
     # select (parallel or serial); small n the serial select. Few distinct magnitudes
@@ -475,8 +520,9 @@ def test_topk_detects_nonfinite_on_every_path(kernel_mode, bad, n, k):
             TopK(k=k).compress(y)
 
 
-@pytest.mark.parametrize("spec", ["qsgd(4)", "qsgd(4, norm=max, bucket=7)", "grid(8, bucket=1000)", "fp16", "bf16",
-                                  "topk(0.01) | qsgd(4)"])
+@pytest.mark.parametrize(
+    "spec", ["qsgd(4)", "qsgd(4, norm=max, bucket=7)", "grid(8, bucket=1000)", "fp16", "bf16", "topk(0.01) | qsgd(4)"]
+)
 def test_fused_finite_checks(spec):
     # These operators find NaN/Inf in the pass they make anyway (norms, top-k keys, max |x|).
     x = torch.randn(300_000)
@@ -497,7 +543,9 @@ def test_float64_beyond_float32_range_is_a_clear_error():
 
 def test_cast_overflow_thresholds():
     fp16 = qfl.parse("fp16")
-    assert torch.equal(fp16.decompress(fp16.compress(torch.tensor([65504.0, -65519.0]))), torch.tensor([65504.0, -65504.0]))
+    assert torch.equal(
+        fp16.decompress(fp16.compress(torch.tensor([65504.0, -65519.0]))), torch.tensor([65504.0, -65504.0])
+    )
     with pytest.raises(ValueError, match="fp16 cannot represent"):
         fp16.compress(torch.tensor([0.0, -65520.0]))
     with pytest.raises(ValueError, match="fp16 cannot represent"):
@@ -509,11 +557,14 @@ def test_cast_overflow_thresholds():
         bf16.compress(torch.tensor([3.4e38]))
 
 
-@pytest.mark.parametrize("spec,x", [
-    ("bernoulli(budget=0.5)", torch.tensor(65504.0, dtype=torch.float16)),  # 65504 / p = 131008
-    # Each value rounds up to the norm, 524032, with probability 1/8: some of 64 do.
-    ("qsgd(1)", torch.full((64,), 65504.0, dtype=torch.float16)),
-])
+@pytest.mark.parametrize(
+    "spec,x",
+    [
+        ("bernoulli(budget=0.5)", torch.tensor(65504.0, dtype=torch.float16)),  # 65504 / p = 131008
+        # Each value rounds up to the norm, 524032, with probability 1/8: some of 64 do.
+        ("qsgd(1)", torch.full((64,), 65504.0, dtype=torch.float16)),
+    ],
+)
 def test_reconstructions_beyond_a_narrow_dtype_are_refused(spec, x):
     # Every input fits its dtype, but what the receiver would rebuild does not: refuse, never send Inf.
     with pytest.raises(ValueError, match="cannot represent this tensor in float16"):

@@ -15,8 +15,7 @@ from qfl.simulations import data as D
 
 REAL_DIR = Path("/usr/share/datasets/fashion-mnist")
 HAVE_REAL = all(
-    (REAL_DIR / f"{base}.gz").is_file() or (REAL_DIR / base).is_file()
-    for base in D.FASHION_MNIST_FILES.values()
+    (REAL_DIR / f"{base}.gz").is_file() or (REAL_DIR / base).is_file() for base in D.FASHION_MNIST_FILES.values()
 )
 needs_real = pytest.mark.skipif(
     not HAVE_REAL,
@@ -295,9 +294,7 @@ def test_import_is_light():
     )
     root = str(Path(D.__file__).resolve().parents[2])
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env
-    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
     assert out.stdout.strip() == "", f"heavy modules imported at top level: {out.stdout}"
 
 
@@ -313,10 +310,7 @@ def labels():
 def label_skew(parts, labels, num_classes=10):
     """Mean total-variation distance of client label mixes from the global one."""
     global_p = np.bincount(labels, minlength=num_classes) / len(labels)
-    tv = [
-        0.5 * np.abs(np.bincount(labels[p], minlength=num_classes) / len(p) - global_p).sum()
-        for p in parts
-    ]
+    tv = [0.5 * np.abs(np.bincount(labels[p], minlength=num_classes) / len(p) - global_p).sum() for p in parts]
     return float(np.mean(tv))
 
 
@@ -375,9 +369,7 @@ def test_pathological_classes_per_client(labels, k):
 
 
 def test_dirichlet_min_partition_size(labels):
-    parts = D.partition_indices(
-        labels, 50, scheme="dirichlet", alpha=0.5, seed=0, min_partition_size=20
-    )
+    parts = D.partition_indices(labels, 50, scheme="dirichlet", alpha=0.5, seed=0, min_partition_size=20)
     assert min(map(len, parts)) >= 20
 
 

@@ -37,8 +37,8 @@ import pytest
 import tomli_w
 
 import qfl
-from qfl.compress import IDENTITY
 from qfl.clients.records import record_bytes, to_record
+from qfl.compress import IDENTITY
 from qfl.simulations.client_app import TRACE_ENV
 from qfl.simulations.models import build_model
 from qfl.simulations.server_app import flwr_version
@@ -54,9 +54,20 @@ DOWNLINK = "delta | topk(0.2) | qsgd(levels=15)"
 MODEL = "cnn"
 #: The run config shared by all tests: small data, compressed both ways, every client every round.
 CONFIG = {
-    "method": "custom", "uplink": UPLINK, "downlink": DOWNLINK, "error-feedback": True,
-    "model": MODEL, "seed": 42, "partitioning": "iid", "max-client-samples": 200, "test-samples": 500,
-    "local-steps": 10, "batch-size": 32, "lr": 0.05, "fraction-train": 1.0, "round-timeout": 120.0,
+    "method": "custom",
+    "uplink": UPLINK,
+    "downlink": DOWNLINK,
+    "error-feedback": True,
+    "model": MODEL,
+    "seed": 42,
+    "partitioning": "iid",
+    "max-client-samples": 200,
+    "test-samples": 500,
+    "local-steps": 10,
+    "batch-size": 32,
+    "lr": 0.05,
+    "fraction-train": 1.0,
+    "round-timeout": 120.0,
     "min-elements": 1024,
 }
 MARK_ENV = "QFL_TEST_DEPLOY_MARK"
@@ -94,8 +105,14 @@ def run_cli(args: list[str], env: dict[str, str], timeout: float, interrupt_when
     (Ctrl-C). The script is killed if it outlives ``timeout``.
     """
     argv = [sys.executable, DEPLOY_SCRIPT, *args]
-    proc = subprocess.Popen(argv, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        argv,
+        env={**os.environ, **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + timeout
     try:
         interrupted = False
@@ -121,10 +138,25 @@ def run_cli(args: list[str], env: dict[str, str], timeout: float, interrupt_when
 
 def cli_args(out: Path, nodes: int, rounds: int, *extra: str) -> list[str]:
     # Flower's run-config syntax: values are TOML literals (strings quoted).
-    sets = [a for k, v in CONFIG.items() if k != "method"
-            for a in ("--set", f"{k}={tomli_w.dumps({k: v}).split('=', 1)[1].strip()}")]
-    return ["--methods", CONFIG["method"], "--nodes", str(nodes), "--rounds", str(rounds), *sets,
-            "--out", str(out), "--no-report", *extra]
+    sets = [
+        a
+        for k, v in CONFIG.items()
+        if k != "method"
+        for a in ("--set", f"{k}={tomli_w.dumps({k: v}).split('=', 1)[1].strip()}")
+    ]
+    return [
+        "--methods",
+        CONFIG["method"],
+        "--nodes",
+        str(nodes),
+        "--rounds",
+        str(rounds),
+        *sets,
+        "--out",
+        str(out),
+        "--no-report",
+        *extra,
+    ]
 
 
 def read_trace(path: Path) -> dict[int, list[dict]]:
@@ -206,9 +238,11 @@ def check_bytes(result: dict, sizes: dict[str, int]) -> dict[str, float]:
         per = r["downlink_bytes"] / r["messages"]
         down_per_msg.append(per)
         assert sizes["small"] < per <= sizes["downlink_max"], (per, sizes)
-    return {"uplink_per_reply": sum(up_per_reply) / len(up_per_reply),
-            "downlink_delta_per_message": sum(down_per_msg) / len(down_per_msg) if down_per_msg else float("nan"),
-            "full": sizes["full"]}
+    return {
+        "uplink_per_reply": sum(up_per_reply) / len(up_per_reply),
+        "downlink_delta_per_message": sum(down_per_msg) / len(down_per_msg) if down_per_msg else float("nan"),
+        "full": sizes["full"],
+    }
 
 
 def check_flower_counters(record: dict, result: dict) -> dict[str, float]:
@@ -224,10 +258,16 @@ def check_flower_counters(record: dict, result: dict) -> dict[str, float]:
     assert record["qfl"]["uplink_bytes"] == up and record["qfl"]["downlink_bytes"] == down
     assert up <= inbound <= up + replies * FLOWER_OVERHEAD_PER_MESSAGE, (inbound, up, replies)
     assert down <= outbound <= down + messages * FLOWER_OVERHEAD_PER_MESSAGE, (outbound, down, messages)
-    return {"inbound": inbound, "qfl_uplink": up, "inbound_ratio": inbound / up,
-            "inbound_overhead_per_reply": (inbound - up) / replies,
-            "outbound": outbound, "qfl_downlink": down, "outbound_ratio": outbound / down,
-            "outbound_overhead_per_message": (outbound - down) / messages}
+    return {
+        "inbound": inbound,
+        "qfl_uplink": up,
+        "inbound_ratio": inbound / up,
+        "inbound_overhead_per_reply": (inbound - up) / replies,
+        "outbound": outbound,
+        "qfl_downlink": down,
+        "outbound_ratio": outbound / down,
+        "outbound_overhead_per_message": (outbound - down) / messages,
+    }
 
 
 def check_state_survives(trace: dict[int, list[dict]], rounds: int, nodes: int) -> None:
@@ -256,8 +296,9 @@ def test_script_deploys_compressed_app(tmp_path, mark):
     nodes, rounds = 3, 3
     out, trace = tmp_path / "out", tmp_path / "trace.jsonl"
     t0 = time.monotonic()
-    code, output = run_cli(cli_args(out, nodes, rounds, "--show-commands"),
-                           {MARK_ENV: mark, TRACE_ENV: str(trace)}, timeout=900)
+    code, output = run_cli(
+        cli_args(out, nodes, rounds, "--show-commands"), {MARK_ENV: mark, TRACE_ENV: str(trace)}, timeout=900
+    )
     wall = time.monotonic() - t0
     assert code == 0, output
     result = json.loads((out / "custom.json").read_text())
@@ -267,7 +308,8 @@ def test_script_deploys_compressed_app(tmp_path, mark):
     supernodes = [c for c in record["commands"] if "flower-supernode" in c]
     assert len(supernodes) == nodes and all("--node-config" in c for c in supernodes)
     assert [n["node_config"] for n in record["supernodes"]] == [
-        {"partition-id": i, "num-partitions": nodes} for i in range(nodes)]
+        {"partition-id": i, "num-partitions": nodes} for i in range(nodes)
+    ]
     # every --set reached the run: the result records the run config it ran with
     assert all(result["config"][k] == v for k, v in CONFIG.items() if k != "method"), result["config"]
     check_learning(result)
@@ -277,9 +319,14 @@ def test_script_deploys_compressed_app(tmp_path, mark):
     bytes_ = check_bytes(result, sizes)
     flower = check_flower_counters(record, result)
     assert "qfl: uplink" in output and "Flower Fleet API: inbound" in output
-    report("script", wall_s=round(wall, 1), run_s=record["run_seconds"],
-           uplink_per_reply_pct=100 * bytes_["uplink_per_reply"] / sizes["full"],
-           downlink_delta_pct=100 * bytes_["downlink_delta_per_message"] / sizes["full"], **flower)
+    report(
+        "script",
+        wall_s=round(wall, 1),
+        run_s=record["run_seconds"],
+        uplink_per_reply_pct=100 * bytes_["uplink_per_reply"] / sizes["full"],
+        downlink_delta_pct=100 * bytes_["downlink_delta_per_message"] / sizes["full"],
+        **flower,
+    )
 
 
 def test_tls_auth_refuses_unknown_supernodes(tmp_path, mark):
@@ -308,8 +355,17 @@ def test_tls_auth_refuses_unknown_supernodes(tmp_path, mark):
         seen["after_restart"] = fed.supernodes[1].node_id
 
     t0 = time.monotonic()
-    dep = run_deployment(["custom"], {**CONFIG, "num-server-rounds": rounds}, out, nodes=nodes, tls=True,
-                         auth=True, timeout=900, during=during, env={MARK_ENV: mark, TRACE_ENV: str(trace)})
+    dep = run_deployment(
+        ["custom"],
+        {**CONFIG, "num-server-rounds": rounds},
+        out,
+        nodes=nodes,
+        tls=True,
+        auth=True,
+        timeout=900,
+        during=during,
+        env={MARK_ENV: mark, TRACE_ENV: str(trace)},
+    )
     wall = time.monotonic() - t0
     assert dep.ok, (dep.errors, dep.run.log[-3000:])
     assert seen["intruder_rc"] == 1 and seen["keyless_rc"] == 1 and seen["unknown_key_refused"]
@@ -345,8 +401,15 @@ def test_restarted_supernode_is_resynced(tmp_path, mark):
     nodes, rounds = 2, 4
     out, trace = tmp_path / "out", tmp_path / "trace.jsonl"
     t0 = time.monotonic()
-    dep = run_deployment(["custom"], {**CONFIG, "num-server-rounds": rounds}, out, nodes=nodes, timeout=900,
-                         during=restart_after(0, 1, "custom"), env={MARK_ENV: mark, TRACE_ENV: str(trace)})
+    dep = run_deployment(
+        ["custom"],
+        {**CONFIG, "num-server-rounds": rounds},
+        out,
+        nodes=nodes,
+        timeout=900,
+        during=restart_after(0, 1, "custom"),
+        env={MARK_ENV: mark, TRACE_ENV: str(trace)},
+    )
     wall = time.monotonic() - t0
     assert dep.ok, (dep.errors, dep.run.log[-3000:])
     result = json.loads((out / "custom.json").read_text())
@@ -375,8 +438,14 @@ def test_asynchronous_method_in_a_deployment(tmp_path, mark):
     out, trace = tmp_path / "out", tmp_path / "trace.jsonl"
     config = {k: v for k, v in CONFIG.items() if k not in ("method", "uplink", "downlink")}
     t0 = time.monotonic()
-    dep = run_deployment(["qsparse_sign_async"], {**config, "num-server-rounds": rounds}, out, nodes=nodes,
-                         timeout=900, env={MARK_ENV: mark, TRACE_ENV: str(trace)})
+    dep = run_deployment(
+        ["qsparse_sign_async"],
+        {**config, "num-server-rounds": rounds},
+        out,
+        nodes=nodes,
+        timeout=900,
+        env={MARK_ENV: mark, TRACE_ENV: str(trace)},
+    )
     wall = time.monotonic() - t0
     assert dep.ok, (dep.errors, dep.run.log[-3000:])
     result = json.loads((out / "qsparse_sign_async.json").read_text())
@@ -411,8 +480,11 @@ def test_ctrl_c_stops_every_process(tmp_path, mark):
     def running() -> bool:  # once a round has begun on the SuperNodes
         seen.update(marked_processes(mark))
         progress = out / "custom.progress.jsonl"
-        return progress.exists() and bool(progress.read_text().strip()) and any(
-            "flwr-clientapp" in c or "flower-superexec" in c for c in seen.values())
+        return (
+            progress.exists()
+            and bool(progress.read_text().strip())
+            and any("flwr-clientapp" in c or "flower-superexec" in c for c in seen.values())
+        )
 
     t0 = time.monotonic()
     code, output = run_cli(cli_args(out, 2, 20), {MARK_ENV: mark}, timeout=600, interrupt_when=running)

@@ -65,7 +65,8 @@ class Recording(FedAvg):
             if not msg.has_error():
                 model = to_tensors(next(iter(msg.content.array_records.values())))
                 self.norms.setdefault(server_round, []).append(
-                    norm({k: model[k].double() - self.base[k].double() for k in PARAMETERS}))
+                    norm({k: model[k].double() - self.base[k].double() for k in PARAMETERS})
+                )
         return super().aggregate_train(server_round, replies)
 
 
@@ -92,10 +93,14 @@ def test_client_side_fixed_clipping_bounds_what_the_server_aggregates(order, err
     recorder = Recording()
     if order == "dp-outside":
         strategy = DifferentialPrivacyClientSideFixedClipping(
-            Compressed(recorder, uplink=UPLINK, error_feedback=error_feedback), 0.0, CLIP, NODES)
+            Compressed(recorder, uplink=UPLINK, error_feedback=error_feedback), 0.0, CLIP, NODES
+        )
     else:
-        strategy = Compressed(DifferentialPrivacyClientSideFixedClipping(recorder, 0.0, CLIP, NODES), uplink=UPLINK,
-                              error_feedback=error_feedback)
+        strategy = Compressed(
+            DifferentialPrivacyClientSideFixedClipping(recorder, 0.0, CLIP, NODES),
+            uplink=UPLINK,
+            error_feedback=error_feedback,
+        )
     run(strategy, client(compression_mod, fixedclipping_mod))
     worst = check_bound(recorder, 4, CLIP)
     assert worst > 0.3  # the bound was binding, not trivially met
@@ -105,8 +110,9 @@ def test_client_side_fixed_clipping_bounds_what_the_server_aggregates(order, err
 
 def test_client_side_adaptive_clipping_bounds_every_round_by_its_own_norm():
     recorder = Recording()
-    strategy = DifferentialPrivacyClientSideAdaptiveClipping(Compressed(recorder, uplink=UPLINK), 0.0, NODES,
-                                                             initial_clipping_norm=CLIP)
+    strategy = DifferentialPrivacyClientSideAdaptiveClipping(
+        Compressed(recorder, uplink=UPLINK), 0.0, NODES, initial_clipping_norm=CLIP
+    )
     run(strategy, client(compression_mod, adaptiveclipping_mod))
     assert len(set(recorder.clip.values())) > 1  # the norm adapted
     check_bound(recorder, 4, recorder.clip)
@@ -135,7 +141,9 @@ def test_a_clipping_mod_before_compression_mod_stops_the_run_naming_the_order(or
 
 
 # ------------------------------------------------------------ server-side clipping
-@pytest.mark.parametrize("dp", [DifferentialPrivacyServerSideFixedClipping, DifferentialPrivacyServerSideAdaptiveClipping])
+@pytest.mark.parametrize(
+    "dp", [DifferentialPrivacyServerSideFixedClipping, DifferentialPrivacyServerSideAdaptiveClipping]
+)
 def test_server_side_clipping_inside_compressed_clips_the_decoded_updates(dp):
     recorder = Recording()
     if dp is DifferentialPrivacyServerSideFixedClipping:
@@ -150,7 +158,9 @@ def test_server_side_clipping_inside_compressed_clips_the_decoded_updates(dp):
     assert all(bool(torch.isfinite(t).all()) for t in final.values() if t.is_floating_point())
 
 
-@pytest.mark.parametrize("dp", [DifferentialPrivacyServerSideFixedClipping, DifferentialPrivacyServerSideAdaptiveClipping])
+@pytest.mark.parametrize(
+    "dp", [DifferentialPrivacyServerSideFixedClipping, DifferentialPrivacyServerSideAdaptiveClipping]
+)
 def test_server_side_clipping_around_compressed_is_refused_before_round_one(dp):
     args = (0.0, CLIP, NODES) if dp is DifferentialPrivacyServerSideFixedClipping else (0.0, NODES)
     strategy = dp(Compressed(Recording(), uplink=UPLINK), *args)

@@ -23,8 +23,8 @@ import torch
 from conftest import tiny_model
 from expected import blob_bound, identity_bytes
 
-from qfl.compress import IDENTITY
 from qfl.clients.records import record_bytes, to_record
+from qfl.compress import IDENTITY
 from qfl.simulations.superlink import LocalFederation
 from qfl.spec import Policy, parse_downlink
 
@@ -50,8 +50,17 @@ def runs(tmp_path_factory):
     with LocalFederation(simulation=True, num_supernodes=NODES) as fed:
         for name, cfg in configs.items():
             path = tmp / f"{name}.json"
-            run = fed.run_app(APP, {**cfg, "num-nodes": NODES, "num-server-rounds": ROUNDS,
-                                    "min-elements": MIN_ELEMENTS, "result-path": str(path)}, timeout=600)
+            run = fed.run_app(
+                APP,
+                {
+                    **cfg,
+                    "num-nodes": NODES,
+                    "num-server-rounds": ROUNDS,
+                    "min-elements": MIN_ELEMENTS,
+                    "result-path": str(path),
+                },
+                timeout=600,
+            )
             assert run.ok, f"{name}: {run.log[-4000:]}"
             out[name] = json.loads(path.read_text())
     return out

@@ -54,8 +54,9 @@ from qfl.memory import compress_with_memory
 from qfl.wire import Limits, WireFormatError, decode, decode_all, encode, fuzz
 
 EXAMPLES = int(os.environ.get("QFL_FUZZ_EXAMPLES", "60"))
-SETTINGS = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow,
-                                                                                  HealthCheck.data_too_large])
+SETTINGS = settings(
+    max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
+)
 FLOATS = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 
 # ------------------------------------------------------------------- strategies
@@ -71,10 +72,18 @@ def amounts(draw):
 
 
 value_ops = st.one_of(
-    st.builds(QSGD, levels=st.one_of(st.integers(1, 300), st.sampled_from([2**15, 2**30])),
-              norm=st.sampled_from(["l2", "max"]), bucket=buckets, damped=st.booleans()),
+    st.builds(
+        QSGD,
+        levels=st.one_of(st.integers(1, 300), st.sampled_from([2**15, 2**30])),
+        norm=st.sampled_from(["l2", "max"]),
+        bucket=buckets,
+        damped=st.booleans(),
+    ),
     st.builds(Grid, bits=st.integers(2, 16), bucket=buckets),
-    st.just(Sign()), st.just(FP16()), st.just(BF16()), st.just(Identity()),
+    st.just(Sign()),
+    st.just(FP16()),
+    st.just(BF16()),
+    st.just(Identity()),
 )
 
 
@@ -119,9 +128,13 @@ def tensors(draw, max_elements=400):
     elif style == "sparse":
         x = torch.randn(n, generator=g, dtype=torch.float64) * (torch.rand(n, generator=g) < 0.05)
     elif style == "wide":  # magnitudes from subnormal to large, in float64
-        x = torch.randn(n, generator=g, dtype=torch.float64) * torch.pow(10.0, torch.randint(-44, 30, (n,), generator=g).double())
+        x = torch.randn(n, generator=g, dtype=torch.float64) * torch.pow(
+            10.0, torch.randint(-44, 30, (n,), generator=g).double()
+        )
     elif style == "extreme":
-        picks = torch.tensor([0.0, -0.0, 1.0, -1.0, 3.0e38, -3.0e38, 1.0e-45, 6.0e4, 65504.0, 1.0e30], dtype=torch.float64)
+        picks = torch.tensor(
+            [0.0, -0.0, 1.0, -1.0, 3.0e38, -3.0e38, 1.0e-45, 6.0e4, 65504.0, 1.0e30], dtype=torch.float64
+        )
         x = picks[torch.randint(0, len(picks), (n,), generator=g)]
     else:
         x = torch.zeros(n, dtype=torch.float64)
@@ -175,7 +188,7 @@ def check_error_bound(op: Operator, p, x: torch.Tensor, y: torch.Tensor) -> None
         x32 = x.to(torch.float32).double()  # the operators select on, and rebuild, float32 values
         assert torch.equal(yd[kept], x32[kept])
         # ||x - C(x)||^2 <= (1 - k/n) ||x||^2.
-        assert float(((x32 - yd) ** 2).sum()) <= (1 - k / n) * float((x32 ** 2).sum()) * (1 + 1e-9) + 1e-300
+        assert float(((x32 - yd) ** 2).sum()) <= (1 - k / n) * float((x32**2).sum()) * (1 + 1e-9) + 1e-300
     elif isinstance(op, (QSGD, Grid)):
         assert isinstance(p.body, Levels)
         s = op.levels if isinstance(op, QSGD) else op.max_level
@@ -225,14 +238,22 @@ def test_spec_string_and_config_round_trip(op):
 
 
 @SETTINGS
-@given(op=operators(), x=tensors(max_elements=120), memory_scale=st.sampled_from([0.0, 1e-3, 1.0]),
-       seed=st.integers(0, 2**31))
+@given(
+    op=operators(),
+    x=tensors(max_elements=120),
+    memory_scale=st.sampled_from([0.0, 1e-3, 1.0]),
+    seed=st.integers(0, 2**31),
+)
 def test_error_memory_invariant(op, x, memory_scale, seed):
     assume(x.numel() > 0 and bool((x.double().abs() <= 1e6).all()))
     if isinstance(op, FP16) or (isinstance(op, Chain) and isinstance(op.value, FP16)):
         assume(bool((x.double().abs() <= 1e4).all()))
-    memory = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed)).to(
-        torch.float64 if x.dtype == torch.float64 else torch.float32) * memory_scale
+    memory = (
+        torch.randn(x.shape, generator=torch.Generator().manual_seed(seed)).to(
+            torch.float64 if x.dtype == torch.float64 else torch.float32
+        )
+        * memory_scale
+    )
     payload, sent, new_memory = compress_with_memory(op, x, memory, torch.Generator().manual_seed(seed))
     want = (x.to(memory.dtype) + memory).double()
     got = (sent.to(memory.dtype) + new_memory).double()
@@ -244,16 +265,19 @@ def test_error_memory_invariant(op, x, memory_scale, seed):
 
 
 # ------------------------------------------------------------------ overflow fixes
-@pytest.mark.parametrize("spec,x", [
-    ("qsgd(4)", torch.full((4,), 3e38)),  # the l2 norm overflows float32
-    ("topk(0.5) | qsgd(4)", torch.full((4,), 3e38)),
-    ("bernoulli(0.01)", torch.full((400,), 3e37)),  # x / p overflows float32
-    ("randk(0.25, unbiased=true)", torch.full((4,), 3e38)),  # n / k rescaling
-    ("qsgd(4)", torch.tensor([1e300, -1e300, 1.0], dtype=torch.float64)),  # beyond float32
-    ("sign", torch.tensor([1e300, 1.0], dtype=torch.float64)),
-    ("grid(8)", torch.tensor([1e300, 1.0], dtype=torch.float64)),
-    ("bernoulli(0.5)", torch.tensor([1e300, -1e300, 1.0], dtype=torch.float64)),
-])
+@pytest.mark.parametrize(
+    "spec,x",
+    [
+        ("qsgd(4)", torch.full((4,), 3e38)),  # the l2 norm overflows float32
+        ("topk(0.5) | qsgd(4)", torch.full((4,), 3e38)),
+        ("bernoulli(0.01)", torch.full((400,), 3e37)),  # x / p overflows float32
+        ("randk(0.25, unbiased=true)", torch.full((4,), 3e38)),  # n / k rescaling
+        ("qsgd(4)", torch.tensor([1e300, -1e300, 1.0], dtype=torch.float64)),  # beyond float32
+        ("sign", torch.tensor([1e300, 1.0], dtype=torch.float64)),
+        ("grid(8)", torch.tensor([1e300, 1.0], dtype=torch.float64)),
+        ("bernoulli(0.5)", torch.tensor([1e300, -1e300, 1.0], dtype=torch.float64)),
+    ],
+)
 def test_values_an_operator_cannot_represent_are_refused_not_sent_as_inf(spec, x):
     """Found by the property test: these used to send NaN/Inf (or a blob the decoder
     refuses), poisoning the receiver and, through error memory, every later round."""
@@ -301,8 +325,11 @@ def test_random_bytes_only_raise_wire_format_error(data):
 
 
 @SETTINGS
-@given(blob=valid_blobs(), cuts=st.lists(st.integers(0, 10**6), max_size=3),
-       edits=st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), max_size=6))
+@given(
+    blob=valid_blobs(),
+    cuts=st.lists(st.integers(0, 10**6), max_size=3),
+    edits=st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), max_size=6),
+)
 def test_mutated_content_under_a_valid_checksum_keeps_the_contract(blob, cuts, edits):
     content = bytearray(fuzz.content_of(blob))
     for at, value in edits:
@@ -393,8 +420,16 @@ def test_elias_block_lengths_claiming_gigabytes_are_refused_before_allocating():
     pad = bytes(1 << 20)
     remaining = 8 * (4 * nblk + len(pad))
     op = bytes([4, 4, 1]) + fuzz.varint((1 << 30) << 1) + bytes([5]) + fuzz.varint(2) + b"l2" + bytes([0, 3])
-    content = (bytes([1]) + op + bytes([1, 1]) + fuzz.varint(n) + np.float32(1).tobytes() + bytes([1])
-               + b"".join(fuzz._varint4(remaining) for _ in range(nblk)) + pad)
+    content = (
+        bytes([1])
+        + op
+        + bytes([1, 1])
+        + fuzz.varint(n)
+        + np.float32(1).tobytes()
+        + bytes([1])
+        + b"".join(fuzz._varint4(remaining) for _ in range(nblk))
+        + pad
+    )
     tracemalloc.start()
     try:
         with pytest.raises(WireFormatError, match="block lengths add up"):
@@ -417,7 +452,12 @@ def test_boolean_values_must_be_zero_or_one():
 def test_coverage_guided_target_runs(tmp_path):
     """``python -m qfl.wire.fuzz`` for a few thousand inputs (atheris when installed)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-    proc = subprocess.run([sys.executable, "-m", "qfl.wire.fuzz", "--runs", "3000", "--out", str(tmp_path)],
-                          capture_output=True, text=True, timeout=900, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-m", "qfl.wire.fuzz", "--runs", "3000", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert '"findings": []' in proc.stdout

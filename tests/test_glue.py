@@ -99,22 +99,30 @@ class CustomFedAvg(FedAvg):
         results.setdefault(tag, {})[str(server_round)] = dict(metrics)
         file.write_text(json.dumps(results))
 
-    def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, timeout: float = 3600,
-              train_config: ConfigRecord | None = None, evaluate_config: ConfigRecord | None = None,
-              evaluate_fn=None) -> Result:
+    def start(
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord,
+        num_rounds: int = 3,
+        timeout: float = 3600,
+        train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
+        evaluate_fn=None,
+    ) -> Result:
         result, arrays = Result(), initial_arrays
         for current_round in range(1, num_rounds + 1):
-            replies = grid.send_and_receive(self.configure_train(current_round, arrays, train_config or ConfigRecord(),
-                                                                 grid), timeout=timeout)
+            replies = grid.send_and_receive(
+                self.configure_train(current_round, arrays, train_config or ConfigRecord(), grid), timeout=timeout
+            )
             agg_arrays, agg_metrics = self.aggregate_train(current_round, replies)
             if agg_arrays is not None:
                 result.arrays = arrays = agg_arrays
             if agg_metrics is not None:
                 result.train_metrics_clientapp[current_round] = agg_metrics
                 self._store_results("train", current_round, agg_metrics)
-            replies = grid.send_and_receive(self.configure_evaluate(current_round, arrays,
-                                                                    evaluate_config or ConfigRecord(), grid),
-                                            timeout=timeout)
+            replies = grid.send_and_receive(
+                self.configure_evaluate(current_round, arrays, evaluate_config or ConfigRecord(), grid), timeout=timeout
+            )
             metrics = self.aggregate_evaluate(current_round, replies)
             if metrics is not None:
                 result.evaluate_metrics_clientapp[current_round] = metrics
@@ -130,11 +138,13 @@ def test_a_custom_start_keeps_its_checkpoints_and_results_with_two_changed_lines
     grid = FakeGrid(honest_app(), 3)
     # The user's ServerApp, with qfl: one import and this line changed (either spelling).
     if spelling == "factory":
-        strategy = compressed(CustomFedAvg, uplink=UPLINK, downlink=DOWNLINK, seed=5)(fraction_train=1.0,
-                                                                                      fraction_evaluate=1.0)
+        strategy = compressed(CustomFedAvg, uplink=UPLINK, downlink=DOWNLINK, seed=5)(
+            fraction_train=1.0, fraction_evaluate=1.0
+        )
     else:
-        strategy = Compressed(CustomFedAvg(fraction_train=1.0, fraction_evaluate=1.0), uplink=UPLINK,
-                              downlink=DOWNLINK, seed=5)
+        strategy = Compressed(
+            CustomFedAvg(fraction_train=1.0, fraction_evaluate=1.0), uplink=UPLINK, downlink=DOWNLINK, seed=5
+        )
     strategy.set_save_path_and_run_dir(tmp_path, "run")
     result = strategy.start(grid=grid, initial_arrays=initial(), num_rounds=3)
 
@@ -147,8 +157,9 @@ def test_a_custom_start_keeps_its_checkpoints_and_results_with_two_changed_lines
     assert total.uplink < total.uplink_full / 3 and total.dropped == total.failures == 0
     assert results["train"]["3"]["qfl.uplink-bytes"] > 0  # qfl's counts reach the user's results file
     # The same training as the wrapper around plain FedAvg (up to the order FedAvg sums replies in).
-    reference = Compressed(FedAvg(fraction_train=1.0, fraction_evaluate=1.0), uplink=UPLINK, downlink=DOWNLINK,
-                           seed=5).start(grid=FakeGrid(honest_app(), 3), initial_arrays=initial(), num_rounds=3)
+    reference = Compressed(
+        FedAvg(fraction_train=1.0, fraction_evaluate=1.0), uplink=UPLINK, downlink=DOWNLINK, seed=5
+    ).start(grid=FakeGrid(honest_app(), 3), initial_arrays=initial(), num_rounds=3)
     mine, theirs = to_tensors(result.arrays), to_tensors(reference.arrays)
     assert all(torch.allclose(mine[k].double(), theirs[k].double(), atol=1e-6) for k in mine)
 
@@ -167,8 +178,9 @@ def test_wrapping_a_strategy_that_overrides_start_adopts_it():
 def test_a_forgotten_mod_stops_the_run_after_round_one_naming_the_fix():
     grid = FakeGrid(honest_app(mods=()), 3)
     with pytest.raises(MisconfigurationError, match="ClientApp lacks compression_mod.*mods=\\[compression_mod"):
-        Compressed(FedAvg(fraction_evaluate=0.0), uplink=UPLINK).start(grid=grid, initial_arrays=initial(),
-                                                                       num_rounds=5)
+        Compressed(FedAvg(fraction_evaluate=0.0), uplink=UPLINK).start(
+            grid=grid, initial_arrays=initial(), num_rounds=5
+        )
     assert len(grid.sent) == 3  # one round, not five of an untrained model
 
 
@@ -176,8 +188,9 @@ def test_some_nodes_without_the_mod_are_named_and_the_others_train():
     grid = FakeGrid(honest_app(), 4)
     grid.apps[grid.node_ids[3]] = honest_app(mods=())
     with Capture() as log:
-        result = Compressed(FedAvg(fraction_evaluate=0.0), uplink=UPLINK).start(grid=grid, initial_arrays=initial(),
-                                                                                num_rounds=2)
+        result = Compressed(FedAvg(fraction_evaluate=0.0), uplink=UPLINK).start(
+            grid=grid, initial_arrays=initial(), num_rounds=2
+        )
     assert result.train_metrics_clientapp[2]["qfl.failures"] == 1
     assert sum("lacks compression_mod" in line for line in log.lines) == 2
 
@@ -197,8 +210,14 @@ HONEST = 3
 def hostile_run(rewrite, rounds: int = 3, **kwargs):
     grid = FakeGrid(honest_app(), HONEST + 1)
     grid.apps[grid.node_ids[HONEST]] = honest_app(mods=(attack_mod(rewrite), honest_app.__defaults__[0][0]))
-    strategy = Compressed(Ordered(fraction_train=1.0, fraction_evaluate=0.0, min_available_nodes=HONEST + 1),
-                          uplink=UPLINK, downlink=DOWNLINK, min_elements=200, seed=3, **kwargs)
+    strategy = Compressed(
+        Ordered(fraction_train=1.0, fraction_evaluate=0.0, min_available_nodes=HONEST + 1),
+        uplink=UPLINK,
+        downlink=DOWNLINK,
+        min_elements=200,
+        seed=3,
+        **kwargs,
+    )
     models: dict = {}
     with Capture() as log:
         result = strategy.start(grid=grid, initial_arrays=initial(), num_rounds=rounds, evaluate_fn=snapshots(models))
@@ -206,11 +225,17 @@ def hostile_run(rewrite, rounds: int = 3, **kwargs):
 
 
 def honest_models(rounds: int = 3) -> dict:
-    strategy = Compressed(Ordered(fraction_train=1.0, fraction_evaluate=0.0, min_available_nodes=HONEST),
-                          uplink=UPLINK, downlink=DOWNLINK, min_elements=200, seed=3)
+    strategy = Compressed(
+        Ordered(fraction_train=1.0, fraction_evaluate=0.0, min_available_nodes=HONEST),
+        uplink=UPLINK,
+        downlink=DOWNLINK,
+        min_elements=200,
+        seed=3,
+    )
     models: dict = {}
-    strategy.start(grid=FakeGrid(honest_app(), HONEST), initial_arrays=initial(), num_rounds=rounds,
-                   evaluate_fn=snapshots(models))
+    strategy.start(
+        grid=FakeGrid(honest_app(), HONEST), initial_arrays=initial(), num_rounds=rounds, evaluate_fn=snapshots(models)
+    )
     return models
 
 
@@ -243,8 +268,11 @@ def test_huge_kept_values_never_reach_the_model_nor_crash_a_later_round(guard):
     assert sorted(models) == [0, 1, 2, 3]
     for r in (1, 2, 3):
         assert result.train_metrics_clientapp[r]["qfl.dropped"] == 1
-        assert all(bool(torch.isfinite(t).all()) and float(t.abs().max()) < 1e6
-                   for t in models[r].values() if t.is_floating_point())
+        assert all(
+            bool(torch.isfinite(t).all()) and float(t.abs().max()) < 1e6
+            for t in models[r].values()
+            if t.is_floating_point()
+        )
 
 
 def extra_array_record(arrays, content):
@@ -265,6 +293,7 @@ def bad_weight(value):
         metrics = MetricRecord(dict(content[key]))
         metrics["num-examples"] = value
         content[key] = metrics
+
     return rewrite
 
 
@@ -273,6 +302,7 @@ def info_field(key, value):
         info = ConfigRecord(dict(content["qfl"]))
         info[key] = value
         content["qfl"] = info
+
     return rewrite
 
 
@@ -330,11 +360,15 @@ def test_compression_mod_beside_secaggplus_mod_refuses_with_the_reason():
     from qfl.clients.mod import SECAGG_CONFIGS, SECAGG_REASON, compression_mod
 
     assert SECAGG_CONFIGS == RECORD_KEY_CONFIGS
-    msg = Message(content=RecordDict({RECORD_KEY_CONFIGS: ConfigRecord({"stage": "setup"})}), dst_node_id=1,
-                  message_type="train")
+    msg = Message(
+        content=RecordDict({RECORD_KEY_CONFIGS: ConfigRecord({"stage": "setup"})}), dst_node_id=1, message_type="train"
+    )
     called = []
-    reply = compression_mod(msg, Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={}),
-                            lambda m, c: called.append(m))
+    reply = compression_mod(
+        msg,
+        Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={}),
+        lambda m, c: called.append(m),
+    )
     assert reply.has_error() and reply.error.reason == SECAGG_REASON and not called
     assert "SecAggPlusWorkflow" in SECAGG_REASON and "legacy" in SECAGG_REASON
 
@@ -347,9 +381,20 @@ def test_presets_take_a_guard():
     assert build("fedavg", guard=None).guard is None
 
 
-@pytest.mark.parametrize("key,value", [("alpha", -1.0), ("alpha", 0.0), ("lr", math.nan), ("lr", -0.1),
-                                       ("classes-per-client", 0), ("momentum", math.inf), ("round-timeout", 0.0),
-                                       ("max-client-samples", -3), ("staleness-exponent", -1.0)])
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("alpha", -1.0),
+        ("alpha", 0.0),
+        ("lr", math.nan),
+        ("lr", -0.1),
+        ("classes-per-client", 0),
+        ("momentum", math.inf),
+        ("round-timeout", 0.0),
+        ("max-client-samples", -3),
+        ("staleness-exponent", -1.0),
+    ],
+)
 def test_run_config_values_are_range_checked_naming_the_key(key, value):
     from qfl.simulations.settings import Settings
 

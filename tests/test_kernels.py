@@ -87,8 +87,9 @@ def test_bytes_do_not_depend_on_thread_count():
     # ones on 1 and on 2 numba threads: counter-based randomness, fixed reduction order,
     # chunking independent of the thread count. A subprocess, so that 2 threads exist
     # even where the test run itself is limited to one.
-    out = subprocess.run([sys.executable, "-c", _THREADS], env=_env(NUMBA_NUM_THREADS="2"), capture_output=True,
-                         text=True, timeout=900)
+    out = subprocess.run(
+        [sys.executable, "-c", _THREADS], env=_env(NUMBA_NUM_THREADS="2"), capture_output=True, text=True, timeout=900
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     runs = json.loads(out.stdout.strip().splitlines()[-1])
     assert runs["parallel-1"] == runs["serial-2"]
@@ -99,8 +100,9 @@ def test_bytes_do_not_depend_on_thread_count():
 def test_no_process_compiles_what_warm_compiled(tmp_path):
     env = _env(XDG_CACHE_HOME=str(tmp_path))
     for expect_compiled in (True, False):
-        out = subprocess.run([sys.executable, "-m", "qfl", "warm"], env=env, capture_output=True, text=True,
-                             timeout=3600)
+        out = subprocess.run(
+            [sys.executable, "-m", "qfl", "warm"], env=env, capture_output=True, text=True, timeout=3600
+        )
         assert out.returncode == 0, out.stderr[-2000:]
         compiled = int(out.stdout.split("warm: ")[1].split()[0])
         assert (compiled > 0) == expect_compiled, out.stdout

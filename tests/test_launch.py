@@ -210,8 +210,7 @@ def test_simulation_run_completes_and_keeps_app_pristine(federations, tmp_path):
     shutil.copytree(PROBE, app, ignore=shutil.ignore_patterns("__pycache__"))
     pyproject = app / "pyproject.toml"
     pyproject.write_text(
-        pyproject.read_text()
-        + '\n[tool.flwr.federations.legacy]\naddress = "127.0.0.1:1"\ninsecure = true\n'
+        pyproject.read_text() + '\n[tool.flwr.federations.legacy]\naddress = "127.0.0.1:1"\ninsecure = true\n'
     )
     before = pyproject.read_bytes()
 
@@ -263,9 +262,7 @@ def test_deployment_insecure_two_supernodes(federations, tmp_path):
 
         # A run that exceeds its timeout is killed and stopped on the SuperLink.
         t0 = time.monotonic()
-        slow = fed.run_app(
-            PROBE, {"train-delay": 120.0, "fraction-evaluate": 0.0}, timeout=10
-        )
+        slow = fed.run_app(PROBE, {"train-delay": 120.0, "fraction-evaluate": 0.0}, timeout=10)
         assert slow.timed_out and not slow.ok
         assert time.monotonic() - t0 < 60
         assert slow.run_id is not None
@@ -291,14 +288,10 @@ def test_tls_and_supernode_auth(federations, tmp_path):
         assert fed.wait_refused(intruder, timeout=60) == 1
         assert "No SuperNode found with the given public key" in fed.superlink.log_text()
         online = [n for n in fed.list_supernodes() if n["status"] == "online"]
-        assert {int(n["node-id"]) for n in online} == {
-            n.node_id for n in fed.supernodes[:2]
-        }
+        assert {int(n["node-id"]) for n in online} == {n.node_id for n in fed.supernodes[:2]}
 
         out = tmp_path / "result.json"
-        res = fed.run_app(
-            PROBE, {"result-path": str(out), "fraction-evaluate": 0.0}, timeout=240
-        )
+        res = fed.run_app(PROBE, {"result-path": str(out), "fraction-evaluate": 0.0}, timeout=240)
         federations.snapshot()
         _check_run(res, fed)
         result = _read_result(out)

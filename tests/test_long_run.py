@@ -23,9 +23,18 @@ LOGREG_BYTES = (784 * 10 + 10) * 4
 def test_200_rounds_of_partial_participation_keep_memory_bounded_and_replicas_exact(tmp_path):
     from qfl.simulations.runner import run_methods
 
-    common = {"num-server-rounds": ROUNDS, "num-clients": CLIENTS, "fraction-train": PER_ROUND / CLIENTS,
-              "model": "logreg", "local-steps": 1, "batch-size": 16, "max-client-samples": 64, "test-samples": 200,
-              "partitioning": "iid", "seed": 1}
+    common = {
+        "num-server-rounds": ROUNDS,
+        "num-clients": CLIENTS,
+        "fraction-train": PER_ROUND / CLIENTS,
+        "model": "logreg",
+        "local-steps": 1,
+        "batch-size": 16,
+        "max-client-samples": 64,
+        "test-samples": 200,
+        "partitioning": "iid",
+        "seed": 1,
+    }
     status = run_methods(["qsparse"], common, tmp_path, timeout=1800)
     log = tmp_path / "run.log"
     assert status == {"qsparse": True}, log.read_text()[-5000:] if log.exists() else status

@@ -9,8 +9,19 @@ import qfl
 from qfl.memory import compensate, compress_with_memory, update
 
 
-@pytest.mark.parametrize("spec", ["topk(0.05)", "signtopk(0.1)", "topk(0.1) | qsgd(2, damped=true)", "qsgd(2)",
-                                  "randk(0.1)", "grid(3)", "identity", "bf16"])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "topk(0.05)",
+        "signtopk(0.1)",
+        "topk(0.1) | qsgd(2, damped=true)",
+        "qsgd(2)",
+        "randk(0.1)",
+        "grid(3)",
+        "identity",
+        "bf16",
+    ],
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_invariant_over_rounds(spec, dtype):
     op = qfl.parse(spec)
@@ -40,7 +51,7 @@ def test_memory_shrinks_the_bias_of_top_k():
     op = qfl.parse("topk(k=1)")
     delta = torch.tensor([1.0, 0.9, 0.8, 0.7])
     memory, sent_sum = None, torch.zeros(4)
-    for r in range(400):
+    for _r in range(400):
         _, sent, memory = compress_with_memory(op, delta, memory)
         sent_sum += sent
     assert torch.allclose(sent_sum / 400, delta, atol=0.01)

@@ -22,8 +22,12 @@ def test_quickstart_app_runs_compressed_in_the_simulation_engine(tmp_path):
 
     out = tmp_path / "result.json"
     with LocalFederation(simulation=True, num_supernodes=3) as fed:
-        run = fed.run_app(APP, {"num-server-rounds": 3, "result-path": str(out)}, timeout=600,
-                          federation_config={"num-supernodes": 3, "client-resources-num-cpus": 1})
+        run = fed.run_app(
+            APP,
+            {"num-server-rounds": 3, "result-path": str(out)},
+            timeout=600,
+            federation_config={"num-supernodes": 3, "client-resources-num-cpus": 1},
+        )
     assert run.ok, run.log[-4000:]
     result = json.loads(out.read_text())
     losses = [result["eval"][str(r)]["eval_loss"] for r in (1, 2, 3)]

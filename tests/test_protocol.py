@@ -34,7 +34,11 @@ SETTINGS = Settings("arrays", Policy.build("topk(0.1) | qsgd(16)", 64, {"*.bias"
 
 def test_every_message_round_trips():
     assert Settings.from_config(SETTINGS.to_config()) == SETTINGS
-    for header in (DownlinkHeader("model", 4), DownlinkHeader("delta", 9, 6, 123), DownlinkHeader("anchor", 2, FULL, 0)):
+    for header in (
+        DownlinkHeader("model", 4),
+        DownlinkHeader("delta", 9, 6, 123),
+        DownlinkHeader("anchor", 2, FULL, 0),
+    ):
         assert DownlinkHeader.from_config(header.to_config()) == header
     for info in (ReplyInfo("update", 10, (3, 2**32 - 1), 400), ReplyInfo("report", 0)):
         assert ReplyInfo.from_config(info.to_config()) == info
@@ -60,10 +64,22 @@ def test_settings_refuse_wrong_types_and_ranges(key, value):
         Settings.from_config(config)
 
 
-@pytest.mark.parametrize("key,value", [("qfl.mode", "teleport"), ("qfl.mode", ["delta"]), ("qfl.version", [1]),
-                                       ("qfl.version", math.inf), ("qfl.version", True), ("qfl.base", [1]),
-                                       ("qfl.base", -2), ("qfl.base", 10), ("qfl.digest", 2**32),
-                                       ("qfl.digest", -1), ("qfl.digest", 1.0)])
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("qfl.mode", "teleport"),
+        ("qfl.mode", ["delta"]),
+        ("qfl.version", [1]),
+        ("qfl.version", math.inf),
+        ("qfl.version", True),
+        ("qfl.base", [1]),
+        ("qfl.base", -2),
+        ("qfl.base", 10),
+        ("qfl.digest", 2**32),
+        ("qfl.digest", -1),
+        ("qfl.digest", 1.0),
+    ],
+)
 def test_downlink_header_refuses_wrong_types_and_ranges(key, value):
     config = DownlinkHeader("delta", 9, 6, 123).to_config()
     config[key] = value
@@ -71,9 +87,19 @@ def test_downlink_header_refuses_wrong_types_and_ranges(key, value):
         DownlinkHeader.from_config(config)
 
 
-@pytest.mark.parametrize("key,value", [("qfl.kind", "refused"), ("qfl.version", [1, 2]), ("qfl.version", math.inf),
-                                       ("qfl.digest", True), ("qfl.state-bytes", -5), ("qfl.full-bytes", 1e9),
-                                       ("qfl.extra", 1), ("qfl.kind", None)])
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("qfl.kind", "refused"),
+        ("qfl.version", [1, 2]),
+        ("qfl.version", math.inf),
+        ("qfl.digest", True),
+        ("qfl.state-bytes", -5),
+        ("qfl.full-bytes", 1e9),
+        ("qfl.extra", 1),
+        ("qfl.kind", None),
+    ],
+)
 def test_reply_info_refuses_wrong_types_ranges_and_extra_fields(key, value):
     config = ReplyInfo("update", 10, (3, 5), 400).to_config()
     config[key] = value
@@ -129,10 +155,21 @@ def tampered(msg: Message, **fields) -> Message:
     return Message(content=content, metadata=msg.metadata)
 
 
-@pytest.mark.parametrize("fields", [{"qfl.base": [1]}, {"qfl.seed": [1, 2]}, {"qfl.version": math.inf},
-                                    {"qfl.mode": "zip"}, {"qfl.key": "elsewhere"}, {"qfl.uplink.spec": ["x"]},
-                                    {"qfl.digest": 12345}, {"qfl.session": True}, {"clipping_norm": math.nan},
-                                    {"clipping_norm": "2"}])
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"qfl.base": [1]},
+        {"qfl.seed": [1, 2]},
+        {"qfl.version": math.inf},
+        {"qfl.mode": "zip"},
+        {"qfl.key": "elsewhere"},
+        {"qfl.uplink.spec": ["x"]},
+        {"qfl.digest": 12345},
+        {"qfl.session": True},
+        {"clipping_norm": math.nan},
+        {"clipping_norm": "2"},
+    ],
+)
 def test_malformed_settings_get_an_error_reply_and_leave_the_state_untouched(fields):
     grid = FakeGrid(client(), 1)
     strategy = Compressed(fedavg(), uplink="topk(0.2)", downlink="delta | qsgd(64)")
@@ -257,5 +294,7 @@ def test_the_first_contact_bound_is_configurable():
     reply = grid.app(msg, grid.contexts[grid.node_ids[0]])
     assert reply.has_error() and "max_elements=100" in reply.error.reason
     grid = FakeGrid(client(), 1)
-    assert not grid.app(downlink_message(grid, Compressed(fedavg()), ArrayRecord(tiny_model().state_dict())),
-                        grid.contexts[grid.node_ids[0]]).has_error()
+    assert not grid.app(
+        downlink_message(grid, Compressed(fedavg()), ArrayRecord(tiny_model().state_dict())),
+        grid.contexts[grid.node_ids[0]],
+    ).has_error()

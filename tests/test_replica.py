@@ -15,7 +15,11 @@ from qfl.wire import decode_all
 
 def model(step: float) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
-    return {"w": torch.randn(50, 40, generator=g) + step, "b": torch.zeros(3) + step, "n": torch.tensor(int(round(step * 10)))}
+    return {
+        "w": torch.randn(50, 40, generator=g) + step,
+        "b": torch.zeros(3) + step,
+        "n": torch.tensor(int(round(step * 10))),
+    }
 
 
 def decoded(offer: Offer) -> dict:

@@ -22,9 +22,19 @@ from qfl.simulations.links import parse_links
 from qfl.simulations.results import MANIFEST, ClientTraffic, RoundRecord, RunResult, load_results
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-CONFIG = {"dataset": "fashion-mnist", "num-clients": 4, "fraction-train": 0.5, "partitioning": "dirichlet",
-          "alpha": 0.5, "local-steps": 10, "batch-size": 32, "lr": 0.0, "model": "", "test-samples": 10000,
-          "links": "slow: share=0.25, up=1, down=1, latency=0, step=0; fast: up=8, down=8, latency=0, step=0"}
+CONFIG = {
+    "dataset": "fashion-mnist",
+    "num-clients": 4,
+    "fraction-train": 0.5,
+    "partitioning": "dirichlet",
+    "alpha": 0.5,
+    "local-steps": 10,
+    "batch-size": 32,
+    "lr": 0.0,
+    "model": "",
+    "test-samples": 10000,
+    "links": "slow: share=0.25, up=1, down=1, latency=0, step=0; fast: up=8, down=8, latency=0, step=0",
+}
 
 
 def run(label, seed, accs, up, down, *, method=None, is_async=False, clients=True):
@@ -36,19 +46,41 @@ def run(label, seed, accs, up, down, *, method=None, is_async=False, clients=Tru
     rounds = []
     for i, acc in enumerate(accs):
         u, d = (0, 0) if i == 0 else (up, down)
-        traffic = (ClientTraffic(0, d // 2, u // 2, True), ClientTraffic(1, d // 2, u // 2, True)) if clients and i else ()
-        rounds.append(RoundRecord(round=i, accuracy=acc, loss=2.0 - acc, uplink_bytes=u, downlink_bytes=d,
-                                  wall_time=10.0 * i, messages=2 if i else 0, replies=2 if i else 0,
-                                  clients=traffic))
-    return RunResult(label=label, method=method or label, seed=seed, uplink="topk(ratio=0.01)",
-                     downlink="delta | topk(ratio=0.05)", error_feedback=True, config=dict(CONFIG),
-                     model_parameters=222490, rounds=tuple(rounds), is_async=is_async)
+        traffic = (
+            (ClientTraffic(0, d // 2, u // 2, True), ClientTraffic(1, d // 2, u // 2, True)) if clients and i else ()
+        )
+        rounds.append(
+            RoundRecord(
+                round=i,
+                accuracy=acc,
+                loss=2.0 - acc,
+                uplink_bytes=u,
+                downlink_bytes=d,
+                wall_time=10.0 * i,
+                messages=2 if i else 0,
+                replies=2 if i else 0,
+                clients=traffic,
+            )
+        )
+    return RunResult(
+        label=label,
+        method=method or label,
+        seed=seed,
+        uplink="topk(ratio=0.01)",
+        downlink="delta | topk(ratio=0.05)",
+        error_feedback=True,
+        config=dict(CONFIG),
+        model_parameters=222490,
+        rounds=tuple(rounds),
+        is_async=is_async,
+    )
 
 
 MB = 1_000_000
 FEDAVG = {1: [0.1, 0.5, 0.7, 0.79, 0.80, 0.80, 0.81, 0.80], 2: [0.1, 0.6, 0.81, 0.82, 0.82, 0.82, 0.82, 0.82]}
 RESULTS = [
-    run("fedavg", 1, FEDAVG[1], MB, MB), run("fedavg", 2, FEDAVG[2], MB, MB),
+    run("fedavg", 1, FEDAVG[1], MB, MB),
+    run("fedavg", 2, FEDAVG[2], MB, MB),
     # reaches 79% at round 3 (seed 1) and 81% at round 4 (seed 2) with 5 KB / 50 KB per round:
     # 200x / 20x fewer on seed 1 (3 MB vs 15 KB), 100x / 10x on seed 2 (2 MB vs 20 KB: round 2 vs 4).
     run("qsparse", 1, [0.1, 0.6, 0.7, 0.79, 0.80, 0.80, 0.80, 0.80, 0.81], 5_000, 50_000),
@@ -80,15 +112,18 @@ def test_result_file_roundtrip_and_loader(tmp_path):
     assert {(r.label, r.seed): r for r in loaded}[("qsparse", 2)] == RESULTS[3]
 
 
-@pytest.mark.parametrize("mutate, message", [
-    (lambda o: o["rounds"][1].update(accuracy=81.0), "rounds[1].accuracy' must be a fraction"),
-    (lambda o: o["rounds"][1].update(uplink_bytes=-1), "rounds[1].uplink_bytes' must be a non-negative integer"),
-    (lambda o: o["rounds"][1]["clients"][0].update(replied="yes"), "rounds[1].clients[0].replied' must be true"),
-    (lambda o: o.pop("seed"), "field 'seed' is missing"),
-    (lambda o: o.update(extra=1), "unknown field(s) 'extra'"),
-    (lambda o: o["rounds"].reverse(), "must increase"),
-    (lambda o: o.update(rounds=[]), "'rounds' is empty"),
-])
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda o: o["rounds"][1].update(accuracy=81.0), "rounds[1].accuracy' must be a fraction"),
+        (lambda o: o["rounds"][1].update(uplink_bytes=-1), "rounds[1].uplink_bytes' must be a non-negative integer"),
+        (lambda o: o["rounds"][1]["clients"][0].update(replied="yes"), "rounds[1].clients[0].replied' must be true"),
+        (lambda o: o.pop("seed"), "field 'seed' is missing"),
+        (lambda o: o.update(extra=1), "unknown field(s) 'extra'"),
+        (lambda o: o["rounds"].reverse(), "must increase"),
+        (lambda o: o.update(rounds=[]), "'rounds' is empty"),
+    ],
+)
 def test_loader_names_file_and_field(tmp_path, mutate, message):
     obj = RESULTS[0].to_json()
     obj = json.loads(json.dumps(obj))
@@ -150,12 +185,15 @@ def test_simulated_time_from_the_link_model(comp):
 
 
 # ------------------------------------------------------------------------- verdicts
-@pytest.mark.parametrize("values, threshold, verdict", [
-    ((120.0, 130.0, 125.0), 100, "holds"),
-    ((60.0, 70.0, 65.0), 100, "does not hold"),
-    ((90.0, 110.0, 130.0), 100, "inconclusive"),  # 110 ± 20 straddles 100
-    ((-0.004, -0.006), -0.01, "holds"),
-])
+@pytest.mark.parametrize(
+    "values, threshold, verdict",
+    [
+        ((120.0, 130.0, 125.0), 100, "holds"),
+        ((60.0, 70.0, 65.0), 100, "does not hold"),
+        ((90.0, 110.0, 130.0), 100, "inconclusive"),  # 110 ± 20 straddles 100
+        ((-0.004, -0.006), -0.01, "holds"),
+    ],
+)
 def test_verdict_from_mean_and_spread(values, threshold, verdict):
     assert C.Stat(values, len(values)).verdict(threshold) == verdict
 
@@ -189,10 +227,23 @@ def test_claims_come_from_the_presets(comp):
 @pytest.fixture(scope="module")
 def report_dir(tmp_path_factory):
     d = write(tmp_path_factory.mktemp("results"))
-    (d / MANIFEST).write_text(json.dumps({"command": "python -m qfl.simulations.runner --seeds 1,2",
-                                          "commit": "0123456789abcdef", "dirty": False, "flwr": "1.41.0",
-                                          "torch": "2.13.0", "cpus": 2, "machine": "x86_64", "memory_gb": 24,
-                                          "seconds": 600, "load_average_start": [0.1], "load_average_end": [0.2]}))
+    (d / MANIFEST).write_text(
+        json.dumps(
+            {
+                "command": "python -m qfl.simulations.runner --seeds 1,2",
+                "commit": "0123456789abcdef",
+                "dirty": False,
+                "flwr": "1.41.0",
+                "torch": "2.13.0",
+                "cpus": 2,
+                "machine": "x86_64",
+                "memory_gb": 24,
+                "seconds": 600,
+                "load_average_start": [0.1],
+                "load_average_end": [0.2],
+            }
+        )
+    )
     md = R.write_report(d, goals=C.parse_goals("uplink=100,downlink=10"))
     return d, md.read_text()
 
@@ -210,8 +261,14 @@ def test_markdown_report(report_dir):
 def test_summary_csv_one_row_per_label_and_seed(report_dir):
     d, _ = report_dir
     rows = list(csv.DictReader((d / "summary.csv").open()))
-    assert [(r["label"], r["seed"]) for r in rows] == [("fedavg", "1"), ("fedavg", "2"), ("qsparse", "1"),
-                                                       ("qsparse", "2"), ("qsgd8", "1"), ("qsgd8", "2")]
+    assert [(r["label"], r["seed"]) for r in rows] == [
+        ("fedavg", "1"),
+        ("fedavg", "2"),
+        ("qsparse", "1"),
+        ("qsparse", "2"),
+        ("qsgd8", "1"),
+        ("qsgd8", "2"),
+    ]
     q = rows[2]
     assert int(q["uplink_bytes_to_target"]) == 15_000 and float(q["smoothed_accuracy"]) == pytest.approx(0.802)
     assert {"uplink_to_target_factor", "downlink_to_target_factor", "reached_target", "target_accuracy"} <= set(q)
@@ -219,8 +276,12 @@ def test_summary_csv_one_row_per_label_and_seed(report_dir):
 
 def test_pngs_written_and_linked(report_dir):
     d, md = report_dir
-    for name in ("accuracy_vs_uplink.png", "accuracy_vs_downlink.png", "accuracy_per_round.png",
-                 "accuracy_vs_time.png"):
+    for name in (
+        "accuracy_vs_uplink.png",
+        "accuracy_vs_downlink.png",
+        "accuracy_per_round.png",
+        "accuracy_vs_time.png",
+    ):
         assert (d / name).read_bytes()[:8] == PNG_MAGIC
         assert f"({name})" in md
 
@@ -234,19 +295,21 @@ def test_cli(tmp_path, capsys):
 
 def test_link_spec_errors():
     assert str(parse_links(CONFIG["links"])) == CONFIG["links"]
-    for bad, message in (("slow: up=1, down=1, latency=0", "missing step"),
-                         ("slow: up=1, down=1, latency=0, step=0; fast: up=2, down=2, latency=0, step=0",
-                          "needs a share"),
-                         ("a: share=2, up=1, down=1, latency=0, step=0; b: up=1, down=1, latency=0, step=0",
-                          "add up")):
+    for bad, message in (
+        ("slow: up=1, down=1, latency=0", "missing step"),
+        ("slow: up=1, down=1, latency=0, step=0; fast: up=2, down=2, latency=0, step=0", "needs a share"),
+        ("a: share=2, up=1, down=1, latency=0, step=0; b: up=1, down=1, latency=0, step=0", "add up"),
+    ):
         with pytest.raises(ValueError, match=message):
             parse_links(bad)
 
 
 def test_import_is_light():
     # Only what these modules add counts: the parent packages are not theirs.
-    code = ("import sys, qfl.simulations; before = set(sys.modules); "
-            "import qfl.simulations.report, qfl.simulations.compare; new = set(sys.modules) - before; "
-            "print(sorted(m for m in ('torch', 'flwr', 'matplotlib') if m in new))")
+    code = (
+        "import sys, qfl.simulations; before = set(sys.modules); "
+        "import qfl.simulations.report, qfl.simulations.compare; new = set(sys.modules) - before; "
+        "print(sorted(m for m in ('torch', 'flwr', 'matplotlib') if m in new))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

@@ -22,10 +22,10 @@ from flwr.serverapp.strategy import FedAvg
 
 import qfl
 from qfl.clients import LocalTraining, compression_mod, make_client_app
-from qfl.compress import IDENTITY, Levels, Payload, Raw, Sparse
-from qfl.clients.records import blob_array, encode_record, to_tensors
-from qfl.codec import digest
+from qfl.clients.records import blob_array, to_tensors
 from qfl.clients.state import load_replica
+from qfl.codec import digest
+from qfl.compress import IDENTITY, Levels, Payload, Raw, Sparse
 from qfl.strategies import Compressed, UpdateGuard
 from qfl.wire import WireFormatError, decode, encode
 
@@ -59,15 +59,18 @@ class Ordered(FedAvg):
 
 def strategy_for(num_nodes: int, **kwargs) -> Compressed:
     inner = Ordered(fraction_train=1.0, fraction_evaluate=0.0, min_available_nodes=num_nodes)
-    return Compressed(inner, **{"uplink": UPLINK, "downlink": DOWNLINK, "min_elements": MIN_ELEMENTS, "seed": 3,
-                                **kwargs})
+    return Compressed(
+        inner, **{"uplink": UPLINK, "downlink": DOWNLINK, "min_elements": MIN_ELEMENTS, "seed": 3, **kwargs}
+    )
 
 
 def snapshots(into: dict):
     """An evaluate_fn that keeps the global model after every round."""
+
     def keep(server_round, arrays):
         into[server_round] = {k: v.clone() for k, v in to_tensors(arrays).items()}
         return None
+
     return keep
 
 
@@ -88,16 +91,19 @@ def huge_blob(n: int = 1 << 24) -> bytes:
 def poisoned(scale: float):
     """0.weight's compressed update with its scales multiplied: a valid payload of the
     configured operator whose norm is ``scale`` times the honest one."""
+
     def attack(arrays: ArrayRecord, content: RecordDict) -> None:
         p = decode(arrays["0.weight"].data)
         body = Sparse(p.body.indices, None, Levels(p.body.values.scales * scale, p.body.values.levels))
         arrays["0.weight"] = blob_array(encode(Payload(p.op, p.shape, p.dtype, body)))
+
     return attack
 
 
 def replace(key: str, make):
     def attack(arrays: ArrayRecord, content: RecordDict) -> None:
         arrays[key] = make(arrays)
+
     return attack
 
 
@@ -114,6 +120,7 @@ def flipped(arrays: ArrayRecord) -> Array:
 def drop(key: str):
     def attack(arrays: ArrayRecord, content: RecordDict) -> None:
         del arrays[key]
+
     return attack
 
 
@@ -125,19 +132,33 @@ HUGE = {}
 
 #: attack name -> (rewrite of the compressed reply, a phrase of the server's log line)
 ATTACKS = {
-    "nan": (replace("0.bias", lambda a: blob_of(Payload(IDENTITY, (64,), torch.float32,
-                                                         Raw(torch.full((64,), float("nan")))))), "NaN"),
-    "inf": (replace("3.bias", lambda a: blob_of(Payload(IDENTITY, (4,), torch.float32,
-                                                         Raw(torch.tensor([1.0, float("inf"), 0.0, 0.0]))))),
-            "3.bias contains NaN, Inf"),
-    "wrong-shape": (replace("0.weight", lambda a: blob_of(qfl.parse(UPLINK).compress(torch.randn(20, 64)))),
-                    "shape (20, 64) does not match"),
+    "nan": (
+        replace(
+            "0.bias", lambda a: blob_of(Payload(IDENTITY, (64,), torch.float32, Raw(torch.full((64,), float("nan")))))
+        ),
+        "NaN",
+    ),
+    "inf": (
+        replace(
+            "3.bias",
+            lambda a: blob_of(Payload(IDENTITY, (4,), torch.float32, Raw(torch.tensor([1.0, float("inf"), 0.0, 0.0])))),
+        ),
+        "3.bias contains NaN, Inf",
+    ),
+    "wrong-shape": (
+        replace("0.weight", lambda a: blob_of(qfl.parse(UPLINK).compress(torch.randn(20, 64)))),
+        "shape (20, 64) does not match",
+    ),
     "missing-key": (drop("3.bias"), "missing ['3.bias']"),
     "extra-key": (replace("evil", lambda a: blob_of(IDENTITY.compress(torch.zeros(3)))), "unexpected ['evil']"),
-    "other-operator": (replace("0.weight", lambda a: blob_of(qfl.parse("qsgd(256)").compress(torch.randn(64, 20)))),
-                       "the configured operator is topk"),
-    "huge-size": (replace("0.weight", lambda a: blob_array(HUGE.setdefault("blob", huge_blob()))),
-                  "exceeds the allowed maximum 1280"),
+    "other-operator": (
+        replace("0.weight", lambda a: blob_of(qfl.parse("qsgd(256)").compress(torch.randn(64, 20)))),
+        "the configured operator is topk",
+    ),
+    "huge-size": (
+        replace("0.weight", lambda a: blob_array(HUGE.setdefault("blob", huge_blob()))),
+        "exceeds the allowed maximum 1280",
+    ),
     "two-payloads": (replace("0.weight", lambda a: blob_array(a["0.weight"].data * 2)), "max_total_elements=1280"),
     "corrupt": (replace("0.weight", flipped), "checksum"),
     "plain-array": (replace("0.weight", lambda a: Array(torch.zeros(64, 20).numpy())), "has stype"),
@@ -148,6 +169,7 @@ ATTACKS = {
 
 def attack_mod(rewrite):
     """A mod placed outside compression_mod: rewrites the compressed train reply."""
+
     def mod(msg: Message, context, call_next) -> Message:
         reply = call_next(msg, context)
         if msg.metadata.message_type != "train" or not reply.has_content():
@@ -158,6 +180,7 @@ def attack_mod(rewrite):
         content["arrays"] = arrays
         reply.content = content
         return reply
+
     return mod
 
 
@@ -190,8 +213,9 @@ def test_hostile_clients_are_dropped_every_round_and_honest_updates_aggregated_e
     # Bit for bit what the honest clients alone produce, round after round.
     alone = FakeGrid(honest_app(), HONEST)
     reference: dict = {}
-    strategy_for(HONEST).start(grid=alone, initial_arrays=initial(), num_rounds=ROUNDS,
-                               evaluate_fn=snapshots(reference))
+    strategy_for(HONEST).start(
+        grid=alone, initial_arrays=initial(), num_rounds=ROUNDS, evaluate_fn=snapshots(reference)
+    )
     for r in range(ROUNDS + 1):
         assert same(models[r], reference[r]), r
     # The server never trusted the hostile nodes' replicas: they are resynced every round.
@@ -210,6 +234,7 @@ def test_without_per_tensor_limits_a_huge_declaration_would_be_decoded():
 
 def test_a_poisoned_train_function_is_dropped_by_the_norm_limit():
     """A client whose *training* is hostile (a scaled update, honestly compressed)."""
+
     def boosting_app() -> ClientApp:
         a = ClientApp(mods=[compression_mod])
 
@@ -218,8 +243,12 @@ def test_a_poisoned_train_function_is_dropped_by_the_norm_limit():
             arrays = msg.content["arrays"].to_torch_state_dict()
             boosted = {k: v * 1000 if v.is_floating_point() else v for k, v in arrays.items()}
             from flwr.app import MetricRecord
-            return Message(RecordDict({"arrays": ArrayRecord(boosted), "metrics": MetricRecord({"num-examples": 240})}),
-                           reply_to=msg)
+
+            return Message(
+                RecordDict({"arrays": ArrayRecord(boosted), "metrics": MetricRecord({"num-examples": 240})}),
+                reply_to=msg,
+            )
+
         return a
 
     grid = FakeGrid(honest_app(), 3)
@@ -319,14 +348,28 @@ def run_recorded(seed: int, sampling: int = 0):
     random.seed(sampling)  # FedAvg samples nodes with the random module
     grid = FakeGrid(honest_app(), 4)
     inner = FedAvg(fraction_train=0.5, fraction_evaluate=0.5, min_available_nodes=4)
-    strategy = Compressed(inner, uplink=UPLINK, downlink="delta | topk(0.2) | qsgd(64)", min_elements=MIN_ELEMENTS,
-                          downlink_initial="grid(8)", history=2, seed=seed)
+    strategy = Compressed(
+        inner,
+        uplink=UPLINK,
+        downlink="delta | topk(0.2) | qsgd(64)",
+        min_elements=MIN_ELEMENTS,
+        downlink_initial="grid(8)",
+        history=2,
+        seed=seed,
+    )
     result = strategy.start(grid=grid, initial_arrays=initial(), num_rounds=4)
 
     def blobs(messages):
-        return [(m.metadata.message_type, m.metadata.dst_node_id or m.metadata.src_node_id,
-                 {k: bytes(a.data) for r in m.content.array_records.values() for k, a in r.items()})
-                for m in messages if m.has_content()]
+        return [
+            (
+                m.metadata.message_type,
+                m.metadata.dst_node_id or m.metadata.src_node_id,
+                {k: bytes(a.data) for r in m.content.array_records.values() for k, a in r.items()},
+            )
+            for m in messages
+            if m.has_content()
+        ]
+
     return blobs(grid.sent), blobs(grid.received), to_tensors(result.arrays)
 
 
@@ -380,7 +423,9 @@ def test_replies_report_the_client_state_and_the_server_keeps_the_largest():
     from qfl.clients.records import state_bytes
 
     held = max(state_bytes(ctx.state) for ctx in grid.contexts.values())
-    replica_bytes = sum(t.numel() * t.element_size() for t in load_replica(grid.contexts[grid.node_ids[0]].state)[0].values())
+    replica_bytes = sum(
+        t.numel() * t.element_size() for t in load_replica(grid.contexts[grid.node_ids[0]].state)[0].values()
+    )
     memory_bytes = (64 * 20 + 4 * 64) * 4  # float32 residuals of the two compressed tensors
     arrays = len(load_replica(grid.contexts[grid.node_ids[0]].state)[0]) + 2
     assert replica_bytes + memory_bytes <= held <= replica_bytes + memory_bytes + 128 * arrays  # + .npy headers

@@ -32,8 +32,10 @@ _Exeunt_
 
 def test_parse_play_joins_each_roles_speeches_and_drops_directions():
     roles = S.parse_play(PLAY)
-    assert roles == {"ALPHA": "Good morrow, friend: how dost thou? Not well, I think. Better: 'tis a fine day.",
-                     "BETA": "Well enough [sic] -- and thou?"}
+    assert roles == {
+        "ALPHA": "Good morrow, friend: how dost thou? Not well, I think. Better: 'tis a fine day.",
+        "BETA": "Well enough [sic] -- and thou?",
+    }
 
 
 def test_encoding_maps_printable_ascii_and_nothing_else():

@@ -8,18 +8,27 @@ import os
 import subprocess
 import sys
 import time
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from qfl.simulations.runner import parse_set, run_methods, write_app
 from qfl.simulations.settings import Settings
 from qfl.strategies.presets import ASYNC_PRESETS, PRESETS
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY = {"num-server-rounds": 2, "num-clients": 4, "fraction-train": 0.5, "local-steps": 2, "model": "mlp",
-        "max-client-samples": 80, "test-samples": 300, "partitioning": "iid", "min-elements": 100}
+TINY = {
+    "num-server-rounds": 2,
+    "num-clients": 4,
+    "fraction-train": 0.5,
+    "local-steps": 2,
+    "model": "mlp",
+    "max-client-samples": 80,
+    "test-samples": 300,
+    "partitioning": "iid",
+    "min-elements": 100,
+}
 
 
 def test_pyproject_run_config_is_the_settings_defaults():
@@ -28,16 +37,25 @@ def test_pyproject_run_config_is_the_settings_defaults():
     assert config == defaults
     generated = tomllib.loads((write_app(ROOT / "build" / "app-check") / "pyproject.toml").read_text())
     assert generated["tool"]["flwr"]["app"]["config"] == defaults
-    assert generated["tool"]["flwr"]["app"]["components"] == \
-        tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["components"]
+    assert (
+        generated["tool"]["flwr"]["app"]["components"]
+        == tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["components"]
+    )
 
 
-@pytest.mark.parametrize("config,message", [
-    ({"method": "qsparce"}, "unknown 'qsparce'"), ({"method": "fedavg,fedavg"}, "twice"),
-    ({"partitioning": "shards"}, "partitioning"), ({"fraction-train": 0.0}, "fraction-train"),
-    ({"num-clients": "many"}, "num-clients"), ({"method": "fedavg,qsgd8", "label": "x"}, "label"),
-    ({"local-steps": 0, "local-epochs": 0}, "local-steps"), ({"error-feedback": 1}, "error-feedback"),
-])
+@pytest.mark.parametrize(
+    "config,message",
+    [
+        ({"method": "qsparce"}, "unknown 'qsparce'"),
+        ({"method": "fedavg,fedavg"}, "twice"),
+        ({"partitioning": "shards"}, "partitioning"),
+        ({"fraction-train": 0.0}, "fraction-train"),
+        ({"num-clients": "many"}, "num-clients"),
+        ({"method": "fedavg,qsgd8", "label": "x"}, "label"),
+        ({"local-steps": 0, "local-epochs": 0}, "local-steps"),
+        ({"error-feedback": 1}, "error-feedback"),
+    ],
+)
 def test_bad_run_config_names_the_key(config, message):
     with pytest.raises(ValueError, match=message):
         Settings.from_run_config(config)
@@ -59,8 +77,13 @@ def test_async_plan_matches_the_synchronous_work():
 
 
 def test_parse_set_is_flowers_run_config_syntax():
-    assert parse_set(["a=1", "b=0.5 c=true", 'd="dirichlet"', "e='x y'"]) == \
-        {"a": 1, "b": 0.5, "c": True, "d": "dirichlet", "e": "x y"}
+    assert parse_set(["a=1", "b=0.5 c=true", 'd="dirichlet"', "e='x y'"]) == {
+        "a": 1,
+        "b": 0.5,
+        "c": True,
+        "d": "dirichlet",
+        "e": "x y",
+    }
     with pytest.raises(ValueError, match="--set"):
         parse_set(["d=dirichlet"])  # a TOML string needs quotes, as with flwr run --run-config
     with pytest.raises(ValueError, match="without spaces"):
@@ -134,8 +157,9 @@ def test_nodes_that_do_not_say_their_partition_come_last():
 def test_every_preset_runs_in_the_simulation_engine(tmp_path, capsys):
     methods = [*PRESETS, *ASYNC_PRESETS]
     status = run_methods(methods, TINY, tmp_path, timeout=300)
-    assert status == dict.fromkeys(methods, True), (tmp_path / "run.log").read_text()[-3000:] \
-        if (tmp_path / "run.log").exists() else status
+    assert status == dict.fromkeys(methods, True), (
+        (tmp_path / "run.log").read_text()[-3000:] if (tmp_path / "run.log").exists() else status
+    )
     printed = capsys.readouterr().out
     for method in methods:
         result = json.loads((tmp_path / f"{method}.json").read_text())
@@ -159,10 +183,29 @@ def test_every_preset_runs_in_the_simulation_engine(tmp_path, capsys):
 def test_runner_cli_writes_results_and_report(tmp_path):
     from qfl.simulations.runner import main
 
-    args = ["--methods", "fedavg,qsparse", "--seeds", "1,2", "--rounds", "2", "--rounds-factor", "1.5",
-            "--clients", "4", "--local-steps", "2", "--goals", "uplink=100", "--out", str(tmp_path)] + [
-        x for k, v in TINY.items() if k not in ("num-server-rounds", "num-clients", "local-steps")
-        for x in ("--set", f"{k}={json.dumps(v)}")]
+    args = [
+        "--methods",
+        "fedavg,qsparse",
+        "--seeds",
+        "1,2",
+        "--rounds",
+        "2",
+        "--rounds-factor",
+        "1.5",
+        "--clients",
+        "4",
+        "--local-steps",
+        "2",
+        "--goals",
+        "uplink=100",
+        "--out",
+        str(tmp_path),
+    ] + [
+        x
+        for k, v in TINY.items()
+        if k not in ("num-server-rounds", "num-clients", "local-steps")
+        for x in ("--set", f"{k}={json.dumps(v)}")
+    ]
     assert main(args) == 0
     for seed in (1, 2):
         assert len(json.loads((tmp_path / f"seed-{seed}" / "qsparse.json").read_text())["rounds"]) == 4  # 0..3
@@ -212,8 +255,11 @@ def _marked(mark: str) -> list[int]:
     found = []
     for proc in psutil.process_iter(["pid"]):
         try:
-            if proc.pid != os.getpid() and proc.environ().get("QFL_TEST_RUNNER_MARK") == mark and \
-                    proc.status() != psutil.STATUS_ZOMBIE:
+            if (
+                proc.pid != os.getpid()
+                and proc.environ().get("QFL_TEST_RUNNER_MARK") == mark
+                and proc.status() != psutil.STATUS_ZOMBIE
+            ):
                 found.append(proc.pid)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
@@ -228,12 +274,36 @@ def test_killed_runner_stops_the_federation_it_started(tmp_path):
     import uuid
 
     mark = uuid.uuid4().hex
-    sets = [a for k, v in {**TINY, "num-server-rounds": 5000}.items() if k not in ("num-clients", "fraction-train")
-            for a in ("--set", f"{k}={json.dumps(v)}")]
-    proc = subprocess.Popen([sys.executable, "-m", "qfl.simulations.runner", "--methods", "fedavg", "--clients", "4",
-                             "--fraction", "0.5", "--rounds", "5000", *sets, "--out", str(tmp_path), "--no-report"],
-                            env={**os.environ, "QFL_TEST_RUNNER_MARK": mark}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    sets = [
+        a
+        for k, v in {**TINY, "num-server-rounds": 5000}.items()
+        if k not in ("num-clients", "fraction-train")
+        for a in ("--set", f"{k}={json.dumps(v)}")
+    ]
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "qfl.simulations.runner",
+            "--methods",
+            "fedavg",
+            "--clients",
+            "4",
+            "--fraction",
+            "0.5",
+            "--rounds",
+            "5000",
+            *sets,
+            "--out",
+            str(tmp_path),
+            "--no-report",
+        ],
+        env={**os.environ, "QFL_TEST_RUNNER_MARK": mark},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     progress = tmp_path / "seed-42" / "fedavg.progress.jsonl"
     deadline = time.monotonic() + 600
     while not (progress.exists() and progress.read_text().count("\n") >= 2) and proc.poll() is None:

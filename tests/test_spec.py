@@ -9,11 +9,29 @@ import qfl
 from qfl.compress import IDENTITY, QSGD, Chain, Operator, TopK
 
 ROUND_TRIP = [
-    "identity", "fp16", "bf16", "sign", "qsgd(16)", "qsgd(levels=16, bucket=512)", "qsgd(4, norm=max)",
-    "qsgd(2, damped=true)", "grid(8)", "grid(4, bucket=64)", "topk(0.01)", "topk(k=100)", "topk(250)",
-    "randk(0.1, seed=7)", "randk(k=5, unbiased=true)", "bernoulli(0.2)", "bernoulli(budget=0.01)",
-    "signtopk(0.05)", "topk(0.01) | qsgd(levels=16, bucket=512)", "bernoulli(budget=0.01) | grid(4)",
-    "randk(0.1) | fp16", "topk(0.1) | qsgd(4, damped=true)", "  topk( 0.01 )|qsgd( levels = 16 ) ",
+    "identity",
+    "fp16",
+    "bf16",
+    "sign",
+    "qsgd(16)",
+    "qsgd(levels=16, bucket=512)",
+    "qsgd(4, norm=max)",
+    "qsgd(2, damped=true)",
+    "grid(8)",
+    "grid(4, bucket=64)",
+    "topk(0.01)",
+    "topk(k=100)",
+    "topk(250)",
+    "randk(0.1, seed=7)",
+    "randk(k=5, unbiased=true)",
+    "bernoulli(0.2)",
+    "bernoulli(budget=0.01)",
+    "signtopk(0.05)",
+    "topk(0.01) | qsgd(levels=16, bucket=512)",
+    "bernoulli(budget=0.01) | grid(4)",
+    "randk(0.1) | fp16",
+    "topk(0.1) | qsgd(4, damped=true)",
+    "  topk( 0.01 )|qsgd( levels = 16 ) ",
 ]
 
 
@@ -36,13 +54,25 @@ def test_parse_builds_the_expected_objects():
     assert qfl.parse(QSGD(4)) is not None
 
 
-@pytest.mark.parametrize("spec,token", [
-    ("qsdg(4)", "qsdg"), ("topk(0.01) | qsgd(lvls=4)", "lvls"), ("qsgd(levels=0)", "qsgd(levels=0)"),
-    ("qsgd(4", "qsgd(4"), ("qsgd(4) | topk(0.1)", "qsgd(levels=4) | topk"), ("topk(0.1) | randk(0.1)", "randk"),
-    ("grid(8) |", "empty stage"), ("qsgd(levels=4, levels=5)", "given twice"), ("qsgd(4, 5, 6)", "positional"),
-    ("topk(ratio=2.5)", "ratio must be in (0, 1]"), ("qsgd(4, norm=l3)", "norm must be"), ("grid(1)", "grid bits"),
-    ("bernoulli(p=0.1, budget=0.1)", "exactly one"), ("qsgd(4, bucket=@)", "bad value"),
-])
+@pytest.mark.parametrize(
+    "spec,token",
+    [
+        ("qsdg(4)", "qsdg"),
+        ("topk(0.01) | qsgd(lvls=4)", "lvls"),
+        ("qsgd(levels=0)", "qsgd(levels=0)"),
+        ("qsgd(4", "qsgd(4"),
+        ("qsgd(4) | topk(0.1)", "qsgd(levels=4) | topk"),
+        ("topk(0.1) | randk(0.1)", "randk"),
+        ("grid(8) |", "empty stage"),
+        ("qsgd(levels=4, levels=5)", "given twice"),
+        ("qsgd(4, 5, 6)", "positional"),
+        ("topk(ratio=2.5)", "ratio must be in (0, 1]"),
+        ("qsgd(4, norm=l3)", "norm must be"),
+        ("grid(1)", "grid bits"),
+        ("bernoulli(p=0.1, budget=0.1)", "exactly one"),
+        ("qsgd(4, bucket=@)", "bad value"),
+    ],
+)
 def test_bad_specs_name_the_token(spec, token):
     with pytest.raises(ValueError) as err:
         qfl.parse(spec)
@@ -50,8 +80,9 @@ def test_bad_specs_name_the_token(spec, token):
 
 
 def test_unknown_operator_lists_known_ones():
-    with pytest.raises(ValueError, match="known operators: bernoulli, bf16, fp16, grid, identity, qsgd, randk, "
-                                         "sign, signtopk, topk"):
+    with pytest.raises(
+        ValueError, match="known operators: bernoulli, bf16, fp16, grid, identity, qsgd, randk, sign, signtopk, topk"
+    ):
         qfl.parse("zip(9)")
 
 

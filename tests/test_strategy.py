@@ -20,10 +20,10 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx, FedTrimme
 
 import qfl
 from qfl.clients import LocalTraining, make_client_app
-from qfl.compress import IDENTITY, Payload, Raw
 from qfl.clients.records import encode_record, record_bytes, to_tensors
-from qfl.codec import digest
 from qfl.clients.state import load_replica
+from qfl.codec import digest
+from qfl.compress import IDENTITY, Payload, Raw
 from qfl.strategies import Compressed, MisconfigurationError, UpdateGuard
 from qfl.wire import STYPE
 
@@ -62,11 +62,17 @@ def eval_loss(result, last=True) -> float:
 
 
 # ----------------------------------------------------------------- whole runs
-@pytest.mark.parametrize("inner", [
-    lambda: FedAvg(), lambda: FedAdam(eta=0.05, eta_l=0.1), lambda: FedAvgM(server_momentum=0.5, server_learning_rate=0.5),  # 1.0 diverges uncompressed too
-    lambda: FedProx(proximal_mu=0.01), lambda: FedTrimmedAvg(beta=0.2),
-    lambda: qfl.strategies.FedAvgMomentum(server_momentum=0.5, server_learning_rate=0.5),
-])
+@pytest.mark.parametrize(
+    "inner",
+    [
+        lambda: FedAvg(),
+        lambda: FedAdam(eta=0.05, eta_l=0.1),
+        lambda: FedAvgM(server_momentum=0.5, server_learning_rate=0.5),  # 1.0 diverges uncompressed too
+        lambda: FedProx(proximal_mu=0.01),
+        lambda: FedTrimmedAvg(beta=0.2),
+        lambda: qfl.strategies.FedAvgMomentum(server_momentum=0.5, server_learning_rate=0.5),
+    ],
+)
 def test_any_inner_strategy_trains_with_both_directions_compressed(inner):
     grid = FakeGrid(app(), 5)
     strategy = Compressed(inner(), uplink="topk(0.1) | qsgd(16)", downlink="delta | qsgd(256)", min_elements=200)
@@ -167,10 +173,15 @@ def test_delta_mode_groups_clients_by_replica_state():
 # ---------------------------------------------------------------- replicas
 def test_every_client_replica_matches_the_server_record_with_partial_participation():
     grid = FakeGrid(app(), 6)
-    strategy = Compressed(FedAvg(fraction_train=0.5, fraction_evaluate=0.0, min_train_nodes=2),
-                          uplink="topk(0.1) | qsgd(16)", downlink="delta | topk(0.05) | qsgd(64)", history=4)
-    for r in range(1, 9):
-        result = strategy.start(grid=grid, initial_arrays=initial() if r == 1 else result.arrays, num_rounds=1)
+    strategy = Compressed(
+        FedAvg(fraction_train=0.5, fraction_evaluate=0.0, min_train_nodes=2),
+        uplink="topk(0.1) | qsgd(16)",
+        downlink="delta | topk(0.05) | qsgd(64)",
+        history=4,
+    )
+    arrays = initial()
+    for _ in range(8):
+        arrays = strategy.start(grid=grid, initial_arrays=arrays, num_rounds=1).arrays
         for nid in grid.node_ids:
             replica, version = load_replica(grid.contexts[nid].state)
             if nid in strategy.downlink.nodes:
@@ -200,8 +211,9 @@ def test_anchor_mode_sends_the_anchor_once_per_epoch_and_client():
 
 def test_a_client_that_failed_is_resynced_not_chained():
     grid = FakeGrid(app(), 3)
-    strategy = Compressed(FedAvg(fraction_evaluate=0.0, min_train_nodes=1), uplink="topk(0.1)",
-                          downlink="delta | topk(0.1)", history=3)
+    strategy = Compressed(
+        FedAvg(fraction_evaluate=0.0, min_train_nodes=1), uplink="topk(0.1)", downlink="delta | topk(0.1)", history=3
+    )
     absent = grid.node_ids[2]
     result = strategy.start(grid=grid, initial_arrays=initial(), num_rounds=1)
     grid.fail[absent] = lambda m: True
@@ -219,8 +231,9 @@ def test_superlink_error_replies_make_the_server_forget_the_right_node():
     """The SuperLink answers for a node that went away (stopped, restarted) with an error
     reply whose source is the SuperLink itself; the node it was for must be resynced."""
     grid = FakeGrid(app(), 3)
-    strategy = Compressed(FedAvg(fraction_evaluate=0.0, min_train_nodes=1), uplink="topk(0.1)",
-                          downlink="delta | topk(0.1)")
+    strategy = Compressed(
+        FedAvg(fraction_evaluate=0.0, min_train_nodes=1), uplink="topk(0.1)", downlink="delta | topk(0.1)"
+    )
     result = strategy.start(grid=grid, initial_arrays=initial(), num_rounds=1)
     victim = grid.node_ids[0]
     assert victim in strategy.downlink.nodes
@@ -301,8 +314,9 @@ def test_bad_replies_are_dropped_with_a_reason_and_the_round_goes_on():
     nan = {k: torch.zeros_like(v, dtype=torch.float32) if v.is_floating_point() else v for k, v in model.items()}
     nan[big][0, 0] = float("nan")
     nan_record = ArrayRecord(dict(arrays))  # a hostile client: a lossless payload carrying NaN
-    nan_record["3.bias"] = encode_record({"3.bias": Payload(IDENTITY, (4,), torch.float32,
-                                                            Raw(torch.full((4,), float("nan"))))})["3.bias"]
+    nan_record["3.bias"] = encode_record(
+        {"3.bias": Payload(IDENTITY, (4,), torch.float32, Raw(torch.full((4,), float("nan"))))}
+    )["3.bias"]
 
     missing = ArrayRecord({k: v for k, v in arrays.items() if k != big})
     other_op = ArrayRecord(dict(arrays))
@@ -310,8 +324,14 @@ def test_bad_replies_are_dropped_with_a_reason_and_the_round_goes_on():
     wrong_shape = ArrayRecord(dict(arrays))
     wrong_shape[big] = encode_record({big: qfl.parse("topk(0.1) | qsgd(16)").compress(torch.zeros(20, 64))})[big]
 
-    bad = [forge(replies[1], flipped), forge(replies[2], nan_record), forge(replies[3], missing),
-           forge(replies[4], other_op), forge(replies[5], wrong_shape), forge(replies[6], drop_info=True)]
+    bad = [
+        forge(replies[1], flipped),
+        forge(replies[2], nan_record),
+        forge(replies[3], missing),
+        forge(replies[4], other_op),
+        forge(replies[5], wrong_shape),
+        forge(replies[6], drop_info=True),
+    ]
     reasons = ["checksum", "NaN", "missing ['0.weight']", "configured operator", "shape", "no qfl record"]
     good = [replies[0], replies[7]]
     with Capture() as log:
@@ -358,8 +378,13 @@ def test_failed_clients_do_not_stop_the_round():
 def test_mod_passes_through_messages_without_qfl_settings():
     grid = FakeGrid(app(), 2)
     result = FedAvg().start(grid=grid, initial_arrays=initial(), num_rounds=1)
-    assert all(a.stype == "numpy.ndarray" for m in grid.received if m.has_content()
-               for r in m.content.array_records.values() for a in r.values())
+    assert all(
+        a.stype == "numpy.ndarray"
+        for m in grid.received
+        if m.has_content()
+        for r in m.content.array_records.values()
+        for a in r.values()
+    )
     assert result.arrays is not None
 
 
@@ -391,8 +416,10 @@ def test_mod_refuses_nan_from_training():
         def train(msg, ctx):
             sd = msg.content["arrays"].to_torch_state_dict()
             sd["0.weight"][0, 0] = float("nan")
-            return Message(RecordDict({"arrays": ArrayRecord(sd), "metrics": MetricRecord({"num-examples": 1})}),
-                           reply_to=msg)
+            return Message(
+                RecordDict({"arrays": ArrayRecord(sd), "metrics": MetricRecord({"num-examples": 1})}), reply_to=msg
+            )
+
         return a
 
     grid = FakeGrid(train_nan_app(), 1)
@@ -439,8 +466,9 @@ def test_a_second_strategy_in_the_same_run_starts_with_fresh_client_state():
 def _reply(arrays: dict, n: int) -> Message:
     request = Message(RecordDict(), dst_node_id=7, message_type="train")
     request.metadata.__dict__["_message_id"] = "m1"
-    content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
-                          "metrics": MetricRecord({"num-examples": n})})
+    content = RecordDict(
+        {"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}), "metrics": MetricRecord({"num-examples": n})}
+    )
     return Message(content, reply_to=request)
 
 
@@ -449,14 +477,21 @@ def test_server_momentum_moves_parameters_and_averages_statistics():
 
     from qfl.strategies import FedAvgMomentum
 
-    start = {"w": np.ones(3, np.float32), "bn.running_var": np.ones(2, np.float32),
-             "bn.num_batches_tracked": np.array(0, np.int64)}
+    start = {
+        "w": np.ones(3, np.float32),
+        "bn.running_var": np.ones(2, np.float32),
+        "bn.num_batches_tracked": np.array(0, np.int64),
+    }
     strategy = FedAvgMomentum(server_momentum=0.5)
-    strategy.configure_train(1, ArrayRecord({k: Array(v) for k, v in start.items()}), ConfigRecord(), FakeGrid(app(), 2))
+    strategy.configure_train(
+        1, ArrayRecord({k: Array(v) for k, v in start.items()}), ConfigRecord(), FakeGrid(app(), 2)
+    )
     var = np.full(2, 0.1, np.float32)  # the clients' running variance fell to 0.1 in round 1
     for server_round, w in ((1, 0.5), (2, 0.5)):
-        arrays, _ = strategy.aggregate_train(server_round, [
-            _reply({"w": np.full(3, w, np.float32), "bn.running_var": var, "bn.num_batches_tracked": np.array(5)}, 1)])
+        arrays, _ = strategy.aggregate_train(
+            server_round,
+            [_reply({"w": np.full(3, w, np.float32), "bn.running_var": var, "bn.num_batches_tracked": np.array(5)}, 1)],
+        )
     got = {k: a.numpy() for k, a in arrays.items()}
     # w: 1 -> 0.5 (v = 0.5), then v = 0.5 * 0.5 + 0 -> 0.25: momentum carries it on.
     assert got["w"] == pytest.approx(np.full(3, 0.25))

@@ -16,10 +16,27 @@ from qfl.wire import _bits as B
 from qfl.wire.fuzz import content_of, frame
 
 SPECS = [
-    "identity", "fp16", "bf16", "qsgd(16)", "qsgd(3, norm=max, bucket=32)", "qsgd(5000)", "grid(8)",
-    "grid(3, bucket=7)", "grid(16)", "sign", "topk(0.1)", "topk(k=3)", "randk(0.1)", "randk(0.2, unbiased=true)",
-    "bernoulli(0.1)", "bernoulli(budget=0.1)", "signtopk(0.1)", "topk(0.1) | qsgd(4, damped=true)",
-    "bernoulli(budget=0.05) | grid(4)", "randk(0.3) | fp16", "topk(0.2) | bf16",
+    "identity",
+    "fp16",
+    "bf16",
+    "qsgd(16)",
+    "qsgd(3, norm=max, bucket=32)",
+    "qsgd(5000)",
+    "grid(8)",
+    "grid(3, bucket=7)",
+    "grid(16)",
+    "sign",
+    "topk(0.1)",
+    "topk(k=3)",
+    "randk(0.1)",
+    "randk(0.2, unbiased=true)",
+    "bernoulli(0.1)",
+    "bernoulli(budget=0.1)",
+    "signtopk(0.1)",
+    "topk(0.1) | qsgd(4, damped=true)",
+    "bernoulli(budget=0.05) | grid(4)",
+    "randk(0.3) | fp16",
+    "topk(0.2) | bf16",
 ]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 SHAPES = [(), (0,), (1,), (1000,), (3, 4, 5, 6)]
@@ -55,15 +72,15 @@ def test_elias_level_stream_round_trip_and_exact_length():
         # Length from the definition: gap, sign, level per nonzero, gaps restarting per block.
         expected = 0
         for b in range(0, n, B.BLOCK):
-            nz = np.flatnonzero(lv[b:b + B.BLOCK])
+            nz = np.flatnonzero(lv[b : b + B.BLOCK])
             gaps = np.diff(np.concatenate([[-1], nz]))
             expected += sum(len(omega_reference(int(g))) for g in gaps) + len(nz)
-            expected += sum(len(omega_reference(abs(int(v)))) for v in lv[b:b + B.BLOCK][nz])
+            expected += sum(len(omega_reference(abs(int(v)))) for v in lv[b : b + B.BLOCK][nz])
         assert int(blocks.sum()) == expected
         buf = B.elias_encode(lv, blocks)
         assert buf.size == (expected + 7) // 8
         padded = np.zeros(buf.size + 8, np.uint8)
-        padded[:buf.size] = buf
+        padded[: buf.size] = buf
         out = np.zeros(n, np.int32)
         assert B.elias_decode(padded, blocks, n, s, out) == B.OK
         assert np.array_equal(out, lv)
@@ -96,8 +113,15 @@ def test_round_trip_every_operator_dtype_shape(spec, dtype):
         assert torch.equal(q.decompress(), p.decompress())
 
 
-@pytest.mark.parametrize("x", [torch.arange(12).reshape(3, 4), torch.tensor([True, False, True]),
-                               torch.randint(-100, 100, (5,), dtype=torch.int8), torch.tensor(7)])
+@pytest.mark.parametrize(
+    "x",
+    [
+        torch.arange(12).reshape(3, 4),
+        torch.tensor([True, False, True]),
+        torch.randint(-100, 100, (5,), dtype=torch.int8),
+        torch.tensor(7),
+    ],
+)
 def test_non_float_round_trip(x):
     q = decode(encode(qfl.parse("qsgd(4)").compress(x)))
     assert torch.equal(q.decompress(), x)
@@ -145,8 +169,10 @@ def test_qsgd_sqrt_d_levels_within_paper_bound():
     laplace = torch.distributions.Laplace(0.0, 1.0)
     for draw in (lambda g: torch.randn(d, generator=g), lambda g: laplace.sample((d,))):
         torch.manual_seed(0)
-        sizes = [8 * len(encode(op.compress(draw(torch.Generator().manual_seed(i)), torch.Generator().manual_seed(i))))
-                 for i in range(30)]
+        sizes = [
+            8 * len(encode(op.compress(draw(torch.Generator().manual_seed(i)), torch.Generator().manual_seed(i))))
+            for i in range(30)
+        ]
         assert sum(sizes) / len(sizes) <= 2.8 * d + 32
 
 
@@ -256,7 +282,7 @@ def expected_block_bits(lv: np.ndarray) -> np.ndarray:
     """Per-block stream length from the definition (omega lengths checked above)."""
     out = []
     for b in range(0, lv.size, B.BLOCK):
-        blk = lv[b:b + B.BLOCK].astype(np.int64)
+        blk = lv[b : b + B.BLOCK].astype(np.int64)
         nz = np.flatnonzero(blk)
         gaps = np.diff(np.concatenate([[-1], nz]))
         bits = int(B.omega_lengths(gaps).sum()) + nz.size if nz.size else 0
@@ -270,7 +296,7 @@ def test_elias_blocks_of_mixed_density_round_trip(kernel_mode):
     # shifted into one stream at arbitrary bit offsets; codes of every length decode
     # (one-lookup triples, 16-bit codes, longer ones).
     rng = np.random.default_rng(11)
-    for trial in range(12):
+    for _trial in range(12):
         n = int(rng.integers(1, 4 * B.BLOCK + 100))
         s = int(rng.choice([1, 3, 127, 3000, 2**20, 2**30]))
         dt = np.int8 if s <= 127 else (np.int16 if s < 2**15 else np.int32)
@@ -278,7 +304,7 @@ def test_elias_blocks_of_mixed_density_round_trip(kernel_mode):
         for b in range(0, n, B.BLOCK):
             m = min(B.BLOCK, n - b)
             density = rng.choice([0.0, 1e-5, 1e-3, 0.05, 0.7, 1.0])
-            lv[b:b + m] = np.where(rng.random(m) < density, rng.integers(-s, s + 1, m), 0)
+            lv[b : b + m] = np.where(rng.random(m) < density, rng.integers(-s, s + 1, m), 0)
         expected = expected_block_bits(lv)
         assert np.array_equal(B.elias_block_bits(lv), expected)
         assert B.elias_size_lower_bound(lv) <= expected.sum()
@@ -310,7 +336,7 @@ def test_levels_coding_choice_is_exactly_the_smaller(kernel_mode):
         elias_bits = int(B.elias_block_bits(lv).sum())
         assert (elias_bits >= 8 * lv.size) == fixed
         blob = encode(p)
-        expected = (lv.size if fixed else (elias_bits + 7) // 8)
+        expected = lv.size if fixed else (elias_bits + 7) // 8
         assert expected < len(blob) < expected + 100 + 3 * (lv.size // B.BLOCK + 1)
         assert torch.equal(decode(blob).decompress(), p.decompress())
 

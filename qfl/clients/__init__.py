@@ -3,5 +3,12 @@
 from .mod import FIRST_CONTACT, compression_mod, make_compression_mod
 from .torch_app import LocalTraining, evaluate, make_client_app, train_local
 
-__all__ = ["FIRST_CONTACT", "LocalTraining", "compression_mod", "evaluate", "make_client_app",
-           "make_compression_mod", "train_local"]
+__all__ = [
+    "FIRST_CONTACT",
+    "LocalTraining",
+    "compression_mod",
+    "evaluate",
+    "make_client_app",
+    "make_compression_mod",
+    "train_local",
+]

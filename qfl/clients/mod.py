@@ -122,8 +122,11 @@ def _run(msg: Message, context: Context, call_next: ClientAppCallable, first_con
     ckey, cfg = located
     outer = _outer_reader()
     if outer is not None:
-        return _error(msg, f"compression_mod runs inside {outer}, which would read qfl's {STYPE} payloads instead of "
-                      f"the model: list compression_mod first, e.g. ClientApp(..., mods=[compression_mod, {outer}])")
+        return _error(
+            msg,
+            f"compression_mod runs inside {outer}, which would read qfl's {STYPE} payloads instead of "
+            f"the model: list compression_mod first, e.g. ClientApp(..., mods=[compression_mod, {outer}])",
+        )
     try:
         header, settings = DownlinkHeader.from_config(cfg), Settings.from_config(cfg)
         clip = read_float(cfg, CLIPPING_NORM, 0.0) if CLIPPING_NORM in cfg else None
@@ -131,15 +134,17 @@ def _run(msg: Message, context: Context, call_next: ClientAppCallable, first_con
             raise ValueError(f"{CLIPPING_NORM} must be positive, got {clip}")
         akey = settings.key
         if list(msg.content.array_records) != [akey]:
-            raise DownlinkError(f"the message must carry exactly one ArrayRecord, {akey!r}; it carries "
-                                f"{list(msg.content.array_records)}")
+            raise DownlinkError(
+                f"the message must carry exactly one ArrayRecord, {akey!r}; it carries "
+                f"{list(msg.content.array_records)}"
+            )
         holding = held_state.held(context.state, settings.session)
         arrays = decode_record(msg.content[akey], _limits(msg.content[akey], header, holding, first_contact))
         start, replica = client_model(arrays, header, holding if header.base != FULL else None)
     except (ValueError, TypeError, OverflowError, MemoryError) as exc:  # ProtocolError, WireFormatError, ...
         return _error(msg, f"qfl could not rebuild the model from the downlink: {exc}")
 
-    user = RecordDict({k: v for k, v in msg.content.items()})
+    user = RecordDict(dict(msg.content.items()))
     user[akey] = to_record(start)
     user[ckey] = ConfigRecord(strip(cfg))
     msg.content = user
@@ -147,7 +152,7 @@ def _run(msg: Message, context: Context, call_next: ClientAppCallable, first_con
     if reply.has_error() or not reply.has_content():
         return reply
 
-    content = RecordDict({k: v for k, v in reply.content.items()})
+    content = RecordDict(dict(reply.content.items()))
     memory, full_bytes = None, None
     if msg.metadata.message_type.split(".")[0] == MessageType.TRAIN:
         try:
@@ -156,10 +161,15 @@ def _run(msg: Message, context: Context, call_next: ClientAppCallable, first_con
             return _error(msg, f"qfl could not compress the update: {exc}")
         content[rkey] = encoded
     kept = None if replica is None else (replica, header.version, header.digest)
-    held_state.commit(context.state, settings.session, kept, memory,
-                      keep_memory=full_bytes is not None and settings.error_feedback)
-    info = ReplyInfo("update" if full_bytes is not None else "report", state_bytes(context.state),
-                     held_state.replica_info(context.state) if header.mode != "model" else None, full_bytes)
+    held_state.commit(
+        context.state, settings.session, kept, memory, keep_memory=full_bytes is not None and settings.error_feedback
+    )
+    info = ReplyInfo(
+        "update" if full_bytes is not None else "report",
+        state_bytes(context.state),
+        held_state.replica_info(context.state) if header.mode != "model" else None,
+        full_bytes,
+    )
     content[REPLY_KEY] = ConfigRecord(info.to_config())
     reply.content = content
     return reply
@@ -209,26 +219,35 @@ def _limits(record: ArrayRecord, header: DownlinkHeader, holding, first_contact:
     """Per tensor: the replica's own size (times the steps announced) when the message
     builds on it, ``first_contact`` otherwise."""
     if holding is None or header.mode == "model" or header.base == FULL:
-        return {k: first_contact for k in record}
+        return dict.fromkeys(record, first_contact)
     replica = holding[0]
     out = {}
     for k in record:
         n = replica[k].numel() if k in replica else 0  # an unknown tensor: nothing to allocate
-        out[k] = Limits(max_elements=n, max_ndim=first_contact.max_ndim,
-                        max_total_elements=n * max(1, header.steps), max_expansion=None)
+        out[k] = Limits(
+            max_elements=n,
+            max_ndim=first_contact.max_ndim,
+            max_total_elements=n * max(1, header.steps),
+            max_expansion=None,
+        )
     return out
 
 
 def _warn_uncompressed(msg: Message, context: Context) -> None:
     kind = msg.metadata.message_type.split(".")[0]
     if kind in (MessageType.TRAIN, MessageType.EVALUATE) and held_state.warn_once(context.state, "uncompressed"):
-        log(logging.WARNING, "qfl: compression_mod received a %s message without qfl settings, so it travels "
+        log(
+            logging.WARNING,
+            "qfl: compression_mod received a %s message without qfl settings, so it travels "
             "uncompressed: wrap the ServerApp's strategy in qfl.strategies.Compressed (this warning shows once per "
-            "node)", kind)
+            "node)",
+            kind,
+        )
 
 
-def _compress_reply(content: RecordDict, start: Tensors, settings: Settings, clip: float | None,
-                    context: Context) -> tuple[str, ArrayRecord, Tensors | None, int]:
+def _compress_reply(
+    content: RecordDict, start: Tensors, settings: Settings, clip: float | None, context: Context
+) -> tuple[str, ArrayRecord, Tensors | None, int]:
     """(key, compressed record, new error memory, bytes of the uncompressed record) of a train reply."""
     records = list(content.array_records.items())
     if len(records) != 1:
@@ -237,8 +256,9 @@ def _compress_reply(content: RecordDict, start: Tensors, settings: Settings, cli
     trained = to_tensors(record)
     if trained.keys() != start.keys():
         missing, extra = sorted(start.keys() - trained.keys()), sorted(trained.keys() - start.keys())
-        raise ValueError(f"the returned model's tensors differ from the received ones (missing {missing}, "
-                         f"unexpected {extra})")
+        raise ValueError(
+            f"the returned model's tensors differ from the received ones (missing {missing}, unexpected {extra})"
+        )
     for k, t in trained.items():
         if t.shape != start[k].shape:
             raise ValueError(f"{k}: returned shape {tuple(t.shape)}, received {tuple(start[k].shape)}")
@@ -255,8 +275,9 @@ def _compress_reply(content: RecordDict, start: Tensors, settings: Settings, cli
     return rkey, encode_record(payloads), new_memory if settings.error_feedback else None, record_bytes(record)
 
 
-def _clipped(delta: Tensors, settings: Settings, generator: torch.Generator, memory: Tensors | None,
-             clip: float) -> tuple[dict, Tensors | None]:
+def _clipped(
+    delta: Tensors, settings: Settings, generator: torch.Generator, memory: Tensors | None, clip: float
+) -> tuple[dict, Tensors | None]:
     """Payloads whose decoded update has l2 norm <= ``clip``, and the error memory that goes with them.
 
     What a clipping mod bounded is the user's update; what the server aggregates is the
@@ -266,8 +287,10 @@ def _clipped(delta: Tensors, settings: Settings, generator: torch.Generator, mem
     With error feedback the part left out stays in the memory (it is sent later, within
     the bound of that later round).
     """
-    corrected = {k: compensate(d, None if memory is None else memory.get(k)) if d.is_floating_point() else d
-                 for k, d in delta.items()}
+    corrected = {
+        k: compensate(d, None if memory is None else memory.get(k)) if d.is_floating_point() else d
+        for k, d in delta.items()
+    }
     scale = 1.0
     for attempt in range(_CLIP_TRIES + 1):
         if attempt == _CLIP_TRIES:
@@ -278,8 +301,11 @@ def _clipped(delta: Tensors, settings: Settings, generator: torch.Generator, mem
         if n <= clip * _MARGIN:
             break
         scale *= clip * _MARGIN / n
-    new_memory = {k: corrected[k] - sent[k].to(corrected[k].dtype) for k in corrected
-                  if corrected[k].is_floating_point()} if memory is not None else None
+    new_memory = (
+        {k: corrected[k] - sent[k].to(corrected[k].dtype) for k in corrected if corrected[k].is_floating_point()}
+        if memory is not None
+        else None
+    )
     return payloads, new_memory
 
 

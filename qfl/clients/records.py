@@ -64,8 +64,9 @@ def encode_record(payloads: Mapping[str, Payload | list[Payload] | bytes]) -> Ar
     return ArrayRecord(out)
 
 
-def decode_record(record: ArrayRecord,
-                  limits: Limits | Mapping[str, Limits] = DEFAULT_LIMITS) -> dict[str, list[Payload]]:
+def decode_record(
+    record: ArrayRecord, limits: Limits | Mapping[str, Limits] = DEFAULT_LIMITS
+) -> dict[str, list[Payload]]:
     """ArrayRecord of qfl blobs -> payloads per key (a key may carry several, in order).
 
     ``limits`` may differ per key (a mapping): a server that knows the model decodes

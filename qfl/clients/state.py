@@ -57,8 +57,9 @@ def held_memory(state: RecordDict) -> Tensors | None:
     return to_tensors(state[_MEMORY]) if _MEMORY in state else None
 
 
-def commit(state: RecordDict, session: int, replica: tuple[Tensors, int, int] | None,
-           memory: Tensors | None, keep_memory: bool) -> None:
+def commit(
+    state: RecordDict, session: int, replica: tuple[Tensors, int, int] | None, memory: Tensors | None, keep_memory: bool
+) -> None:
     """Write what a message that went through leaves behind.
 
     ``replica`` is (tensors, version, digest) to hold from now on, or None to keep the

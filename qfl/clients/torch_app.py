@@ -56,8 +56,9 @@ class LocalTraining:
         )
 
 
-def train_local(model: nn.Module, x: torch.Tensor, y: torch.Tensor, plan: LocalTraining,
-                generator: torch.Generator | None = None) -> float:
+def train_local(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, plan: LocalTraining, generator: torch.Generator | None = None
+) -> float:
     """Run the plan's SGD steps on (x, y); returns the mean training loss.
 
     Batches are drawn by reshuffling each pass with ``generator``, so a client's run is
@@ -75,7 +76,7 @@ def train_local(model: nn.Module, x: torch.Tensor, y: torch.Tensor, plan: LocalT
     for _ in range(total_steps):
         if pos >= n:
             order, pos = torch.randperm(n, generator=generator), 0
-        idx = order[pos:pos + plan.batch_size]
+        idx = order[pos : pos + plan.batch_size]
         pos += plan.batch_size
         opt.zero_grad()
         loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
@@ -98,9 +99,9 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
         return float("nan"), float("nan")
     loss, correct = 0.0, 0
     for i in range(0, x.shape[0], batch_size):
-        out = model(x[i:i + batch_size])
-        loss += float(nn.functional.cross_entropy(out, y[i:i + batch_size], reduction="sum"))
-        correct += int((out.argmax(1) == y[i:i + batch_size]).sum())
+        out = model(x[i : i + batch_size])
+        loss += float(nn.functional.cross_entropy(out, y[i : i + batch_size], reduction="sum"))
+        correct += int((out.argmax(1) == y[i : i + batch_size]).sum())
     return loss / y.numel(), correct / y.numel()
 
 
@@ -130,8 +131,11 @@ def make_client_app(
         model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
         x, y, _, _ = data_fn(context)
         round_ = int(msg.content.get("config", {}).get("server-round", 0))
-        seed = int(context.run_config.get("seed", 0)) * 7919 + round_ * 104729 + int(
-            context.node_config.get("partition-id", 0))
+        seed = (
+            int(context.run_config.get("seed", 0)) * 7919
+            + round_ * 104729
+            + int(context.node_config.get("partition-id", 0))
+        )
         started = time.perf_counter()
         loss = train_local(model, x, y, plan_for(msg, context), torch.Generator().manual_seed(seed))
         if on_trained is not None:

@@ -13,7 +13,7 @@ import math
 import numba as nb
 import numpy as np
 
-from ._kernels import _ABS, CHUNK, count_nonfinite, _GOLDEN, mix64, NONFINITE_KEY, uniform
+from ._kernels import _ABS, _GOLDEN, CHUNK, NONFINITE_KEY, count_nonfinite, mix64, uniform
 from .runtime import parallel_slot, twin
 
 # ------------------------------------------------------------------------ top-k
@@ -117,7 +117,7 @@ def _histogram(x, shift, match, match_shift):
     per = (n + parts - 1) // parts
     hist = np.zeros((parts, 1 << 16), np.int64)
     for c in nb.prange(parts):
-        seg = x[c * per:min(c * per + per, n)]
+        seg = x[c * per : min(c * per + per, n)]
         h = hist[c]
         for i in range(seg.size):
             k = _abs_key(seg[i])
@@ -134,7 +134,7 @@ def _topk_radix(x, k, idx, vals):
     non-finite elements."""
     n = x.size
     hi_hist = _histogram(x, 16, -1, 0)
-    bad = hi_hist[NONFINITE_KEY >> 16:].sum()
+    bad = hi_hist[NONFINITE_KEY >> 16 :].sum()
     hi_bin, above_hi = _pick_bin(hi_hist, k)
     lo_hist = _histogram(x, 0, hi_bin, 16)
     lo_bin, above_lo = _pick_bin(lo_hist, k - above_hi)
@@ -144,7 +144,7 @@ def _topk_radix(x, k, idx, vals):
     n_gt = np.zeros(nchunks, np.int64)
     n_eq = np.zeros(nchunks, np.int64)
     for c in nb.prange(nchunks):
-        seg = x[c * CHUNK:min(c * CHUNK + CHUNK, n)].view(np.uint32)
+        seg = x[c * CHUNK : min(c * CHUNK + CHUNK, n)].view(np.uint32)
         g = 0
         e = 0
         for i in range(seg.size):
@@ -335,8 +335,16 @@ def _sum_abs_clipped_seg(x, lam):
         a5 += 0.0 if c5 else v5
         a6 += 0.0 if c6 else v6
         a7 += 0.0 if c7 else v7
-        cnt += (np.int64(c0) + np.int64(c1) + np.int64(c2) + np.int64(c3)
-                + np.int64(c4) + np.int64(c5) + np.int64(c6) + np.int64(c7))
+        cnt += (
+            np.int64(c0)
+            + np.int64(c1)
+            + np.int64(c2)
+            + np.int64(c3)
+            + np.int64(c4)
+            + np.int64(c5)
+            + np.int64(c6)
+            + np.int64(c7)
+        )
     total = ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7))
     for i in range(m, n):
         a = abs(np.float64(x[i]))
@@ -353,7 +361,7 @@ _BIG = 16 * CHUNK
 @twin
 def _sum_abs_clipped_chunks(x, lam, sums, cnts):
     for c in nb.prange(sums.size):
-        sums[c], cnts[c] = _sum_abs_clipped_seg(x[c * _BIG:min(c * _BIG + _BIG, x.size)], lam)
+        sums[c], cnts[c] = _sum_abs_clipped_seg(x[c * _BIG : min(c * _BIG + _BIG, x.size)], lam)
 
 
 def _sum_abs_clipped(x, lam):
@@ -403,7 +411,7 @@ def _keep_prob(v, p_const, lam):
 @nb.njit(inline="always", cache=True)
 def _keep_count(x, p_const, lam, seed, c):
     lo = c * CHUNK
-    seg = x[lo:min(lo + CHUNK, x.size)]
+    seg = x[lo : min(lo + CHUNK, x.size)]
     m = 0
     for j in range(seg.size):
         # uniform >= 0, so p = 0 never keeps: no branch, and the loop vectorises.
@@ -414,7 +422,7 @@ def _keep_count(x, p_const, lam, seed, c):
 @nb.njit(inline="always", cache=True)
 def _keep_fill(x, p_const, lam, seed, c, q, idx, vals):
     lo = c * CHUNK
-    seg = x[lo:min(lo + CHUNK, x.size)]
+    seg = x[lo : min(lo + CHUNK, x.size)]
     for j in range(seg.size):
         p = _keep_prob(seg[j], p_const, lam)
         if uniform(seed, lo + j) < p:

@@ -73,12 +73,9 @@ def raise_nonfinite(x: torch.Tensor) -> None:
     nan = int(torch.isnan(x).sum())
     inf = int(torch.isinf(x).sum())
     if not nan and not inf:  # finite in a wider dtype, but not as float32
-        raise ValueError(
-            f"cannot compress a tensor whose values (up to {float(x.abs().max()):.6g}) overflow float32"
-        )
+        raise ValueError(f"cannot compress a tensor whose values (up to {float(x.abs().max()):.6g}) overflow float32")
     raise ValueError(
-        f"cannot compress a tensor with non-finite values: {nan} NaN and {inf} Inf "
-        f"among {x.numel()} elements"
+        f"cannot compress a tensor with non-finite values: {nan} NaN and {inf} Inf among {x.numel()} elements"
     )
 
 
@@ -99,8 +96,12 @@ def empty_float32(n: int) -> torch.Tensor:
 
 
 # dtype -> a dtype of the same size that numpy knows (bfloat16 travels as its 16 bits).
-_NUMPY_BITS = {torch.float32: torch.float32, torch.float64: torch.float64, torch.float16: torch.float16,
-               torch.bfloat16: torch.int16}
+_NUMPY_BITS = {
+    torch.float32: torch.float32,
+    torch.float64: torch.float64,
+    torch.float16: torch.float16,
+    torch.bfloat16: torch.int16,
+}
 
 
 def _overflow(part: Part) -> str | None:
@@ -123,8 +124,10 @@ def _check_representable(op: Operator, body: Part, x: torch.Tensor) -> None:
     what = _overflow(body)
     if what is not None:
         big = float(x.abs().max()) if x.numel() else 0.0
-        raise ValueError(f"{op} cannot represent this tensor: {what} overflows float32 "
-                         f"(largest magnitude {big:.6g}, {x.numel()} elements)")
+        raise ValueError(
+            f"{op} cannot represent this tensor: {what} overflows float32 "
+            f"(largest magnitude {big:.6g}, {x.numel()} elements)"
+        )
 
 
 #: Float dtypes narrower than the float32 the operators compute in.
@@ -142,9 +145,11 @@ def _check_fits(op: Operator, body: Part, x: torch.Tensor) -> None:
     y = op._decompress(body, x.numel())
     if y.numel() and not bool(torch.isfinite(y.to(x.dtype)).all()):
         big = float(y.abs().max())
-        raise ValueError(f"{op} cannot represent this tensor in {str(x.dtype).removeprefix('torch.')}: "
-                         f"a reconstructed value ({big:.6g}) overflows it (largest input magnitude "
-                         f"{float(x.abs().max()):.6g}, {x.numel()} elements)")
+        raise ValueError(
+            f"{op} cannot represent this tensor in {str(x.dtype).removeprefix('torch.')}: "
+            f"a reconstructed value ({big:.6g}) overflows it (largest input magnitude "
+            f"{float(x.abs().max()):.6g}, {x.numel()} elements)"
+        )
 
 
 class Operator(ABC):

@@ -70,8 +70,14 @@ class Chain(Operator):
         if not sp.unbiased and sp.contraction is not None and vq.contraction is not None and not vq.unbiased:
             # Basu et al., Lemma 1: (gamma_S * gamma_Q) for top-k and a damped quantizer/sign.
             return Properties(False, contraction=sp.contraction * vq.contraction)
-        if (not sp.unbiased and sp.contraction is not None and self.sparsifier.is_projection()
-                and vq.unbiased and vq.variance is not None and vq.variance < 1):
+        if (
+            not sp.unbiased
+            and sp.contraction is not None
+            and self.sparsifier.is_projection()
+            and vq.unbiased
+            and vq.variance is not None
+            and vq.variance < 1
+        ):
             # x - S(x) is orthogonal to S(x) and E[Q(v)] = v, so
             # E||x - Q(S(x))||^2 = ||x||^2 - (1 - beta) ||S(x)||^2 <= (1 - (1 - beta) gamma_S) ||x||^2:
             # a quantizer fine enough (beta < 1: more levels, max-norm scaling, smaller

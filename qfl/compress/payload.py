@@ -53,7 +53,7 @@ class Sparse:
         return _part_length(self.values)
 
 
-Part = Union[Raw, Levels, Signs, Sparse]
+Part = Union[Raw, Levels, Signs, Sparse]  # noqa: UP007 - a runtime alias: X | Y of classes needs 3.10's types.UnionType, isinstance works on both
 
 
 def _part_length(part: Part) -> int:

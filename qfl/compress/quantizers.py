@@ -30,8 +30,9 @@ def _check_bucket(bucket: int | None) -> None:
         raise ValueError(f"bucket must be a positive integer or None, got {bucket!r}")
 
 
-def _quantize(x: torch.Tensor, s: int, bucket: int | None, use_max: bool, signed_grid: bool,
-              generator: torch.Generator | None) -> Levels:
+def _quantize(
+    x: torch.Tensor, s: int, bucket: int | None, use_max: bool, signed_grid: bool, generator: torch.Generator | None
+) -> Levels:
     v = as_numpy_f32(x)
     b = min(bucket or v.size, v.size) or 1  # a bucket beyond the tensor is the whole tensor
     norms = K.bucket_norms(v, b, use_max)

@@ -62,8 +62,8 @@ def cache_dir() -> Path:
     return Path(platformdirs.user_cache_dir("qfl")) / "numba"
 
 
-_BaseLocator = getattr(_caching, "UserProvidedCacheLocator", None) or getattr(_caching, "_UserProvidedCacheLocator")
-_CacheImpl = getattr(_caching, "CacheImpl", None) or getattr(_caching, "_CacheImpl")
+_BaseLocator = getattr(_caching, "UserProvidedCacheLocator", None) or _caching._UserProvidedCacheLocator
+_CacheImpl = getattr(_caching, "CacheImpl", None) or _caching._CacheImpl
 _fallback: list[str] = []
 
 
@@ -96,9 +96,13 @@ class UserCacheLocator(_BaseLocator):  # type: ignore[misc, valid-type]
             if _fallback:
                 raise
             _fallback.append(tempfile.mkdtemp(prefix="qfl-numba-"))
-            log.warning("qfl: cannot write numba's kernel cache in %s (%s); compiling into %s for this process "
-                        "only. Set NUMBA_CACHE_DIR to a writable directory to keep compiled kernels.",
-                        cache_dir(), exc, _fallback[0])
+            log.warning(
+                "qfl: cannot write numba's kernel cache in %s (%s); compiling into %s for this process "
+                "only. Set NUMBA_CACHE_DIR to a writable directory to keep compiled kernels.",
+                cache_dir(),
+                exc,
+                _fallback[0],
+            )
             self = cls(py_func, py_file)
             self.ensure_cache_path()
         return self
@@ -135,6 +139,7 @@ def threading_layer() -> str | None:
 
 if (_LAYER := threading_layer()) is not None:
     nb.config.THREADING_LAYER = _LAYER
+
 
 def usable_cores() -> int:
     """CPUs this process may run on (its affinity mask: taskset, cgroup cpusets)."""
@@ -251,8 +256,7 @@ class Twin:
         self.parallel = nb.njit(parallel=True, cache=True)(body)
         # A distinct qualified name gives the serial variant its own cache entry: numba's
         # cache index is keyed by the function's name and types, not by parallel=.
-        serial = types.FunctionType(body.__code__, body.__globals__, body.__name__, body.__defaults__,
-                                    body.__closure__)
+        serial = types.FunctionType(body.__code__, body.__globals__, body.__name__, body.__defaults__, body.__closure__)
         serial.__qualname__ = body.__qualname__ + ".serial"
         self.serial = nb.njit(cache=True)(serial)
 

@@ -21,7 +21,9 @@ from .payload import Part, Raw, Sparse
 class Sparsifier(Operator):
     """Selects positions; ``inner`` (if any) compresses the kept values."""
 
-    def select(self, x: torch.Tensor, generator: torch.Generator | None) -> tuple[torch.Tensor | None, int | None, torch.Tensor]:
+    def select(
+        self, x: torch.Tensor, generator: torch.Generator | None
+    ) -> tuple[torch.Tensor | None, int | None, torch.Tensor]:
         """(indices or None, seed or None, kept values) for a flat CPU tensor."""
         raise NotImplementedError
 
@@ -40,8 +42,7 @@ class Sparsifier(Operator):
         kept values keeps the composition a contraction without damping (see Chain)."""
         return False
 
-    def _compress(self, x: torch.Tensor, generator: torch.Generator | None,
-                  inner: ValueOperator | None = None) -> Part:
+    def _compress(self, x: torch.Tensor, generator: torch.Generator | None, inner: ValueOperator | None = None) -> Part:
         indices, seed, values = self.select(x, generator)
         vpart = inner._compress(values, generator) if inner is not None else Raw(values)
         return Sparse(indices, seed, vpart)
@@ -75,7 +76,9 @@ def _count(ratio: float | None, k: int | None, n: int) -> int:
 
 def _check_amount(name: str, ratio: float | None, k: int | None) -> None:
     if (ratio is None) == (k is None):
-        raise ValueError(f"{name} needs exactly one of ratio (0 < ratio <= 1) or k (k >= 1), got ratio={ratio!r}, k={k!r}")
+        raise ValueError(
+            f"{name} needs exactly one of ratio (0 < ratio <= 1) or k (k >= 1), got ratio={ratio!r}, k={k!r}"
+        )
     if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1):
         raise ValueError(f"{name} ratio must be in (0, 1], got {ratio!r}")
     if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
@@ -84,8 +87,8 @@ def _check_amount(name: str, ratio: float | None, k: int | None) -> None:
 
 def _normalise_amount(obj: Operator) -> None:
     """``topk(0.01)`` means a ratio, ``topk(100)`` a count: literal types decide."""
-    ratio = getattr(obj, "ratio")
-    if isinstance(ratio, int) and not isinstance(ratio, bool) and getattr(obj, "k") is None and ratio > 1:
+    ratio = obj.ratio
+    if isinstance(ratio, int) and not isinstance(ratio, bool) and obj.k is None and ratio > 1:
         object.__setattr__(obj, "k", ratio)
         object.__setattr__(obj, "ratio", None)
     elif isinstance(ratio, int) and not isinstance(ratio, bool):

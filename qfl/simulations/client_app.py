@@ -39,8 +39,10 @@ def _settings(context: Context) -> Settings:
 def _partition(context: Context) -> tuple[int, int]:
     cfg = context.node_config
     if "partition-id" not in cfg or "num-partitions" not in cfg:
-        raise ValueError("node config needs 'partition-id' and 'num-partitions' "
-                         "(flower-supernode --node-config \"partition-id=0 num-partitions=N\")")
+        raise ValueError(
+            "node config needs 'partition-id' and 'num-partitions' "
+            '(flower-supernode --node-config "partition-id=0 num-partitions=N")'
+        )
     return int(cfg["partition-id"]), int(cfg["num-partitions"])
 
 
@@ -88,9 +90,12 @@ def trace(context: Context) -> None:
     held = replica_info(context.state)
     memory = held_memory(context.state)
     line = {
-        "time": time.time(), "pid": os.getpid(), "node_id": context.node_id,
+        "time": time.time(),
+        "pid": os.getpid(),
+        "node_id": context.node_id,
         "partition_id": context.node_config.get("partition-id"),
-        "replica_version": held[0] if held else None, "replica_digest": held[1] if held else None,
+        "replica_version": held[0] if held else None,
+        "replica_digest": held[1] if held else None,
         "memory_norm": float(torch.sqrt(sum((t.double() ** 2).sum() for t in memory.values()))) if memory else None,
         "qfl": str(Path(qfl.__file__).parent),
     }

@@ -62,8 +62,10 @@ def parse_goals(text: str) -> tuple[Goal, ...]:
         except ValueError:
             factor = math.nan
         if not eq or key not in DIRECTIONS or not (math.isfinite(factor) and factor > 0):
-            raise ValueError(f"goal {item.strip()!r}: expected DIRECTION=FACTOR with DIRECTION in "
-                             f"{', '.join(DIRECTIONS)} and a positive factor")
+            raise ValueError(
+                f"goal {item.strip()!r}: expected DIRECTION=FACTOR with DIRECTION in "
+                f"{', '.join(DIRECTIONS)} and a positive factor"
+            )
         goals.append(Goal(key, factor))
     return tuple(goals)
 
@@ -134,7 +136,7 @@ class Stat:
         return float(np.std(self.values, ddof=1)) if len(self.values) > 1 else 0.0
 
     def verdict(self, threshold: float) -> str:
-        """"holds" / "does not hold" / "inconclusive" for "at least ``threshold``"."""
+        """ "holds" / "does not hold" / "inconclusive" for "at least ``threshold``"."""
         if not self.values:
             return "does not hold"
         lo, hi = self.mean - self.std, self.mean + self.std
@@ -212,8 +214,9 @@ def _times(result: RunResult, links: LinkModel | None) -> list[float | None]:
     return out
 
 
-def _seed_row(result: RunResult, target: float, baseline_rounds: int, window: int, links: LinkModel | None,
-              is_baseline: bool) -> SeedRow:
+def _seed_row(
+    result: RunResult, target: float, baseline_rounds: int, window: int, links: LinkModel | None, is_baseline: bool
+) -> SeedRow:
     rounds = result.rounds
     up = np.cumsum([r.uplink_bytes for r in rounds], dtype=np.int64)
     down = np.cumsum([r.downlink_bytes for r in rounds], dtype=np.int64)
@@ -222,12 +225,21 @@ def _seed_row(result: RunResult, target: float, baseline_rounds: int, window: in
     hit = next((i for i, a in enumerate(accs) if a >= target - _TOL), None)
     equal = [i for i, r in enumerate(rounds) if r.round <= baseline_rounds] or [0]
     return SeedRow(
-        label=result.label, method=result.method, seed=result.seed, is_baseline=is_baseline,
-        is_async=result.is_async, rounds=rounds[-1].round, target=target, final_accuracy=accs[-1],
-        best_accuracy=max(accs), smoothed_accuracy=smoothed(accs, window),
+        label=result.label,
+        method=result.method,
+        seed=result.seed,
+        is_baseline=is_baseline,
+        is_async=result.is_async,
+        rounds=rounds[-1].round,
+        target=target,
+        final_accuracy=accs[-1],
+        best_accuracy=max(accs),
+        smoothed_accuracy=smoothed(accs, window),
         smoothed_at_baseline_rounds=smoothed([accs[i] for i in equal], window),
-        uplink_bytes=int(up[-1]), downlink_bytes=int(down[-1]),
-        uplink_bytes_equal_rounds=int(up[equal[-1]]), downlink_bytes_equal_rounds=int(down[equal[-1]]),
+        uplink_bytes=int(up[-1]),
+        downlink_bytes=int(down[-1]),
+        uplink_bytes_equal_rounds=int(up[equal[-1]]),
+        downlink_bytes_equal_rounds=int(down[equal[-1]]),
         round_reached=rounds[hit].round if hit is not None else None,
         uplink_to_target=int(up[hit]) if hit is not None else None,
         downlink_to_target=int(down[hit]) if hit is not None else None,
@@ -246,14 +258,23 @@ def _against(row: SeedRow, base: SeedRow) -> SeedRow:
         downlink_to_target_factor=_factor(base.downlink_to_target, row.downlink_to_target),
         total_to_target_factor=_factor(base.total_to_target, row.total_to_target),
         time_to_target_speedup=_factor(base.time_to_target, row.time_to_target),
-        total_factor=_factor(base.uplink_bytes_equal_rounds + base.downlink_bytes_equal_rounds,
-                             row.uplink_bytes_equal_rounds + row.downlink_bytes_equal_rounds),
+        total_factor=_factor(
+            base.uplink_bytes_equal_rounds + base.downlink_bytes_equal_rounds,
+            row.uplink_bytes_equal_rounds + row.downlink_bytes_equal_rounds,
+        ),
         gap=row.smoothed_at_baseline_rounds - base.smoothed_accuracy,
     )
 
 
-def compare(results: Sequence[RunResult], baseline: str = "fedavg", *, drop: float = DROP, window: int = WINDOW,
-            goals: Sequence[Goal] = (), links: str | LinkModel | None = "") -> Comparison:
+def compare(
+    results: Sequence[RunResult],
+    baseline: str = "fedavg",
+    *,
+    drop: float = DROP,
+    window: int = WINDOW,
+    goals: Sequence[Goal] = (),
+    links: str | LinkModel | None = "",
+) -> Comparison:
     """Every method against the baseline, seed by seed.
 
     ``baseline`` is a label (or the method of exactly one label). Seeds are those the
@@ -271,8 +292,10 @@ def compare(results: Sequence[RunResult], baseline: str = "fedavg", *, drop: flo
     if baseline not in by_label:
         same = [label for label, runs in by_label.items() if any(r.method == baseline for r in runs.values())]
         if len(same) != 1:
-            raise ValueError(f"no single result has label or method {baseline!r} to serve as the baseline; "
-                             f"labels: {', '.join(sorted(by_label))}")
+            raise ValueError(
+                f"no single result has label or method {baseline!r} to serve as the baseline; "
+                f"labels: {', '.join(sorted(by_label))}"
+            )
         baseline = same[0]
     base_runs = by_label[baseline]
     seeds = tuple(sorted(base_runs))
@@ -292,18 +315,28 @@ def compare(results: Sequence[RunResult], baseline: str = "fedavg", *, drop: flo
             if seed not in runs:
                 continue
             b = base_rows[seed]
-            rows.append(b if label == baseline else
-                        _against(_seed_row(runs[seed], b.target, b.rounds, window, links, False), b))
+            rows.append(
+                b if label == baseline else _against(_seed_row(runs[seed], b.target, b.rounds, window, links, False), b)
+            )
         if rows:
             first = rows[0]
             stats.append(MethodStats(label, first.method, label == baseline, first.is_async, tuple(rows)))
     base = next(m for m in stats if m.is_baseline)
     others = [m for m in stats if not m.is_baseline]
-    reached = sorted((m for m in others if m.reached_all),
-                     key=lambda m: (-(m.stat("uplink_to_target_factor").mean or 0), m.label))
+    reached = sorted(
+        (m for m in others if m.reached_all), key=lambda m: (-(m.stat("uplink_to_target_factor").mean or 0), m.label)
+    )
     missed = sorted((m for m in others if not m.reached_all), key=lambda m: m.label)
-    return Comparison(baseline=baseline, seeds=seeds, methods=(base, *reached, *missed), results=by_label,
-                      drop=float(drop), window=window, goals=tuple(goals), links=links)
+    return Comparison(
+        baseline=baseline,
+        seeds=seeds,
+        methods=(base, *reached, *missed),
+        results=by_label,
+        drop=float(drop),
+        window=window,
+        goals=tuple(goals),
+        links=links,
+    )
 
 
 # ---------------------------------------------------------------------- verdicts
@@ -332,8 +365,11 @@ def recommended(c: Comparison) -> MethodStats | None:
     """What the evidence recommends: among methods meeting every goal (or, without goals,
     reaching the target on every seed), the one with the shortest simulated time to
     target, then the most total bytes saved."""
-    ok = [m for m in c.methods if not m.is_baseline and m.reached_all and not m.is_async
-          and all(goal_verdict(m, g) == "PASS" for g in c.goals)]
+    ok = [
+        m
+        for m in c.methods
+        if not m.is_baseline and m.reached_all and not m.is_async and all(goal_verdict(m, g) == "PASS" for g in c.goals)
+    ]
     if not ok:
         return None
 
@@ -385,7 +421,8 @@ def judge_claims(c: Comparison) -> list[ClaimResult]:
                     verdict = m.stat(f"{direction}_to_target_factor").verdict(factor)
                 checks.append((f"reaches the target with ≥{factor:g}× fewer {direction} bytes", verdict))
             if claim.total_factor is not None:
-                checks.append((f"≥{claim.total_factor:g}× fewer total bytes",
-                               m.stat("total_factor").verdict(claim.total_factor)))
+                checks.append(
+                    (f"≥{claim.total_factor:g}× fewer total bytes", m.stat("total_factor").verdict(claim.total_factor))
+                )
             out.append(ClaimResult(claim, m, tuple(checks)))
     return out

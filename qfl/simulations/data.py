@@ -131,9 +131,7 @@ def _read_bytes(path: Path) -> bytes:
     try:
         return gzip.decompress(raw)
     except (OSError, EOFError, zlib.error) as exc:
-        raise ValueError(
-            f"{path}: corrupt or truncated gzip data ({exc}); re-download the file"
-        ) from exc
+        raise ValueError(f"{path}: corrupt or truncated gzip data ({exc}); re-download the file") from exc
 
 
 def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
@@ -166,9 +164,7 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
     path = Path(path)
     data = _read_bytes(path)
     if len(data) < 4:
-        raise ValueError(
-            f"{path}: not an IDX file: only {len(data)} bytes, shorter than the 4-byte magic number"
-        )
+        raise ValueError(f"{path}: not an IDX file: only {len(data)} bytes, shorter than the 4-byte magic number")
     magic = int.from_bytes(data[:4], "big")
     if data[0] != 0 or data[1] != 0:
         raise ValueError(
@@ -180,8 +176,7 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
     if dtype is None:
         known = ", ".join(f"0x{c:02X}" for c in _IDX_DTYPES)
         raise ValueError(
-            f"{path}: unknown IDX data type code 0x{type_code:02X} "
-            f"in magic number 0x{magic:08X} (known: {known})"
+            f"{path}: unknown IDX data type code 0x{type_code:02X} in magic number 0x{magic:08X} (known: {known})"
         )
     if ndim == 0:
         raise ValueError(f"{path}: IDX header declares 0 dimensions")
@@ -287,8 +282,9 @@ def find_fashion_mnist(data_dir: str | os.PathLike[str] | None = None) -> Path:
         if origin == "data_dir argument":
             # Named explicitly (the ``data-dir`` run-config key): training on other data
             # than the one named would be a silent substitution.
-            raise FileNotFoundError("Fashion-MNIST IDX files not found in the configured data-dir:\n"
-                                    + tried[-1] + "\n" + _DOWNLOAD_HINT)
+            raise FileNotFoundError(
+                "Fashion-MNIST IDX files not found in the configured data-dir:\n" + tried[-1] + "\n" + _DOWNLOAD_HINT
+            )
     raise FileNotFoundError(
         "Fashion-MNIST IDX files not found. Looked in:\n" + "\n".join(tried) + "\n" + _DOWNLOAD_HINT
     )
@@ -326,27 +322,17 @@ def _atomic_write(target: Path, write) -> None:
         warnings.warn(f"qfl: could not write cache file {target}: {exc}", stacklevel=3)
 
 
-def _validate_split(
-    images: np.ndarray, labels: np.ndarray, split: str, files: dict[str, Path]
-) -> None:
+def _validate_split(images: np.ndarray, labels: np.ndarray, split: str, files: dict[str, Path]) -> None:
     img_file, lab_file = files[f"{split}_images"], files[f"{split}_labels"]
     if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != (28, 28):
-        raise ValueError(
-            f"{img_file}: expected uint8 images of shape (N, 28, 28), "
-            f"got {images.dtype} {images.shape}"
-        )
+        raise ValueError(f"{img_file}: expected uint8 images of shape (N, 28, 28), got {images.dtype} {images.shape}")
     if labels.ndim != 1 or labels.dtype.kind not in "iu":
-        raise ValueError(
-            f"{lab_file}: expected a 1-D integer label array, got {labels.dtype} {labels.shape}"
-        )
+        raise ValueError(f"{lab_file}: expected a 1-D integer label array, got {labels.dtype} {labels.shape}")
     if len(images) != len(labels):
-        raise ValueError(
-            f"{img_file} has {len(images)} images but {lab_file} has {len(labels)} labels"
-        )
+        raise ValueError(f"{img_file} has {len(images)} images but {lab_file} has {len(labels)} labels")
     if len(labels) and (labels.min() < 0 or labels.max() >= NUM_CLASSES):
         raise ValueError(
-            f"{lab_file}: labels must lie in [0, {NUM_CLASSES - 1}], "
-            f"found [{labels.min()}, {labels.max()}]"
+            f"{lab_file}: labels must lie in [0, {NUM_CLASSES - 1}], found [{labels.min()}, {labels.max()}]"
         )
 
 
@@ -372,10 +358,7 @@ def _source_key(files: dict[str, Path]) -> str:
 
 def _load_from_disk_cache(entry: Path) -> FashionMNIST | None:
     try:
-        arrays = {
-            key: np.load(entry / f"{key}.npy", mmap_mode="r", allow_pickle=False)
-            for key in FashionMNIST._fields
-        }
+        arrays = {key: np.load(entry / f"{key}.npy", mmap_mode="r", allow_pickle=False) for key in FashionMNIST._fields}
     except (OSError, ValueError):
         return None
     ok = (
@@ -455,15 +438,11 @@ def _check_partition_args(
 ) -> str:
     scheme = scheme.lower().strip() if isinstance(scheme, str) else scheme
     if scheme not in PARTITION_SCHEMES:
-        raise ValueError(
-            f"unknown partition scheme {scheme!r}; known schemes: " + ", ".join(PARTITION_SCHEMES)
-        )
+        raise ValueError(f"unknown partition scheme {scheme!r}; known schemes: " + ", ".join(PARTITION_SCHEMES))
     if not isinstance(num_partitions, (int, np.integer)) or num_partitions < 1:
         raise ValueError(f"num_partitions must be a positive integer, got {num_partitions!r}")
     if num_partitions > num_labels:
-        raise ValueError(
-            f"cannot split {num_labels} samples into {num_partitions} non-empty partitions"
-        )
+        raise ValueError(f"cannot split {num_labels} samples into {num_partitions} non-empty partitions")
     if scheme == "dirichlet" and not (alpha > 0 and np.isfinite(alpha)):
         raise ValueError(f"Dirichlet alpha must be a positive finite number, got {alpha!r}")
     if scheme == "pathological" and not 1 <= classes_per_partition <= num_classes:
@@ -539,9 +518,7 @@ def partition_indices(
     if labels.ndim != 1 or labels.dtype.kind not in "iu":
         raise ValueError(f"labels must be a 1-D integer array, got {labels.dtype} {labels.shape}")
     num_classes = len(np.unique(labels))
-    scheme = _check_partition_args(
-        len(labels), num_partitions, scheme, alpha, classes_per_partition, num_classes
-    )
+    scheme = _check_partition_args(len(labels), num_partitions, scheme, alpha, classes_per_partition, num_classes)
     num_partitions = int(num_partitions)
 
     import datasets
@@ -552,9 +529,7 @@ def partition_indices(
     )
 
     perm = np.random.default_rng(seed).permutation(len(labels)).astype(np.int64)
-    ds = datasets.Dataset.from_dict(
-        {"idx": perm, "label": labels[perm].astype(np.int64)}
-    ).with_format("arrow")
+    ds = datasets.Dataset.from_dict({"idx": perm, "label": labels[perm].astype(np.int64)}).with_format("arrow")
 
     effective_min_size = max(1, min(int(min_partition_size), len(labels) // (4 * num_partitions)))
     if scheme == "iid":
@@ -771,9 +746,7 @@ def normalize_images(images: np.ndarray) -> torch.Tensor:
     import torch
 
     x = np.asarray(images, dtype=np.float32).reshape(-1, 1, IMAGE_SIZE, IMAGE_SIZE)
-    x = (x * np.float32(1.0 / 255.0) - np.float32(FASHION_MNIST_MEAN)) * np.float32(
-        1.0 / FASHION_MNIST_STD
-    )
+    x = (x * np.float32(1.0 / 255.0) - np.float32(FASHION_MNIST_MEAN)) * np.float32(1.0 / FASHION_MNIST_STD)
     return torch.from_numpy(np.ascontiguousarray(x))
 
 

@@ -80,22 +80,27 @@ class PartitionOrderedGrid(Grid):
             if isinstance(value, int) and not isinstance(value, bool) and node in self.partitions:
                 self.partitions[node] = value
             else:
-                log(WARNING, "qfl: node %s did not say its partition (%s); it is sampled after the others", node,
-                    reply.error.reason if reply.has_error() else "no partition-id in the reply")
+                log(
+                    WARNING,
+                    "qfl: node %s did not say its partition (%s); it is sampled after the others",
+                    node,
+                    reply.error.reason if reply.has_error() else "no partition-id in the reply",
+                )
 
     # ---------------------------------------------------------------- delegation
-    def set_run(self, run) -> None:  # noqa: ANN001 - flwr's Run
+    def set_run(self, run) -> None:
         self.grid.set_run(run)
 
     @property
-    def run(self):  # noqa: ANN201 - flwr's Run
+    def run(self):
         return self.grid.run
 
-    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
-                       ttl: float | None = None) -> Message:
+    def create_message(
+        self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None
+    ) -> Message:
         return self.grid.create_message(content, message_type, dst_node_id, group_id, ttl)
 
-    def get_nodes(self):  # noqa: ANN201 - flwr's NodeInfo list
+    def get_nodes(self):
         return self.grid.get_nodes()
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
@@ -114,13 +119,19 @@ class PartitionOrderedGrid(Grid):
         messages = list(messages)
         self.exchanges += 1
         down = {m.metadata.dst_node_id: _array_bytes(m) for m in messages}
-        replies = sorted(self.grid.send_and_receive(messages, timeout=timeout),
-                         key=lambda m: self._rank(m.metadata.src_node_id))
+        replies = sorted(
+            self.grid.send_and_receive(messages, timeout=timeout), key=lambda m: self._rank(m.metadata.src_node_id)
+        )
         up = {m.metadata.src_node_id: _array_bytes(m) for m in replies if not m.has_error()}
         for node in sorted(down, key=self._rank):
-            self.traffic.append(ClientTraffic(partition=self.partitions.get(node),
-                                              downlink_bytes=down[node], uplink_bytes=up.get(node, 0),
-                                              replied=node in up))
+            self.traffic.append(
+                ClientTraffic(
+                    partition=self.partitions.get(node),
+                    downlink_bytes=down[node],
+                    uplink_bytes=up.get(node, 0),
+                    replied=node in up,
+                )
+            )
         return replies
 
     def take_traffic(self) -> tuple[ClientTraffic, ...]:

@@ -41,8 +41,12 @@ class LinkProfile:
 
     def seconds(self, downlink_bytes: int, uplink_bytes: int, local_steps: int) -> float:
         """Download, train, upload: one client's part of a round."""
-        return (2 * self.latency_ms / 1000 + downlink_bytes * 8 / (self.downlink_mbps * 1e6)
-                + local_steps * self.step_s + uplink_bytes * 8 / (self.uplink_mbps * 1e6))
+        return (
+            2 * self.latency_ms / 1000
+            + downlink_bytes * 8 / (self.downlink_mbps * 1e6)
+            + local_steps * self.step_s
+            + uplink_bytes * 8 / (self.uplink_mbps * 1e6)
+        )
 
 
 @dataclass(frozen=True)
@@ -53,10 +57,18 @@ class LinkModel:
 
     def __str__(self) -> str:
         return "; ".join(
-            f"{p.name}: " + ", ".join([*([f"share={p.share:g}"] if p.share is not None else []),
-                                       f"up={p.uplink_mbps:g}", f"down={p.downlink_mbps:g}",
-                                       f"latency={p.latency_ms:g}", f"step={p.step_s:g}"])
-            for p in self.profiles)
+            f"{p.name}: "
+            + ", ".join(
+                [
+                    *([f"share={p.share:g}"] if p.share is not None else []),
+                    f"up={p.uplink_mbps:g}",
+                    f"down={p.downlink_mbps:g}",
+                    f"latency={p.latency_ms:g}",
+                    f"step={p.step_s:g}",
+                ]
+            )
+            for p in self.profiles
+        )
 
     def profile_of(self, partition: int | None, num_clients: int) -> LinkProfile:
         """The profile of a partition (a node that did not say its partition gets the last one)."""
@@ -72,8 +84,13 @@ class LinkModel:
 
     def round_seconds(self, clients: Iterable[ClientTraffic], num_clients: int, local_steps: int) -> float:
         """A synchronous round: its slowest client (0 for a round without clients)."""
-        return max((self.profile_of(c.partition, num_clients).seconds(c.downlink_bytes, c.uplink_bytes,
-                                                                       local_steps) for c in clients), default=0.0)
+        return max(
+            (
+                self.profile_of(c.partition, num_clients).seconds(c.downlink_bytes, c.uplink_bytes, local_steps)
+                for c in clients
+            ),
+            default=0.0,
+        )
 
     def counts(self, num_clients: int) -> dict[str, int]:
         """Clients per profile."""
@@ -99,8 +116,10 @@ def parse_links(text: str) -> LinkModel:
             key, eq, raw = item.partition("=")
             key = key.strip()
             if not eq or key not in _KEYS or key in values:
-                raise ValueError(f"link profile {name!r}: bad or repeated setting {item.strip()!r} "
-                                 f"(keys: {', '.join(sorted(_KEYS))})")
+                raise ValueError(
+                    f"link profile {name!r}: bad or repeated setting {item.strip()!r} "
+                    f"(keys: {', '.join(sorted(_KEYS))})"
+                )
             try:
                 values[key] = float(raw)
             except ValueError:
@@ -115,8 +134,9 @@ def parse_links(text: str) -> LinkModel:
         last = i == len(parts) - 1
         if not last and "share" not in values:
             raise ValueError(f"link profile {name!r}: every profile but the last needs a share")
-        profiles.append(LinkProfile(name, values.get("share"), values["up"], values["down"], values["latency"],
-                                    values["step"]))
+        profiles.append(
+            LinkProfile(name, values.get("share"), values["up"], values["down"], values["latency"], values["step"])
+        )
     shares = sum(p.share or 0.0 for p in profiles[:-1])
     if shares > 1 + 1e-9 or (profiles[-1].share is not None and abs(shares + profiles[-1].share - 1) > 1e-9):
         raise ValueError(f"link profile shares must add up to at most 1 (the last takes the rest), got {text!r}")
@@ -125,8 +145,9 @@ def parse_links(text: str) -> LinkModel:
     return LinkModel(tuple(profiles))
 
 
-def time_series(rounds: Sequence[Sequence[ClientTraffic]], model: LinkModel, num_clients: int,
-                local_steps: int) -> list[float]:
+def time_series(
+    rounds: Sequence[Sequence[ClientTraffic]], model: LinkModel, num_clients: int, local_steps: int
+) -> list[float]:
     """Cumulative simulated seconds after each record."""
     out, total = [], 0.0
     for clients in rounds:

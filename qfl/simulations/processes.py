@@ -104,15 +104,23 @@ def tail(text: str, lines: int = 40) -> str:
 class ManagedProcess:
     """A process in its own session, its output in a log file."""
 
-    def __init__(self, name: str, argv: Sequence[str], log_path: Path, env: Mapping[str, str],
-                 cwd: str | Path | None = None) -> None:
+    def __init__(
+        self, name: str, argv: Sequence[str], log_path: Path, env: Mapping[str, str], cwd: str | Path | None = None
+    ) -> None:
         self.name, self.argv, self.log_path = name, list(argv), log_path
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(log_path, "ab") as log:
             log.write(f"$ {shlex.join(self.argv)}\n".encode())
             log.flush()
-            self.popen = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                          env=dict(env), cwd=cwd, start_new_session=True)
+            self.popen = subprocess.Popen(
+                self.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=dict(env),
+                cwd=cwd,
+                start_new_session=True,
+            )
 
     @property
     def pid(self) -> int:
@@ -145,11 +153,14 @@ class ManagedProcess:
         deadline = time.monotonic() + timeout
         while not (match := regex.search(self.log_text())):
             if not self.is_running():
-                raise FederationError(f"{self.name} exited with code {self.returncode} before logging "
-                                      f"{regex.pattern!r}:\n{tail(self.log_text())}")
+                raise FederationError(
+                    f"{self.name} exited with code {self.returncode} before logging "
+                    f"{regex.pattern!r}:\n{tail(self.log_text())}"
+                )
             if time.monotonic() >= deadline:
-                raise FederationError(f"{self.name} did not log {regex.pattern!r} within {timeout:.0f}s:\n"
-                                      f"{tail(self.log_text())}")
+                raise FederationError(
+                    f"{self.name} did not log {regex.pattern!r} within {timeout:.0f}s:\n{tail(self.log_text())}"
+                )
             time.sleep(0.1)
         return match
 

@@ -152,7 +152,9 @@ def _build(cls: type, obj: Any, source: str, where: str) -> Any:
         values[f.name] = _value(hints[f.name], obj[f.name], source, at)
     unknown = sorted(set(obj) - {f.name for f in dataclasses.fields(cls)})
     if unknown:
-        raise ValueError(f"{source}: unknown field(s) {', '.join(repr(f'{where}.{k}' if where else k) for k in unknown)}")
+        raise ValueError(
+            f"{source}: unknown field(s) {', '.join(repr(f'{where}.{k}' if where else k) for k in unknown)}"
+        )
     out = cls(**values)
     if cls is RoundRecord and not 0.0 <= out.accuracy <= 1.0:
         raise ValueError(f"{source}: field {where + '.accuracy'!r} must be a fraction in [0, 1], got {out.accuracy}")
@@ -212,8 +214,7 @@ def load_results(directory: str | Path) -> list[RunResult]:
     directory = Path(directory)
     if not directory.is_dir():
         raise ValueError(f"{directory}: not a directory")
-    paths = sorted(p for p in [*directory.glob("*.json"), *directory.glob("seed-*/*.json")]
-                   if p.name != MANIFEST)
+    paths = sorted(p for p in [*directory.glob("*.json"), *directory.glob("seed-*/*.json")] if p.name != MANIFEST)
     if not paths:
         raise ValueError(f"{directory}: no result files (*.json or seed-*/*.json)")
     results = [RunResult.load(p) for p in paths]

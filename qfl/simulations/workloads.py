@@ -21,6 +21,7 @@ from ..clients.torch_app import ClientData
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from .settings import Settings
 
+
 @dataclass(frozen=True)
 class Workload:
     """A dataset with its default model and learning rate.
@@ -39,9 +40,18 @@ class Workload:
 def _fashion_client(s: Settings, pid: int, n: int) -> ClientData:
     from .data import client_data
 
-    return tuple(client_data(pid, n, scheme=s.partitioning, alpha=s.alpha, classes_per_partition=s.classes_per_client,
-                             seed=s.seed, data_dir=s.data_dir or None,
-                             max_samples=s.max_client_samples or None))  # type: ignore[return-value]
+    return tuple(
+        client_data(
+            pid,
+            n,
+            scheme=s.partitioning,
+            alpha=s.alpha,
+            classes_per_partition=s.classes_per_client,
+            seed=s.seed,
+            data_dir=s.data_dir or None,
+            max_samples=s.max_client_samples or None,
+        )
+    )  # type: ignore[return-value]
 
 
 def _fashion_test(s: Settings) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,15 +63,17 @@ def _fashion_test(s: Settings) -> tuple[torch.Tensor, torch.Tensor]:
 def _shakespeare_client(s: Settings, pid: int, n: int) -> ClientData:
     from . import shakespeare
 
-    return shakespeare.client_data(pid, n, seq_len=s.seq_len, directory=s.data_dir or None,
-                                   max_samples=s.max_client_samples or None)
+    return shakespeare.client_data(
+        pid, n, seq_len=s.seq_len, directory=s.data_dir or None, max_samples=s.max_client_samples or None
+    )
 
 
 def _shakespeare_test(s: Settings) -> tuple[torch.Tensor, torch.Tensor]:
     from . import shakespeare
 
-    return shakespeare.test_data(s.num_clients, seq_len=s.seq_len, directory=s.data_dir or None,
-                                 max_samples=s.test_samples)
+    return shakespeare.test_data(
+        s.num_clients, seq_len=s.seq_len, directory=s.data_dir or None, max_samples=s.test_samples
+    )
 
 
 #: ``dataset`` run-config value -> workload.

@@ -5,5 +5,16 @@ from .compressed import Compressed, compressed
 from .momentum import FedAvgMomentum
 from .server import DEFAULT_GUARD, CompositionError, MisconfigurationError, Traffic, TrafficLog, UpdateGuard
 
-__all__ = ["DEFAULT_GUARD", "AsyncCompressed", "AsyncStats", "CompositionError", "Compressed", "FedAvgMomentum",
-           "MisconfigurationError", "Traffic", "TrafficLog", "UpdateGuard", "compressed"]
+__all__ = [
+    "DEFAULT_GUARD",
+    "AsyncCompressed",
+    "AsyncStats",
+    "CompositionError",
+    "Compressed",
+    "FedAvgMomentum",
+    "MisconfigurationError",
+    "Traffic",
+    "TrafficLog",
+    "UpdateGuard",
+    "compressed",
+]

@@ -93,19 +93,36 @@ class AsyncCompressed(ServerProtocol):
         As for :class:`Compressed` (uplink, downlink, error_feedback, min_elements, ...).
     """
 
-    def __init__(self, *, concurrency: int = 4, buffer_size: int = 1, max_staleness: int = 8,
-                 staleness_exponent: float = 0.5, server_lr: float = 1.0, message_timeout: float = 600.0,
-                 poll_interval: float = 0.05, weighted_by_key: str = "num-examples", arrayrecord_key: str = "arrays",
-                 configrecord_key: str = "config", seed: int = 0, **compression: Any) -> None:
+    def __init__(
+        self,
+        *,
+        concurrency: int = 4,
+        buffer_size: int = 1,
+        max_staleness: int = 8,
+        staleness_exponent: float = 0.5,
+        server_lr: float = 1.0,
+        message_timeout: float = 600.0,
+        poll_interval: float = 0.05,
+        weighted_by_key: str = "num-examples",
+        arrayrecord_key: str = "arrays",
+        configrecord_key: str = "config",
+        seed: int = 0,
+        **compression: Any,
+    ) -> None:
         super().__init__(seed=seed, **compression)
         if concurrency < 1 or buffer_size < 1 or max_staleness < 0:
-            raise ValueError("concurrency and buffer_size must be >= 1 and max_staleness >= 0, got "
-                             f"{concurrency}, {buffer_size}, {max_staleness}")
+            raise ValueError(
+                "concurrency and buffer_size must be >= 1 and max_staleness >= 0, got "
+                f"{concurrency}, {buffer_size}, {max_staleness}"
+            )
         self.concurrency, self.buffer_size, self.max_staleness = concurrency, buffer_size, max_staleness
         self.staleness_exponent, self.server_lr = staleness_exponent, server_lr
         self.message_timeout, self.poll_interval = message_timeout, poll_interval
-        self.weighted_by_key, self.arrayrecord_key, self.configrecord_key = (weighted_by_key, arrayrecord_key,
-                                                                             configrecord_key)
+        self.weighted_by_key, self.arrayrecord_key, self.configrecord_key = (
+            weighted_by_key,
+            arrayrecord_key,
+            configrecord_key,
+        )
         self.rng = random.Random(seed)
         self.stats = AsyncStats()
         self.version = 0
@@ -114,16 +131,29 @@ class AsyncCompressed(ServerProtocol):
 
     def summary(self) -> None:
         """Log the settings."""
-        log(INFO, "\t├──> qfl asynchronous: %d clients busy, buffer %d, max staleness %d, weight (1+s)^-%g",
-            self.concurrency, self.buffer_size, self.max_staleness, self.staleness_exponent)
+        log(
+            INFO,
+            "\t├──> qfl asynchronous: %d clients busy, buffer %d, max staleness %d, weight (1+s)^-%g",
+            self.concurrency,
+            self.buffer_size,
+            self.max_staleness,
+            self.staleness_exponent,
+        )
         log(INFO, "\t├── uplink: %s (error feedback: %s)", self.uplink.op, self.error_feedback)
         log(INFO, "\t└── downlink: %s | %s", self.downlink.mode, self.downlink.policy.op)
 
     # -------------------------------------------------------------------- run
-    def start(self, grid: Grid, initial_arrays: ArrayRecord, num_updates: int, *,
-              train_config: ConfigRecord | None = None,
-              evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
-              evaluate_every: int = 1, max_time: float | None = None) -> Result:
+    def start(
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord,
+        num_updates: int,
+        *,
+        train_config: ConfigRecord | None = None,
+        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+        evaluate_every: int = 1,
+        max_time: float | None = None,
+    ) -> Result:
         """Run until ``num_updates`` server versions were applied (or ``max_time`` seconds).
 
         ``evaluate_fn(version, arrays)`` runs on version 0 and every ``evaluate_every``
@@ -170,8 +200,16 @@ class AsyncCompressed(ServerProtocol):
         cfg = ConfigRecord({**config, "server-round": self.version})
         # The model itself goes in compress_messages; an empty record marks its key.
         content = RecordDict({self.arrayrecord_key: ArrayRecord(), self.configrecord_key: cfg})
-        messages = [Message(content=content, dst_node_id=n, message_type=MessageType.TRAIN,
-                            group_id=str(self.version), ttl=self.message_timeout) for n in chosen]
+        messages = [
+            Message(
+                content=content,
+                dst_node_id=n,
+                message_type=MessageType.TRAIN,
+                group_id=str(self.version),
+                ttl=self.message_timeout,
+            )
+            for n in chosen
+        ]
         self.compress_messages(self.version, self.traffic.at(self.version, "train"), messages, model, full_bytes)
         now = time.monotonic()
         for msg_id, msg in zip(grid.push_messages(messages), messages, strict=True):
@@ -196,8 +234,13 @@ class AsyncCompressed(ServerProtocol):
         if staleness > self.max_staleness:
             self.stats.stale += 1
             self.strip(reply)  # its replica report is still good news for the downlink
-            log(INFO, "qfl async: rejected an update of staleness %d (> %d) from node %s", staleness,
-                self.max_staleness, job.node)
+            log(
+                INFO,
+                "qfl async: rejected an update of staleness %d (> %d) from node %s",
+                staleness,
+                self.max_staleness,
+                job.node,
+            )
             return model
         try:
             _, delta, info = self.decode_update(reply, model)
@@ -241,9 +284,15 @@ class AsyncCompressed(ServerProtocol):
 
     def _metrics(self) -> MetricRecord:
         s = self.stats
-        metrics = MetricRecord({"qfl.applied": s.applied, "qfl.stale": s.stale, "qfl.failed": s.failed,
-                                "qfl.timed-out": s.timed_out,
-                                "qfl.mean-staleness": s.staleness_sum / max(1, s.accepted)})
+        metrics = MetricRecord(
+            {
+                "qfl.applied": s.applied,
+                "qfl.stale": s.stale,
+                "qfl.failed": s.failed,
+                "qfl.timed-out": s.timed_out,
+                "qfl.mean-staleness": s.staleness_sum / max(1, s.accepted),
+            }
+        )
         return with_traffic(metrics, self.traffic.total())
 
     def state_size(self) -> dict[str, int]:

@@ -115,8 +115,12 @@ class Compressed(Strategy):
     def __new__(cls, strategy: Strategy | None = None, **settings: Any) -> Any:
         """``Compressed(CustomFedAvg(...))`` with a ``start()`` override: the adopted subclass
         instance (see ``strategy`` above); anything else: a wrapper, built by ``__init__``."""
-        if cls is Compressed and isinstance(strategy, Strategy) and not isinstance(strategy, Compressed) \
-                and type(strategy).start is not Strategy.start:
+        if (
+            cls is Compressed
+            and isinstance(strategy, Strategy)
+            and not isinstance(strategy, Compressed)
+            and type(strategy).start is not Strategy.start
+        ):
             return _adopt(strategy, settings)
         return super().__new__(cls)
 
@@ -138,10 +142,19 @@ class Compressed(Strategy):
     ) -> None:
         check_strategy(strategy)
         self.strategy = strategy
-        self.protocol = ServerProtocol(uplink=uplink, downlink=downlink, error_feedback=error_feedback,
-                                       min_elements=min_elements, uplink_overrides=uplink_overrides,
-                                       downlink_overrides=downlink_overrides, downlink_initial=downlink_initial,
-                                       history=history, seed=seed, limits=limits, guard=guard)
+        self.protocol = ServerProtocol(
+            uplink=uplink,
+            downlink=downlink,
+            error_feedback=error_feedback,
+            min_elements=min_elements,
+            uplink_overrides=uplink_overrides,
+            downlink_overrides=downlink_overrides,
+            downlink_initial=downlink_initial,
+            history=history,
+            seed=seed,
+            limits=limits,
+            guard=guard,
+        )
         self.protocol.weight_key = _weight_key(strategy)
 
     def __getattr__(self, name: str) -> Any:
@@ -170,21 +183,26 @@ class Compressed(Strategy):
         _summary(self.protocol)
         self.strategy.summary()
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                        grid: Grid) -> Iterable[Message]:
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         """Let the inner strategy configure, then compress the model in its messages."""
         _refuse_server_side_dp(self, sys._getframe(1))
-        return self.protocol.configure("train", server_round, arrays,
-                                       self.strategy.configure_train(server_round, arrays, config, grid))
+        return self.protocol.configure(
+            "train", server_round, arrays, self.strategy.configure_train(server_round, arrays, config, grid)
+        )
 
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                           grid: Grid) -> Iterable[Message]:
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         """Evaluation messages carry the model too: compressed the same way."""
-        return self.protocol.configure("evaluate", server_round, arrays,
-                                       self.strategy.configure_evaluate(server_round, arrays, config, grid))
+        return self.protocol.configure(
+            "evaluate", server_round, arrays, self.strategy.configure_evaluate(server_round, arrays, config, grid)
+        )
 
-    def aggregate_train(self, server_round: int,
-                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Decode and check every reply, then aggregate the ones that pass with the inner strategy."""
         _refuse_server_side_dp(self, sys._getframe(1))
         passed = self.protocol.train_replies(server_round, replies)
@@ -202,7 +220,8 @@ class Compressed(Strategy):
 
 # What help() and IDEs show: __init__'s explicit parameters, not __new__'s pass-through.
 Compressed.__signature__ = inspect.signature(Compressed.__init__).replace(
-    parameters=list(inspect.signature(Compressed.__init__).parameters.values())[1:])
+    parameters=list(inspect.signature(Compressed.__init__).parameters.values())[1:]
+)
 
 S = TypeVar("S", bound=Strategy)
 
@@ -233,10 +252,19 @@ def compressed(
     if not isinstance(cls, type):
         raise TypeError(f"compressed() takes a strategy class, got {cls!r}; to wrap an instance use Compressed(...)")
     check_strategy(cls)
-    settings = {"uplink": uplink, "downlink": downlink, "error_feedback": error_feedback, "min_elements": min_elements,
-                "uplink_overrides": uplink_overrides, "downlink_overrides": downlink_overrides,
-                "downlink_initial": downlink_initial, "history": history, "seed": seed, "limits": limits,
-                "guard": guard}
+    settings = {
+        "uplink": uplink,
+        "downlink": downlink,
+        "error_feedback": error_feedback,
+        "min_elements": min_elements,
+        "uplink_overrides": uplink_overrides,
+        "downlink_overrides": downlink_overrides,
+        "downlink_initial": downlink_initial,
+        "history": history,
+        "seed": seed,
+        "limits": limits,
+        "guard": guard,
+    }
     ServerProtocol(**settings)  # fail now, not when the class is instantiated
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -249,12 +277,14 @@ def compressed(
         cls.summary(self)
 
     def configure_train(self, server_round, arrays, config, grid):
-        return self.protocol.configure("train", server_round, arrays,
-                                       cls.configure_train(self, server_round, arrays, config, grid))
+        return self.protocol.configure(
+            "train", server_round, arrays, cls.configure_train(self, server_round, arrays, config, grid)
+        )
 
     def configure_evaluate(self, server_round, arrays, config, grid):
-        return self.protocol.configure("evaluate", server_round, arrays,
-                                       cls.configure_evaluate(self, server_round, arrays, config, grid))
+        return self.protocol.configure(
+            "evaluate", server_round, arrays, cls.configure_evaluate(self, server_round, arrays, config, grid)
+        )
 
     def aggregate_train(self, server_round, replies):
         passed = self.protocol.train_replies(server_round, replies)
@@ -268,21 +298,34 @@ def compressed(
         metrics = cls.aggregate_evaluate(self, server_round, self.protocol.evaluate_replies(server_round, replies))
         return self.protocol.finish_train(None, metrics, self.protocol.traffic.at(server_round, "evaluate"))[1]
 
-    hooks = {"__init__": __init__, "summary": summary, "configure_train": configure_train,
-             "configure_evaluate": configure_evaluate, "aggregate_train": aggregate_train,
-             "aggregate_evaluate": aggregate_evaluate}
+    hooks = {
+        "__init__": __init__,
+        "summary": summary,
+        "configure_train": configure_train,
+        "configure_evaluate": configure_evaluate,
+        "aggregate_train": aggregate_train,
+        "aggregate_evaluate": aggregate_evaluate,
+    }
     for name, fn in hooks.items():
         fn.__qualname__ = f"Compressed{cls.__name__}.{name}"
         fn.__doc__ = getattr(Compressed, name).__doc__
-    namespace = {**hooks, "__module__": cls.__module__, "__doc__": f"{cls.__name__} with qfl compression.\n\n"
-                 f"{compressed.__doc__}", "downlink": Compressed.downlink, "uplink": Compressed.uplink,
-                 "traffic": Compressed.traffic, "error_feedback": Compressed.error_feedback,
-                 "guard": Compressed.guard}
+    namespace = {
+        **hooks,
+        "__module__": cls.__module__,
+        "__doc__": f"{cls.__name__} with qfl compression.\n\n{compressed.__doc__}",
+        "downlink": Compressed.downlink,
+        "uplink": Compressed.uplink,
+        "traffic": Compressed.traffic,
+        "error_feedback": Compressed.error_feedback,
+        "guard": Compressed.guard,
+    }
     return type(f"Compressed{cls.__name__}", (cls,), namespace)
 
 
-compressed.__doc__ = (compressed.__doc__ or "") + "\n    Parameters\n    ----------\n    cls : type\n        A " \
+compressed.__doc__ = (
+    (compressed.__doc__ or "") + "\n    Parameters\n    ----------\n    cls : type\n        A "
     "``flwr.serverapp.strategy.Strategy`` subclass." + _PARAMETERS
+)
 
 
 def _adopt(strategy: Strategy, settings: dict[str, Any]) -> Strategy:
@@ -300,10 +343,12 @@ def check_strategy(strategy: object) -> None:
     kind = strategy if isinstance(strategy, type) else type(strategy)
     legacy = _legacy_strategy()
     if legacy is not None and issubclass(kind, legacy):
-        raise TypeError(f"{kind.__name__} is a legacy flwr.server.strategy strategy; qfl wraps the Message API "
-                        "strategies of flwr.serverapp.strategy (e.g. flwr.serverapp.strategy.FedAvg) run by a "
-                        "ServerApp's @app.main(). Legacy workflows (SecAggPlusWorkflow, DefaultWorkflow) cannot "
-                        "carry qfl's payloads.")
+        raise TypeError(
+            f"{kind.__name__} is a legacy flwr.server.strategy strategy; qfl wraps the Message API "
+            "strategies of flwr.serverapp.strategy (e.g. flwr.serverapp.strategy.FedAvg) run by a "
+            "ServerApp's @app.main(). Legacy workflows (SecAggPlusWorkflow, DefaultWorkflow) cannot "
+            "carry qfl's payloads."
+        )
     if not issubclass(kind, Strategy):
         raise TypeError(f"Compressed wraps a flwr.serverapp.strategy.Strategy, got {kind.__name__}")
 
@@ -341,8 +386,17 @@ def _refuse_server_side_dp(strategy: Compressed, caller) -> None:
         raise CompositionError(
             f"{type(outer).__name__}(Compressed(...)) would clip qfl's encoded bytes, not the clients' updates. "
             f"Wrap the other way round: Compressed({type(outer).__name__}(FedAvg(...), ...), uplink=..., "
-            "downlink=...), so the DP wrapper clips the decoded updates and adds noise to their aggregate.")
+            "downlink=...), so the DP wrapper clips the decoded updates and adds noise to their aggregate."
+        )
 
 
-__all__ = ["CompositionError", "Compressed", "MisconfigurationError", "Traffic", "TrafficLog", "UpdateGuard",
-           "check_strategy", "compressed"]
+__all__ = [
+    "CompositionError",
+    "Compressed",
+    "MisconfigurationError",
+    "Traffic",
+    "TrafficLog",
+    "UpdateGuard",
+    "check_strategy",
+    "compressed",
+]

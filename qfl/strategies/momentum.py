@@ -36,8 +36,14 @@ class FedAvgMomentum(FedAvgM):
     arguments are FedAvgM's (``fraction_train``, ``min_available_nodes``, ...).
     """
 
-    def __init__(self, *, server_momentum: float = 0.5, server_learning_rate: float = 1.0,
-                 statistics: Iterable[str] = STATISTICS, **fedavg) -> None:  # noqa: ANN003 - FedAvg's keywords
+    def __init__(
+        self,
+        *,
+        server_momentum: float = 0.5,
+        server_learning_rate: float = 1.0,
+        statistics: Iterable[str] = STATISTICS,
+        **fedavg,
+    ) -> None:
         super().__init__(server_momentum=server_momentum, server_learning_rate=server_learning_rate, **fedavg)
         self.statistics = tuple(statistics)
         self.velocity: dict[str, np.ndarray] = {}
@@ -46,8 +52,9 @@ class FedAvgMomentum(FedAvgM):
         """Whether ``key`` is averaged rather than moved by momentum."""
         return not np.issubdtype(value.dtype, np.floating) or key.endswith(self.statistics)
 
-    def aggregate_train(self, server_round: int,
-                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """FedAvg's weighted average, then momentum on the parameters."""
         averaged, metrics = FedAvg.aggregate_train(self, server_round, replies)
         if averaged is None or self.current_arrays is None:
@@ -60,8 +67,9 @@ class FedAvgMomentum(FedAvgM):
                 continue
             old = self.current_arrays[key].numpy()
             if self.is_statistic(key, old):  # averaged; FedAvg's float64 average back to the model's dtype
-                out[key] = Array(np.asarray(new if np.issubdtype(old.dtype, np.floating) else np.rint(new),
-                                            dtype=old.dtype))
+                out[key] = Array(
+                    np.asarray(new if np.issubdtype(old.dtype, np.floating) else np.rint(new), dtype=old.dtype)
+                )
                 continue
             step = old - new
             velocity = self.velocity.get(key)

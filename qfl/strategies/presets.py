@@ -54,11 +54,14 @@ def fedavg(*, seed: int = 0, min_elements: int = MIN_ELEMENTS, **inner: Any) -> 
     Both directions are lossless (identity payloads are the raw tensor bytes plus a
     ~20-byte header), so its numbers are what plain Flower sends.
     """
-    return Compressed(FedAvg(**inner), uplink=None, downlink=None, error_feedback=False, seed=seed,
-                      min_elements=min_elements)
+    return Compressed(
+        FedAvg(**inner), uplink=None, downlink=None, error_feedback=False, seed=seed, min_elements=min_elements
+    )
 
 
-def qsgd(bits: int = 4, bucket: int = 512, *, seed: int = 0, min_elements: int = MIN_ELEMENTS, **inner: Any) -> Compressed:
+def qsgd(
+    bits: int = 4, bucket: int = 512, *, seed: int = 0, min_elements: int = MIN_ELEMENTS, **inner: Any
+) -> Compressed:
     """QSGD (Alistarh et al., 2017): unbiased stochastic quantization of the uplink.
 
     Settings as in the paper's experiments: b-bit QSGD with bucket size 512 and the l2
@@ -67,8 +70,14 @@ def qsgd(bits: int = 4, bucket: int = 512, *, seed: int = 0, min_elements: int =
     gradient); in federated use the update of H local steps is quantized instead.
     Claim checked by the report: 4- and 8-bit QSGD match full-precision accuracy.
     """
-    return Compressed(FedAvg(**inner), uplink=f"qsgd(levels={_levels(bits)}, bucket={bucket})",
-                      downlink=None, error_feedback=False, seed=seed, min_elements=min_elements)
+    return Compressed(
+        FedAvg(**inner),
+        uplink=f"qsgd(levels={_levels(bits)}, bucket={bucket})",
+        downlink=None,
+        error_feedback=False,
+        seed=seed,
+        min_elements=min_elements,
+    )
 
 
 def qsparse_uplink(ratio: float = 0.01, bits: int = 4, *, sign: bool = False, bucket: int = 128) -> str:
@@ -92,19 +101,37 @@ def qsparse_uplink(ratio: float = 0.01, bits: int = 4, *, sign: bool = False, bu
     return f"topk({ratio}) | {spec})"
 
 
-def qsparse_compression(ratio: float = 0.01, bits: int = 4, *, sign: bool = False, bucket: int = 128,
-                        downlink: str | None = SPARSE_DOWNLINK,
-                        downlink_initial: str | None = "grid(8)") -> dict[str, Any]:
+def qsparse_compression(
+    ratio: float = 0.01,
+    bits: int = 4,
+    *,
+    sign: bool = False,
+    bucket: int = 128,
+    downlink: str | None = SPARSE_DOWNLINK,
+    downlink_initial: str | None = "grid(8)",
+) -> dict[str, Any]:
     """The compression settings of Qsparse-local-SGD, shared by the sync and async presets."""
-    return {"uplink": qsparse_uplink(ratio, bits, sign=sign, bucket=bucket), "downlink": downlink,
-            "error_feedback": True, "downlink_initial": downlink_initial if downlink else None}
+    return {
+        "uplink": qsparse_uplink(ratio, bits, sign=sign, bucket=bucket),
+        "downlink": downlink,
+        "error_feedback": True,
+        "downlink_initial": downlink_initial if downlink else None,
+    }
 
 
-def qsparse(ratio: float = 0.01, bits: int = 4, *, sign: bool = False, bucket: int = 128,
-            server_momentum: float = SPARSE_SERVER_MOMENTUM,
-            downlink: str | None = SPARSE_DOWNLINK,
-            downlink_initial: str | None = "grid(8)", seed: int = 0, min_elements: int = MIN_ELEMENTS,
-            **inner: Any) -> Compressed:
+def qsparse(
+    ratio: float = 0.01,
+    bits: int = 4,
+    *,
+    sign: bool = False,
+    bucket: int = 128,
+    server_momentum: float = SPARSE_SERVER_MOMENTUM,
+    downlink: str | None = SPARSE_DOWNLINK,
+    downlink_initial: str | None = "grid(8)",
+    seed: int = 0,
+    min_elements: int = MIN_ELEMENTS,
+    **inner: Any,
+) -> Compressed:
     """Qsparse-local-SGD (Basu et al., 2019): top-k composed with a quantizer, error memory, H local steps.
 
     Uplink: :func:`qsparse_uplink`, ``topk(ratio) | qsgd(levels=2^(b-1)-1, norm=max,
@@ -122,8 +149,14 @@ def qsparse(ratio: float = 0.01, bits: int = 4, *, sign: bool = False, bucket: i
     et al., 2019) carries the applied directions across rounds and makes up for much of
     that delay; 0.8 oscillated in the ablation, 0.5 did not (benchmarks/ACCURACY.md).
     """
-    return Compressed(_inner(inner, server_momentum), seed=seed, min_elements=min_elements, **qsparse_compression(
-        ratio, bits, sign=sign, bucket=bucket, downlink=downlink, downlink_initial=downlink_initial))
+    return Compressed(
+        _inner(inner, server_momentum),
+        seed=seed,
+        min_elements=min_elements,
+        **qsparse_compression(
+            ratio, bits, sign=sign, bucket=bucket, downlink=downlink, downlink_initial=downlink_initial
+        ),
+    )
 
 
 @dataclass(frozen=True)
@@ -141,28 +174,51 @@ class Setting:
 
     def build(self, *, seed: int = 0, min_elements: int = MIN_ELEMENTS, **inner: Any) -> Compressed:
         """``Compressed(FedAvgMomentum(**inner), ...)`` with error memory on both sides."""
-        return Compressed(_inner(inner, self.server_momentum), uplink=self.uplink, downlink=self.downlink,
-                          downlink_initial=self.downlink_initial, error_feedback=True, seed=seed,
-                          min_elements=min_elements)
+        return Compressed(
+            _inner(inner, self.server_momentum),
+            uplink=self.uplink,
+            downlink=self.downlink,
+            downlink_initial=self.downlink_initial,
+            error_feedback=True,
+            seed=seed,
+            min_elements=min_elements,
+        )
 
     def __str__(self) -> str:
-        return (f"uplink={self.uplink!r}, downlink={self.downlink!r}, downlink_initial={self.downlink_initial!r}, "
-                f"server_momentum={self.server_momentum}")
+        return (
+            f"uplink={self.uplink!r}, downlink={self.downlink!r}, downlink_initial={self.downlink_initial!r}, "
+            f"server_momentum={self.server_momentum}"
+        )
 
 
 #: The setting the multi-seed evidence in benchmarks/ACCURACY.md recommends.
-RECOMMENDED = Setting(uplink=qsparse_uplink(0.01, 4), downlink=SPARSE_DOWNLINK, downlink_initial="grid(8)",
-                      server_momentum=SPARSE_SERVER_MOMENTUM)
+RECOMMENDED = Setting(
+    uplink=qsparse_uplink(0.01, 4),
+    downlink=SPARSE_DOWNLINK,
+    downlink_initial="grid(8)",
+    server_momentum=SPARSE_SERVER_MOMENTUM,
+)
 
 
 def double_quant_compression(model_bits: int = 8, grad_bits: int = 4, *, bucket: int | None = None) -> dict[str, Any]:
     """The compression settings of AsyLPG's double quantization, shared by sync and async."""
-    return {"uplink": f"grid({grad_bits}" + (f", bucket={bucket})" if bucket else ")"),
-            "downlink": f"model | grid({model_bits})", "error_feedback": False}
+    return {
+        "uplink": f"grid({grad_bits}" + (f", bucket={bucket})" if bucket else ")"),
+        "downlink": f"model | grid({model_bits})",
+        "error_feedback": False,
+    }
 
 
-def double_quant(model_bits: int = 8, grad_bits: int = 4, *, bucket: int | None = None, momentum: float | None = None,
-                 seed: int = 0, min_elements: int = MIN_ELEMENTS, **inner: Any) -> Compressed:
+def double_quant(
+    model_bits: int = 8,
+    grad_bits: int = 4,
+    *,
+    bucket: int | None = None,
+    momentum: float | None = None,
+    seed: int = 0,
+    min_elements: int = MIN_ELEMENTS,
+    **inner: Any,
+) -> Compressed:
     """AsyLPG's double quantization (Yu, Wu, Huang, 2019), synchronous form.
 
     Downlink: the model itself on a b_x-bit grid, ``model | grid(b_x)`` (stateless, the
@@ -172,25 +228,48 @@ def double_quant(model_bits: int = 8, grad_bits: int = 4, *, bucket: int | None 
     variance-reduced (SVRG) gradients and H = 1; here the update of H local steps is
     quantized. Claim checked by the report: 6-19x fewer bits with no accuracy loss.
     """
-    return Compressed(_inner(inner, momentum), seed=seed, min_elements=min_elements,
-                      **double_quant_compression(model_bits, grad_bits, bucket=bucket))
+    return Compressed(
+        _inner(inner, momentum),
+        seed=seed,
+        min_elements=min_elements,
+        **double_quant_compression(model_bits, grad_bits, bucket=bucket),
+    )
 
 
-def sparse_double_quant(budget: float = 0.05, model_bits: int = 8, grad_bits: int = 4, *, seed: int = 0,
-                        min_elements: int = MIN_ELEMENTS, **inner: Any) -> Compressed:
+def sparse_double_quant(
+    budget: float = 0.05,
+    model_bits: int = 8,
+    grad_bits: int = 4,
+    *,
+    seed: int = 0,
+    min_elements: int = MIN_ELEMENTS,
+    **inner: Any,
+) -> Compressed:
     """Sparse-AsyLPG: unbiased magnitude-proportional sparsification, then the b-bit grid.
 
     Uplink ``bernoulli(budget) | grid(b)``: coordinate i kept with probability
     p_i = min(1, lambda |x_i|), expected count budget * n, rescaled by 1/p_i (Wangni et
     al.'s variance-optimal choice), then quantized; downlink as in :func:`double_quant`.
     """
-    return Compressed(FedAvg(**inner), uplink=f"bernoulli(budget={budget}) | grid({grad_bits})",
-                      downlink=f"model | grid({model_bits})", error_feedback=False, seed=seed,
-                      min_elements=min_elements)
+    return Compressed(
+        FedAvg(**inner),
+        uplink=f"bernoulli(budget={budget}) | grid({grad_bits})",
+        downlink=f"model | grid({model_bits})",
+        error_feedback=False,
+        seed=seed,
+        min_elements=min_elements,
+    )
 
 
-def acc_double_quant(momentum: float = 0.5, model_bits: int = 8, grad_bits: int = 4, *, seed: int = 0,
-                     min_elements: int = MIN_ELEMENTS, **inner: Any) -> Compressed:
+def acc_double_quant(
+    momentum: float = 0.5,
+    model_bits: int = 8,
+    grad_bits: int = 4,
+    *,
+    seed: int = 0,
+    min_elements: int = MIN_ELEMENTS,
+    **inner: Any,
+) -> Compressed:
     """Accelerated AsyLPG: double quantization with momentum, here server momentum (FedAvgM).
 
     The paper accelerates with a momentum (Katyusha-style) sequence on the master; in
@@ -223,12 +302,28 @@ class QuantizedEpochSGD(Compressed):
     ``lr`` is sent to clients in the train ConfigRecord each round (key ``lr``).
     """
 
-    def __init__(self, strategy: Strategy, *, levels: int = 15, bucket: int = 512, first_epoch: int = 10,
-                 growth: int = 2, lr: float = 0.05, lr_decay: float = 0.5, seed: int = 0,
-                 min_elements: int = MIN_ELEMENTS) -> None:
+    def __init__(
+        self,
+        strategy: Strategy,
+        *,
+        levels: int = 15,
+        bucket: int = 512,
+        first_epoch: int = 10,
+        growth: int = 2,
+        lr: float = 0.05,
+        lr_decay: float = 0.5,
+        seed: int = 0,
+        min_elements: int = MIN_ELEMENTS,
+    ) -> None:
         spec = f"qsgd(levels={levels}, bucket={bucket})"
-        super().__init__(strategy, uplink=spec, downlink=f"anchor | {spec}", error_feedback=False, seed=seed,
-                         min_elements=min_elements)
+        super().__init__(
+            strategy,
+            uplink=spec,
+            downlink=f"anchor | {spec}",
+            error_feedback=False,
+            seed=seed,
+            min_elements=min_elements,
+        )
         if first_epoch < 1 or growth < 1:
             raise ValueError(f"first_epoch and growth must be >= 1, got {first_epoch} and {growth}")
         self.first_epoch, self.growth, self.lr, self.lr_decay = first_epoch, growth, lr, lr_decay
@@ -240,8 +335,9 @@ class QuantizedEpochSGD(Compressed):
             start, e, length = start + length, e + 1, length * self.growth
         return e, server_round == start
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                        grid: Grid) -> list[Message]:
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> list[Message]:
         """Re-anchor at epoch starts and send the epoch's learning rate."""
         e, starts = self.epoch(server_round)
         if starts:
@@ -250,46 +346,94 @@ class QuantizedEpochSGD(Compressed):
         return super().configure_train(server_round, arrays, config, grid)
 
 
-def qesgd(levels: int = 15, bucket: int = 512, *, first_epoch: int = 10, growth: int = 2, lr: float = 0.05,
-          lr_decay: float = 0.5, seed: int = 0, min_elements: int = MIN_ELEMENTS, **inner: Any) -> QuantizedEpochSGD:
+def qesgd(
+    levels: int = 15,
+    bucket: int = 512,
+    *,
+    first_epoch: int = 10,
+    growth: int = 2,
+    lr: float = 0.05,
+    lr_decay: float = 0.5,
+    seed: int = 0,
+    min_elements: int = MIN_ELEMENTS,
+    **inner: Any,
+) -> QuantizedEpochSGD:
     """Quantized Epoch-SGD (reconstruction, see :class:`QuantizedEpochSGD`)."""
-    return QuantizedEpochSGD(FedAvg(**inner), levels=levels, bucket=bucket, first_epoch=first_epoch,
-                             growth=growth, lr=lr, lr_decay=lr_decay, seed=seed, min_elements=min_elements)
+    return QuantizedEpochSGD(
+        FedAvg(**inner),
+        levels=levels,
+        bucket=bucket,
+        first_epoch=first_epoch,
+        growth=growth,
+        lr=lr,
+        lr_decay=lr_decay,
+        seed=seed,
+        min_elements=min_elements,
+    )
 
 
-def ef_signsgd(*, downlink: str | None = None, seed: int = 0, min_elements: int = MIN_ELEMENTS, **inner: Any) -> Compressed:
+def ef_signsgd(
+    *, downlink: str | None = None, seed: int = 0, min_elements: int = MIN_ELEMENTS, **inner: Any
+) -> Compressed:
     """EF-SignSGD (Karimireddy et al., 2019): scaled sign ||x||_1/d * sign(x) with error memory.
 
     One bit per coordinate plus a scale per tensor; biased, so the client's error
     feedback is what makes it converge. Extra baseline, not one of the four papers.
     """
-    return Compressed(FedAvg(**inner), uplink="sign", downlink=downlink, error_feedback=True, seed=seed,
-                      min_elements=min_elements)
+    return Compressed(
+        FedAvg(**inner), uplink="sign", downlink=downlink, error_feedback=True, seed=seed, min_elements=min_elements
+    )
 
 
-def qsparse_async(*, concurrency: int = 4, buffer_size: int = 2, max_staleness: int = 8,
-                  staleness_exponent: float = 0.5, seed: int = 0, min_elements: int = MIN_ELEMENTS,
-                  **compression: Any) -> AsyncCompressed:
+def qsparse_async(
+    *,
+    concurrency: int = 4,
+    buffer_size: int = 2,
+    max_staleness: int = 8,
+    staleness_exponent: float = 0.5,
+    seed: int = 0,
+    min_elements: int = MIN_ELEMENTS,
+    **compression: Any,
+) -> AsyncCompressed:
     """Asynchronous Qsparse-local-SGD (Basu et al., Sec. 4): workers synchronise when they are
     done with their H local steps; the master applies each compressed update on arrival
     (buffered by ``buffer_size``), down-weighted by staleness, rejecting updates more than
     ``max_staleness`` versions old. Compression as in :func:`qsparse` (``**compression``
     overrides its arguments)."""
-    return AsyncCompressed(concurrency=concurrency, buffer_size=buffer_size, max_staleness=max_staleness,
-                           staleness_exponent=staleness_exponent, seed=seed, min_elements=min_elements,
-                           **qsparse_compression(**compression))
+    return AsyncCompressed(
+        concurrency=concurrency,
+        buffer_size=buffer_size,
+        max_staleness=max_staleness,
+        staleness_exponent=staleness_exponent,
+        seed=seed,
+        min_elements=min_elements,
+        **qsparse_compression(**compression),
+    )
 
 
-def double_quant_async(*, concurrency: int = 4, buffer_size: int = 2, max_staleness: int = 8,
-                       staleness_exponent: float = 0.5, seed: int = 0, min_elements: int = MIN_ELEMENTS,
-                       **compression: Any) -> AsyncCompressed:
+def double_quant_async(
+    *,
+    concurrency: int = 4,
+    buffer_size: int = 2,
+    max_staleness: int = 8,
+    staleness_exponent: float = 0.5,
+    seed: int = 0,
+    min_elements: int = MIN_ELEMENTS,
+    **compression: Any,
+) -> AsyncCompressed:
     """AsyLPG proper: asynchronous double quantization. Each worker reads the b_x-bit model,
     computes, and sends its b-bit update; the master applies it on arrival if its delay is
     within the bound (the paper's tau), down-weighted by staleness. Compression as in
     :func:`double_quant`."""
-    return AsyncCompressed(concurrency=concurrency, buffer_size=buffer_size, max_staleness=max_staleness,
-                           staleness_exponent=staleness_exponent, seed=seed, min_elements=min_elements,
-                           **double_quant_compression(**compression))
+    return AsyncCompressed(
+        concurrency=concurrency,
+        buffer_size=buffer_size,
+        max_staleness=max_staleness,
+        staleness_exponent=staleness_exponent,
+        seed=seed,
+        min_elements=min_elements,
+        **double_quant_compression(**compression),
+    )
 
 
 #: Asynchronous presets: name -> factory(concurrency=..., buffer_size=..., ...).
@@ -349,18 +493,32 @@ class Claim:
 #: The four papers' claims; each names the presets that implement its method
 #: (asynchronous variants test the same claim).
 CLAIMS: tuple[Claim, ...] = (
-    Claim("QSGD (Alistarh et al., 2017)", "4- and 8-bit QSGD reach full-precision accuracy",
-          ("qsgd4", "qsgd8"), within_pp=1.0),
-    Claim("Qsparse-local-SGD (Basu et al., 2019)",
-          "large savings in bits to reach a target accuracy, with local steps (large: >= 10x fewer uplink bytes)",
-          ("qsparse", "qsparse_sign", "qsparse_async", "qsparse_sign_async"), to_target=("uplink", 10.0)),
-    Claim("AsyLPG double quantization (Yu, Wu, Huang, 2019)",
-          "6-19x fewer bits transmitted without accuracy loss",
-          ("double_quant", "sparse_double_quant", "acc_double_quant", "double_quant_async"),
-          within_pp=1.0, total_factor=6.0),
-    Claim("Quantized Epoch-SGD (Zhao, Gao, Li, 2019)",
-          "near full-precision accuracy at lower communication (reconstructed from the abstract)",
-          ("qesgd",), within_pp=1.0, total_factor=1.0),
+    Claim(
+        "QSGD (Alistarh et al., 2017)",
+        "4- and 8-bit QSGD reach full-precision accuracy",
+        ("qsgd4", "qsgd8"),
+        within_pp=1.0,
+    ),
+    Claim(
+        "Qsparse-local-SGD (Basu et al., 2019)",
+        "large savings in bits to reach a target accuracy, with local steps (large: >= 10x fewer uplink bytes)",
+        ("qsparse", "qsparse_sign", "qsparse_async", "qsparse_sign_async"),
+        to_target=("uplink", 10.0),
+    ),
+    Claim(
+        "AsyLPG double quantization (Yu, Wu, Huang, 2019)",
+        "6-19x fewer bits transmitted without accuracy loss",
+        ("double_quant", "sparse_double_quant", "acc_double_quant", "double_quant_async"),
+        within_pp=1.0,
+        total_factor=6.0,
+    ),
+    Claim(
+        "Quantized Epoch-SGD (Zhao, Gao, Li, 2019)",
+        "near full-precision accuracy at lower communication (reconstructed from the abstract)",
+        ("qesgd",),
+        within_pp=1.0,
+        total_factor=1.0,
+    ),
 )
 
 

@@ -84,8 +84,9 @@ class UpdateGuard:
     def __post_init__(self) -> None:
         for name in ("median_factor", "max_update_norm"):
             v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
-                                  or v <= 0):
+            if v is not None and (
+                isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0
+            ):
                 raise ValueError(f"UpdateGuard.{name} must be a positive finite number or None, got {v!r}")
         if self.median_factor is not None and self.median_factor < 1:
             raise ValueError(f"UpdateGuard.median_factor must be >= 1, got {self.median_factor}")
@@ -201,8 +202,9 @@ class ServerProtocol:
         self.uplink = Policy.build(uplink, min_elements, uplink_overrides)
         mode, down_op = parse_downlink(downlink)
         initial = None if downlink_initial is None else Policy.build(downlink_initial, min_elements)
-        self.downlink = ServerDownlink(mode, Policy.build(down_op, min_elements, downlink_overrides), history, seed,
-                                       initial)
+        self.downlink = ServerDownlink(
+            mode, Policy.build(down_op, min_elements, downlink_overrides), history, seed, initial
+        )
         self.error_feedback = error_feedback
         self.seed = seed
         self.limits = limits
@@ -241,8 +243,9 @@ class ServerProtocol:
         the server version in async mode) varies the client's randomness."""
         return Settings(key, self.uplink, self.error_feedback, self.seed, tag, self.session)
 
-    def compress_messages(self, tag: int, traffic: Traffic, messages: list[Message], model: Tensors,
-                          full_bytes: int) -> list[Message]:
+    def compress_messages(
+        self, tag: int, traffic: Traffic, messages: list[Message], model: Tensors, full_bytes: int
+    ) -> list[Message]:
         """Put the downlink payload for each destination into each message.
 
         The content is replaced, never mutated (Flower's FedAvg shares one RecordDict
@@ -303,7 +306,7 @@ class ServerProtocol:
             raise ValueError(f"qfl expects at most one ConfigRecord in a message, found {ckeys}")
         cfg = ConfigRecord(dict(content[ckey])) if ckey in content else ConfigRecord()
         cfg.update({**self.settings(akey, tag).to_config(), **offer.header.to_config()})
-        new = RecordDict({k: v for k, v in content.items()})
+        new = RecordDict(dict(content.items()))
         new[akey] = record
         new[ckey] = cfg
         return new
@@ -315,14 +318,20 @@ class ServerProtocol:
         for name, t in model.items():
             props = self.uplink.operator_for(name, t).properties(t.numel())
             if props.unbiased and (props.variance or 0.0) >= 1.0:
-                log(WARNING, "qfl: error feedback with %s on %s (variance factor %.3g >= 1) can diverge; "
+                log(
+                    WARNING,
+                    "qfl: error feedback with %s on %s (variance factor %.3g >= 1) can diverge; "
                     "use error_feedback=False for unbiased compressors or a contraction (top-k, sign, damped)",
-                    self.uplink.operator_for(name, t), name, props.variance)
+                    self.uplink.operator_for(name, t),
+                    name,
+                    props.variance,
+                )
                 return
 
     # ------------------------------------------------------------ one sync round
-    def configure(self, phase: str, server_round: int, arrays: ArrayRecord,
-                  messages: Iterable[Message]) -> list[Message]:
+    def configure(
+        self, phase: str, server_round: int, arrays: ArrayRecord, messages: Iterable[Message]
+    ) -> list[Message]:
         """The inner strategy's messages of a round with the model replaced by the downlink payload."""
         messages = list(messages)
         if phase == "evaluate" and not messages:  # e.g. fraction_evaluate=0: nothing to send, nothing to count
@@ -335,7 +344,8 @@ class ServerProtocol:
                     "around Compressed skipped aggregation (Flower's DifferentialPrivacyClientSide* wrappers do when "
                     "any client fails). If every client failed, check the ClientApp's mods: compression_mod must come "
                     "first, e.g. mods=[compression_mod, fixedclipping_mod]. Wrapped the other way round, "
-                    "Compressed(DifferentialPrivacyClientSide...(FedAvg(...), ...)), qfl reports the clients' errors.")
+                    "Compressed(DifferentialPrivacyClientSide...(FedAvg(...), ...)), qfl reports the clients' errors."
+                )
             self._pending = server_round
             self._base, self._full_bytes = model, full
             self._clip = self._clipping_norm(messages)
@@ -383,7 +393,7 @@ class ServerProtocol:
                 candidates.append((msg, akey, delta, info, norm(delta)))
             except (ValueError, TypeError, OverflowError) as exc:  # WireFormatError, ProtocolError, ...
                 self._drop(traffic, msg, exc, server_round)
-        for msg, akey, delta, info, n in self.screen(traffic, candidates, server_round):
+        for msg, akey, delta, info, _n in self.screen(traffic, candidates, server_round):
             rebuilt = {k: apply_delta(base[k], delta[k]) for k in base}
             bad = out_of_range(rebuilt)
             if bad is not None:  # a bounded update, yet the model it makes is not
@@ -395,8 +405,13 @@ class ServerProtocol:
             new[akey] = to_record(rebuilt)
             passed.append(Message(content=new, metadata=msg.metadata))
         if traffic.missing:
-            log(WARNING, "qfl: %d of %d nodes did not reply in round %s", traffic.missing, traffic.messages,
-                server_round)
+            log(
+                WARNING,
+                "qfl: %d of %d nodes did not reply in round %s",
+                traffic.missing,
+                traffic.messages,
+                server_round,
+            )
         self.check_misconfigured(server_round, "train", unmodded, sum(not m.has_error() for m in passed))
         return passed
 
@@ -423,8 +438,11 @@ class ServerProtocol:
                 continue
             self.acknowledge(msg, info)
             traffic.client_state_bytes = max(traffic.client_state_bytes, info.state_bytes)
-            passed.append(Message(content=RecordDict({k: v for k, v in msg.content.items() if k != REPLY_KEY}),
-                                  metadata=msg.metadata))
+            passed.append(
+                Message(
+                    content=RecordDict({k: v for k, v in msg.content.items() if k != REPLY_KEY}), metadata=msg.metadata
+                )
+            )
         self.check_misconfigured(server_round, "evaluate", unmodded, sum(not m.has_error() for m in passed))
         return passed
 
@@ -438,16 +456,19 @@ class ServerProtocol:
         """
         if not unmodded:
             return
-        text = (f"{len(unmodded)} {phase} replies of round {server_round} came back without qfl's compression "
-                f"(e.g. {unmodded[0]!r}). The ClientApp lacks compression_mod, or a mod that reads the model "
-                "(fixedclipping_mod, adaptiveclipping_mod, ...) runs before it. Add it first in the ClientApp's "
-                "mods: `from qfl.clients import compression_mod` and `ClientApp(..., mods=[compression_mod, ...])`.")
+        text = (
+            f"{len(unmodded)} {phase} replies of round {server_round} came back without qfl's compression "
+            f"(e.g. {unmodded[0]!r}). The ClientApp lacks compression_mod, or a mod that reads the model "
+            "(fixedclipping_mod, adaptiveclipping_mod, ...) runs before it. Add it first in the ClientApp's "
+            "mods: `from qfl.clients import compression_mod` and `ClientApp(..., mods=[compression_mod, ...])`."
+        )
         if usable == 0:
             raise MisconfigurationError(f"qfl: {text}")
         log(WARNING, "qfl: %s Their replies are dropped.", text)
 
-    def finish_train(self, arrays: ArrayRecord | None, metrics: MetricRecord | None,
-                     traffic: Traffic) -> tuple[ArrayRecord | None, MetricRecord]:
+    def finish_train(
+        self, arrays: ArrayRecord | None, metrics: MetricRecord | None, traffic: Traffic
+    ) -> tuple[ArrayRecord | None, MetricRecord]:
         """The inner strategy's aggregate, refused if not finite (the model then stays as it was)."""
         if arrays is not None:
             try:
@@ -455,8 +476,12 @@ class ServerProtocol:
             except ValueError:
                 bad = None  # not a plain model: nothing qfl can check
             if bad is not None:
-                log(ERROR, "qfl: the aggregated model has NaN, Inf or values beyond %.3g in %s; keeping the previous "
-                    "model", MAX_VALUE, bad)
+                log(
+                    ERROR,
+                    "qfl: the aggregated model has NaN, Inf or values beyond %.3g in %s; keeping the previous model",
+                    MAX_VALUE,
+                    bad,
+                )
                 arrays = None
         return arrays, with_traffic(metrics, traffic)
 
@@ -525,8 +550,10 @@ class ServerProtocol:
             elif self.guard is not None and self.guard.max_update_norm is not None and n > self.guard.max_update_norm:
                 reason = f"update norm {n:.4g} exceeds max_update_norm={self.guard.max_update_norm:.4g}"
             elif reference is not None and n > self.guard.median_factor * reference:
-                reason = (f"update norm {n:.4g} exceeds {self.guard.median_factor:g} x the median norm "
-                          f"{reference:.4g} (UpdateGuard.median_factor)")
+                reason = (
+                    f"update norm {n:.4g} exceeds {self.guard.median_factor:g} x the median norm "
+                    f"{reference:.4g} (UpdateGuard.median_factor)"
+                )
             if reason is None:
                 out.append(cand)
             else:
@@ -538,8 +565,12 @@ class ServerProtocol:
     def limits_for(self, tensor) -> Limits:
         """Decoder limits for a reply's payload standing for ``tensor``: its own size."""
         n = tensor.numel()
-        return Limits(max_elements=min(self.limits.max_elements, n), max_ndim=self.limits.max_ndim,
-                      max_total_elements=min(self.limits.max_total_elements, n), max_expansion=None)
+        return Limits(
+            max_elements=min(self.limits.max_elements, n),
+            max_ndim=self.limits.max_ndim,
+            max_total_elements=min(self.limits.max_total_elements, n),
+            max_expansion=None,
+        )
 
     def full_uplink(self, msg: Message, model_bytes: int) -> int:
         """What plain Flower would have carried up for this reply.
@@ -560,8 +591,12 @@ class ServerProtocol:
         if info.replica is not None:
             version, dig = info.replica
             if not self.downlink.acknowledge(msg.metadata.src_node_id, version, dig):
-                log(WARNING, "qfl: node %s reports replica version %s with an unknown digest; it will be resynced",
-                    msg.metadata.src_node_id, version)
+                log(
+                    WARNING,
+                    "qfl: node %s reports replica version %s with an unknown digest; it will be resynced",
+                    msg.metadata.src_node_id,
+                    version,
+                )
 
     def strip(self, msg: Message) -> Message:
         """The reply without qfl's record (after acknowledging the replica it reports, if it parses)."""
@@ -573,8 +608,9 @@ class ServerProtocol:
             info = None
         if info is not None:
             self.acknowledge(msg, info)
-        return Message(content=RecordDict({k: v for k, v in msg.content.items() if k != REPLY_KEY}),
-                       metadata=msg.metadata)
+        return Message(
+            content=RecordDict({k: v for k, v in msg.content.items() if k != REPLY_KEY}), metadata=msg.metadata
+        )
 
 
 def _check_records(content: RecordDict, arrays: int, weight_key: str | None = None) -> None:

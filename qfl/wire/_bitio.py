@@ -15,7 +15,6 @@ import math
 import numba as nb
 import numpy as np
 
-
 # Status codes returned by decoders (Python maps them to WireFormatError messages).
 OK = 0
 ERR_OVERRUN = -1  # a code runs past the declared bit length

@@ -14,16 +14,50 @@ import numba as nb
 import numpy as np
 
 from ..compress.runtime import twin
-from ._bitio import ERR_CODE, ERR_OVERRUN, ERR_RANGE, ERR_TRAILING, OK, omega_code_slow, omega_lengths
-from ._bitio import _U1, _finish, _peek, _put, _put_long, _reader_at, _refill
+from ._bitio import (
+    _U1,
+    ERR_CODE,
+    ERR_OVERRUN,
+    ERR_RANGE,
+    ERR_TRAILING,
+    OK,
+    _finish,
+    _peek,
+    _put,
+    _put_long,
+    _reader_at,
+    _refill,
+    omega_code_slow,
+    omega_lengths,
+)
 from ._elias import (
-    BLOCK, elias_block_bits, elias_decode, elias_encode, elias_encode_if_smaller, elias_size_lower_bound,
+    BLOCK,
+    elias_block_bits,
+    elias_decode,
+    elias_encode,
+    elias_encode_if_smaller,
+    elias_size_lower_bound,
 )
 
 __all__ = [
-    "BLOCK", "ERR_CODE", "ERR_OVERRUN", "ERR_RANGE", "ERR_TRAILING", "OK", "elias_block_bits", "elias_decode",
-    "elias_encode", "elias_encode_if_smaller", "elias_size_lower_bound", "omega_code_slow", "omega_lengths",
-    "pack_fixed", "rice_bits", "rice_decode", "rice_encode", "unpack_fixed",
+    "BLOCK",
+    "ERR_CODE",
+    "ERR_OVERRUN",
+    "ERR_RANGE",
+    "ERR_TRAILING",
+    "OK",
+    "elias_block_bits",
+    "elias_decode",
+    "elias_encode",
+    "elias_encode_if_smaller",
+    "elias_size_lower_bound",
+    "omega_code_slow",
+    "omega_lengths",
+    "pack_fixed",
+    "rice_bits",
+    "rice_decode",
+    "rice_encode",
+    "unpack_fixed",
 ]
 
 

@@ -16,9 +16,21 @@ import numpy as np
 
 from ..compress.runtime import twin
 from ._bitio import (
-    DEC_LEN, DEC_VALUE, ERR_OVERRUN, ERR_RANGE, OK, _TABLE_BITS,
-    _TABLE_VALUES, _U1, _get_omega, _peek, _reader_at, _refill,
-    bit_length, omega_code_slow, omega_length,
+    _TABLE_BITS,
+    _TABLE_VALUES,
+    _U1,
+    DEC_LEN,
+    DEC_VALUE,
+    ERR_OVERRUN,
+    ERR_RANGE,
+    OK,
+    _get_omega,
+    _peek,
+    _reader_at,
+    _refill,
+    bit_length,
+    omega_code_slow,
+    omega_length,
 )
 
 #: Elements per independently coded block of an Elias level stream.
@@ -111,8 +123,15 @@ def _build_pair_table(triple):
         e2 = triple[rest]
         l2 = e2 & 31
         if l2 != 0 and l1 + l2 <= _FAST_BITS:
-            pair[t] = ((l1 + l2) | (neg1 << 4) | (((e2 >> 5) & 1) << 5) | (g1 << 6) | (m1 << 12)
-                       | (((e2 >> 6) & 0xFFF) << 18) | ((e2 >> 18) << 24))
+            pair[t] = (
+                (l1 + l2)
+                | (neg1 << 4)
+                | (((e2 >> 5) & 1) << 5)
+                | (g1 << 6)
+                | (m1 << 12)
+                | (((e2 >> 6) & 0xFFF) << 18)
+                | ((e2 >> 18) << 24)
+            )
         else:
             pair[t] = l1 | (neg1 << 4) | (neg1 << 5) | (g1 << 6) | (m1 << 12) | (m1 << 24)
     return pair
@@ -141,10 +160,16 @@ def _store_be64(buf, p, w):
 def _load_be64(buf, byte):
     """The 8 bytes at ``byte`` as a big-endian word (LLVM merges this into one movbe)."""
     u = np.uint64(byte)
-    return ((np.uint64(buf[u]) << np.uint64(56)) | (np.uint64(buf[u + np.uint64(1)]) << np.uint64(48))
-            | (np.uint64(buf[u + np.uint64(2)]) << np.uint64(40)) | (np.uint64(buf[u + np.uint64(3)]) << np.uint64(32))
-            | (np.uint64(buf[u + np.uint64(4)]) << np.uint64(24)) | (np.uint64(buf[u + np.uint64(5)]) << np.uint64(16))
-            | (np.uint64(buf[u + np.uint64(6)]) << np.uint64(8)) | np.uint64(buf[u + np.uint64(7)]))
+    return (
+        (np.uint64(buf[u]) << np.uint64(56))
+        | (np.uint64(buf[u + np.uint64(1)]) << np.uint64(48))
+        | (np.uint64(buf[u + np.uint64(2)]) << np.uint64(40))
+        | (np.uint64(buf[u + np.uint64(3)]) << np.uint64(32))
+        | (np.uint64(buf[u + np.uint64(4)]) << np.uint64(24))
+        | (np.uint64(buf[u + np.uint64(5)]) << np.uint64(16))
+        | (np.uint64(buf[u + np.uint64(6)]) << np.uint64(8))
+        | np.uint64(buf[u + np.uint64(7)])
+    )
 
 
 @nb.njit(inline="always", cache=True)
@@ -230,8 +255,16 @@ def _lb8(blk):
     nz = 0
     for i in range(blk.size):
         a = abs(np.int32(blk[i]))
-        t += (3 * np.int32(a >= 1) + 2 * np.int32(a >= 2) + 3 * np.int32(a >= 4) + np.int32(a >= 8)
-              + 4 * np.int32(a >= 16) + np.int32(a >= 32) + np.int32(a >= 64) + np.int32(a >= 128))
+        t += (
+            3 * np.int32(a >= 1)
+            + 2 * np.int32(a >= 2)
+            + 3 * np.int32(a >= 4)
+            + np.int32(a >= 8)
+            + 4 * np.int32(a >= 16)
+            + np.int32(a >= 32)
+            + np.int32(a >= 64)
+            + np.int32(a >= 128)
+        )
         nz += np.int32(a != 0)
     return np.int64(t), np.int64(nz)
 
@@ -258,7 +291,7 @@ def _block_bounds(levels, by_bits):
     lower = np.empty(nblk, np.int64)
     nonzero = np.empty(nblk, np.int64)
     for b in range(nblk):
-        blk = levels[b * BLOCK:min(b * BLOCK + BLOCK, n)]
+        blk = levels[b * BLOCK : min(b * BLOCK + BLOCK, n)]
         if levels.itemsize == 1:
             lower[b], nonzero[b] = _lb8(blk)
         else:
@@ -268,7 +301,7 @@ def _block_bounds(levels, by_bits):
 
 @nb.njit(inline="always", cache=True)
 def _encode_block(levels, b, starts, nonzero, scratch, bits, gap_code, gap_len, sm_code, sm_len):
-    blk = levels[b * BLOCK:min(b * BLOCK + BLOCK, levels.size)]
+    blk = levels[b * BLOCK : min(b * BLOCK + BLOCK, levels.size)]
     if nonzero[b] * _DENSE > blk.size:
         bits[b] = _encode_dense(blk, scratch, starts[b], gap_code, gap_len, sm_code, sm_len)
     elif nonzero[b]:
@@ -286,7 +319,9 @@ def _byte_at(src, s0, k):
     """Bits [k, k + 8) of the MSB-first bit string starting at byte s0 of src."""
     j = np.uint64(s0 + (k >> 3))
     sh = np.uint64(k & 7)
-    return np.uint8(((np.uint64(src[j]) << sh) | (np.uint64(src[j + np.uint64(1)]) >> (np.uint64(8) - sh))) & np.uint64(0xFF))
+    return np.uint8(
+        ((np.uint64(src[j]) << sh) | (np.uint64(src[j + np.uint64(1)]) >> (np.uint64(8) - sh))) & np.uint64(0xFF)
+    )
 
 
 @nb.njit(inline="always", cache=True)
@@ -310,8 +345,10 @@ def _copy_whole_bytes(scratch, s0, o, nbits, out):
         d += 8
         src += 8
     while d < d1:
-        out[d] = np.uint8(((np.uint64(scratch[np.uint64(src)]) << sh)
-                           | (np.uint64(scratch[np.uint64(src + 1)]) >> rsh)) & np.uint64(0xFF))
+        out[d] = np.uint8(
+            ((np.uint64(scratch[np.uint64(src)]) << sh) | (np.uint64(scratch[np.uint64(src + 1)]) >> rsh))
+            & np.uint64(0xFF)
+        )
         d += 1
         src += 1
 
@@ -401,7 +438,7 @@ def _elias_block_bits(levels, gap_len, sm_len):
     nblk = (n + BLOCK - 1) // BLOCK
     out = np.zeros(nblk, np.int64)
     for b in nb.prange(nblk):
-        blk = levels[b * BLOCK:min(b * BLOCK + BLOCK, n)]
+        blk = levels[b * BLOCK : min(b * BLOCK + BLOCK, n)]
         last = -1
         t = 0
         for i in range(blk.size):
@@ -446,8 +483,12 @@ def _decode_block(padded, pos, end, max_level, blk, pair, single, dec_value, dec
     while pos < end:
         if nw < 32:
             u = np.uint64(bp)
-            four = ((np.uint64(padded[u]) << np.uint64(24)) | (np.uint64(padded[u + np.uint64(1)]) << np.uint64(16))
-                    | (np.uint64(padded[u + np.uint64(2)]) << np.uint64(8)) | np.uint64(padded[u + np.uint64(3)]))
+            four = (
+                (np.uint64(padded[u]) << np.uint64(24))
+                | (np.uint64(padded[u + np.uint64(1)]) << np.uint64(16))
+                | (np.uint64(padded[u + np.uint64(2)]) << np.uint64(8))
+                | np.uint64(padded[u + np.uint64(3)])
+            )
             w |= four << np.uint64(32 - nw)
             nw += 32
             bp += 4
@@ -476,8 +517,12 @@ def _decode_block(padded, pos, end, max_level, blk, pair, single, dec_value, dec
             nw2 = nw - l1
             if nw2 < 17:
                 u = np.uint64(bp)
-                four = ((np.uint64(padded[u]) << np.uint64(24)) | (np.uint64(padded[u + np.uint64(1)]) << np.uint64(16))
-                        | (np.uint64(padded[u + np.uint64(2)]) << np.uint64(8)) | np.uint64(padded[u + np.uint64(3)]))
+                four = (
+                    (np.uint64(padded[u]) << np.uint64(24))
+                    | (np.uint64(padded[u + np.uint64(1)]) << np.uint64(16))
+                    | (np.uint64(padded[u + np.uint64(2)]) << np.uint64(8))
+                    | np.uint64(padded[u + np.uint64(3)])
+                )
                 w2 |= four << np.uint64(32 - nw2)
                 nw2 += 32
                 bp += 4
@@ -507,8 +552,17 @@ def _decode_block(padded, pos, end, max_level, blk, pair, single, dec_value, dec
 @twin
 def _decode_blocks(padded, offsets, n, max_level, out, status, pair, single, dec_value, dec_len):
     for b in nb.prange(status.size):
-        status[b] = _decode_block(padded, offsets[b], offsets[b + 1], max_level,
-                                  out[b * BLOCK:min(b * BLOCK + BLOCK, n)], pair, single, dec_value, dec_len)
+        status[b] = _decode_block(
+            padded,
+            offsets[b],
+            offsets[b + 1],
+            max_level,
+            out[b * BLOCK : min(b * BLOCK + BLOCK, n)],
+            pair,
+            single,
+            dec_value,
+            dec_len,
+        )
 
 
 def elias_block_bits(levels: np.ndarray) -> np.ndarray:

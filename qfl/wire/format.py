@@ -55,20 +55,43 @@ VERSION = 1
 
 #: Operator ids of format version 1. Never renumber: add new ids instead.
 OP_IDS: dict[type[Operator], int] = {
-    Identity: 1, FP16: 2, BF16: 3, QSGD: 4, Grid: 5, Sign: 6, TopK: 7, RandK: 8, Bernoulli: 9,
+    Identity: 1,
+    FP16: 2,
+    BF16: 3,
+    QSGD: 4,
+    Grid: 5,
+    Sign: 6,
+    TopK: 7,
+    RandK: 8,
+    Bernoulli: 9,
 }
 OPS_BY_ID = {v: k for k, v in OP_IDS.items()}
 
 #: dtype codes of format version 1.
 DTYPES: dict[torch.dtype, int] = {
-    torch.float32: 1, torch.float16: 2, torch.bfloat16: 3, torch.float64: 4, torch.uint8: 5,
-    torch.int8: 6, torch.int16: 7, torch.int32: 8, torch.int64: 9, torch.bool: 10,
+    torch.float32: 1,
+    torch.float16: 2,
+    torch.bfloat16: 3,
+    torch.float64: 4,
+    torch.uint8: 5,
+    torch.int8: 6,
+    torch.int16: 7,
+    torch.int32: 8,
+    torch.int64: 9,
+    torch.bool: 10,
 }
 DTYPES_BY_CODE = {v: k for k, v in DTYPES.items()}
 # numpy twins used to move raw bytes (bfloat16 travels as its 16 raw bits).
 _NP = {
-    torch.float32: "<f4", torch.float16: "<f2", torch.bfloat16: "<u2", torch.float64: "<f8",
-    torch.uint8: "u1", torch.int8: "i1", torch.int16: "<i2", torch.int32: "<i4", torch.int64: "<i8",
+    torch.float32: "<f4",
+    torch.float16: "<f2",
+    torch.bfloat16: "<u2",
+    torch.float64: "<f8",
+    torch.uint8: "u1",
+    torch.int8: "i1",
+    torch.int16: "<i2",
+    torch.int32: "<i4",
+    torch.int64: "<i8",
     torch.bool: "u1",
 }
 _BITS_VIEW = {torch.bfloat16: torch.int16, torch.bool: torch.uint8}
@@ -294,7 +317,7 @@ class _Decoder:
     def take(self, n: int, what: str) -> memoryview:
         if n < 0 or self.pos + n > len(self.data):
             raise self.fail(f"truncated: {what} needs {n} bytes, {len(self.data) - self.pos} left")
-        out = self.data[self.pos:self.pos + n]
+        out = self.data[self.pos : self.pos + n]
         self.pos += n
         return out
 
@@ -394,13 +417,12 @@ class _Decoder:
         elif mode == _LEVELS_ELIAS:
             nblk = (m + B.BLOCK - 1) // B.BLOCK
             remaining_bits = 8 * (len(self.data) - self.pos)
-            block_bits = np.array(
-                [self.varint("block length", remaining_bits) for _ in range(nblk)], np.int64
-            )
+            block_bits = np.array([self.varint("block length", remaining_bits) for _ in range(nblk)], np.int64)
             total = int(block_bits.sum())
             if total > 8 * (len(self.data) - self.pos):
-                raise self.fail(f"truncated: Elias block lengths add up to {total} bits, "
-                                f"{8 * (len(self.data) - self.pos)} left")
+                raise self.fail(
+                    f"truncated: Elias block lengths add up to {total} bits, {8 * (len(self.data) - self.pos)} left"
+                )
             buf = self.padded((total + 7) // 8, "Elias level stream")
             out = np.empty(m, level_dtype(max_level))
             status = B.elias_decode(buf, block_bits, m, max_level, out) if m else B.OK
@@ -490,9 +512,11 @@ def _content(data: memoryview, limits: Limits, allowed: int | None = None) -> Pa
     if n > limits.max_elements:
         raise dec.fail(f"declared shape {shape} has {n} elements, above the limit max_elements={limits.max_elements}")
     if allowed is not None and n > allowed:
-        raise dec.fail(f"declared shape {shape} has {n} elements, above what is left ({allowed}) of the limits "
-                       f"max_total_elements={limits.max_total_elements} and max_expansion={limits.max_expansion} "
-                       "elements per byte for all blobs of one array")
+        raise dec.fail(
+            f"declared shape {shape} has {n} elements, above what is left ({allowed}) of the limits "
+            f"max_total_elements={limits.max_total_elements} and max_expansion={limits.max_expansion} "
+            "elements per byte for all blobs of one array"
+        )
     sparsifier, value = _ops_of(op)
     if dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64) and not isinstance(op, Identity):
         raise dec.fail(f"{op} cannot apply to dtype {dtype}")
@@ -520,8 +544,8 @@ def _frame(view: memoryview, start: int) -> tuple[memoryview, int]:
     """(content of the blob starting at ``start``, offset just past it)."""
     if len(view) - start < 3:
         raise WireFormatError(f"truncated: {len(view) - start} bytes cannot hold a qfl header")
-    if bytes(view[start:start + 2]) != MAGIC:
-        raise WireFormatError(f"not a qfl payload: magic {bytes(view[start:start + 2])!r}, expected {MAGIC!r}")
+    if bytes(view[start : start + 2]) != MAGIC:
+        raise WireFormatError(f"not a qfl payload: magic {bytes(view[start : start + 2])!r}, expected {MAGIC!r}")
     if view[start + 2] != VERSION:
         raise WireFormatError(f"unsupported qfl wire format version {view[start + 2]} (this build reads {VERSION})")
     pos, length, shift = start + 3, 0, 0
@@ -538,8 +562,8 @@ def _frame(view: memoryview, start: int) -> tuple[memoryview, int]:
             raise WireFormatError("corrupt blob length field")
     if length < 4 or pos + length > len(view):
         raise WireFormatError(f"truncated: blob declares {length} bytes, {len(view) - pos} present")
-    (crc,) = struct.unpack("<I", view[pos:pos + 4])
-    content = view[pos + 4:pos + length]
+    (crc,) = struct.unpack("<I", view[pos : pos + 4])
+    content = view[pos + 4 : pos + length]
     if zlib.crc32(content) != crc:
         raise WireFormatError("checksum mismatch: the blob was corrupted in transit or storage")
     return content, pos + length

@@ -46,7 +46,6 @@ import collections
 import faulthandler
 import hashlib
 import json
-import os
 import random
 import re
 import struct
@@ -69,11 +68,32 @@ FUZZ_LIMITS = Limits(max_elements=1 << 18, max_ndim=8, max_total_elements=1 << 2
 BYTES_PER_ELEMENT = 32
 
 SPECS = (
-    "identity", "fp16", "bf16", "qsgd(16)", "qsgd(3, norm=max, bucket=32)", "qsgd(5000)", "qsgd(1073741824)",
-    "qsgd(2, bucket=1)", "grid(8)", "grid(3, bucket=7)", "grid(16)", "grid(2)", "sign", "topk(0.1)", "topk(k=3)",
-    "randk(0.1)", "randk(0.2, unbiased=true)", "bernoulli(0.1)", "bernoulli(budget=0.1)", "signtopk(0.1)",
-    "topk(0.1) | qsgd(4, damped=true)", "bernoulli(budget=0.05) | grid(4)", "randk(0.3) | fp16", "topk(0.2) | bf16",
-    "topk(0.9) | sign", "randk(k=5) | qsgd(7, bucket=3)",
+    "identity",
+    "fp16",
+    "bf16",
+    "qsgd(16)",
+    "qsgd(3, norm=max, bucket=32)",
+    "qsgd(5000)",
+    "qsgd(1073741824)",
+    "qsgd(2, bucket=1)",
+    "grid(8)",
+    "grid(3, bucket=7)",
+    "grid(16)",
+    "grid(2)",
+    "sign",
+    "topk(0.1)",
+    "topk(k=3)",
+    "randk(0.1)",
+    "randk(0.2, unbiased=true)",
+    "bernoulli(0.1)",
+    "bernoulli(budget=0.1)",
+    "signtopk(0.1)",
+    "topk(0.1) | qsgd(4, damped=true)",
+    "bernoulli(budget=0.05) | grid(4)",
+    "randk(0.3) | fp16",
+    "topk(0.2) | bf16",
+    "topk(0.9) | sign",
+    "randk(k=5) | qsgd(7, bucket=3)",
 )
 
 
@@ -107,7 +127,7 @@ def content_of(blob: bytes) -> bytes:
         shift += 7
         if not byte & 0x80:
             break
-    return blob[pos + 4:pos + length]
+    return blob[pos + 4 : pos + length]
 
 
 def to_blob(data: bytes) -> bytes:
@@ -145,8 +165,14 @@ def seed_corpus(seed: int = 0) -> list[bytes]:
                 x = x * (torch.rand(shape, generator=g) < 0.1)  # sparse levels: Elias coding
             blob = encode(op.compress(x, g))
             out.append(as_content_input(content_of(blob)))
-    for x in (torch.arange(40), torch.tensor([True, False, True]), torch.randint(-9, 9, (6,), dtype=torch.int8),
-              torch.tensor(7, dtype=torch.int16), torch.arange(5, dtype=torch.int32), torch.arange(3, dtype=torch.uint8)):
+    for x in (
+        torch.arange(40),
+        torch.tensor([True, False, True]),
+        torch.randint(-9, 9, (6,), dtype=torch.int8),
+        torch.tensor(7, dtype=torch.int16),
+        torch.arange(5, dtype=torch.int32),
+        torch.arange(3, dtype=torch.uint8),
+    ):
         out.append(as_content_input(content_of(encode(qfl.parse("identity").compress(x)))))
     # Raw inputs: concatenations (catch-up chains) and a corrupted checksum.
     x = torch.randn(100, generator=g)
@@ -192,8 +218,16 @@ def hostile_inputs(limits: Limits = FUZZ_LIMITS) -> dict[str, bytes]:
     nblk = -(-n // (1 << 16))
     pad = bytes(1 << 16)
     remaining = 8 * (4 * nblk + len(pad))
-    elias = (bytes([1]) + op + bytes([1, 1]) + varint(n) + struct.pack("<f", 1.0) + bytes([1])
-             + b"".join(_varint4(remaining) for _ in range(nblk)) + pad)
+    elias = (
+        bytes([1])
+        + op
+        + bytes([1, 1])
+        + varint(n)
+        + struct.pack("<f", 1.0)
+        + bytes([1])
+        + b"".join(_varint4(remaining) for _ in range(nblk))
+        + pad
+    )
     out["elias-block-lengths-overflow"] = frame(elias)
     # Top-k with a Rice stream length far beyond the blob.
     topk = bytes([1, 7, 2, 0, 1]) + varint(1 << 1) + bytes([1, 1]) + varint(n) + varint(1)  # topk(k=1), kept 1
@@ -237,7 +271,9 @@ def check_one(data: bytes, limits: Limits = FUZZ_LIMITS) -> str | None:
         try:
             again = decode(encode(p), limits)
         except WireFormatError as exc:
-            raise ContractViolation(f"a decoded payload ({p.op}, {p.shape}) does not survive re-encoding: {exc}") from None
+            raise ContractViolation(
+                f"a decoded payload ({p.op}, {p.shape}) does not survive re-encoding: {exc}"
+            ) from None
         z = again.decompress()
         if again.op != p.op or not torch.equal(_bits(y), _bits(z)):
             raise ContractViolation(f"re-encoding a decoded payload ({p.op}, {p.shape}) changes it")
@@ -310,13 +346,36 @@ def measure(data: bytes, limits: Limits = FUZZ_LIMITS) -> dict[str, float]:
         _, traced = tracemalloc.get_traced_memory()
         tracemalloc.stop()
     peak = rss.current_peak_kb() if rss.resettable else float("nan")
-    return {"seconds": seconds, "peak_rss_mb": (peak - before) / 1024, "tracemalloc_mb": traced / 2**20,
-            "rejected": outcome is not None, "reason": outcome or ""}
+    return {
+        "seconds": seconds,
+        "peak_rss_mb": (peak - before) / 1024,
+        "tracemalloc_mb": traced / 2**20,
+        "rejected": outcome is not None,
+        "reason": outcome or "",
+    }
 
 
 # ----------------------------------------------------------------------- mutation
-_INTERESTING = (0x00, 0x01, 0x02, 0x03, 0x07, 0x08, 0x0F, 0x10, 0x1F, 0x20, 0x3F, 0x40, 0x7E, 0x7F, 0x80, 0x81,
-                0xFE, 0xFF)
+_INTERESTING = (
+    0x00,
+    0x01,
+    0x02,
+    0x03,
+    0x07,
+    0x08,
+    0x0F,
+    0x10,
+    0x1F,
+    0x20,
+    0x3F,
+    0x40,
+    0x7E,
+    0x7F,
+    0x80,
+    0x81,
+    0xFE,
+    0xFF,
+)
 
 
 def mutate(data: bytes, rnd: random.Random, corpus: Sequence[bytes]) -> bytes:
@@ -333,10 +392,10 @@ def mutate(data: bytes, rnd: random.Random, corpus: Sequence[bytes]) -> bytes:
         elif choice == 2 and body:  # a random byte
             b[1 + rnd.randrange(body)] = rnd.randrange(256)
         elif choice == 3 and body:  # truncate
-            del b[1 + rnd.randrange(body):]
+            del b[1 + rnd.randrange(body) :]
         elif choice == 4 and body:  # delete a run
             i = 1 + rnd.randrange(body)
-            del b[i:i + rnd.randint(1, 8)]
+            del b[i : i + rnd.randint(1, 8)]
         elif choice == 5:  # insert bytes
             i = 1 + rnd.randrange(body + 1)
             b[i:i] = bytes(rnd.choice(_INTERESTING) for _ in range(rnd.randint(1, 8)))
@@ -345,8 +404,31 @@ def mutate(data: bytes, rnd: random.Random, corpus: Sequence[bytes]) -> bytes:
             j = i
             while j < len(b) and b[j] & 0x80 and j - i < 10:
                 j += 1
-            b[i:j + 1] = varint(rnd.choice([0, 1, 2, 63, 64, 127, 128, 255, 256, 65535, 65536, 1 << 20, 1 << 28,
-                                             (1 << 31) - 1, 1 << 32, (1 << 63) - 1, 1 << 63, (1 << 64) - 1, 1 << 70]))
+            b[i : j + 1] = varint(
+                rnd.choice(
+                    [
+                        0,
+                        1,
+                        2,
+                        63,
+                        64,
+                        127,
+                        128,
+                        255,
+                        256,
+                        65535,
+                        65536,
+                        1 << 20,
+                        1 << 28,
+                        (1 << 31) - 1,
+                        1 << 32,
+                        (1 << 63) - 1,
+                        1 << 63,
+                        (1 << 64) - 1,
+                        1 << 70,
+                    ]
+                )
+            )
         elif choice == 7 and body:  # add or subtract a little from a byte
             i = 1 + rnd.randrange(body)
             b[i] = (b[i] + rnd.choice([-2, -1, 1, 2])) % 256
@@ -357,7 +439,7 @@ def mutate(data: bytes, rnd: random.Random, corpus: Sequence[bytes]) -> bytes:
             b[i:] = other[j:]
         elif choice == 9 and body:  # duplicate a chunk
             i = 1 + rnd.randrange(body)
-            chunk = b[i:i + rnd.randint(1, 32)]
+            chunk = b[i : i + rnd.randint(1, 32)]
             b[i:i] = chunk
         elif choice == 10:  # switch between content and raw mode (raw mode: reframe the content)
             if b[0] % 2 == 0:
@@ -366,8 +448,10 @@ def mutate(data: bytes, rnd: random.Random, corpus: Sequence[bytes]) -> bytes:
                 b[0] = 0
         elif choice == 11 and body >= 4:  # overwrite a little-endian u32 / f32 with an edge value
             i = 1 + rnd.randrange(body - 3)
-            b[i:i + 4] = struct.pack("<I", rnd.choice([0, 1, 0x7F800000, 0x7FC00000, 0xFF800000, 0x80000000,
-                                                       0xFFFFFFFF, 0x00000001, 0x7F7FFFFF]))
+            b[i : i + 4] = struct.pack(
+                "<I",
+                rnd.choice([0, 1, 0x7F800000, 0x7FC00000, 0xFF800000, 0x80000000, 0xFFFFFFFF, 0x00000001, 0x7F7FFFFF]),
+            )
     return bytes(b)
 
 
@@ -387,7 +471,7 @@ class Findings:
         self.slowest = (0.0, b"")
         self.peak_kb = 0
         out.mkdir(parents=True, exist_ok=True)
-        self._current = open(out / "current-input", "wb")  # noqa: SIM115 - kept open for the run
+        self._current = open(out / "current-input", "wb")
 
     def record(self, kind: str, data: bytes, detail: str) -> None:
         name = f"{kind}-{hashlib.sha1(data).hexdigest()[:12]}"
@@ -407,7 +491,7 @@ class Findings:
         t0 = time.perf_counter()
         try:
             reason = check_one(data, self.limits)
-        except Exception as exc:  # noqa: BLE001 - every escaping exception is a finding
+        except Exception as exc:
             faulthandler.cancel_dump_traceback_later()
             kind = "contract" if isinstance(exc, ContractViolation) else f"escaped-{type(exc).__name__}"
             self.record(kind, data, traceback.format_exc())
@@ -427,15 +511,23 @@ class Findings:
         peak = self.rss.current_peak_kb()
         self.peak_kb = max(self.peak_kb, peak)
         if self.rss.resettable and peak - before > self.rss_budget_kb:
-            self.record("memory", data, f"peak RSS {peak - before} kB above {before} kB > budget {self.rss_budget_kb:.0f} kB")
+            self.record(
+                "memory", data, f"peak RSS {peak - before} kB above {before} kB > budget {self.rss_budget_kb:.0f} kB"
+            )
 
     def summary(self, engine: str, runs: int, seconds: float) -> dict:
         return {
-            "engine": engine, "inputs": runs, "seconds": round(seconds, 1), "accepted": self.accepted,
-            "rejected": self.rejected, "distinct_rejections": len(self.reasons),
-            "top_rejections": self.reasons.most_common(12), "slowest_input_s": round(self.slowest[0], 4),
-            "peak_rss_mb": round(self.peak_kb / 1024, 1), "limits": vars(self.limits) if hasattr(self.limits, "__dict__")
-            else str(self.limits), "findings": self.found,
+            "engine": engine,
+            "inputs": runs,
+            "seconds": round(seconds, 1),
+            "accepted": self.accepted,
+            "rejected": self.rejected,
+            "distinct_rejections": len(self.reasons),
+            "top_rejections": self.reasons.most_common(12),
+            "slowest_input_s": round(self.slowest[0], 4),
+            "peak_rss_mb": round(self.peak_kb / 1024, 1),
+            "limits": vars(self.limits) if hasattr(self.limits, "__dict__") else str(self.limits),
+            "findings": self.found,
         }
 
     def close(self) -> None:
@@ -448,8 +540,13 @@ def _reason_key(message: str) -> str:
     return re.sub(r"\d+", "N", message.split(" (at content byte")[0])[:100]
 
 
-def run_random(runs: int, findings: Findings, seed: int = 0, corpus: Sequence[bytes] | None = None,
-               progress: Callable[[int], None] | None = None) -> int:
+def run_random(
+    runs: int,
+    findings: Findings,
+    seed: int = 0,
+    corpus: Sequence[bytes] | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> int:
     """The fallback driver: mutate seeds (and inputs that decoded) for ``runs`` inputs."""
     rnd = random.Random(seed)
     pool = list(corpus if corpus is not None else seed_corpus(seed))
@@ -473,8 +570,15 @@ def run_atheris(runs: int, findings: Findings, seed: int, extra: Sequence[str]) 
     """Coverage-guided fuzzing with atheris/libFuzzer; exits the process when done."""
     import atheris
 
-    targets = {"qfl.wire.format", "qfl.compress.base", "qfl.compress.chain", "qfl.compress.payload",
-               "qfl.compress.quantizers", "qfl.compress.sparsifiers", "qfl.wire.fuzz"}
+    targets = {
+        "qfl.wire.format",
+        "qfl.compress.base",
+        "qfl.compress.chain",
+        "qfl.compress.payload",
+        "qfl.compress.quantizers",
+        "qfl.compress.sparsifiers",
+        "qfl.wire.fuzz",
+    }
     import gc
     import types
 
@@ -484,7 +588,7 @@ def run_atheris(runs: int, findings: Findings, seed: int, extra: Sequence[str]) 
             try:
                 atheris.instrument_func(obj)
                 count += 1
-            except Exception:  # noqa: BLE001 - some functions cannot be instrumented; skip them
+            except Exception:
                 pass
     corpus_dir = findings.out / "corpus"
     corpus_dir.mkdir(parents=True, exist_ok=True)
@@ -506,10 +610,19 @@ def run_atheris(runs: int, findings: Findings, seed: int, extra: Sequence[str]) 
             raise ContractViolation(findings.found[-1]["detail"])  # let libFuzzer save the crash and stop
         if executed[0] == runs:  # libFuzzer exits from C when done: no atexit handlers run
             report()
+
     print(f"atheris: instrumented {count} functions; corpus {corpus_dir}", file=sys.stderr, flush=True)
-    argv = [sys.argv[0], str(corpus_dir), f"-runs={runs}", f"-seed={seed or 1}",
-            f"-artifact_prefix={findings.out}/", f"-timeout={max(1, int(findings.timeout))}",
-            "-rss_limit_mb=4096", "-max_len=65536", *extra]
+    argv = [
+        sys.argv[0],
+        str(corpus_dir),
+        f"-runs={runs}",
+        f"-seed={seed or 1}",
+        f"-artifact_prefix={findings.out}/",
+        f"-timeout={max(1, int(findings.timeout))}",
+        "-rss_limit_mb=4096",
+        "-max_len=65536",
+        *extra,
+    ]
     atheris.Setup(argv, one)
     atheris.Fuzz()
 
@@ -528,8 +641,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     extra: list[str] = []
     if "--" in argv:
-        extra = argv[argv.index("--") + 1:]
-        argv = argv[:argv.index("--")]
+        extra = argv[argv.index("--") + 1 :]
+        argv = argv[: argv.index("--")]
     p = argparse.ArgumentParser(prog="python -m qfl.wire.fuzz", description=__doc__.split("\n\n")[0])
     p.add_argument("--runs", type=int, default=100_000, help="inputs to run (default 100000)")
     p.add_argument("--engine", choices=("auto", "atheris", "random"), default="auto")
@@ -537,13 +650,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=5.0, help="seconds per input before it counts as a hang")
     p.add_argument("--max-elements", type=int, default=FUZZ_LIMITS.max_elements)
     p.add_argument("--max-total-elements", type=int, default=FUZZ_LIMITS.max_total_elements)
-    p.add_argument("--rss-budget-mb", type=float, default=64.0,
-                   help=f"per-input peak RSS allowed, plus {BYTES_PER_ELEMENT} bytes per max-total element")
+    p.add_argument(
+        "--rss-budget-mb",
+        type=float,
+        default=64.0,
+        help=f"per-input peak RSS allowed, plus {BYTES_PER_ELEMENT} bytes per max-total element",
+    )
     p.add_argument("--out", default="fuzz-findings", help="directory for findings (and the atheris corpus)")
     p.add_argument("--replay", nargs="*", type=Path, help="re-check saved inputs instead of fuzzing")
     args = p.parse_args(argv)
-    limits = Limits(max_elements=args.max_elements, max_ndim=FUZZ_LIMITS.max_ndim,
-                    max_total_elements=args.max_total_elements)
+    limits = Limits(
+        max_elements=args.max_elements, max_ndim=FUZZ_LIMITS.max_ndim, max_total_elements=args.max_total_elements
+    )
     findings = Findings(Path(args.out), limits, args.timeout, args.rss_budget_mb)
     # Warm up: the first decode of each kind compiles (or loads) numba kernels, which
     # must not count against the per-input time limit.
@@ -558,15 +676,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         if engine == "auto":
             try:
                 import atheris  # noqa: F401
+
                 engine = "atheris"
             except ImportError:
                 engine = "random"
                 print("atheris is not installed: using the fallback mutation driver", file=sys.stderr)
         if engine == "atheris":
             run_atheris(args.runs, findings, args.seed, extra)  # does not return
-        n = run_random(args.runs, findings, args.seed,
-                       progress=lambda i: print(f"  {i} inputs, {len(findings.found)} findings, "
-                                                f"{time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True))
+        n = run_random(
+            args.runs,
+            findings,
+            args.seed,
+            progress=lambda i: print(
+                f"  {i} inputs, {len(findings.found)} findings, {time.perf_counter() - started:.0f} s",
+                file=sys.stderr,
+                flush=True,
+            ),
+        )
     findings.close()
     summary = findings.summary(engine, n, time.perf_counter() - started)
     (findings.out / "summary.json").write_text(json.dumps(summary, indent=1))

@@ -74,8 +74,17 @@ class Deployment:
 
 def _qfl_totals(out: Path, labels: Sequence[str]) -> dict[str, int]:
     """qfl's own accounting summed over the methods' result files (what exists)."""
-    keys = ("uplink_bytes", "downlink_bytes", "uplink_full_bytes", "downlink_full_bytes",
-            "messages", "replies", "resyncs", "dropped", "failures")
+    keys = (
+        "uplink_bytes",
+        "downlink_bytes",
+        "uplink_full_bytes",
+        "downlink_full_bytes",
+        "messages",
+        "replies",
+        "resyncs",
+        "dropped",
+        "failures",
+    )
     totals = dict.fromkeys(keys, 0)
     for label in labels:
         path = out / f"{label}.json"
@@ -109,8 +118,10 @@ def flower_record(fed: Any, run: Any, out: Path, labels: Sequence[str], wall_tim
         "tls": fed.tls,
         "auth": fed.supernode_auth,
         "methods": list(labels),
-        "supernodes": [{"index": n.index, "node_id": n.node_id, "starts": n.starts, "node_config": n.node_config}
-                       for n in fed.supernodes],
+        "supernodes": [
+            {"index": n.index, "node_id": n.node_id, "starts": n.starts, "node_config": n.node_config}
+            for n in fed.supernodes
+        ],
         "network_traffic": (run.status or {}).get("network-traffic"),
         "compute_time": (run.status or {}).get("compute-time"),
         "qfl": qfl,
@@ -161,6 +172,7 @@ def restart_after(node: int, after_round: int, label: str, poll: float = 0.2) ->
     The restarted SuperNode has lost its ``context.state`` (replica, error memory);
     the server resyncs it with a full model.
     """
+
     def hook(fed: Any, out: Path, done: threading.Event) -> None:
         progress = out / f"{label}.progress.jsonl"
         while True:
@@ -175,16 +187,30 @@ def restart_after(node: int, after_round: int, label: str, poll: float = 0.2) ->
                 raise RuntimeError(f"the run ended before round {after_round}: SuperNode {node} was not restarted")
         old = fed.supernodes[node].node_id
         fed.restart_supernode(node)
-        print(f"  [deploy] restarted SuperNode {node} after round {after_round} "
-              f"(node id {old} -> {fed.supernodes[node].node_id})", flush=True)
+        print(
+            f"  [deploy] restarted SuperNode {node} after round {after_round} "
+            f"(node id {old} -> {fed.supernodes[node].node_id})",
+            flush=True,
+        )
 
     return hook
 
 
-def run_deployment(methods: Sequence[str], common: dict[str, Any], out: str | Path, *, nodes: int = 2,
-                   tls: bool = False, auth: bool = False, timeout: float = 3600, keep_logs: bool = False,
-                   during: During | None = None, env: dict[str, str] | None = None,
-                   show_commands: bool = False, stream=sys.stdout) -> Deployment:
+def run_deployment(
+    methods: Sequence[str],
+    common: dict[str, Any],
+    out: str | Path,
+    *,
+    nodes: int = 2,
+    tls: bool = False,
+    auth: bool = False,
+    timeout: float = 3600,
+    keep_logs: bool = False,
+    during: During | None = None,
+    env: dict[str, str] | None = None,
+    show_commands: bool = False,
+    stream=sys.stdout,
+) -> Deployment:
     """Start SuperLink + ``nodes`` SuperNodes, run the methods in one ``flwr run``, stop everything.
 
     ``common`` is the run config (``num-clients`` is set to ``nodes``); ``timeout`` is
@@ -211,21 +237,35 @@ def run_deployment(methods: Sequence[str], common: dict[str, Any], out: str | Pa
 
     started = time.perf_counter()
     security = "TLS + SuperNode auth" if auth else ("TLS" if tls else "insecure")
-    print(f"== deploying {', '.join(labels)}: {rounds} rounds, {nodes} SuperNodes ({security})", file=stream,
-          flush=True)
+    print(
+        f"== deploying {', '.join(labels)}: {rounds} rounds, {nodes} SuperNodes ({security})", file=stream, flush=True
+    )
     progress = Progress(out, labels, dict.fromkeys(labels, rounds), stream=stream)
     errors: list[str] = []
     logs: Path | None = None
     # FLWR_HOME (config, installed FABs, logs) lives in a temp dir removed at the end in
     # every case; the logs of a failed run are copied to <out>/flower-logs first.
     with _signals_as_interrupts(), tempfile.TemporaryDirectory(prefix="qfl-deploy-") as tmp:
-        fed = LoopbackFederation(num_supernodes=nodes, tls=tls, supernode_auth=auth, env=env,
-                              flwr_home=Path(tmp) / "flwr")
+        fed = LoopbackFederation(
+            num_supernodes=nodes, tls=tls, supernode_auth=auth, env=env, flwr_home=Path(tmp) / "flwr"
+        )
         failed = True
         try:
             with fed:
-                run, status = _run(fed, write_app(Path(tmp) / "app"), config, labels, out,
-                                   timeout * len(labels), progress, during, errors, show_commands, started, stream)
+                run, status = _run(
+                    fed,
+                    write_app(Path(tmp) / "app"),
+                    config,
+                    labels,
+                    out,
+                    timeout * len(labels),
+                    progress,
+                    during,
+                    errors,
+                    show_commands,
+                    started,
+                    stream,
+                )
                 record = flower_record(fed, run, out, labels, time.perf_counter() - started)
             failed = not run.ok or not all(status.values()) or bool(errors)
         except KeyboardInterrupt:
@@ -243,18 +283,34 @@ def run_deployment(methods: Sequence[str], common: dict[str, Any], out: str | Pa
     return result
 
 
-def _run(fed: Any, app: Path, config: dict[str, Any], labels: list[str], out: Path, timeout: float,
-         progress: Progress, during: During | None, errors: list[str], show_commands: bool, started: float,
-         stream) -> tuple[Any, dict[str, bool]]:
+def _run(
+    fed: Any,
+    app: Path,
+    config: dict[str, Any],
+    labels: list[str],
+    out: Path,
+    timeout: float,
+    progress: Progress,
+    during: During | None,
+    errors: list[str],
+    show_commands: bool,
+    started: float,
+    stream,
+) -> tuple[Any, dict[str, bool]]:
     """The part of :func:`run_deployment` that runs on a started federation."""
-    print(f"   SuperLink {fed.address} ({fed.transport}, flwr {flwr_version()}), SuperNodes: "
-          + ", ".join(f"{n.index}=node {n.node_id}" for n in fed.supernodes)
-          + f" [{time.perf_counter() - started:.0f} s]", file=stream, flush=True)
+    print(
+        f"   SuperLink {fed.address} ({fed.transport}, flwr {flwr_version()}), SuperNodes: "
+        + ", ".join(f"{n.index}=node {n.node_id}" for n in fed.supernodes)
+        + f" [{time.perf_counter() - started:.0f} s]",
+        file=stream,
+        flush=True,
+    )
     if show_commands:
         print("   " + fed.describe().replace("\n", "\n   "), file=stream, flush=True)
     done = threading.Event()
     hook_thread = None
     if during is not None:
+
         def call_hook() -> None:
             try:
                 during(fed, out, done)
@@ -285,11 +341,19 @@ def _run(fed: Any, app: Path, config: dict[str, Any], labels: list[str], out: Pa
 
 def _print_summary(dep: Deployment, stream) -> None:
     rec, q = dep.record, dep.record["qfl"]
-    print(f"== finished in {rec['wall_seconds']:.0f} s (run {rec['run_id']}: {rec['status']}): "
-          + ", ".join(f"{k} {'ok' if v else 'FAILED'}" for k, v in dep.status.items()), file=stream, flush=True)
-    print(f"   qfl: uplink {human_bytes(q['uplink_bytes'])} ({q['replies']} replies), downlink "
-          f"{human_bytes(q['downlink_bytes'])} ({q['messages']} messages, {q['resyncs']} full), "
-          f"{q['dropped']} dropped, {q['failures']} failed", file=stream, flush=True)
+    print(
+        f"== finished in {rec['wall_seconds']:.0f} s (run {rec['run_id']}: {rec['status']}): "
+        + ", ".join(f"{k} {'ok' if v else 'FAILED'}" for k, v in dep.status.items()),
+        file=stream,
+        flush=True,
+    )
+    print(
+        f"   qfl: uplink {human_bytes(q['uplink_bytes'])} ({q['replies']} replies), downlink "
+        f"{human_bytes(q['downlink_bytes'])} ({q['messages']} messages, {q['resyncs']} full), "
+        f"{q['dropped']} dropped, {q['failures']} failed",
+        file=stream,
+        flush=True,
+    )
     nt = rec.get("network_traffic")
     if nt:
         ratio = rec["flower_vs_qfl"]
@@ -297,17 +361,24 @@ def _print_summary(dep: Deployment, stream) -> None:
         def times(x):
             return f"x{x:.2f}" if x else "n/a"
 
-        print(f"   Flower Fleet API: inbound {human_bytes(nt['inbound-bytes'])} ({times(ratio['inbound_per_uplink'])} "
-              f"qfl uplink), outbound {human_bytes(nt['outbound-bytes'])} ({times(ratio['outbound_per_downlink'])} "
-              "qfl downlink)", file=stream, flush=True)
+        print(
+            f"   Flower Fleet API: inbound {human_bytes(nt['inbound-bytes'])} ({times(ratio['inbound_per_uplink'])} "
+            f"qfl uplink), outbound {human_bytes(nt['outbound-bytes'])} ({times(ratio['outbound_per_downlink'])} "
+            "qfl downlink)",
+            file=stream,
+            flush=True,
+        )
     for err in dep.errors:
         print(f"   {err}", file=stream, flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line entry point; returns the exit code (130 when interrupted)."""
-    p = argparse.ArgumentParser(prog="python tools/deploy.py", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python tools/deploy.py",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawTextHelpFormatter,
+    )
     p.add_argument("--methods", default="qsparse", help="comma-separated presets (and/or 'custom')")
     p.add_argument("--nodes", type=int, default=2, help="SuperNodes to start (= num-clients)")
     p.add_argument("--rounds", type=int, default=5)
@@ -316,8 +387,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--alpha", type=float, default=Settings.alpha, help="Dirichlet concentration")
     p.add_argument("--partitioning", default=Settings.partitioning)
     p.add_argument("--seed", type=int, default=Settings.seed)
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="any other run-config key, in flwr run's --run-config syntax (quote strings)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any other run-config key, in flwr run's --run-config syntax (quote strings)",
+    )
     p.add_argument("--tls", action="store_true", help="TLS with a throwaway CA for localhost")
     p.add_argument("--auth", action="store_true", help="SuperNode authentication (implies --tls)")
     p.add_argument("--restart", metavar="NODE@ROUND", help="restart SuperNode NODE after round ROUND (first method)")
@@ -331,9 +407,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         extra = parse_set(args.set)
     except ValueError as exc:
         p.error(str(exc))
-    common = {"num-server-rounds": args.rounds, "num-clients": args.nodes, "fraction-train": args.fraction,
-              "local-steps": args.local_steps, "alpha": args.alpha, "partitioning": args.partitioning,
-              "seed": args.seed, **extra}
+    common = {
+        "num-server-rounds": args.rounds,
+        "num-clients": args.nodes,
+        "fraction-train": args.fraction,
+        "local-steps": args.local_steps,
+        "alpha": args.alpha,
+        "partitioning": args.partitioning,
+        "seed": args.seed,
+        **extra,
+    }
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     during = None
     if args.restart:
@@ -342,9 +425,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             p.error(f"--restart expects NODE@ROUND with NODE < {args.nodes}, got {args.restart!r}")
         during = restart_after(int(node), int(after), methods[0])
     try:
-        dep = run_deployment(methods, common, args.out, nodes=args.nodes, tls=args.tls or args.auth,
-                             auth=args.auth, timeout=args.timeout, keep_logs=args.keep_logs, during=during,
-                             show_commands=args.show_commands)
+        dep = run_deployment(
+            methods,
+            common,
+            args.out,
+            nodes=args.nodes,
+            tls=args.tls or args.auth,
+            auth=args.auth,
+            timeout=args.timeout,
+            keep_logs=args.keep_logs,
+            during=during,
+            show_commands=args.show_commands,
+        )
     except KeyboardInterrupt:
         print("== interrupted: every process started was stopped", file=sys.stderr, flush=True)
         return 130

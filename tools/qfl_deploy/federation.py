@@ -78,10 +78,15 @@ def write_supernode_keys(directory: str | Path, name: str) -> NodeKeys:
     out.mkdir(parents=True, exist_ok=True)
     key = ec.generate_private_key(ec.SECP384R1())
     keys = NodeKeys(out / name, out / f"{name}.pub")
-    _write_private(keys.private_key, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                                                       serialization.NoEncryption()))
-    keys.public_key.write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH,
-                                                              serialization.PublicFormat.OpenSSH) + b"\n")
+    _write_private(
+        keys.private_key,
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+        ),
+    )
+    keys.public_key.write_bytes(
+        key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH) + b"\n"
+    )
     return keys
 
 
@@ -125,9 +130,16 @@ class LoopbackFederation(LocalFederation):
     SuperNode a key pair registered with ``flwr supernode register`` before it starts.
     """
 
-    def __init__(self, num_supernodes: int = 2, *, tls: bool = False, supernode_auth: bool = False,
-                 node_config: Mapping[str, Any] | None = None, supernode_args: Sequence[str] = (),
-                 **kwargs: Any) -> None:
+    def __init__(
+        self,
+        num_supernodes: int = 2,
+        *,
+        tls: bool = False,
+        supernode_auth: bool = False,
+        node_config: Mapping[str, Any] | None = None,
+        supernode_args: Sequence[str] = (),
+        **kwargs: Any,
+    ) -> None:
         if supernode_auth and not tls:
             raise ValueError("SuperNode authentication requires tls=True (Flower's rule)")
         super().__init__(num_supernodes, **kwargs)
@@ -161,8 +173,16 @@ class LoopbackFederation(LocalFederation):
         """The ``flower-supernode`` argv of ``node``."""
         argv = [flwr_executable("flower-supernode")]
         argv += ["--insecure"] if self.tls_files is None else ["--root-certificates", str(self.tls_files.ca_cert)]
-        argv += ["--superlink", self.fleet_address, "--host", self.host, "--port", str(node.runtime_port),
-                 "--node-config", self.config_file(f"{node.name}.node", node.node_config)]
+        argv += [
+            "--superlink",
+            self.fleet_address,
+            "--host",
+            self.host,
+            "--port",
+            str(node.runtime_port),
+            "--node-config",
+            self.config_file(f"{node.name}.node", node.node_config),
+        ]
         if node.keys is not None:
             argv += ["--auth-supernode-private-key", str(node.keys.private_key)]
         return argv + self.supernode_args + node.extra_args
@@ -175,15 +195,23 @@ class LoopbackFederation(LocalFederation):
         node.starts += 1
         node.node_id = None
         suffix = "" if node.starts == 1 else f".{node.starts - 1}"
-        node.process = self.spawn(f"{node.name}{suffix}", self.supernode_command(node),
-                                  flwr_home=self.flwr_home / node.name)  # SuperNodes install FABs non-atomically
+        node.process = self.spawn(
+            f"{node.name}{suffix}", self.supernode_command(node), flwr_home=self.flwr_home / node.name
+        )  # SuperNodes install FABs non-atomically
 
     def _wait_supernode(self, node: SuperNodeHandle, timeout: float | None = None) -> None:
         assert node.process is not None
         node.node_id = int(node.process.wait_for_log(_NODE_ID_RE.pattern, timeout or self.startup_timeout).group(1))
 
-    def add_supernode(self, node_config: Mapping[str, Any] | None = None, *, register: bool = True,
-                      key: bool = True, wait: bool = True, extra_args: Sequence[str] = ()) -> SuperNodeHandle:
+    def add_supernode(
+        self,
+        node_config: Mapping[str, Any] | None = None,
+        *,
+        register: bool = True,
+        key: bool = True,
+        wait: bool = True,
+        extra_args: Sequence[str] = (),
+    ) -> SuperNodeHandle:
         """Start one more SuperNode.
 
         With SuperNode auth, ``register=False`` gives it a key the SuperLink does not
@@ -196,8 +224,11 @@ class LoopbackFederation(LocalFederation):
         if not self._started:
             raise FederationError("start() the federation first")
         index = len(self.supernodes)
-        config = dict(node_config) if node_config is not None else {
-            "partition-id": index, "num-partitions": self.num_supernodes, **self.node_config}
+        config = (
+            dict(node_config)
+            if node_config is not None
+            else {"partition-id": index, "num-partitions": self.num_supernodes, **self.node_config}
+        )
         taken = {n.runtime_port for n in self.supernodes}  # a stopped SuperNode's port comes back on restart
         port = next(p for p in free_ports(len(taken) + 1, self.host) if p not in taken)
         node = SuperNodeHandle(index=index, node_config=config, runtime_port=port, extra_args=list(extra_args))
@@ -222,14 +253,16 @@ class LoopbackFederation(LocalFederation):
         try:
             rc = node.process.wait(timeout)
         except subprocess.TimeoutExpired as err:
-            raise FederationError(f"{node.name} still running after {timeout:.0f}s:\n"
-                                  f"{node.process.log_tail()}") from err
+            raise FederationError(
+                f"{node.name} still running after {timeout:.0f}s:\n{node.process.log_tail()}"
+            ) from err
         text = node.process.log_text()
         if _NODE_ID_RE.search(text):
             raise FederationError(f"{node.name} was accepted before it exited")
         if rc == 0 or not REFUSED_LOG_RE.search(text):
-            raise FederationError(f"{node.name} exited with {rc} but not because it was refused:\n"
-                                  f"{node.process.log_tail()}")
+            raise FederationError(
+                f"{node.name} exited with {rc} but not because it was refused:\n{node.process.log_tail()}"
+            )
         return rc
 
     def stop_supernode(self, index: int, grace: float = 5.0) -> int | None:

@@ -34,20 +34,29 @@ def main(grid: Grid, context: Context) -> None:
         raise ValueError(f"inner must be 'fedavg' or 'fedadam', got {inner_name!r}")
     strategy = inner
     if bool(cfg["wrap"]):
-        strategy = Compressed(inner, uplink=str(cfg["uplink"]) or None, downlink=str(cfg["downlink"]) or None,
-                              error_feedback=bool(cfg["error-feedback"]), min_elements=int(cfg["min-elements"]),
-                              seed=int(cfg["seed"]))
-    result = strategy.start(grid=grid, initial_arrays=ArrayRecord(tiny_model().state_dict()),
-                            num_rounds=int(cfg["num-server-rounds"]),
-                            train_config=ConfigRecord({"lr": float(cfg["lr"]), "local-steps": int(cfg["local-steps"])}))
+        strategy = Compressed(
+            inner,
+            uplink=str(cfg["uplink"]) or None,
+            downlink=str(cfg["downlink"]) or None,
+            error_feedback=bool(cfg["error-feedback"]),
+            min_elements=int(cfg["min-elements"]),
+            seed=int(cfg["seed"]),
+        )
+    result = strategy.start(
+        grid=grid,
+        initial_arrays=ArrayRecord(tiny_model().state_dict()),
+        num_rounds=int(cfg["num-server-rounds"]),
+        train_config=ConfigRecord({"lr": float(cfg["lr"]), "local-steps": int(cfg["local-steps"])}),
+    )
     traffic = getattr(strategy, "traffic", None)
     summary = {
         "final": {k: t.double().flatten().tolist() for k, t in to_tensors(result.arrays).items()},
         "dtypes": {k: str(t.dtype) for k, t in to_tensors(result.arrays).items()},
         "eval_loss": {str(r): float(m["eval_loss"]) for r, m in result.evaluate_metrics_clientapp.items()},
         "train": {str(r): dict(m) for r, m in result.train_metrics_clientapp.items()},
-        "traffic": None if traffic is None else
-        {f"{r}/{phase}": asdict(t) for (r, phase), t in sorted(traffic.rounds.items())},
+        "traffic": None
+        if traffic is None
+        else {f"{r}/{phase}": asdict(t) for (r, phase), t in sorted(traffic.rounds.items())},
     }
     path = str(cfg["result-path"])
     if path:

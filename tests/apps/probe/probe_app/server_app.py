@@ -52,13 +52,8 @@ def main(grid: Grid, context: Context) -> None:
         "run-id": context.run_id,
         "num-rounds": num_rounds,
         "final-mean": float(np.mean(final)),
-        "train-metrics": {
-            str(rnd): dict(rec) for rnd, rec in result.train_metrics_clientapp.items()
-        },
-        "evaluate-metrics": {
-            str(rnd): dict(rec)
-            for rnd, rec in result.evaluate_metrics_clientapp.items()
-        },
+        "train-metrics": {str(rnd): dict(rec) for rnd, rec in result.train_metrics_clientapp.items()},
+        "evaluate-metrics": {str(rnd): dict(rec) for rnd, rec in result.evaluate_metrics_clientapp.items()},
         "node-ids": sorted(int(n) for n in grid.get_node_ids()),
         "serverapp-pid": os.getpid(),
     }

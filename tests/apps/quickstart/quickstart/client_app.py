@@ -14,8 +14,12 @@ app = ClientApp(mods=[compression_mod])
 
 def _data(context: Context):
     cfg = context.run_config
-    return load_data(int(context.node_config["partition-id"]), int(context.node_config["num-partitions"]),
-                     int(cfg["batch-size"]), int(cfg["max-samples"]))
+    return load_data(
+        int(context.node_config["partition-id"]),
+        int(context.node_config["num-partitions"]),
+        int(cfg["batch-size"]),
+        int(cfg["max-samples"]),
+    )
 
 
 @app.train()
@@ -24,10 +28,12 @@ def train(msg: Message, context: Context) -> Message:
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     trainloader, _ = _data(context)
     loss = train_fn(model, trainloader, int(context.run_config["local-epochs"]), float(msg.content["config"]["lr"]))
-    content = RecordDict({
-        "arrays": ArrayRecord(model.state_dict()),
-        "metrics": MetricRecord({"train_loss": loss, "num-examples": len(trainloader.dataset)}),
-    })
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord(model.state_dict()),
+            "metrics": MetricRecord({"train_loss": loss, "num-examples": len(trainloader.dataset)}),
+        }
+    )
     return Message(content=content, reply_to=msg)
 
 
@@ -37,6 +43,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     _, testloader = _data(context)
     loss, acc = test_fn(model, testloader)
-    content = RecordDict({"metrics": MetricRecord({"eval_loss": loss, "eval_acc": acc,
-                                                   "num-examples": len(testloader.dataset)})})
+    content = RecordDict(
+        {"metrics": MetricRecord({"eval_loss": loss, "eval_acc": acc, "num-examples": len(testloader.dataset)})}
+    )
     return Message(content=content, reply_to=msg)

@@ -27,13 +27,20 @@ def main(grid: Grid, context: Context) -> None:
     cfg = context.run_config
     torch.manual_seed(int(cfg["seed"]))
     momentum = float(cfg["server-momentum"])
-    inner = (FedAvgMomentum(fraction_train=float(cfg["fraction-train"]), server_momentum=momentum) if momentum
-             else FedAvg(fraction_train=float(cfg["fraction-train"])))
-    strategy = inner if cfg["plain"] else Compressed(
-        inner,
-        uplink=str(cfg["uplink"]),
-        downlink=str(cfg["downlink"]),
-        min_elements=256,
+    inner = (
+        FedAvgMomentum(fraction_train=float(cfg["fraction-train"]), server_momentum=momentum)
+        if momentum
+        else FedAvg(fraction_train=float(cfg["fraction-train"]))
+    )
+    strategy = (
+        inner
+        if cfg["plain"]
+        else Compressed(
+            inner,
+            uplink=str(cfg["uplink"]),
+            downlink=str(cfg["downlink"]),
+            min_elements=256,
+        )
     )
     central = {}
     samples = int(cfg["test-samples"])
@@ -49,15 +56,33 @@ def main(grid: Grid, context: Context) -> None:
         return MetricRecord({"central_acc": acc})
 
     init = Net()
-    result = strategy.start(grid=grid, initial_arrays=ArrayRecord(init.state_dict()),
-                            num_rounds=int(cfg["num-server-rounds"]), train_config=ConfigRecord({"lr": float(cfg["lr"])}),
-                            evaluate_fn=evaluate if samples else None)
+    result = strategy.start(
+        grid=grid,
+        initial_arrays=ArrayRecord(init.state_dict()),
+        num_rounds=int(cfg["num-server-rounds"]),
+        train_config=ConfigRecord({"lr": float(cfg["lr"])}),
+        evaluate_fn=evaluate if samples else None,
+    )
     if cfg["result-path"]:
         total = strategy.traffic.total() if isinstance(strategy, Compressed) else None
         with open(str(cfg["result-path"]), "w") as f:
-            json.dump({"eval": {r: dict(m) for r, m in result.evaluate_metrics_clientapp.items()},
-                       "train": {r: dict(m) for r, m in result.train_metrics_clientapp.items()},
-                       "central": central,
-                       **({"uplink": total.uplink, "uplink_full": total.uplink_full,
-                           "downlink": total.downlink, "downlink_full": total.downlink_full,
-                           "dropped": total.dropped, "resyncs": total.resyncs} if total else {})}, f)
+            json.dump(
+                {
+                    "eval": {r: dict(m) for r, m in result.evaluate_metrics_clientapp.items()},
+                    "train": {r: dict(m) for r, m in result.train_metrics_clientapp.items()},
+                    "central": central,
+                    **(
+                        {
+                            "uplink": total.uplink,
+                            "uplink_full": total.uplink_full,
+                            "downlink": total.downlink,
+                            "downlink_full": total.downlink_full,
+                            "dropped": total.dropped,
+                            "resyncs": total.resyncs,
+                        }
+                        if total
+                        else {}
+                    ),
+                },
+                f,
+            )
