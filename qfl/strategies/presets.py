@@ -169,7 +169,7 @@ class Setting:
 
     uplink: str
     downlink: str
-    downlink_initial: str
+    downlink_initial: str | None
     server_momentum: float
 
     def build(self, *, seed: int = 0, min_elements: int = MIN_ELEMENTS, **inner: Any) -> Compressed:
@@ -196,6 +196,17 @@ RECOMMENDED = Setting(
     uplink=qsparse_uplink(0.01, 4),
     downlink=SPARSE_DOWNLINK,
     downlink_initial="grid(8)",
+    server_momentum=SPARSE_SERVER_MOMENTUM,
+)
+
+#: For runs of ~10-15 rounds in which every client trains every round (Flower's
+#: quickstart shape): top-1% needs tens of rounds to carry an update through error
+#: memory, top-10% catches up with plain Flower within 1.5x its rounds at ~20x fewer
+#: bytes per round each way (benchmarks/quickstart.py, benchmarks/ACCURACY.md).
+FEW_ROUNDS = Setting(
+    uplink=qsparse_uplink(0.1, 4),
+    downlink="delta | topk(0.2) | qsgd(levels=15, bucket=512)",
+    downlink_initial=None,
     server_momentum=SPARSE_SERVER_MOMENTUM,
 )
 
@@ -451,6 +462,7 @@ PRESETS: dict[str, Callable[..., Compressed]] = {
     "qsparse": qsparse,
     "qsparse_sign": lambda **kw: qsparse(sign=True, **kw),
     "recommended": lambda **kw: RECOMMENDED.build(**kw),
+    "few_rounds": lambda **kw: FEW_ROUNDS.build(**kw),
     "double_quant": double_quant,
     "sparse_double_quant": sparse_double_quant,
     "acc_double_quant": acc_double_quant,
