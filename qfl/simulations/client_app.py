@@ -22,11 +22,11 @@ import time
 from pathlib import Path
 
 import torch
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message, MessageType, MetricRecord, RecordDict
 
 import qfl
 
-from ..clients import make_client_app
+from ..clients import compression_mod, make_client_app
 from ..clients.state import held_memory, replica_info
 from .models import build_model
 from .settings import Settings
@@ -77,18 +77,17 @@ def slowdown(context: Context, seconds: float) -> None:
 TRACE_ENV = "QFL_CLIENT_TRACE"
 
 
-def trace(context: Context) -> None:
+def trace(context: Context, memory) -> None:
     """Append this train message's view of the client state to ``$QFL_CLIENT_TRACE``.
 
-    Runs after local training and before ``compression_mod`` compresses the update:
-    the replica is the one this message was decoded into, the memory that of the
-    client's earlier rounds.
+    ``memory`` is the error memory the message found (the client's earlier rounds);
+    the replica is the one ``compression_mod`` decoded this message into, which it keeps
+    in ``context.state`` only once the message went through.
     """
     path = os.environ.get(TRACE_ENV)
     if not path:
         return
     held = replica_info(context.state)
-    memory = held_memory(context.state)
     line = {
         "time": time.time(),
         "pid": os.getpid(),
@@ -108,15 +107,20 @@ def trace(context: Context) -> None:
         os.close(fd)
 
 
-def on_trained(context: Context, seconds: float) -> None:
-    """After local training: emulate a slow device, then trace (both opt-in)."""
-    slowdown(context, seconds)
-    trace(context)
+def trace_mod(msg: Message, context: Context, call_next) -> Message:
+    """Outside ``compression_mod``: trace a train message once it went through (opt-in)."""
+    if not os.environ.get(TRACE_ENV) or msg.metadata.message_type.split(".")[0] != MessageType.TRAIN:
+        return call_next(msg, context)
+    memory = held_memory(context.state)
+    reply = call_next(msg, context)
+    if not reply.has_error():
+        trace(context, memory)
+    return reply
 
 
 # Local training reads local-steps, local-epochs, batch-size, lr, momentum from the run
 # config (and a server-sent ConfigRecord may override lr, as Quantized Epoch-SGD does).
-app = make_client_app(model_fn, data_fn, on_trained=on_trained)
+app = make_client_app(model_fn, data_fn, on_trained=slowdown, mods=(trace_mod, compression_mod))
 
 
 @app.query()
