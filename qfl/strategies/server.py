@@ -378,10 +378,7 @@ class ServerProtocol:
         for msg in replies:
             traffic.replies += 1
             if msg.has_error():
-                traffic.failures += 1
-                self.downlink.forget(self.node_of(msg))
-                if STYPE in (msg.error.reason or ""):
-                    unmodded.append(msg.error.reason)
+                self._count_error(msg, traffic, unmodded)
                 passed.append(msg)
                 continue
             traffic.uplink += sum(record_bytes(r) for r in msg.content.array_records.values())
@@ -415,6 +412,14 @@ class ServerProtocol:
         self.check_misconfigured(server_round, "train", unmodded, sum(not m.has_error() for m in passed))
         return passed
 
+    def _count_error(self, msg: Message, traffic, unmodded: list[str]) -> None:  # traffic: a round's counters
+        """An error reply: counted, its node's replica forgotten (it may not hold what was
+        sent), and a reason that names qfl's payload type noted as a client without the mod."""
+        traffic.failures += 1
+        self.downlink.forget(self.node_of(msg))
+        if STYPE in (msg.error.reason or ""):
+            unmodded.append(msg.error.reason)
+
     def evaluate_replies(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
         """Evaluate replies without qfl's record, after acknowledging the replica each reports."""
         traffic = self.traffic.at(server_round, "evaluate")
@@ -422,10 +427,7 @@ class ServerProtocol:
         for msg in replies:
             traffic.replies += 1
             if msg.has_error():
-                traffic.failures += 1
-                self.downlink.forget(self.node_of(msg))
-                if STYPE in (msg.error.reason or ""):
-                    unmodded.append(msg.error.reason)
+                self._count_error(msg, traffic, unmodded)
                 passed.append(msg)
                 continue
             if REPLY_KEY not in msg.content:
