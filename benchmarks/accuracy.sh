@@ -13,8 +13,8 @@ SEEDS=${SEEDS:-1,2,3}
 # qsparse (= the recommended setting) may train 1.5x the baseline's rounds: what is
 # compared is bytes to the baseline's smoothed accuracy - 1 pp; QSGD and AsyLPG are
 # judged on their final accuracy and train as long as the baseline.
-COMMON=(--methods fedavg,qsgd8,double_quant,qsparse --seeds "$SEEDS" --rounds-factor 1.5
-        --rounds-factor-methods qsparse --goals uplink=100,downlink=10)
+COMMON=(--methods fedavg,qsgd8,double_quant,qsparse,recommended --seeds "$SEEDS" --rounds-factor 1.5
+        --rounds-factor-methods qsparse,recommended --goals uplink=100,downlink=10)
 .venv/bin/python -m qfl.simulations.runner "${COMMON[@]}" --dataset fashion-mnist \
   --clients 20 --fraction 0.5 --alpha 0.5 --local-steps 20 --rounds 30 --out "$OUT/fashion-mnist" "$@"
 .venv/bin/python -m qfl.simulations.runner "${COMMON[@]}" --dataset shakespeare \

@@ -6,8 +6,10 @@ tests/apps/quickstart is Flower's quickstart-pytorch shape (4 SuperNodes, every 
 trains every round, one local epoch with momentum SGD, a small CNN with BatchNorm) with
 qfl added in two places. For each seed it runs the app twice in Flower's simulation
 engine: plain Flower (FedAvg, no ``Compressed``) for ``--rounds`` rounds, and the
-recommended setting (``presets.RECOMMENDED``, or the specs given) for 1.5 times as many. The server
-evaluates the global model on the Fashion-MNIST test set after every round.
+recommended setting for 1.5 times as many: ``presets.recommended(rounds, clients per
+round)``, chosen inside the app as a user would, or the specs given with ``--uplink``,
+``--downlink`` and ``--server-momentum``. The server evaluates the global model on the
+Fashion-MNIST test set after every round.
 
 Goal (issue "Accuracy you can trust at 100x"): the recommended setting reaches plain
 Flower's smoothed accuracy (mean of its last 5 evaluations) - 1 pp within 1.5x plain
@@ -43,16 +45,15 @@ def run(fed, config: dict, out: Path) -> dict:
 def main() -> int:
     from qfl.simulations.compare import DROP, WINDOW
     from qfl.simulations.superlink import LocalFederation
-    from qfl.strategies.presets import RECOMMENDED
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", default="1,2,3")
     p.add_argument("--rounds", type=int, default=10, help="plain Flower's rounds (qfl gets 1.5x)")
     p.add_argument("--max-samples", type=int, default=3000, help="training images per client")
     p.add_argument("--test-samples", type=int, default=10000)
-    p.add_argument("--uplink", default=RECOMMENDED.uplink, help="default: the recommended setting's")
-    p.add_argument("--downlink", default=RECOMMENDED.downlink)
-    p.add_argument("--server-momentum", type=float, default=RECOMMENDED.server_momentum)
+    p.add_argument("--uplink", help="instead of the recommended setting (with --downlink, --server-momentum)")
+    p.add_argument("--downlink", default="delta | topk(0.02) | qsgd(levels=15, bucket=512)")
+    p.add_argument("--server-momentum", type=float, default=0.5)
     args = p.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     longer = math.ceil(1.5 * args.rounds)
@@ -64,7 +65,11 @@ def main() -> int:
         "max-samples": args.max_samples,
         "test-samples": args.test_samples,
     }
-    qfl_config = {"uplink": args.uplink, "downlink": args.downlink, "server-momentum": args.server_momentum}
+    qfl_config = (
+        {"uplink": args.uplink, "downlink": args.downlink, "server-momentum": args.server_momentum}
+        if args.uplink
+        else {"recommended": True}
+    )
     print(f"load average {os.getloadavg()[0]:.2f}; qfl: {qfl_config}", flush=True)
     verdicts = []
     started = time.perf_counter()
@@ -89,7 +94,7 @@ def main() -> int:
                 f"{100 * acc[args.rounds - 1]:.2f}% at round {args.rounds}, {100 * acc[-1]:.2f}% at {longer}, "
                 + (f"target at round {reached}" if reached else f"target not reached in {longer} rounds")
                 + f"; bytes {ours['uplink_full'] / max(ours['uplink'], 1):.0f}x fewer up, "
-                f"{ours['downlink_full'] / max(ours['downlink'], 1):.0f}x fewer down per round",
+                f"{ours['downlink_full'] / max(ours['downlink'], 1):.0f}x fewer down per round; {ours['compression']}",
                 flush=True,
             )
     print(

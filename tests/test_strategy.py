@@ -499,3 +499,34 @@ def test_server_momentum_moves_parameters_and_averages_statistics():
     # variance to 0.1 - 0.45 < 0 (NaN activations).
     assert got["bn.running_var"] == pytest.approx(var) and got["bn.num_batches_tracked"] == 5
     assert got["bn.num_batches_tracked"].dtype == np.int64
+
+
+@pytest.mark.parametrize(("rounds", "clients"), [(15, 4), (10, 4), (30, 4), (45, 10), (45, 15), (200, 50), (1, 1)])
+def test_recommended_budgets_the_uplink_by_the_runs_length(rounds, clients):
+    from qfl.spec import parse, parse_downlink
+    from qfl.strategies import presets
+
+    setting = presets.recommended(rounds, clients)
+    up = parse(setting.uplink)
+    ratio = up.sparsifier.ratio
+    low, high = presets.RATIO_BOUNDS
+    assert low <= ratio <= high
+    if low < ratio < high:  # k covers the model COVERAGE times over the run, no more
+        assert rounds * clients * ratio == pytest.approx(presets.COVERAGE, rel=1e-2)
+    else:  # clamped: the short run gets the densest measured k, the long one the sparsest
+        assert ratio == (high if rounds * clients * high <= presets.COVERAGE else low)
+    assert up.properties(100_000).contraction > 0  # error memory converges without damping
+    mode, down = parse_downlink(setting.downlink)
+    assert mode == "delta" and down.sparsifier.ratio == pytest.approx(min(2 * ratio, 1), rel=1e-2)
+    strategy = setting.build(fraction_train=0.5)
+    assert isinstance(strategy, Compressed) and strategy.uplink.op == up
+
+
+def test_recommended_refuses_what_is_not_a_run_length():
+    from qfl.strategies import presets
+
+    for rounds, clients in [(0, 4), (10, 0), (2.5, 4), (10, -1)]:
+        with pytest.raises(ValueError, match="positive integer"):
+            presets.recommended(rounds, clients)
+    assert presets.RECOMMENDED == presets.recommended(600, 1)
+    assert "topk(0.01)" in presets.RECOMMENDED.uplink

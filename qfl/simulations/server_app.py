@@ -84,6 +84,15 @@ def _strategy(s: Settings) -> Compressed | AsyncCompressed:
         )
     if s.method == "qesgd":
         return build(s.method, lr=s.learning_rate, seed=s.seed, min_elements=s.min_elements, **inner)
+    if s.method == "recommended":  # k follows the run's length (presets.recommended)
+        return build(
+            s.method,
+            num_rounds=s.rounds_of(s.method),
+            clients_per_round=s.clients_per_round,
+            seed=s.seed,
+            min_elements=s.min_elements,
+            **inner,
+        )
     return build(s.method, seed=s.seed, min_elements=s.min_elements, **inner)
 
 

@@ -172,16 +172,19 @@ class Setting:
     downlink_initial: str | None
     server_momentum: float
 
+    def compression(self) -> dict[str, Any]:
+        """The keyword arguments of :class:`Compressed` (error memory on both sides), for wrapping your own strategy."""
+        return {
+            "uplink": self.uplink,
+            "downlink": self.downlink,
+            "downlink_initial": self.downlink_initial,
+            "error_feedback": True,
+        }
+
     def build(self, *, seed: int = 0, min_elements: int = MIN_ELEMENTS, **inner: Any) -> Compressed:
         """``Compressed(FedAvgMomentum(**inner), ...)`` with error memory on both sides."""
         return Compressed(
-            _inner(inner, self.server_momentum),
-            uplink=self.uplink,
-            downlink=self.downlink,
-            downlink_initial=self.downlink_initial,
-            error_feedback=True,
-            seed=seed,
-            min_elements=min_elements,
+            _inner(inner, self.server_momentum), seed=seed, min_elements=min_elements, **self.compression()
         )
 
     def __str__(self) -> str:
@@ -191,24 +194,61 @@ class Setting:
         )
 
 
-#: The setting the multi-seed evidence in benchmarks/ACCURACY.md recommends.
-RECOMMENDED = Setting(
-    uplink=qsparse_uplink(0.01, 4),
-    downlink=SPARSE_DOWNLINK,
-    downlink_initial="grid(8)",
-    server_momentum=SPARSE_SERVER_MOMENTUM,
-)
+#: Rounds x clients x k/n the recommended uplink carries over a run: every coordinate of
+#: the model can be sent this many times in aggregate. Top-k with error memory reached
+#: FedAvg's accuracy - 1 pp once about 3.5-5.2 such "coverages" had gone up, on all
+#: three workloads measured (Fashion-MNIST at 1%: 3.5-4.1; Shakespeare at 1%: 3.9-4.8;
+#: the quickstart shape at 7.5% and 10%: 3.6-5.2; benchmarks/ACCURACY.md), whatever k
+#: was: a run with too few rounds for its k never gets there, and a k larger than the
+#: run needs buys nothing. 6 leaves a margin over the slowest seed.
+COVERAGE = 6.0
 
-#: For runs of ~10-15 rounds in which every client trains every round (Flower's
-#: quickstart shape): top-1% needs tens of rounds to carry an update through error
-#: memory, top-10% catches up with plain Flower within 1.5x its rounds at ~20x fewer
-#: bytes per round each way (benchmarks/quickstart.py, benchmarks/ACCURACY.md).
-FEW_ROUNDS = Setting(
-    uplink=qsparse_uplink(0.1, 4),
-    downlink="delta | topk(0.2) | qsgd(levels=15, bucket=512)",
-    downlink_initial=None,
-    server_momentum=SPARSE_SERVER_MOMENTUM,
-)
+#: The sparsest (1%, the two long workloads) and densest (10%, the quickstart shape)
+#: uplink the evidence covers; the rule is not extrapolated beyond them.
+RATIO_BOUNDS = (0.01, 0.1)
+
+
+def recommended(num_rounds: int, clients_per_round: int) -> Setting:
+    """The recommended setting for a run of ``num_rounds`` rounds of ``clients_per_round`` clients.
+
+    Top-k with error memory sends each client's k largest accumulated coordinates per
+    round; what is not sent waits. Over a run the aggregate can carry ``num_rounds *
+    clients_per_round * k`` model-sizes of coordinates, and reaching FedAvg's accuracy
+    took about 4-5 of those on every workload measured (:data:`COVERAGE`). So k is
+    chosen from the run's length, ``COVERAGE / (num_rounds * clients_per_round)``,
+    within :data:`RATIO_BOUNDS`: top-1% for runs of tens of rounds with ten or more
+    clients per round (100x+ fewer uplink bytes to target), up to top-10% for
+    quickstart-sized runs (~10-15 rounds of 4 clients, ~20x per round). A fixed
+    top-1% never catches up in such runs, since 60 client-rounds of 1% cover the
+    model less than once.
+
+    Uplink: top-k + 7-level max-norm QSGD on 128-value buckets (a contraction without
+    damping, :func:`qsparse_uplink`). Downlink: model differences, top-2k (the
+    average of several clients' top-k is denser than each) + 15-level QSGD, with the
+    server's error memory, from an 8-bit replica of the initial model. Server:
+    :class:`~qfl.strategies.momentum.FedAvgMomentum` with momentum 0.5.
+
+    ``clients_per_round`` is what the strategy samples (``fraction_train`` times the
+    nodes, at least ``min_train_nodes``); pass the rounds the run will really train.
+    """
+    if int(num_rounds) != num_rounds or num_rounds < 1:
+        raise ValueError(f"num_rounds must be a positive integer, got {num_rounds!r}")
+    if int(clients_per_round) != clients_per_round or clients_per_round < 1:
+        raise ValueError(f"clients_per_round must be a positive integer, got {clients_per_round!r}")
+    low, high = RATIO_BOUNDS
+    ratio = min(high, max(low, COVERAGE / (int(num_rounds) * int(clients_per_round))))
+    ratio = float(f"{ratio:.3g}")  # a spec a user can read back
+    return Setting(
+        uplink=qsparse_uplink(ratio, 4),
+        downlink=f"delta | topk({float(f'{2 * ratio:.3g}')}) | qsgd(levels=15, bucket=512)",
+        downlink_initial="grid(8)",
+        server_momentum=SPARSE_SERVER_MOMENTUM,
+    )
+
+
+#: :func:`recommended` for long runs (600 client-rounds or more: top-1%): the setting of
+#: the two workloads' multi-seed evidence in benchmarks/ACCURACY.md.
+RECOMMENDED = recommended(600, 1)
 
 
 def double_quant_compression(model_bits: int = 8, grad_bits: int = 4, *, bucket: int | None = None) -> dict[str, Any]:
@@ -461,8 +501,9 @@ PRESETS: dict[str, Callable[..., Compressed]] = {
     "qsgd8": lambda **kw: qsgd(bits=8, **kw),
     "qsparse": qsparse,
     "qsparse_sign": lambda **kw: qsparse(sign=True, **kw),
-    "recommended": lambda **kw: RECOMMENDED.build(**kw),
-    "few_rounds": lambda **kw: FEW_ROUNDS.build(**kw),
+    "recommended": lambda *, num_rounds, clients_per_round, **kw: recommended(num_rounds, clients_per_round).build(
+        **kw
+    ),
     "double_quant": double_quant,
     "sparse_double_quant": sparse_double_quant,
     "acc_double_quant": acc_double_quant,

@@ -2,7 +2,9 @@
 
 Run-config keys beyond quickstart-pytorch's, for tests and benchmarks/quickstart.py:
 ``uplink``/``downlink`` (qfl specs; ``plain = true`` runs plain Flower without
-``Compressed``), ``server-momentum`` (FedAvgMomentum instead of FedAvg when > 0) and
+``Compressed``), ``server-momentum`` (FedAvgMomentum instead of FedAvg when > 0),
+``recommended`` (true: ``presets.recommended`` for this run's rounds and clients
+instead of the three keys before) and
 ``test-samples`` (> 0: the server also evaluates on that many Fashion-MNIST test images
 after every round).
 """
@@ -15,7 +17,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
 from qfl.simulations.data import test_data
-from qfl.strategies import Compressed, FedAvgMomentum
+from qfl.strategies import Compressed, FedAvgMomentum, presets
 
 from .task import Net
 
@@ -26,22 +28,22 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     cfg = context.run_config
     torch.manual_seed(int(cfg["seed"]))
-    momentum = float(cfg["server-momentum"])
+    fraction = float(cfg["fraction-train"])
+    num_rounds = int(cfg["num-server-rounds"])
+    if cfg["recommended"] and not cfg["plain"]:
+        # As a user would: the recommended setting for this run's rounds and clients.
+        clients_per_round = max(int(fraction * len(list(grid.get_node_ids()))), 2)
+        setting = presets.recommended(num_rounds, clients_per_round)
+        compression, momentum = setting.compression(), setting.server_momentum
+    else:
+        compression = {"uplink": str(cfg["uplink"]), "downlink": str(cfg["downlink"])}
+        momentum = float(cfg["server-momentum"])
     inner = (
-        FedAvgMomentum(fraction_train=float(cfg["fraction-train"]), server_momentum=momentum)
+        FedAvgMomentum(fraction_train=fraction, server_momentum=momentum)
         if momentum
-        else FedAvg(fraction_train=float(cfg["fraction-train"]))
+        else FedAvg(fraction_train=fraction)
     )
-    strategy = (
-        inner
-        if cfg["plain"]
-        else Compressed(
-            inner,
-            uplink=str(cfg["uplink"]),
-            downlink=str(cfg["downlink"]),
-            min_elements=256,
-        )
-    )
+    strategy = inner if cfg["plain"] else Compressed(inner, min_elements=256, **compression)
     central = {}
     samples = int(cfg["test-samples"])
     images, labels = test_data(max_samples=samples) if samples else (None, None)
@@ -59,7 +61,7 @@ def main(grid: Grid, context: Context) -> None:
     result = strategy.start(
         grid=grid,
         initial_arrays=ArrayRecord(init.state_dict()),
-        num_rounds=int(cfg["num-server-rounds"]),
+        num_rounds=num_rounds,
         train_config=ConfigRecord({"lr": float(cfg["lr"])}),
         evaluate_fn=evaluate if samples else None,
     )
@@ -71,6 +73,7 @@ def main(grid: Grid, context: Context) -> None:
                     "eval": {r: dict(m) for r, m in result.evaluate_metrics_clientapp.items()},
                     "train": {r: dict(m) for r, m in result.train_metrics_clientapp.items()},
                     "central": central,
+                    "compression": None if cfg["plain"] else {**compression, "server_momentum": momentum},
                     **(
                         {
                             "uplink": total.uplink,
