@@ -44,7 +44,8 @@ from flwr.supercore import log
 
 from ..clients.records import record_bytes, to_record, to_tensors
 from ..codec import Tensors, apply_delta, is_float, norm, out_of_range
-from .server import ServerProtocol, with_traffic
+from .server import ServerProtocol
+from .traffic import with_traffic
 
 
 @dataclass

@@ -43,15 +43,9 @@ from ..compress import Operator
 from ..replica import ServerDownlink
 from ..spec import MIN_ELEMENTS, Policy
 from ..wire import DEFAULT_LIMITS, Limits
-from .server import (
-    DEFAULT_GUARD,
-    CompositionError,
-    MisconfigurationError,
-    ServerProtocol,
-    Traffic,
-    TrafficLog,
-    UpdateGuard,
-)
+from .guard import DEFAULT_GUARD, UpdateGuard
+from .server import CompositionError, MisconfigurationError, ServerProtocol
+from .traffic import Traffic, TrafficLog
 
 _SERVER_SIDE_DP = (DifferentialPrivacyServerSideFixedClipping, DifferentialPrivacyServerSideAdaptiveClipping)
 _PARAMETERS = """

@@ -18,7 +18,6 @@ import secrets
 import statistics
 from collections import OrderedDict, deque
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field
 from logging import ERROR, WARNING
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -44,6 +43,8 @@ from ..protocol import (
 from ..replica import Offer, ServerDownlink
 from ..spec import MIN_ELEMENTS, Policy, parse_downlink
 from ..wire import DEFAULT_LIMITS, STYPE, Limits
+from .guard import DEFAULT_GUARD, UpdateGuard
+from .traffic import Traffic, TrafficLog, with_traffic
 
 
 class MisconfigurationError(RuntimeError):
@@ -55,124 +56,8 @@ class CompositionError(TypeError):
     """qfl wrapped with or inside a Flower component in an order that cannot keep its guarantee."""
 
 
-@dataclass(frozen=True)
-class UpdateGuard:
-    """Which decoded client updates are too large to reach aggregation.
-
-    A single client scaling its update by 1e30 would otherwise own the model for good.
-    An update is dropped when its l2 norm exceeds ``median_factor`` times the lower median
-    of the norms accepted recently (the round's candidates and the last ``window``
-    accepted ones; the lower median, so that one honest and one hostile client do not
-    average into a median that lets the hostile one in), or ``max_update_norm``. With a
-    single norm to compare (the very first update of a run) only ``max_update_norm``
-    applies; a median of 0 is no reference either.
-
-    Parameters
-    ----------
-    median_factor : float or None (default: 10)
-        None disables the relative check.
-    max_update_norm : float or None (default: None)
-        Absolute bound on the l2 norm of an update.
-    window : int (default: 64)
-        Accepted norms remembered across rounds (the reference of asynchronous runs).
-    """
-
-    median_factor: float | None = 10.0
-    max_update_norm: float | None = None
-    window: int = 64
-
-    def __post_init__(self) -> None:
-        for name in ("median_factor", "max_update_norm"):
-            v = getattr(self, name)
-            if v is not None and (
-                isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0
-            ):
-                raise ValueError(f"UpdateGuard.{name} must be a positive finite number or None, got {v!r}")
-        if self.median_factor is not None and self.median_factor < 1:
-            raise ValueError(f"UpdateGuard.median_factor must be >= 1, got {self.median_factor}")
-        if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
-            raise ValueError(f"UpdateGuard.window must be a positive integer, got {self.window!r}")
-
-    @staticmethod
-    def from_config(norm_guard: float, max_update_norm: float) -> UpdateGuard | None:
-        """From run-config values where 0 means off (``norm-guard``, ``max-update-norm``); None if both are."""
-        if not norm_guard and not max_update_norm:
-            return None
-        return UpdateGuard(norm_guard or None, max_update_norm or None)
-
-
-#: The guard every strategy gets unless told otherwise.
-DEFAULT_GUARD = UpdateGuard()
 #: Message ids remembered to attribute the SuperLink's error replies (a few rounds' worth).
 _REMEMBERED = 65536
-
-
-@dataclass
-class Traffic:
-    """Bytes of one round and phase. ``*_full`` is what plain Flower would have sent.
-
-    ``resyncs`` counts messages that carried a full model (first contact, or a replica
-    the server could not vouch for), ``dropped`` replies that were refused (undecodable
-    or invalid; ``guarded``: of those, the ones the :class:`UpdateGuard` or a clipping
-    bound refused), ``failures`` error replies (the node failed, went away or could not
-    rebuild the model; the server resyncs it next time).
-    """
-
-    downlink: int = 0
-    downlink_full: int = 0
-    uplink: int = 0
-    uplink_full: int = 0
-    messages: int = 0
-    replies: int = 0
-    resyncs: int = 0
-    dropped: int = 0
-    guarded: int = 0
-    failures: int = 0
-    client_state_bytes: int = 0
-
-    @property
-    def missing(self) -> int:
-        """Messages without a reply (the node timed out or vanished)."""
-        return max(self.messages - self.replies, 0)
-
-    def metrics(self) -> dict[str, int]:
-        """MetricRecord entries, keys prefixed ``qfl.``.
-
-        Besides the fields: ``qfl.missing``, messages without a reply (the node did not
-        answer before the round's timeout), and ``qfl.client-state-bytes``, the largest
-        ``context.state`` (replica and error memory) a reply reported.
-        """
-        return {
-            "qfl.downlink-bytes": self.downlink,
-            "qfl.downlink-full-bytes": self.downlink_full,
-            "qfl.uplink-bytes": self.uplink,
-            "qfl.uplink-full-bytes": self.uplink_full,
-            "qfl.resyncs": self.resyncs,
-            "qfl.dropped": self.dropped,
-            "qfl.guarded": self.guarded,
-            "qfl.failures": self.failures,
-            "qfl.missing": self.missing,
-            "qfl.client-state-bytes": self.client_state_bytes,
-        }
-
-
-@dataclass
-class TrafficLog:
-    """Per (round, phase) traffic, accumulated over a run."""
-
-    rounds: dict[tuple[int, str], Traffic] = field(default_factory=dict)
-
-    def at(self, server_round: int, phase: str) -> Traffic:
-        """The entry of one round and phase ("train" or "evaluate")."""
-        return self.rounds.setdefault((server_round, phase), Traffic())
-
-    def total(self) -> Traffic:
-        """Sum over all rounds and phases (``client_state_bytes``: the largest)."""
-        out = Traffic()
-        for t in self.rounds.values():
-            for k, v in asdict(t).items():
-                setattr(out, k, max(out.client_state_bytes, v) if k == "client_state_bytes" else getattr(out, k) + v)
-        return out
 
 
 class ServerProtocol:
@@ -648,10 +533,3 @@ def model_key(content: RecordDict) -> str:
     if len(keys) != 1:
         raise ValueError(f"qfl expects exactly one ArrayRecord (the model) in a message, found {keys}")
     return keys[0]
-
-
-def with_traffic(metrics: MetricRecord | None, traffic: Traffic) -> MetricRecord:
-    """A copy of ``metrics`` with the round's ``qfl.*`` byte counts added."""
-    out = MetricRecord(dict(metrics)) if metrics is not None else MetricRecord()
-    out.update(traffic.metrics())
-    return out
