@@ -43,6 +43,7 @@ from ..compress import Operator
 from ..replica import ServerDownlink
 from ..spec import MIN_ELEMENTS, Policy
 from ..wire import DEFAULT_LIMITS, Limits
+from .aggregate import aggregate_round
 from .guard import DEFAULT_GUARD, UpdateGuard
 from .server import CompositionError, MisconfigurationError, ServerProtocol
 from .traffic import Traffic, TrafficLog
@@ -197,11 +198,12 @@ class Compressed(Strategy):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Decode and check every reply, then aggregate the ones that pass with the inner strategy."""
+        """Decode and check every reply, then aggregate the ones that pass with the inner strategy
+        (summed one reply at a time when it averages linearly: see :mod:`qfl.strategies.aggregate`)."""
         _refuse_server_side_dp(self, sys._getframe(1))
-        passed = self.protocol.train_replies(server_round, replies)
-        arrays, metrics = self.strategy.aggregate_train(server_round, passed)
-        return self.protocol.finish_train(arrays, metrics, self.traffic.at(server_round, "train"))
+        return aggregate_round(
+            self.protocol, self.strategy, type(self.strategy), self.strategy.aggregate_train, server_round, replies
+        )
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Record what clients report about their replica, then let the inner strategy aggregate."""
@@ -281,9 +283,8 @@ def compressed(
         )
 
     def aggregate_train(self, server_round, replies):
-        passed = self.protocol.train_replies(server_round, replies)
-        arrays, metrics = cls.aggregate_train(self, server_round, passed)
-        return self.protocol.finish_train(arrays, metrics, self.protocol.traffic.at(server_round, "train"))
+        inner = cls.aggregate_train.__get__(self)
+        return aggregate_round(self.protocol, self, cls, inner, server_round, replies)
 
     def aggregate_evaluate(self, server_round, replies):
         replies = list(replies)

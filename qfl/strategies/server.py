@@ -111,6 +111,11 @@ class ServerProtocol:
         self.weight_key: str | None = None
 
     @property
+    def base(self) -> Tensors | None:
+        """The model the current training round started from (None before the first)."""
+        return self._base
+
+    @property
     def guard(self) -> UpdateGuard | None:
         """The :class:`UpdateGuard` screening decoded updates (None: off)."""
         return self._guard
@@ -246,10 +251,15 @@ class ServerProtocol:
                     norms.add(read_float(record, CLIPPING_NORM))
         return min(norms) if norms else None
 
-    def train_replies(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
+    def train_replies(self, server_round: int, replies: Iterable[Message], rebuild: bool = True) -> list[Message]:
         """The replies the inner strategy may aggregate: ordinary ArrayRecords (server model +
         decoded delta) for the ones that pass every check; error replies pass on (the inner
         strategy logs and skips them), everything else is dropped here.
+
+        With ``rebuild=False`` the accepted replies keep their compressed ArrayRecord (only
+        qfl's record is stripped): :mod:`qfl.strategies.aggregate` decodes them again one
+        at a time, so that no more than one decoded update is held at once. Every check,
+        drop and count is the same either way.
 
         Raises MisconfigurationError when no reply could be used and some came back
         without qfl's compression (see :meth:`check_misconfigured`).
@@ -272,19 +282,24 @@ class ServerProtocol:
                 unmodded.append("a reply without qfl's record")
             try:
                 akey, delta, info = self.decode_update(msg, base)
-                candidates.append((msg, akey, delta, info, norm(delta)))
+                # Without rebuilding, only the verdict on the model the update makes is kept:
+                # the guard needs every norm of the round before it accepts any update.
+                verdict = None if rebuild else beyond_range(base, delta)
+                candidates.append((msg, akey, delta if rebuild else None, verdict, info, norm(delta)))
             except (ValueError, TypeError, OverflowError) as exc:  # WireFormatError, ProtocolError, ...
                 self._drop(traffic, msg, exc, server_round)
-        for msg, akey, delta, info, _n in self.screen(traffic, candidates, server_round):
-            rebuilt = {k: apply_delta(base[k], delta[k]) for k in base}
-            bad = out_of_range(rebuilt)
+        for msg, akey, delta, bad, info, _n in self.screen(traffic, candidates, server_round):
+            if rebuild:
+                rebuilt = {k: apply_delta(base[k], delta[k]) for k in base}
+                bad = out_of_range(rebuilt)
             if bad is not None:  # a bounded update, yet the model it makes is not
                 self._drop(traffic, msg, ValueError(f"the update takes {bad} beyond {MAX_VALUE:.3g}"), server_round)
                 continue
             self.acknowledge(msg, info)
             traffic.client_state_bytes = max(traffic.client_state_bytes, info.state_bytes)
             new = RecordDict({k: v for k, v in msg.content.items() if k != REPLY_KEY})
-            new[akey] = to_record(rebuilt)
+            if rebuild:
+                new[akey] = to_record(rebuilt)
             passed.append(Message(content=new, metadata=msg.metadata))
         if traffic.missing:
             log(
@@ -520,6 +535,14 @@ def _check_records(content: RecordDict, arrays: int, weight_key: str | None = No
         weight = metrics.get(weight_key)
         if isinstance(weight, list) or weight is None or weight <= 0:
             raise ValueError(f"the weight {weight_key!r} must be a positive number, got {weight!r}")
+
+
+def beyond_range(base: Tensors, delta: Tensors) -> str | None:
+    """The first tensor the update takes to NaN, Inf or beyond MAX_VALUE (one rebuilt tensor at a time), or None."""
+    for k in base:
+        if out_of_range({k: apply_delta(base[k], delta[k])}) is not None:
+            return k
+    return None
 
 
 def encode_blobs(blobs: Mapping[str, bytes]) -> ArrayRecord:
