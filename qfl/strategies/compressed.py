@@ -95,6 +95,16 @@ class Compressed(Strategy):
     need :func:`qfl.clients.compression_mod`, first among their mods; a round whose
     replies show it missing stops the run with a :class:`MisconfigurationError`.
 
+    Server memory: when the inner strategy's class averages linearly (FedAvg, FedAvgM,
+    FedProx, FedAdam, FedYogi, FedAdagrad, :class:`FedAvgMomentum`, exactly these
+    classes) the replies are summed one at a time and the inner strategy aggregates one
+    reply holding their weighted mean: memory O(model) whatever the number of clients,
+    and the same model bit for bit. Robust aggregators (Krum, MultiKrum, Bulyan,
+    FedTrimmedAvg, FedMedian), DP wrappers and any other class, FedAvg subclasses
+    included, need every reply at once (they compare, sort or clip them, or may
+    override how they aggregate): they get every decoded reply, O(clients x model).
+    See :mod:`qfl.strategies.aggregate`.
+
     Parameters
     ----------
     strategy : flwr.serverapp.strategy.Strategy
