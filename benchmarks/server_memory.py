@@ -95,7 +95,9 @@ class PeakRss:
 def measure(model: ArrayRecord, replies: list[Message], uplink: str, per_reply: bool) -> tuple[int, int, float]:
     """(traced peak, rss growth, seconds) of one aggregate_train over ``replies``."""
     grid = FakeGrid(client_app(), len(replies))
-    strategy = Compressed(FedAvg(fraction_train=1.0, fraction_evaluate=0.0), uplink=uplink)
+    strategy = Compressed(
+        FedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=1, min_available_nodes=1), uplink=uplink
+    )
     strategy.configure_train(1, model, ConfigRecord(), grid)
     linear = streaming.LINEAR
     streaming.LINEAR = frozenset() if per_reply else linear
@@ -126,7 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     size = sum(a.numpy().nbytes for a in model.values())
     print(f"model: {sum(a.numpy().size for a in model.values()) / 1e6:.1f}M elements, {size / 2**20:.1f} MiB")
     grid = FakeGrid(client_app(), max(counts))
-    maker = Compressed(FedAvg(fraction_train=1.0, fraction_evaluate=0.0), uplink=args.uplink)
+    maker = Compressed(
+        FedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=1, min_available_nodes=1), uplink=args.uplink
+    )
     t = time.perf_counter()
     replies = grid.send_and_receive(maker.configure_train(1, model, ConfigRecord(), grid))
     up = np.mean([sum(len(a.data) for a in next(iter(r.content.array_records.values())).values()) for r in replies])

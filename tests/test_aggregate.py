@@ -12,7 +12,7 @@ from fakes import FakeGrid
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp.exception import InconsistentMessageReplies
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx, FedTrimmedAvg, FedYogi
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx, FedTrimmedAvg, FedYogi, Strategy
 
 from qfl.clients import compression_mod
 from qfl.strategies import Compressed, FedAvgMomentum, compressed
@@ -32,7 +32,7 @@ def model(elements: int = 3000) -> ArrayRecord:
     return ArrayRecord({k: Array(v) for k, v in tensors.items()})
 
 
-def client_app(metric_keys=("train_loss",)) -> ClientApp:
+def client_app(metric_keys=("train_loss",), scale: float = 0.01) -> ClientApp:
     """Moves every float tensor by node-dependent noise; uneven weights (num-examples)."""
     app = ClientApp(mods=[compression_mod])
 
@@ -44,7 +44,7 @@ def client_app(metric_keys=("train_loss",)) -> ClientApp:
         for k, a in msg.content["arrays"].items():
             x = torch.from_numpy(a.numpy().copy())
             if x.is_floating_point():
-                x += torch.randn(x.shape, generator=g) * (0.01 * (1 + node % 5))
+                x += torch.randn(x.shape, generator=g) * (scale * (1 + node % 5))
             else:
                 x += 1
             out[k] = Array(x.numpy())
@@ -66,8 +66,9 @@ def identical(a: ArrayRecord, b: ArrayRecord) -> bool:
 
 @pytest.mark.parametrize("kind", [FedAvg, FedAdam, FedYogi, FedAvgM, FedProx, FedAvgMomentum])
 def test_streaming_gives_the_per_reply_model_and_metrics_bit_for_bit(kind, monkeypatch):
-    grid = FakeGrid(client_app(), 5)
+    grid = FakeGrid(client_app(), 6)
     grid.fail = {grid.node_ids[2]: lambda m: True}  # an error reply among them
+    grid.apps[grid.node_ids[4]] = client_app(scale=1e3)  # and one the UpdateGuard drops
     fast, slow = strategy(kind), strategy(kind)
     arrays_fast = arrays_slow = model()
     for rnd in (1, 2, 3):  # the server optimisers' state (momentum, moments) carries over
@@ -79,7 +80,7 @@ def test_streaming_gives_the_per_reply_model_and_metrics_bit_for_bit(kind, monke
             arrays_slow, metrics_slow = slow.aggregate_train(rnd, replies)
         assert identical(arrays_fast, arrays_slow)
         assert dict(metrics_fast) == dict(metrics_slow)
-        assert metrics_fast["qfl.failures"] == 1 and "train_loss" in metrics_fast
+        assert metrics_fast["qfl.failures"] == 1 and metrics_fast["qfl.guarded"] == 1 and "train_loss" in metrics_fast
         assert fast.traffic.rounds == slow.traffic.rounds
     assert not identical(arrays_fast, model())
 
@@ -96,7 +97,8 @@ def test_only_known_classes_or_own_declarations_stream():
             return super().aggregate_train(server_round, list(replies)[:1])
 
     assert all(streaming.is_linear(k) for k in (FedAvg, FedAdam, FedAvgMomentum, Declared))
-    assert not any(streaming.is_linear(k) for k in (Custom, Below, FedTrimmedAvg))
+    bare = type("Bare", (Strategy,), {"qfl_linear": True})  # no FedAvg average to keep
+    assert not any(streaming.is_linear(k) for k in (Custom, Below, FedTrimmedAvg, bare))
 
 
 def test_a_subclass_of_a_compressed_class_streams_only_when_its_class_is_linear(monkeypatch):

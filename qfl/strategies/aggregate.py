@@ -19,8 +19,9 @@ Every other strategy keeps the per-reply path, because it needs all replies at o
 Krum, MultiKrum and Bulyan compare them pairwise, FedTrimmedAvg and FedMedian sort them
 element-wise, a differential-privacy wrapper clips each one, and a class qfl does not
 know, a FedAvg subclass included, may override ``aggregate_train`` or what it calls.
-A subclass that keeps its base's aggregation can say so with ``qfl_linear = True`` in
-its own class body (inherited values do not count: a subclass of it decides again).
+A FedAvg subclass that keeps its base's aggregation (one that only overrides
+``start()``, say) can say so with ``qfl_linear = True`` in its own class body; an
+inherited value does not count, so a subclass of it decides again.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ Aggregate = Callable[[int, Iterable[Message]], tuple[ArrayRecord | None, MetricR
 
 def is_linear(kind: type) -> bool:
     """Whether replies to a strategy of class ``kind`` may be summed before it sees them."""
-    return kind in LINEAR or vars(kind).get("qfl_linear") is True
+    return kind in LINEAR or (vars(kind).get("qfl_linear") is True and issubclass(kind, FedAvg))
 
 
 class WeightedMean:
@@ -107,7 +108,8 @@ def mean_reply(protocol: ServerProtocol, accepted: list[Message], key: str) -> M
     content = RecordDict(
         {
             next(iter(first.array_records)): mean.record(),
-            next(iter(first.metric_records)): MetricRecord({key: sum(weights)}),
+            # Its weight cancels (w / w = 1.0): 1, which no sum of huge weights can overflow.
+            next(iter(first.metric_records)): MetricRecord({key: 1}),
         }
     )
     return Message(content=content, metadata=accepted[0].metadata)

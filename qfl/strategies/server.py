@@ -9,6 +9,12 @@ Clients are untrusted. A reply reaches the inner strategy only if its qfl record
 blob decodes within the model's own sizes with the configured operator, the update is
 finite, the model it rebuilds is finite, and the :class:`UpdateGuard` accepts its norm.
 Anything else is dropped, logged and counted (``qfl.dropped``), never raised.
+
+The module is longer than qfl's usual 500 lines because :class:`ServerProtocol` is one
+state machine (replicas, message destinations, guard norms, the round's base model and
+clipping norm, traffic) whose methods keep those in step; what needs none of that state
+lives beside it: :mod:`.guard`, :mod:`.traffic`, :mod:`.aggregate` (streaming the replies
+of linear strategies).
 """
 
 from __future__ import annotations
