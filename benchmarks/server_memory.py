@@ -13,8 +13,10 @@ holds every decoded reply. For a ResNet-18-sized model (11.2M parameters) and N 
   so this is a lower bound, and so is ``traced`` for the per-reply path (its decoded
   torch deltas are not traced);
 
-and the time of each path, whose ratio is the cost of decoding each accepted reply twice
-(once for the guard's norms, once to add it). The replies are made once, by
+and the time of each path and of its parts: ``checks`` decodes and checks every reply
+(and, per reply, rebuilds it), ``second`` is the streaming path's extra decode of each
+accepted reply into the running sum (the guard needs every norm before it accepts any
+update, so the first decode cannot feed the sum). The replies are made once, by
 ``compression_mod`` on a model moved by noise, and handed to a fresh strategy per
 measurement. Both paths run in this one process, so the figures are ratios of one run.
 Run::
@@ -92,26 +94,45 @@ class PeakRss:
         return self.peak - self.start
 
 
-def measure(model: ArrayRecord, replies: list[Message], uplink: str, per_reply: bool) -> tuple[int, int, float]:
-    """(traced peak, rss growth, seconds) of one aggregate_train over ``replies``."""
+def timed(fn, into: dict, name: str):
+    def run(*args, **kwargs):
+        t = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            into[name] = into.get(name, 0.0) + time.perf_counter() - t
+
+    return run
+
+
+def measure(model: ArrayRecord, replies: list[Message], uplink: str, per_reply: bool) -> tuple[int, int, dict]:
+    """(traced peak, rss growth, seconds per part) of one aggregate_train over ``replies``.
+
+    Parts: ``total``; ``checks``, the first decode of every reply with every check (the
+    norms the guard needs, and the rebuilt replies on the per-reply path); ``second``,
+    the streaming path's second decode of the accepted replies into the running sum.
+    """
     grid = FakeGrid(client_app(), len(replies))
     strategy = Compressed(
         FedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=1, min_available_nodes=1), uplink=uplink
     )
     strategy.configure_train(1, model, ConfigRecord(), grid)
-    linear = streaming.LINEAR
+    seconds: dict[str, float] = {}
+    strategy.protocol.train_replies = timed(strategy.protocol.train_replies, seconds, "checks")
+    linear, mean_reply = streaming.LINEAR, streaming.mean_reply
     streaming.LINEAR = frozenset() if per_reply else linear
+    streaming.mean_reply = timed(mean_reply, seconds, "second")
     gc.collect()
     try:
         tracemalloc.start()
         with PeakRss() as rss:
             t = time.perf_counter()
             arrays, _ = strategy.aggregate_train(1, replies)
-            seconds = time.perf_counter() - t
+            seconds["total"] = time.perf_counter() - t
         traced = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-        streaming.LINEAR = linear
+        streaming.LINEAR, streaming.mean_reply = linear, mean_reply
     if arrays is None:
         raise RuntimeError("the round aggregated nothing: check the uplink spec")
     return traced, rss.grown, seconds
@@ -136,16 +157,21 @@ def main(argv: list[str] | None = None) -> int:
     up = np.mean([sum(len(a.data) for a in next(iter(r.content.array_records.values())).values()) for r in replies])
     print(f"{len(replies)} replies made in {time.perf_counter() - t:.0f} s, {up / 2**20:.2f} MiB each ({args.uplink})")
     measure(model, replies[:1], args.uplink, False)  # warm-up: compiled kernels, first-use allocations
-    print(f"{'N':>4} {'path':>9} {'traced/model':>13} {'rss/model':>10} {'seconds':>8}")
+    print(f"{'N':>4} {'path':>9} {'traced/model':>13} {'rss/model':>10} {'seconds':>8} {'checks':>7} {'second':>7}")
     for n in counts:
         row = {}
         for per_reply in (False, True):
             traced, grown, seconds = measure(model, replies[:n], args.uplink, per_reply)
             row[per_reply] = (traced, grown, seconds)
-            path = "per-reply" if per_reply else "streaming"
-            print(f"{n:>4} {path:>9} {traced / size:>13.2f} {grown / size:>10.2f} {seconds:>8.2f}")
+            print(
+                f"{n:>4} {'per-reply' if per_reply else 'streaming':>9} {traced / size:>13.2f} {grown / size:>10.2f} "
+                f"{seconds['total']:>8.2f} {seconds['checks']:>7.2f} {seconds.get('second', 0.0):>7.2f}"
+            )
         (ts, rs, ss), (tp, rp, sp) = row[False], row[True]
-        print(f"{n:>4} streaming/per-reply: traced {ts / tp:.3f}, rss {rs / max(rp, 1):.3f}, time {ss / sp:.2f}")
+        print(
+            f"{n:>4} streaming/per-reply: traced {ts / tp:.3f}, rss {rs / max(rp, 1):.3f}, time "
+            f"{ss['total'] / sp['total']:.2f}; second decode / first decode+checks {ss['second'] / ss['checks']:.2f}"
+        )
     return 0
 
 
