@@ -10,16 +10,14 @@ blob decodes within the model's own sizes with the configured operator, the upda
 finite, the model it rebuilds is finite, and the :class:`UpdateGuard` accepts its norm.
 Anything else is dropped, logged and counted (``qfl.dropped``), never raised.
 
-The module is longer than qfl's usual 500 lines because :class:`ServerProtocol` is one
-state machine (replicas, message destinations, guard norms, the round's base model and
-clipping norm, traffic) whose methods keep those in step; what needs none of that state
-lives beside it: :mod:`.guard`, :mod:`.traffic`, :mod:`.aggregate` (streaming the replies
-of linear strategies).
+:class:`ServerProtocol` is the state (replicas, message destinations, guard norms, the
+round's base model and clipping norm, traffic) and the methods that keep it in step; what
+needs none of it lives beside it: :mod:`.replies` (reading one reply), :mod:`.guard`,
+:mod:`.traffic`, :mod:`.aggregate` (summing the replies of linear strategies).
 """
 
 from __future__ import annotations
 
-import math
 import secrets
 import statistics
 from collections import OrderedDict, deque
@@ -30,18 +28,16 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.supercore import log
 
 from ..clients.records import (
-    decode_record,
     encode_record,
     record_bytes,
     to_record,
     to_tensors,
 )
-from ..codec import MAX_VALUE, Tensors, apply_delta, check_against, norm, out_of_range
+from ..codec import MAX_VALUE, Tensors, apply_delta, norm, out_of_range
 from ..compress import Operator
 from ..protocol import (
     CLIPPING_NORM,
     REPLY_KEY,
-    ProtocolError,
     ReplyInfo,
     Settings,
     read_float,
@@ -50,6 +46,7 @@ from ..replica import Offer, ServerDownlink
 from ..spec import MIN_ELEMENTS, Policy, parse_downlink
 from ..wire import DEFAULT_LIMITS, STYPE, Limits
 from .guard import DEFAULT_GUARD, UpdateGuard
+from .replies import beyond_range, check_records, decode_update, full_uplink, reply_info, tensor_limits
 from .traffic import Traffic, TrafficLog, with_traffic
 
 
@@ -283,7 +280,7 @@ class ServerProtocol:
                 passed.append(msg)
                 continue
             traffic.uplink += sum(record_bytes(r) for r in msg.content.array_records.values())
-            traffic.uplink_full += self.full_uplink(msg, self._full_bytes)
+            traffic.uplink_full += full_uplink(msg, self._full_bytes)
             if REPLY_KEY not in msg.content:
                 unmodded.append("a reply without qfl's record")
             try:
@@ -339,8 +336,8 @@ class ServerProtocol:
             if REPLY_KEY not in msg.content:
                 unmodded.append("a reply without qfl's record")
             try:
-                info = self.reply_info(msg, "report")
-                _check_records(msg.content, arrays=0, weight_key=self.weight_key)
+                info = reply_info(msg, "report")
+                check_records(msg.content, arrays=0, weight_key=self.weight_key)
             except ValueError as exc:
                 self._drop(traffic, msg, exc, server_round)
                 continue
@@ -400,44 +397,13 @@ class ServerProtocol:
         log(WARNING, "qfl: dropped the reply of node %s%s: %s", msg.metadata.src_node_id, where, exc)
 
     # ------------------------------------------------------------------- uplink
-    def reply_info(self, msg: Message, kind: str) -> ReplyInfo:
-        """The reply's qfl record, parsed; ProtocolError if absent, malformed or of another kind."""
-        record = msg.content.get(REPLY_KEY) if REPLY_KEY in msg.content else None
-        if not isinstance(record, ConfigRecord):
-            raise ProtocolError("the reply carries no qfl record: is compression_mod attached to the ClientApp?")
-        info = ReplyInfo.from_config(record)
-        if info.kind != kind:
-            raise ProtocolError(f"a {info.kind!r} reply where an {kind!r} was expected")
-        return info
-
     def decode_update(self, msg: Message, base: Tensors) -> tuple[str, Tensors, ReplyInfo]:
-        """(ArrayRecord key, decoded delta, reply info) of a train reply, after every check.
+        """:func:`.replies.decode_update` with this strategy's uplink policy, limits and weight."""
+        return decode_update(msg, base, self.uplink, self.limits, self.weight_key)
 
-        Raises ValueError (WireFormatError, ProtocolError) with the reason for a reply
-        that must not reach aggregation: a malformed qfl record, other records than one
-        model and one MetricRecord, undecodable blobs, another operator or shape than
-        configured, other tensors than the model's, NaN/Inf.
-        """
-        info = self.reply_info(msg, "update")
-        _check_records(msg.content, arrays=1, weight_key=self.weight_key)
-        akey = next(iter(msg.content.array_records))
-        record = msg.content[akey]
-        if set(record.keys()) != set(base.keys()):
-            missing, extra = sorted(base.keys() - record.keys()), sorted(record.keys() - base.keys())
-            raise ValueError(f"the reply's tensors differ from the model's (missing {missing}, unexpected {extra})")
-        # Each tensor is decoded with its own size as the limit: a blob declaring more
-        # (a hostile "size far beyond the model") is refused before anything is allocated.
-        payloads = decode_record(record, {k: self.limits_for(t) for k, t in base.items()})
-        delta = {}
-        for name, ps in payloads.items():
-            if len(ps) != 1:
-                raise ValueError(f"{name}: {len(ps)} payloads, expected 1")
-            check_against(name, ps[0], base[name], self.uplink)
-            delta[name] = ps[0].decompress()
-        bad = out_of_range(delta)
-        if bad is not None:
-            raise ValueError(f"the update of {bad} contains NaN, Inf or values beyond {MAX_VALUE:.3g}")
-        return akey, delta, info
+    def limits_for(self, tensor) -> Limits:
+        """Decoder limits for a reply's payload standing for ``tensor``: its own size."""
+        return tensor_limits(self.limits, tensor)
 
     def screen(self, traffic: Traffic, candidates: list, server_round: int | None = None) -> list:
         """The candidates (tuples whose last item is the update's norm) the guard and the
@@ -470,30 +436,6 @@ class ServerProtocol:
         self._accepted_norms.extend(c[-1] for c in out)
         return out
 
-    def limits_for(self, tensor) -> Limits:
-        """Decoder limits for a reply's payload standing for ``tensor``: its own size."""
-        n = tensor.numel()
-        return Limits(
-            max_elements=min(self.limits.max_elements, n),
-            max_ndim=self.limits.max_ndim,
-            max_total_elements=min(self.limits.max_total_elements, n),
-            max_expansion=None,
-        )
-
-    def full_uplink(self, msg: Message, model_bytes: int) -> int:
-        """What plain Flower would have carried up for this reply.
-
-        The client's mod reports the size of the ArrayRecord the user's code returned;
-        the server's model is no measure of it when the inner strategy widens dtypes
-        (FedAdam and FedYogi keep float64). Replies without a valid report count
-        ``model_bytes``.
-        """
-        try:
-            size = self.reply_info(msg, "update").full_bytes
-        except ValueError:
-            size = None
-        return size if size is not None else model_bytes
-
     def acknowledge(self, msg: Message, info: ReplyInfo) -> None:
         """Record the replica a client reports (delta/anchor modes)."""
         if info.replica is not None:
@@ -519,36 +461,6 @@ class ServerProtocol:
         return Message(
             content=RecordDict({k: v for k, v in msg.content.items() if k != REPLY_KEY}), metadata=msg.metadata
         )
-
-
-def _check_records(content: RecordDict, arrays: int, weight_key: str | None = None) -> None:
-    """A reply must carry ``arrays`` ArrayRecords, one MetricRecord of finite numbers (with a
-    positive ``weight_key``, the inner strategy's weight) and no ConfigRecord but qfl's:
-    anything more could reach the inner strategy unchecked (and make it end the run)."""
-    if len(content.array_records) != arrays:
-        raise ValueError(f"expected {arrays} ArrayRecord(s) in the reply, found {list(content.array_records)}")
-    if len(content.metric_records) != 1:
-        raise ValueError(f"expected one MetricRecord in the reply, found {list(content.metric_records)}")
-    others = [k for k in content.config_records if k != REPLY_KEY]
-    if others:
-        raise ValueError(f"unexpected ConfigRecord(s) {others} in the reply")
-    metrics = next(iter(content.metric_records.values()))
-    for key, value in metrics.items():
-        values = value if isinstance(value, list) else [value]
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
-            raise ValueError(f"metric {key!r} is not finite")
-    if weight_key is not None:
-        weight = metrics.get(weight_key)
-        if isinstance(weight, list) or weight is None or weight <= 0:
-            raise ValueError(f"the weight {weight_key!r} must be a positive number, got {weight!r}")
-
-
-def beyond_range(base: Tensors, delta: Tensors) -> str | None:
-    """The first tensor the update takes to NaN, Inf or beyond MAX_VALUE (one rebuilt tensor at a time), or None."""
-    for k in base:
-        if out_of_range({k: apply_delta(base[k], delta[k])}) is not None:
-            return k
-    return None
 
 
 def encode_blobs(blobs: Mapping[str, bytes]) -> ArrayRecord:
