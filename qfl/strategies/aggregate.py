@@ -8,9 +8,10 @@ classes in :data:`LINEAR`, qfl decodes each accepted reply again, tensor by tens
 adds it into one running sum with Flower's arithmetic in Flower's order; the inner
 strategy then gets ONE reply carrying that average, of weight 1. Its own factor is
 ``1 / 1 = 1.0``, and multiplying by 1.0 is exact, so the model it returns is
-bit-identical to the per-reply path (tests/test_aggregate.py compares the two). Train metrics are aggregated by the strategy's own
-``train_metrics_aggr_fn`` over the real replies (their MetricRecords only: the arrays
-are still compressed), so they are unchanged too. What differs: Flower's log line
+bit-identical to the per-reply path (tests/test_aggregate.py compares the two). Train
+metrics are aggregated by the strategy's own ``train_metrics_aggr_fn`` over the real
+replies (their MetricRecords only: the arrays are still compressed), so they are
+unchanged too. What differs: Flower's log line
 "Received 1 results" counts the averaged reply, and each accepted update is decoded
 twice (once for the :class:`UpdateGuard`'s norms, which must all be known before any
 update is accepted, once to add it; figures in benchmarks/SCALE.md).
