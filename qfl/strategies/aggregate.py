@@ -11,10 +11,10 @@ strategy then gets ONE reply carrying that average, of weight 1. Its own factor 
 bit-identical to the per-reply path (tests/test_aggregate.py compares the two). Train
 metrics are aggregated by the strategy's own ``train_metrics_aggr_fn`` over the real
 replies (their MetricRecords only: the arrays are still compressed), so they are
-unchanged too. What differs: Flower's log line
-"Received 1 results" counts the averaged reply, and each accepted update is decoded
-twice (once for the :class:`UpdateGuard`'s norms, which must all be known before any
-update is accepted, once to add it; figures in benchmarks/SCALE.md).
+unchanged too. What differs: Flower's log line "Received 1 results" counts the averaged
+reply, and each accepted update is decoded twice (once for the :class:`UpdateGuard`'s
+norms, which must all be known before any update is accepted, once to add it; figures
+in benchmarks/SCALE.md).
 
 Every other strategy keeps the per-reply path, because it needs all replies at once:
 Krum, MultiKrum and Bulyan compare them pairwise, FedTrimmedAvg and FedMedian sort them
