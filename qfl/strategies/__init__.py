@@ -2,8 +2,10 @@
 
 from .asynchronous import AsyncCompressed, AsyncStats
 from .compressed import Compressed, compressed
+from .guard import DEFAULT_GUARD, UpdateGuard
 from .momentum import FedAvgMomentum
-from .server import DEFAULT_GUARD, CompositionError, MisconfigurationError, Traffic, TrafficLog, UpdateGuard
+from .server import CompositionError, MisconfigurationError
+from .traffic import Traffic, TrafficLog
 
 __all__ = [
     "DEFAULT_GUARD",

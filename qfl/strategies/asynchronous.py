@@ -44,7 +44,9 @@ from flwr.supercore import log
 
 from ..clients.records import record_bytes, to_record, to_tensors
 from ..codec import Tensors, apply_delta, is_float, norm, out_of_range
-from .server import ServerProtocol, with_traffic
+from .replies import full_uplink
+from .server import ServerProtocol
+from .traffic import with_traffic
 
 
 @dataclass
@@ -229,7 +231,7 @@ class AsyncCompressed(ServerProtocol):
             log(WARNING, "qfl async: node %s failed: %s", job.node, reply.error.reason)
             return model
         traffic.uplink += sum(record_bytes(r) for r in reply.content.array_records.values())
-        traffic.uplink_full += self.full_uplink(reply, full_bytes)
+        traffic.uplink_full += full_uplink(reply, full_bytes)
         staleness = self.version - job.version
         if staleness > self.max_staleness:
             self.stats.stale += 1

@@ -43,15 +43,10 @@ from ..compress import Operator
 from ..replica import ServerDownlink
 from ..spec import MIN_ELEMENTS, Policy
 from ..wire import DEFAULT_LIMITS, Limits
-from .server import (
-    DEFAULT_GUARD,
-    CompositionError,
-    MisconfigurationError,
-    ServerProtocol,
-    Traffic,
-    TrafficLog,
-    UpdateGuard,
-)
+from .aggregate import aggregate_round
+from .guard import DEFAULT_GUARD, UpdateGuard
+from .server import CompositionError, MisconfigurationError, ServerProtocol
+from .traffic import Traffic, TrafficLog
 
 _SERVER_SIDE_DP = (DifferentialPrivacyServerSideFixedClipping, DifferentialPrivacyServerSideAdaptiveClipping)
 _PARAMETERS = """
@@ -99,6 +94,16 @@ class Compressed(Strategy):
     client delta) from incoming replies, so the inner strategy runs unchanged. Clients
     need :func:`qfl.clients.compression_mod`, first among their mods; a round whose
     replies show it missing stops the run with a :class:`MisconfigurationError`.
+
+    Server memory: when the inner strategy's class averages linearly (FedAvg, FedAvgM,
+    FedProx, FedAdam, FedYogi, FedAdagrad, :class:`FedAvgMomentum`, exactly these
+    classes) the replies are summed one at a time and the inner strategy aggregates one
+    reply holding their weighted mean: memory O(model) whatever the number of clients,
+    and the same model bit for bit. Robust aggregators (Krum, MultiKrum, Bulyan,
+    FedTrimmedAvg, FedMedian), DP wrappers and any other class, FedAvg subclasses
+    included, need every reply at once (they compare, sort or clip them, or may
+    override how they aggregate): they get every decoded reply, O(clients x model).
+    See :mod:`qfl.strategies.aggregate`.
 
     Parameters
     ----------
@@ -203,11 +208,12 @@ class Compressed(Strategy):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Decode and check every reply, then aggregate the ones that pass with the inner strategy."""
+        """Decode and check every reply, then aggregate the ones that pass with the inner strategy
+        (summed one reply at a time when it averages linearly: see :mod:`qfl.strategies.aggregate`)."""
         _refuse_server_side_dp(self, sys._getframe(1))
-        passed = self.protocol.train_replies(server_round, replies)
-        arrays, metrics = self.strategy.aggregate_train(server_round, passed)
-        return self.protocol.finish_train(arrays, metrics, self.traffic.at(server_round, "train"))
+        return aggregate_round(
+            self.protocol, self.strategy, type(self.strategy), self.strategy.aggregate_train, server_round, replies
+        )
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Record what clients report about their replica, then let the inner strategy aggregate."""
@@ -287,9 +293,8 @@ def compressed(
         )
 
     def aggregate_train(self, server_round, replies):
-        passed = self.protocol.train_replies(server_round, replies)
-        arrays, metrics = cls.aggregate_train(self, server_round, passed)
-        return self.protocol.finish_train(arrays, metrics, self.protocol.traffic.at(server_round, "train"))
+        inner = cls.aggregate_train.__get__(self)
+        return aggregate_round(self.protocol, self, cls, inner, server_round, replies)
 
     def aggregate_evaluate(self, server_round, replies):
         replies = list(replies)

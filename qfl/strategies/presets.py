@@ -25,8 +25,8 @@ from flwr.serverapp.strategy import FedAvg, Strategy
 from ..spec import MIN_ELEMENTS
 from .asynchronous import AsyncCompressed
 from .compressed import Compressed
+from .guard import DEFAULT_GUARD, UpdateGuard
 from .momentum import FedAvgMomentum
-from .server import DEFAULT_GUARD, UpdateGuard
 
 
 def _inner(inner: dict[str, Any], momentum: float | None = None, server_lr: float = 1.0) -> Strategy:

@@ -9,34 +9,35 @@ Clients are untrusted. A reply reaches the inner strategy only if its qfl record
 blob decodes within the model's own sizes with the configured operator, the update is
 finite, the model it rebuilds is finite, and the :class:`UpdateGuard` accepts its norm.
 Anything else is dropped, logged and counted (``qfl.dropped``), never raised.
+
+:class:`ServerProtocol` is the state (replicas, message destinations, guard norms, the
+round's base model and clipping norm, traffic) and the methods that keep it in step; what
+needs none of it lives beside it: :mod:`.replies` (reading one reply), :mod:`.guard`,
+:mod:`.traffic`, :mod:`.aggregate` (summing the replies of linear strategies).
 """
 
 from __future__ import annotations
 
-import math
 import secrets
 import statistics
 from collections import OrderedDict, deque
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field
 from logging import ERROR, WARNING
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.supercore import log
 
 from ..clients.records import (
-    decode_record,
     encode_record,
     record_bytes,
     to_record,
     to_tensors,
 )
-from ..codec import MAX_VALUE, Tensors, apply_delta, check_against, norm, out_of_range
+from ..codec import MAX_VALUE, Tensors, apply_delta, norm, out_of_range
 from ..compress import Operator
 from ..protocol import (
     CLIPPING_NORM,
     REPLY_KEY,
-    ProtocolError,
     ReplyInfo,
     Settings,
     read_float,
@@ -44,6 +45,9 @@ from ..protocol import (
 from ..replica import Offer, ServerDownlink
 from ..spec import MIN_ELEMENTS, Policy, parse_downlink
 from ..wire import DEFAULT_LIMITS, STYPE, Limits
+from .guard import DEFAULT_GUARD, UpdateGuard
+from .replies import beyond_range, check_records, decode_update, full_uplink, reply_info, tensor_limits
+from .traffic import Traffic, TrafficLog, with_traffic
 
 
 class MisconfigurationError(RuntimeError):
@@ -55,124 +59,8 @@ class CompositionError(TypeError):
     """qfl wrapped with or inside a Flower component in an order that cannot keep its guarantee."""
 
 
-@dataclass(frozen=True)
-class UpdateGuard:
-    """Which decoded client updates are too large to reach aggregation.
-
-    A single client scaling its update by 1e30 would otherwise own the model for good.
-    An update is dropped when its l2 norm exceeds ``median_factor`` times the lower median
-    of the norms accepted recently (the round's candidates and the last ``window``
-    accepted ones; the lower median, so that one honest and one hostile client do not
-    average into a median that lets the hostile one in), or ``max_update_norm``. With a
-    single norm to compare (the very first update of a run) only ``max_update_norm``
-    applies; a median of 0 is no reference either.
-
-    Parameters
-    ----------
-    median_factor : float or None (default: 10)
-        None disables the relative check.
-    max_update_norm : float or None (default: None)
-        Absolute bound on the l2 norm of an update.
-    window : int (default: 64)
-        Accepted norms remembered across rounds (the reference of asynchronous runs).
-    """
-
-    median_factor: float | None = 10.0
-    max_update_norm: float | None = None
-    window: int = 64
-
-    def __post_init__(self) -> None:
-        for name in ("median_factor", "max_update_norm"):
-            v = getattr(self, name)
-            if v is not None and (
-                isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0
-            ):
-                raise ValueError(f"UpdateGuard.{name} must be a positive finite number or None, got {v!r}")
-        if self.median_factor is not None and self.median_factor < 1:
-            raise ValueError(f"UpdateGuard.median_factor must be >= 1, got {self.median_factor}")
-        if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
-            raise ValueError(f"UpdateGuard.window must be a positive integer, got {self.window!r}")
-
-    @staticmethod
-    def from_config(norm_guard: float, max_update_norm: float) -> UpdateGuard | None:
-        """From run-config values where 0 means off (``norm-guard``, ``max-update-norm``); None if both are."""
-        if not norm_guard and not max_update_norm:
-            return None
-        return UpdateGuard(norm_guard or None, max_update_norm or None)
-
-
-#: The guard every strategy gets unless told otherwise.
-DEFAULT_GUARD = UpdateGuard()
 #: Message ids remembered to attribute the SuperLink's error replies (a few rounds' worth).
 _REMEMBERED = 65536
-
-
-@dataclass
-class Traffic:
-    """Bytes of one round and phase. ``*_full`` is what plain Flower would have sent.
-
-    ``resyncs`` counts messages that carried a full model (first contact, or a replica
-    the server could not vouch for), ``dropped`` replies that were refused (undecodable
-    or invalid; ``guarded``: of those, the ones the :class:`UpdateGuard` or a clipping
-    bound refused), ``failures`` error replies (the node failed, went away or could not
-    rebuild the model; the server resyncs it next time).
-    """
-
-    downlink: int = 0
-    downlink_full: int = 0
-    uplink: int = 0
-    uplink_full: int = 0
-    messages: int = 0
-    replies: int = 0
-    resyncs: int = 0
-    dropped: int = 0
-    guarded: int = 0
-    failures: int = 0
-    client_state_bytes: int = 0
-
-    @property
-    def missing(self) -> int:
-        """Messages without a reply (the node timed out or vanished)."""
-        return max(self.messages - self.replies, 0)
-
-    def metrics(self) -> dict[str, int]:
-        """MetricRecord entries, keys prefixed ``qfl.``.
-
-        Besides the fields: ``qfl.missing``, messages without a reply (the node did not
-        answer before the round's timeout), and ``qfl.client-state-bytes``, the largest
-        ``context.state`` (replica and error memory) a reply reported.
-        """
-        return {
-            "qfl.downlink-bytes": self.downlink,
-            "qfl.downlink-full-bytes": self.downlink_full,
-            "qfl.uplink-bytes": self.uplink,
-            "qfl.uplink-full-bytes": self.uplink_full,
-            "qfl.resyncs": self.resyncs,
-            "qfl.dropped": self.dropped,
-            "qfl.guarded": self.guarded,
-            "qfl.failures": self.failures,
-            "qfl.missing": self.missing,
-            "qfl.client-state-bytes": self.client_state_bytes,
-        }
-
-
-@dataclass
-class TrafficLog:
-    """Per (round, phase) traffic, accumulated over a run."""
-
-    rounds: dict[tuple[int, str], Traffic] = field(default_factory=dict)
-
-    def at(self, server_round: int, phase: str) -> Traffic:
-        """The entry of one round and phase ("train" or "evaluate")."""
-        return self.rounds.setdefault((server_round, phase), Traffic())
-
-    def total(self) -> Traffic:
-        """Sum over all rounds and phases (``client_state_bytes``: the largest)."""
-        out = Traffic()
-        for t in self.rounds.values():
-            for k, v in asdict(t).items():
-                setattr(out, k, max(out.client_state_bytes, v) if k == "client_state_bytes" else getattr(out, k) + v)
-        return out
 
 
 class ServerProtocol:
@@ -224,6 +112,11 @@ class ServerProtocol:
         self._aggregated = 0  # train rounds whose replies reached qfl
         #: MetricRecord key the inner strategy weighs replies by (FedAvg's ``weighted_by_key``).
         self.weight_key: str | None = None
+
+    @property
+    def base(self) -> Tensors | None:
+        """The model the current training round started from (None before the first)."""
+        return self._base
 
     @property
     def guard(self) -> UpdateGuard | None:
@@ -361,10 +254,15 @@ class ServerProtocol:
                     norms.add(read_float(record, CLIPPING_NORM))
         return min(norms) if norms else None
 
-    def train_replies(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
+    def train_replies(self, server_round: int, replies: Iterable[Message], rebuild: bool = True) -> list[Message]:
         """The replies the inner strategy may aggregate: ordinary ArrayRecords (server model +
         decoded delta) for the ones that pass every check; error replies pass on (the inner
         strategy logs and skips them), everything else is dropped here.
+
+        With ``rebuild=False`` the accepted replies keep their compressed ArrayRecord (only
+        qfl's record is stripped): :mod:`qfl.strategies.aggregate` decodes them again one
+        at a time, so that no more than one decoded update is held at once. Every check,
+        drop and count is the same either way.
 
         Raises MisconfigurationError when no reply could be used and some came back
         without qfl's compression (see :meth:`check_misconfigured`).
@@ -382,24 +280,29 @@ class ServerProtocol:
                 passed.append(msg)
                 continue
             traffic.uplink += sum(record_bytes(r) for r in msg.content.array_records.values())
-            traffic.uplink_full += self.full_uplink(msg, self._full_bytes)
+            traffic.uplink_full += full_uplink(msg, self._full_bytes)
             if REPLY_KEY not in msg.content:
                 unmodded.append("a reply without qfl's record")
             try:
                 akey, delta, info = self.decode_update(msg, base)
-                candidates.append((msg, akey, delta, info, norm(delta)))
+                # Without rebuilding, only the verdict on the model the update makes is kept:
+                # the guard needs every norm of the round before it accepts any update.
+                verdict = None if rebuild else beyond_range(base, delta)
+                candidates.append((msg, akey, delta if rebuild else None, verdict, info, norm(delta)))
             except (ValueError, TypeError, OverflowError) as exc:  # WireFormatError, ProtocolError, ...
                 self._drop(traffic, msg, exc, server_round)
-        for msg, akey, delta, info, _n in self.screen(traffic, candidates, server_round):
-            rebuilt = {k: apply_delta(base[k], delta[k]) for k in base}
-            bad = out_of_range(rebuilt)
+        for msg, akey, delta, bad, info, _n in self.screen(traffic, candidates, server_round):
+            if rebuild:
+                rebuilt = {k: apply_delta(base[k], delta[k]) for k in base}
+                bad = out_of_range(rebuilt)
             if bad is not None:  # a bounded update, yet the model it makes is not
                 self._drop(traffic, msg, ValueError(f"the update takes {bad} beyond {MAX_VALUE:.3g}"), server_round)
                 continue
             self.acknowledge(msg, info)
             traffic.client_state_bytes = max(traffic.client_state_bytes, info.state_bytes)
             new = RecordDict({k: v for k, v in msg.content.items() if k != REPLY_KEY})
-            new[akey] = to_record(rebuilt)
+            if rebuild:
+                new[akey] = to_record(rebuilt)
             passed.append(Message(content=new, metadata=msg.metadata))
         if traffic.missing:
             log(
@@ -433,8 +336,8 @@ class ServerProtocol:
             if REPLY_KEY not in msg.content:
                 unmodded.append("a reply without qfl's record")
             try:
-                info = self.reply_info(msg, "report")
-                _check_records(msg.content, arrays=0, weight_key=self.weight_key)
+                info = reply_info(msg, "report")
+                check_records(msg.content, arrays=0, weight_key=self.weight_key)
             except ValueError as exc:
                 self._drop(traffic, msg, exc, server_round)
                 continue
@@ -494,44 +397,13 @@ class ServerProtocol:
         log(WARNING, "qfl: dropped the reply of node %s%s: %s", msg.metadata.src_node_id, where, exc)
 
     # ------------------------------------------------------------------- uplink
-    def reply_info(self, msg: Message, kind: str) -> ReplyInfo:
-        """The reply's qfl record, parsed; ProtocolError if absent, malformed or of another kind."""
-        record = msg.content.get(REPLY_KEY) if REPLY_KEY in msg.content else None
-        if not isinstance(record, ConfigRecord):
-            raise ProtocolError("the reply carries no qfl record: is compression_mod attached to the ClientApp?")
-        info = ReplyInfo.from_config(record)
-        if info.kind != kind:
-            raise ProtocolError(f"a {info.kind!r} reply where an {kind!r} was expected")
-        return info
-
     def decode_update(self, msg: Message, base: Tensors) -> tuple[str, Tensors, ReplyInfo]:
-        """(ArrayRecord key, decoded delta, reply info) of a train reply, after every check.
+        """:func:`.replies.decode_update` with this strategy's uplink policy, limits and weight."""
+        return decode_update(msg, base, self.uplink, self.limits, self.weight_key)
 
-        Raises ValueError (WireFormatError, ProtocolError) with the reason for a reply
-        that must not reach aggregation: a malformed qfl record, other records than one
-        model and one MetricRecord, undecodable blobs, another operator or shape than
-        configured, other tensors than the model's, NaN/Inf.
-        """
-        info = self.reply_info(msg, "update")
-        _check_records(msg.content, arrays=1, weight_key=self.weight_key)
-        akey = next(iter(msg.content.array_records))
-        record = msg.content[akey]
-        if set(record.keys()) != set(base.keys()):
-            missing, extra = sorted(base.keys() - record.keys()), sorted(record.keys() - base.keys())
-            raise ValueError(f"the reply's tensors differ from the model's (missing {missing}, unexpected {extra})")
-        # Each tensor is decoded with its own size as the limit: a blob declaring more
-        # (a hostile "size far beyond the model") is refused before anything is allocated.
-        payloads = decode_record(record, {k: self.limits_for(t) for k, t in base.items()})
-        delta = {}
-        for name, ps in payloads.items():
-            if len(ps) != 1:
-                raise ValueError(f"{name}: {len(ps)} payloads, expected 1")
-            check_against(name, ps[0], base[name], self.uplink)
-            delta[name] = ps[0].decompress()
-        bad = out_of_range(delta)
-        if bad is not None:
-            raise ValueError(f"the update of {bad} contains NaN, Inf or values beyond {MAX_VALUE:.3g}")
-        return akey, delta, info
+    def limits_for(self, tensor) -> Limits:
+        """Decoder limits for a reply's payload standing for ``tensor``: its own size."""
+        return tensor_limits(self.limits, tensor)
 
     def screen(self, traffic: Traffic, candidates: list, server_round: int | None = None) -> list:
         """The candidates (tuples whose last item is the update's norm) the guard and the
@@ -564,30 +436,6 @@ class ServerProtocol:
         self._accepted_norms.extend(c[-1] for c in out)
         return out
 
-    def limits_for(self, tensor) -> Limits:
-        """Decoder limits for a reply's payload standing for ``tensor``: its own size."""
-        n = tensor.numel()
-        return Limits(
-            max_elements=min(self.limits.max_elements, n),
-            max_ndim=self.limits.max_ndim,
-            max_total_elements=min(self.limits.max_total_elements, n),
-            max_expansion=None,
-        )
-
-    def full_uplink(self, msg: Message, model_bytes: int) -> int:
-        """What plain Flower would have carried up for this reply.
-
-        The client's mod reports the size of the ArrayRecord the user's code returned;
-        the server's model is no measure of it when the inner strategy widens dtypes
-        (FedAdam and FedYogi keep float64). Replies without a valid report count
-        ``model_bytes``.
-        """
-        try:
-            size = self.reply_info(msg, "update").full_bytes
-        except ValueError:
-            size = None
-        return size if size is not None else model_bytes
-
     def acknowledge(self, msg: Message, info: ReplyInfo) -> None:
         """Record the replica a client reports (delta/anchor modes)."""
         if info.replica is not None:
@@ -615,28 +463,6 @@ class ServerProtocol:
         )
 
 
-def _check_records(content: RecordDict, arrays: int, weight_key: str | None = None) -> None:
-    """A reply must carry ``arrays`` ArrayRecords, one MetricRecord of finite numbers (with a
-    positive ``weight_key``, the inner strategy's weight) and no ConfigRecord but qfl's:
-    anything more could reach the inner strategy unchecked (and make it end the run)."""
-    if len(content.array_records) != arrays:
-        raise ValueError(f"expected {arrays} ArrayRecord(s) in the reply, found {list(content.array_records)}")
-    if len(content.metric_records) != 1:
-        raise ValueError(f"expected one MetricRecord in the reply, found {list(content.metric_records)}")
-    others = [k for k in content.config_records if k != REPLY_KEY]
-    if others:
-        raise ValueError(f"unexpected ConfigRecord(s) {others} in the reply")
-    metrics = next(iter(content.metric_records.values()))
-    for key, value in metrics.items():
-        values = value if isinstance(value, list) else [value]
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
-            raise ValueError(f"metric {key!r} is not finite")
-    if weight_key is not None:
-        weight = metrics.get(weight_key)
-        if isinstance(weight, list) or weight is None or weight <= 0:
-            raise ValueError(f"the weight {weight_key!r} must be a positive number, got {weight!r}")
-
-
 def encode_blobs(blobs: Mapping[str, bytes]) -> ArrayRecord:
     """The ArrayRecord carrying an offer's blobs (one qfl Array per tensor)."""
     return encode_record(dict(blobs))
@@ -648,10 +474,3 @@ def model_key(content: RecordDict) -> str:
     if len(keys) != 1:
         raise ValueError(f"qfl expects exactly one ArrayRecord (the model) in a message, found {keys}")
     return keys[0]
-
-
-def with_traffic(metrics: MetricRecord | None, traffic: Traffic) -> MetricRecord:
-    """A copy of ``metrics`` with the round's ``qfl.*`` byte counts added."""
-    out = MetricRecord(dict(metrics)) if metrics is not None else MetricRecord()
-    out.update(traffic.metrics())
-    return out

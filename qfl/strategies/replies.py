@@ -1,0 +1,117 @@
+"""Reading a client's reply: every field it carries parsed and checked in one place, each
+blob decoded within the size of the tensor it stands for, before anything reaches a strategy.
+
+Raises ValueError (:class:`qfl.wire.WireFormatError`, :class:`qfl.protocol.ProtocolError`)
+naming what is wrong; the server drops and counts such a reply (:mod:`.server`).
+"""
+
+from __future__ import annotations
+
+import math
+
+from flwr.app import ConfigRecord, Message, RecordDict
+
+from ..clients.records import decode_record
+from ..codec import MAX_VALUE, Tensors, apply_delta, check_against, out_of_range
+from ..protocol import REPLY_KEY, ProtocolError, ReplyInfo
+from ..spec import Policy
+from ..wire import Limits
+
+
+def reply_info(msg: Message, kind: str) -> ReplyInfo:
+    """The reply's qfl record, parsed; ProtocolError if absent, malformed or of another kind."""
+    record = msg.content.get(REPLY_KEY) if REPLY_KEY in msg.content else None
+    if not isinstance(record, ConfigRecord):
+        raise ProtocolError("the reply carries no qfl record: is compression_mod attached to the ClientApp?")
+    info = ReplyInfo.from_config(record)
+    if info.kind != kind:
+        raise ProtocolError(f"a {info.kind!r} reply where an {kind!r} was expected")
+    return info
+
+
+def decode_update(
+    msg: Message, base: Tensors, uplink: Policy, limits: Limits, weight_key: str | None
+) -> tuple[str, Tensors, ReplyInfo]:
+    """(ArrayRecord key, decoded delta, reply info) of a train reply, after every check.
+
+    Raises ValueError (WireFormatError, ProtocolError) with the reason for a reply
+    that must not reach aggregation: a malformed qfl record, other records than one
+    model and one MetricRecord, undecodable blobs, another operator or shape than
+    configured, other tensors than the model's, NaN/Inf.
+    """
+    info = reply_info(msg, "update")
+    check_records(msg.content, arrays=1, weight_key=weight_key)
+    akey = next(iter(msg.content.array_records))
+    record = msg.content[akey]
+    if set(record.keys()) != set(base.keys()):
+        missing, extra = sorted(base.keys() - record.keys()), sorted(record.keys() - base.keys())
+        raise ValueError(f"the reply's tensors differ from the model's (missing {missing}, unexpected {extra})")
+    # Each tensor is decoded with its own size as the limit: a blob declaring more
+    # (a hostile "size far beyond the model") is refused before anything is allocated.
+    payloads = decode_record(record, {k: tensor_limits(limits, t) for k, t in base.items()})
+    delta = {}
+    for name, ps in payloads.items():
+        if len(ps) != 1:
+            raise ValueError(f"{name}: {len(ps)} payloads, expected 1")
+        check_against(name, ps[0], base[name], uplink)
+        delta[name] = ps[0].decompress()
+    bad = out_of_range(delta)
+    if bad is not None:
+        raise ValueError(f"the update of {bad} contains NaN, Inf or values beyond {MAX_VALUE:.3g}")
+    return akey, delta, info
+
+
+def tensor_limits(limits: Limits, tensor) -> Limits:
+    """Decoder limits for a reply's payload standing for ``tensor``: its own size."""
+    n = tensor.numel()
+    return Limits(
+        max_elements=min(limits.max_elements, n),
+        max_ndim=limits.max_ndim,
+        max_total_elements=min(limits.max_total_elements, n),
+        max_expansion=None,
+    )
+
+
+def full_uplink(msg: Message, model_bytes: int) -> int:
+    """What plain Flower would have carried up for this reply.
+
+    The client's mod reports the size of the ArrayRecord the user's code returned;
+    the server's model is no measure of it when the inner strategy widens dtypes
+    (FedAdam and FedYogi keep float64). Replies without a valid report count
+    ``model_bytes``.
+    """
+    try:
+        size = reply_info(msg, "update").full_bytes
+    except ValueError:
+        size = None
+    return size if size is not None else model_bytes
+
+
+def check_records(content: RecordDict, arrays: int, weight_key: str | None = None) -> None:
+    """A reply must carry ``arrays`` ArrayRecords, one MetricRecord of finite numbers (with a
+    positive ``weight_key``, the inner strategy's weight) and no ConfigRecord but qfl's:
+    anything more could reach the inner strategy unchecked (and make it end the run)."""
+    if len(content.array_records) != arrays:
+        raise ValueError(f"expected {arrays} ArrayRecord(s) in the reply, found {list(content.array_records)}")
+    if len(content.metric_records) != 1:
+        raise ValueError(f"expected one MetricRecord in the reply, found {list(content.metric_records)}")
+    others = [k for k in content.config_records if k != REPLY_KEY]
+    if others:
+        raise ValueError(f"unexpected ConfigRecord(s) {others} in the reply")
+    metrics = next(iter(content.metric_records.values()))
+    for key, value in metrics.items():
+        values = value if isinstance(value, list) else [value]
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
+            raise ValueError(f"metric {key!r} is not finite")
+    if weight_key is not None:
+        weight = metrics.get(weight_key)
+        if isinstance(weight, list) or weight is None or weight <= 0:
+            raise ValueError(f"the weight {weight_key!r} must be a positive number, got {weight!r}")
+
+
+def beyond_range(base: Tensors, delta: Tensors) -> str | None:
+    """The first tensor the update takes to NaN, Inf or beyond MAX_VALUE (one rebuilt tensor at a time), or None."""
+    for k in base:
+        if out_of_range({k: apply_delta(base[k], delta[k])}) is not None:
+            return k
+    return None
