@@ -530,3 +530,28 @@ def test_recommended_refuses_what_is_not_a_run_length():
             presets.recommended(rounds, clients)
     assert presets.RECOMMENDED == presets.recommended(600, 1)
     assert "topk(0.01)" in presets.RECOMMENDED.uplink
+
+
+@pytest.mark.parametrize(
+    ("uplink", "downlink", "warned"),
+    [
+        # top-k then a coarse l2 quantizer (variance 1.5): biased and no contraction, either way
+        ("topk(0.1) | qsgd(levels=15, bucket=512)", None, "uplink"),
+        ("topk(0.1)", "delta | topk(0.2) | qsgd(levels=15, bucket=512)", "downlink"),
+        # the same with max-norm buckets of 128 (variance 0.14): a contraction, no warning
+        (
+            "topk(0.1) | qsgd(levels=15, norm=max, bucket=128)",
+            "delta | topk(0.2) | qsgd(levels=15, norm=max, bucket=128)",
+            None,
+        ),
+        ("topk(0.1)", "model | qsgd(levels=15, bucket=512)", None),  # no downlink memory to diverge
+    ],
+)
+def test_error_memory_without_a_contraction_is_warned_per_direction(uplink, downlink, warned):
+    grid = FakeGrid(app(), 2)
+    with Capture() as log:
+        # 100k values: top-10% keeps 10k, and a 512-value l2 bucket then has variance 1.5
+        model = ArrayRecord({"w": torch.zeros(100_000)})
+        Compressed(FedAvg(), uplink=uplink, downlink=downlink).configure_train(1, model, ConfigRecord(), grid)
+    lines = [line for line in log.lines if "no convergence guarantee" in line]
+    assert [line.split("qfl: ")[1].split()[0] for line in lines] == ([warned] if warned else [])

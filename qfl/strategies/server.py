@@ -205,21 +205,37 @@ class ServerProtocol:
         return new
 
     def _warn_once(self, model: Tensors) -> None:
-        if self._warned or not self.error_feedback:
+        """Warn once per direction when error memory runs on an operator with no convergence guarantee.
+
+        Error feedback needs a contraction (top-k, sign, a damped quantizer, or top-k with a
+        quantizer fine enough, :meth:`qfl.compress.chain.Chain.properties`) or an unbiased
+        operator with variance factor below 1; otherwise the memory can grow without bound.
+        The client's memory is the uplink's; the downlink's is the distance between the
+        server model and the clients' replica, which "delta" and "anchor" modes send from.
+        """
+        if self._warned:
             return
         self._warned = True
-        for name, t in model.items():
-            props = self.uplink.operator_for(name, t).properties(t.numel())
-            if props.unbiased and (props.variance or 0.0) >= 1.0:
-                log(
-                    WARNING,
-                    "qfl: error feedback with %s on %s (variance factor %.3g >= 1) can diverge; "
-                    "use error_feedback=False for unbiased compressors or a contraction (top-k, sign, damped)",
-                    self.uplink.operator_for(name, t),
-                    name,
-                    props.variance,
-                )
-                return
+        checks = [("uplink", self.uplink, "error_feedback=False")] if self.error_feedback else []
+        if self.downlink.mode != "model":
+            checks.append(("downlink", self.downlink.policy, "a finer quantizer (norm=max, smaller buckets)"))
+        for direction, policy, remedy in checks:
+            for name, t in model.items():
+                op = policy.operator_for(name, t)
+                props = op.properties(t.numel())
+                if props.contraction is None and not (props.unbiased and (props.variance or 0.0) < 1.0):
+                    log(
+                        WARNING,
+                        "qfl: %s error memory with %s on %s has no convergence guarantee (%s) and can "
+                        "diverge; use a contraction (top-k, sign, damped, or top-k with a quantizer of "
+                        "variance factor < 1), or %s",
+                        direction,
+                        op,
+                        name,
+                        f"variance factor {props.variance:.3g} >= 1" if props.unbiased else "not a contraction",
+                        remedy,
+                    )
+                    break
 
     # ------------------------------------------------------------ one sync round
     def configure(
