@@ -52,6 +52,7 @@ def partitions(spec: PartitionSpec, data_dir: str | os.PathLike[str] | None = No
         raise ModuleNotFoundError("partitioning needs flwr-datasets: pip install 'qfl[sim]'") from None
     key = {
         **spec.parameters,
+        "format": 1,  # bump when the way partitions are derived from a spec changes
         "flwr_datasets": partitioner_version,
         "labels": hashlib.sha256(np.ascontiguousarray(labels, dtype=np.int64).tobytes()).hexdigest(),
     }
