@@ -266,6 +266,51 @@ def test_corrupt_disk_cache_is_rebuilt(tmp_path):
     np.testing.assert_array_equal(F.load_fashion_mnist(src).train_images, ref.train_images)
 
 
+def test_store_computes_once_and_rebuilds_what_does_not_load(tmp_path):
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return {"a": np.arange(5), "b": np.ones((2, 3))}
+
+    first = store.cached_arrays("t", "k1", ("a", "b"), compute)
+    again = store.cached_arrays("t", "k1", ("a", "b"), compute)
+    assert len(calls) == 1 and isinstance(again["a"], np.memmap) and not again["a"].flags.writeable
+    np.testing.assert_array_equal(again["b"], first["b"])
+    store.cached_arrays("t", "k2", ("a", "b"), compute)  # another key, another entry
+    assert len(calls) == 2
+    # An entry the caller's check refuses is rebuilt in place, as is one that does not load.
+    store.cached_arrays("t", "k1", ("a", "b"), compute, check=lambda arrays: False)
+    assert len(calls) == 3
+    for e in (tmp_path / "qfl-cache").glob("t-*"):
+        (e / "b.npy").write_bytes(b"garbage")
+    store.cached_arrays("t", "k1", ("a", "b"), compute)
+    store.cached_arrays("t", "k1", ("a", "b"), compute)
+    assert len(calls) == 4
+    # Two entries, no temporary directories left behind.
+    assert len(list((tmp_path / "qfl-cache").iterdir())) == len(list((tmp_path / "qfl-cache").glob("t-*"))) == 2
+    with pytest.raises(ValueError, match="computed arrays"):
+        store.cached_arrays("t", "k3", ("a",), compute)
+
+
+def test_store_off_and_unwritable(monkeypatch, tmp_path):
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return {"a": np.arange(3)}
+
+    monkeypatch.setenv(store.CACHE_DIR_ENV, "off")
+    for _ in range(2):
+        store.cached_arrays("t", "k", ("a",), compute)
+    assert len(calls) == 2 and not (tmp_path / "qfl-cache").exists()
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv(store.CACHE_DIR_ENV, str(blocker / "cache"))
+    with pytest.warns(UserWarning, match="could not write cache entry"):
+        np.testing.assert_array_equal(store.cached_arrays("t", "k", ("a",), compute)["a"], np.arange(3))
+
+
 def test_malformed_dataset_file_names_the_file(tmp_path):
     src = make_fake_dataset(tmp_path / "fake")
     bad = src / "train-labels-idx1-ubyte"

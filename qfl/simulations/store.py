@@ -61,15 +61,17 @@ def _load(entry: Path, names: tuple[str, ...]) -> dict[str, np.ndarray] | None:
         return None
 
 
-def _write(entry: Path, arrays: Arrays) -> None:
-    """Write the entry in a temporary sibling directory, then rename it into place."""
+def _write(entry: Path, arrays: Arrays, broken: bool) -> None:
+    """Write the entry in a temporary sibling directory, then rename it into place
+    (over ``entry`` only when it is ``broken``: a complete one is another process's)."""
     try:
         entry.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=entry.parent, prefix=f".{entry.name}-"))
         try:
             for name, arr in arrays.items():
                 np.save(tmp / f"{name}.npy", np.ascontiguousarray(arr), allow_pickle=False)
-            shutil.rmtree(entry, ignore_errors=True)  # a broken entry being rebuilt
+            if broken:
+                shutil.rmtree(entry, ignore_errors=True)
             try:
                 os.rename(tmp, entry)
             except OSError:
@@ -96,16 +98,17 @@ def cached_arrays(
     from the cache are read-only memory maps.
     """
     root = cache_dir()
-    entry = None
+    entry, broken = None, False
     if root is not None:
         entry = root / f"{kind}-{hashlib.sha256(key.encode()).hexdigest()[:24]}"
         if entry.is_dir():
             cached = _load(entry, names)
             if cached is not None and check(cached):
                 return cached
+            broken = True
     arrays = compute()
     if set(arrays) != set(names):
         raise ValueError(f"cache {kind!r}: computed arrays {sorted(arrays)}, declared {sorted(names)}")
     if entry is not None:
-        _write(entry, arrays)
+        _write(entry, arrays, broken)
     return arrays
