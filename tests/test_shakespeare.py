@@ -6,7 +6,15 @@ import pytest
 import torch
 
 from qfl.simulations import shakespeare as S
+from qfl.simulations import store
 from qfl.simulations.models import build_model
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(monkeypatch, tmp_path):
+    """The split of a test's plays goes to the test's cache, not the user's."""
+    monkeypatch.setenv(store.CACHE_DIR_ENV, str(tmp_path / "qfl-cache"))
+
 
 PLAY = """# A Play
 
@@ -62,6 +70,9 @@ def test_clients_are_the_largest_roles_and_test_is_held_out(tmp_path):
     assert xv.shape[0] == (400 - 1) // 8  # B's 400 held-out characters
     tx, _ = S.test_data(3, seq_len=8, directory=directory)
     assert tx.shape[0] == sum((len(t) - 1) // 8 for t in split.test)
+    again = S.select_roles(3, seq_len=8, directory=directory)  # from the disk cache
+    assert again.roles == split.roles
+    assert all((a == b).all() for a, b in zip(again.train + again.test, split.train + split.test, strict=True))
     with pytest.raises(ValueError, match="at most that many clients"):
         S.select_roles(4, seq_len=8, directory=directory)
 

@@ -1,9 +1,10 @@
 """Client side: the compression mod, and a reference PyTorch ClientApp."""
 
 from .mod import FIRST_CONTACT, compression_mod, make_compression_mod
-from .torch_app import LocalTraining, evaluate, make_client_app, train_local
+from .torch_app import ClientData, LocalTraining, evaluate, make_client_app, train_local
 
 __all__ = [
+    "ClientData",
     "FIRST_CONTACT",
     "LocalTraining",
     "compression_mod",

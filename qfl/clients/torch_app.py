@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
@@ -20,8 +21,18 @@ from torch import nn
 
 from .mod import compression_mod
 
-#: (train inputs, train labels, evaluation inputs, evaluation labels) of one client.
-ClientData = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+class ClientData(NamedTuple):
+    """One client's local data: what ``data_fn`` returns to :func:`make_client_app`.
+
+    Labels are class indices for cross-entropy: one per input, or one per position for
+    a sequence model. The validation pair is what ``evaluate`` reports on.
+    """
+
+    train_inputs: torch.Tensor
+    train_labels: torch.Tensor
+    val_inputs: torch.Tensor
+    val_labels: torch.Tensor
 
 
 @dataclass(frozen=True)

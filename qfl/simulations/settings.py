@@ -14,13 +14,12 @@ from typing import Any
 
 from ..strategies.presets import ASYNC_PRESETS, PRESETS
 from .links import parse_links
+from .partition import SCHEMES, PartitionSpec
 from .workloads import WORKLOADS
 
 #: A quarter of the clients on a slow mobile link, the rest on broadband; a local step
 #: takes 50 ms on every device (see :mod:`qfl.simulations.links`).
 DEFAULT_LINKS = "slow: share=0.25, up=1, down=4, latency=50, step=0.05; fast: up=50, down=100, latency=20, step=0.05"
-
-SCHEMES = ("iid", "dirichlet", "pathological")
 
 
 @dataclass(frozen=True)
@@ -183,6 +182,17 @@ class Settings:
         if method == self.baseline or (longer and method not in longer):
             return self.num_server_rounds
         return math.ceil(self.num_server_rounds * self.rounds_factor - 1e-9)
+
+    def partition_spec(self, num_partitions: int) -> PartitionSpec:
+        """How the pool is split among ``num_partitions`` clients (the node config's
+        ``num-partitions``, which a deployment sets per SuperNode)."""
+        return PartitionSpec(
+            scheme=self.partitioning,
+            num_partitions=num_partitions,
+            alpha=self.alpha,
+            classes_per_partition=self.classes_per_client,
+            seed=self.seed,
+        )
 
     @property
     def clients_per_round(self) -> int:

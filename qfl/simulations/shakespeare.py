@@ -21,14 +21,17 @@ every next character of a window (``x = w[:-1]``, ``y = w[1:]``), which gives
 
 from __future__ import annotations
 
-import functools
 import importlib.util
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from ..clients.torch_app import ClientData
+from .store import cached_arrays
 
 #: Characters the model knows: printable ASCII; index 0 stands for anything else.
 VOCAB = "\x00" + "".join(chr(c) for c in range(32, 127))
@@ -75,7 +78,6 @@ def parse_play(text: str) -> dict[str, str]:
     return {role: " ".join(parts) for role, parts in roles.items()}
 
 
-@functools.lru_cache(maxsize=2)
 def load_roles(directory: str | None = None) -> tuple[tuple[str, str], ...]:
     """Every speaking role of every play as ("play/ROLE", text), sorted by name."""
     root = Path(directory) if directory else plays_dir()
@@ -104,21 +106,9 @@ class ShakespeareSplit:
     test: tuple[np.ndarray, ...]
 
 
-@functools.lru_cache(maxsize=4)
-def select_roles(
-    num_clients: int, seq_len: int, test_fraction: float = 0.1, directory: str | None = None
-) -> ShakespeareSplit:
-    """The ``num_clients`` roles with the most text (ties by name), each split train/test.
-
-    Choosing the largest roles keeps every client able to fill a batch; it does not
-    depend on the seed, so every seed trains the same federation. Raises ValueError when
-    fewer roles than ``num_clients`` have enough text for one training and one test
-    sequence.
-    """
-    if not 0 < test_fraction < 1:
-        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+def _split_roles(num_clients: int, seq_len: int, test_fraction: float, root: Path) -> dict[str, np.ndarray]:
     need = int(np.ceil((seq_len + 1) / test_fraction))  # one test window at least
-    roles = [(name, text) for name, text in load_roles(directory) if len(text) >= need]
+    roles = [(name, text) for name, text in load_roles(str(root)) if len(text) >= need]
     if len(roles) < num_clients:
         raise ValueError(
             f"only {len(roles)} roles have the {need} characters a client needs with "
@@ -132,7 +122,50 @@ def select_roles(
         cut = len(tokens) - max(seq_len + 1, int(round(len(tokens) * test_fraction)))
         train.append(tokens[:cut])
         test.append(tokens[cut:])
-    return ShakespeareSplit(tuple(n for n, _ in chosen), tuple(train), tuple(test))
+    return {
+        "roles": np.array([name for name, _ in chosen], dtype=str),
+        "train": np.concatenate(train),
+        "train_ends": np.cumsum([len(t) for t in train]),
+        "test": np.concatenate(test),
+        "test_ends": np.cumsum([len(t) for t in test]),
+    }
+
+
+def select_roles(
+    num_clients: int, seq_len: int, test_fraction: float = 0.1, directory: str | None = None
+) -> ShakespeareSplit:
+    """The ``num_clients`` roles with the most text (ties by name), each split train/test.
+
+    Choosing the largest roles keeps every client able to fill a batch; it does not
+    depend on the seed, so every seed trains the same federation. Raises ValueError when
+    fewer roles than ``num_clients`` have enough text for one training and one test
+    sequence. Parsing and encoding the plays takes about 0.7 s, which a deployment's
+    fresh ClientApp process would pay for every message, so the split is kept in the
+    on-disk cache of :mod:`qfl.simulations.store`, keyed by the play files' size and
+    modification time and by the arguments.
+    """
+    if not 0 < test_fraction < 1:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    root = Path(directory) if directory else plays_dir()
+    files = sorted(root.rglob("*.md"))
+    key = json.dumps(
+        {
+            "format": 1,  # bump when parsing or splitting changes what a key stands for
+            "args": [num_clients, seq_len, test_fraction],
+            "files": [f"{f.resolve()}|{f.stat().st_size}|{f.stat().st_mtime_ns}" for f in files],
+        }
+    )
+    names = ("roles", "train", "train_ends", "test", "test_ends")
+    arrays = cached_arrays(
+        "shakespeare",
+        key,
+        names,
+        lambda: _split_roles(num_clients, seq_len, test_fraction, root),
+        lambda a: len(a["roles"]) == len(a["train_ends"]) == len(a["test_ends"]) == num_clients,
+    )
+    train = np.split(arrays["train"], arrays["train_ends"][:-1])
+    test = np.split(arrays["test"], arrays["test_ends"][:-1])
+    return ShakespeareSplit(tuple(str(r) for r in arrays["roles"]), tuple(train), tuple(test))
 
 
 def windows(tokens: np.ndarray, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,9 +173,9 @@ def windows(tokens: np.ndarray, seq_len: int) -> tuple[torch.Tensor, torch.Tenso
     n = (len(tokens) - 1) // seq_len
     if n < 1:
         return torch.zeros(0, seq_len, dtype=torch.long), torch.zeros(0, seq_len, dtype=torch.long)
-    body = tokens[: n * seq_len + 1]
-    x = torch.from_numpy(np.ascontiguousarray(body[:-1].reshape(n, seq_len)))
-    y = torch.from_numpy(np.ascontiguousarray(body[1:].reshape(n, seq_len)))
+    body = tokens[: n * seq_len + 1]  # may be a read-only memory map: the tensors get copies
+    x = torch.from_numpy(np.array(body[:-1].reshape(n, seq_len)))
+    y = torch.from_numpy(np.array(body[1:].reshape(n, seq_len)))
     return x, y
 
 
@@ -152,7 +185,7 @@ def client_data(
     seq_len: int = 80,
     directory: str | None = None,
     max_samples: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> ClientData:
     """(train x, train y, test x, test y) of one role, the ``partition_id``-th selected one."""
     split = select_roles(num_partitions, seq_len, directory=directory)
     if not 0 <= partition_id < num_partitions:
@@ -161,7 +194,7 @@ def client_data(
     xv, yv = windows(split.test[partition_id], seq_len)
     if max_samples:
         x, y = x[:max_samples], y[:max_samples]
-    return x, y, xv, yv
+    return ClientData(x, y, xv, yv)
 
 
 def test_data(

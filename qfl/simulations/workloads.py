@@ -40,18 +40,7 @@ class Workload:
 def _fashion_client(s: Settings, pid: int, n: int) -> ClientData:
     from .data import client_data
 
-    return tuple(
-        client_data(
-            pid,
-            n,
-            scheme=s.partitioning,
-            alpha=s.alpha,
-            classes_per_partition=s.classes_per_client,
-            seed=s.seed,
-            data_dir=s.data_dir or None,
-            max_samples=s.max_client_samples or None,
-        )
-    )  # type: ignore[return-value]
+    return client_data(s.partition_spec(n), pid, data_dir=s.data_dir or None, max_samples=s.max_client_samples or None)
 
 
 def _fashion_test(s: Settings) -> tuple[torch.Tensor, torch.Tensor]:

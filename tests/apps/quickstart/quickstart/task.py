@@ -5,6 +5,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from qfl.simulations.data import client_data
+from qfl.simulations.partition import PartitionSpec
 
 
 class Net(nn.Module):
@@ -27,9 +28,9 @@ class Net(nn.Module):
 
 def load_data(partition_id: int, num_partitions: int, batch_size: int, max_samples: int):
     """Train and test loaders of one partition (Fashion-MNIST from the local IDX files)."""
-    d = client_data(partition_id, num_partitions, scheme="iid", max_samples=max_samples, val_fraction=0.2)
-    train = DataLoader(TensorDataset(d.train_images, d.train_labels), batch_size=batch_size, shuffle=True)
-    test = DataLoader(TensorDataset(d.val_images, d.val_labels), batch_size=batch_size)
+    d = client_data(PartitionSpec("iid", num_partitions), partition_id, max_samples=max_samples, val_fraction=0.2)
+    train = DataLoader(TensorDataset(d.train_inputs, d.train_labels), batch_size=batch_size, shuffle=True)
+    test = DataLoader(TensorDataset(d.val_inputs, d.val_labels), batch_size=batch_size)
     return train, test
 
 
