@@ -45,6 +45,7 @@ def run(fed, config: dict, out: Path) -> dict:
 def main() -> int:
     from qfl.simulations.compare import DROP, WINDOW
     from qfl.simulations.superlink import LocalFederation
+    from qfl.strategies.presets import SPARSE_DOWNLINK
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", default="1,2,3")
@@ -52,7 +53,7 @@ def main() -> int:
     p.add_argument("--max-samples", type=int, default=3000, help="training images per client")
     p.add_argument("--test-samples", type=int, default=10000)
     p.add_argument("--uplink", help="instead of the recommended setting (with --downlink, --server-momentum)")
-    p.add_argument("--downlink", default="delta | topk(0.02) | qsgd(levels=15, bucket=512)")
+    p.add_argument("--downlink", default=SPARSE_DOWNLINK)
     p.add_argument("--server-momentum", type=float, default=0.5)
     args = p.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]

@@ -518,6 +518,7 @@ def test_recommended_budgets_the_uplink_by_the_runs_length(rounds, clients):
     assert up.properties(100_000).contraction > 0  # error memory converges without damping
     mode, down = parse_downlink(setting.downlink)
     assert mode == "delta" and down.sparsifier.ratio == pytest.approx(min(2 * ratio, 1), rel=1e-2)
+    assert down.properties(100_000).contraction > 0  # so is the server's (downlink) memory
     strategy = setting.build(fraction_train=0.5)
     assert isinstance(strategy, Compressed) and strategy.uplink.op == up
 
@@ -529,6 +530,14 @@ def test_recommended_refuses_what_is_not_a_run_length():
         with pytest.raises(ValueError, match="positive integer"):
             presets.recommended(rounds, clients)
     assert presets.RECOMMENDED == presets.recommended(600, 1)
+    # at top-1% the recommended setting is the qsparse preset, spec for spec
+    qsparse = presets.qsparse()
+    strategy = presets.RECOMMENDED.build()
+    assert (qsparse.uplink, qsparse.downlink.policy, qsparse.downlink.mode) == (
+        strategy.uplink,
+        strategy.downlink.policy,
+        strategy.downlink.mode,
+    )
     assert "topk(0.01)" in presets.RECOMMENDED.uplink
 
 
