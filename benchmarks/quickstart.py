@@ -44,6 +44,7 @@ def run(fed, config: dict, out: Path) -> dict:
 
 def main() -> int:
     from qfl.simulations.compare import DROP, WINDOW
+    from qfl.simulations.processes import unwind_on_sigterm
     from qfl.simulations.superlink import LocalFederation
     from qfl.strategies.presets import SPARSE_DOWNLINK
 
@@ -56,6 +57,7 @@ def main() -> int:
     p.add_argument("--downlink", default=SPARSE_DOWNLINK)
     p.add_argument("--server-momentum", type=float, default=0.5)
     args = p.parse_args()
+    unwind_on_sigterm()  # a killed benchmark stops the federation it started
     seeds = [int(s) for s in args.seeds.split(",")]
     longer = math.ceil(1.5 * args.rounds)
     common = {

@@ -195,3 +195,18 @@ class ManagedProcess:
 
     def __repr__(self) -> str:
         return f"ManagedProcess({self.name!r}, pid={self.pid}, rc={self.returncode})"
+
+
+def _interrupt(signum: int, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def unwind_on_sigterm() -> None:
+    """Make ``kill`` (SIGTERM) unwind the main thread like Ctrl-C.
+
+    Python's default SIGTERM ends the process without running ``with``/``finally``
+    blocks, so a script killed mid-run leaves the SuperLink, the simulation and its Ray
+    workers that its LocalFederation started running (tens of processes, re-parented to
+    init). Scripts that start federations call this first.
+    """
+    signal.signal(signal.SIGTERM, _interrupt)

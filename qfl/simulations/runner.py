@@ -19,7 +19,6 @@ import json
 import os
 import platform
 import shlex
-import signal
 import subprocess
 import sys
 import tempfile
@@ -29,6 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .processes import unwind_on_sigterm
 from .report import human_bytes
 from .results import MANIFEST
 from .settings import Settings
@@ -260,10 +260,6 @@ def manifest(argv: Sequence[str]) -> dict[str, Any]:
     }
 
 
-def _terminate(signum: int, frame) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line entry point; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -345,9 +341,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    # ``kill`` (SIGTERM) unwinds like Ctrl-C, so the SuperLink, the simulation and its
-    # Ray workers that LocalFederation started are stopped too instead of left running.
-    signal.signal(signal.SIGTERM, _terminate)
+    unwind_on_sigterm()
     info = manifest(argv)
     started = time.perf_counter()
     status: dict[tuple[str, int], bool] = {}
