@@ -39,6 +39,7 @@ warm``, as ``tools/setup.sh`` does), so that no client compiles inside a round. 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import platform
@@ -48,11 +49,14 @@ import sys
 import tempfile
 from pathlib import Path
 
+from qfl.strategies import Compressed
+
 ROOT = Path(__file__).resolve().parents[1]
 APP = ROOT / "tests" / "apps" / "bigmodel"
 MODELS = ("resnet18", "gpt2")
 ENCODE_LIMIT = 0.10  # client compress+encode / local training time
 SERVER_LIMIT_MS = 50.0  # server decode+aggregate, per reply, per 10M parameters
+HISTORY = inspect.signature(Compressed).parameters["history"].default  # the app keeps Compressed's default
 
 
 def commit() -> str:
@@ -283,6 +287,11 @@ def main(argv: list[str] | None = None) -> dict:
         ap.error("nothing to run: give --models or --many")
     if min(args.clients, args.rounds, args.steps, args.batch, args.gpt_steps, args.seq, args.many_steps) < 1:
         ap.error("--clients, --rounds, --steps, --batch, --gpt-steps, --seq and --many-steps must be positive")
+    if args.many_rounds > HISTORY:
+        ap.error(
+            f"--many-rounds at most {HISTORY}: a client away longer than Compressed's history ({HISTORY} versions) "
+            "is resynced by design, and the replica check counts every resync but first contacts as a fault"
+        )
     if args.clients < 2 or args.many_clients < 2 or not 0 < args.many_fraction <= 1:
         ap.error("FedAvg samples at least 2 clients: --clients and --many-clients >= 2, 0 < --many-fraction <= 1")
 

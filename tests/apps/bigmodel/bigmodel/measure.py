@@ -51,8 +51,12 @@ def rss() -> int:
 
 
 def peak_rss() -> int:
-    """This process's peak resident set, bytes (Linux reports ``ru_maxrss`` in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """This process's peak resident set, bytes.
+
+    Linux reports ``ru_maxrss`` in KiB and updates it lazily: right after the resident set
+    grew it can read below the current one, which is then the peak.
+    """
+    return max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, rss())
 
 
 def _is_train(msg: Message) -> bool:
