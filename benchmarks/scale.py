@@ -1,9 +1,9 @@
 """Large models: what compression costs a client and the server, next to training.
 
-Issue 13 item 2 asks for Compressed + compression_mod against plain Flower in the
-simulation engine. This script measures the parts of that cost that are qfl's own, in
-one process and without the engine (the strategy and the mod are being rewritten; their
-per-message overhead is measured separately once they land):
+This script measures the parts of the cost that are qfl's own, in one process and
+without Flower; ``benchmarks/e2e.py`` runs the same models (``tests/apps/bigmodel``'s
+``models.py``, imported from there) through Compressed + compression_mod against plain
+Flower in the simulation engine:
 
 * **client**: local SGD steps on synthetic data (the training time), then the model
   change compressed tensor by tensor with error memory (``qfl.codec.compress_model``,
@@ -37,15 +37,12 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import psutil
 import torch
-from torch import nn
 
 import qfl
 from qfl import wire
@@ -55,87 +52,16 @@ from qfl.spec import Policy
 MB = 1 << 20
 
 
-# ============================================================================ models
-class _Block(nn.Module):
-    def __init__(self, c_in: int, c_out: int, stride: int):
-        super().__init__()
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(c_out)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(c_out)
-        self.skip = (
-            nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
-            if stride != 1 or c_in != c_out
-            else nn.Identity()
-        )
-
-    def forward(self, x):
-        y = torch.relu(self.bn1(self.conv1(x)))
-        return torch.relu(self.bn2(self.conv2(y)) + self.skip(x))
-
-
-def resnet18(classes: int = 10) -> nn.Module:
-    """ResNet-18 (He et al. 2016): four stages of two BasicBlocks, 64-512 channels."""
-    layers: list[nn.Module] = [nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU()]
-    c = 64
-    for width, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
-        layers += [_Block(c, width, stride), _Block(width, width, 1)]
-        c = width
-    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, classes)]
-    return nn.Sequential(*layers)
-
-
-class GPT2Shaped(nn.Module):
-    """GPT-2 small's shapes (Radford et al. 2019): pre-norm decoder blocks, tied head."""
-
-    def __init__(self, vocab: int = 50257, width: int = 768, layers: int = 12, heads: int = 12, positions: int = 1024):
-        super().__init__()
-        self.tok = nn.Embedding(vocab, width)
-        self.pos = nn.Embedding(positions, width)
-        block = nn.TransformerEncoderLayer(
-            width, heads, 4 * width, dropout=0.0, activation="gelu", batch_first=True, norm_first=True
-        )
-        self.blocks = nn.TransformerEncoder(block, layers, enable_nested_tensor=False)
-        self.norm = nn.LayerNorm(width)
-
-    def forward(self, ids):
-        t = ids.shape[1]
-        h = self.tok(ids) + self.pos(torch.arange(t))
-        mask = nn.Transformer.generate_square_subsequent_mask(t)
-        h = self.norm(self.blocks(h, mask=mask, is_causal=True))
-        return h @ self.tok.weight.T
-
-
-def train_steps(name: str, model: nn.Module, steps: int, batch: int, seq: int, seed: int) -> None:
-    g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    model.train()
-    for _ in range(steps):
-        opt.zero_grad()
-        if name == "resnet18":
-            x = torch.randn(batch, 3, 32, 32, generator=g)
-            y = torch.randint(0, 10, (batch,), generator=g)
-            loss = nn.functional.cross_entropy(model(x), y)
-        else:
-            ids = torch.randint(0, 50257, (1, seq + 1), generator=g)
-            logits = model(ids[:, :-1])
-            loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
-        loss.backward()
-        opt.step()
+# The models are the end-to-end app's (benchmarks/e2e.py), so both benchmarks measure the same ones.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "apps" / "bigmodel"))
+from bigmodel.measure import peak_rss, rss  # noqa: E402
+from bigmodel.models import build, train_steps  # noqa: E402
 
 
 # ============================================================================ measuring
-def rss() -> int:
-    return psutil.Process().memory_info().rss
-
-
-def peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
-
-
 def run_model(name: str, args: argparse.Namespace, policy: Policy) -> dict:
     torch.manual_seed(args.seed)
-    model = resnet18() if name == "resnet18" else GPT2Shaped()
+    model = build(name)
     params = sum(p.numel() for p in model.parameters())
     start = {k: v.detach().clone() for k, v in model.state_dict().items()}
     model_bytes = sum(v.numel() * v.element_size() for v in start.values())
@@ -146,7 +72,7 @@ def run_model(name: str, args: argparse.Namespace, policy: Policy) -> dict:
     for c in range(args.clients):
         model.load_state_dict(start)
         t = time.perf_counter()
-        train_steps(name, model, steps, args.batch, args.seq, args.seed + c)
+        train_steps(name, model, steps, args.batch if name == "resnet18" else 1, args.seq, args.seed + c)
         train_s = time.perf_counter() - t
         trained = model.state_dict()
         delta = {k: (trained[k] - start[k]) if start[k].is_floating_point() else trained[k] for k in start}

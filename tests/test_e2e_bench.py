@@ -1,0 +1,126 @@
+"""benchmarks/e2e.py at tiny sizes: every figure it reports is there and plausible.
+
+The benchmark runs tests/apps/bigmodel (qfl in its two places) as plain Flower and with
+qfl in Flower's simulation engine, for shrunk ResNet-18 and GPT-2 shapes and for many
+clients at 5% participation. Timings are only checked to be measured (positive): speed
+goals are the benchmark's printed ratios, never thresholds in a test. Bytes are checked
+against what they must be: plain Flower sends the model in every message, qfl less, and
+the bytes the app counts on the wire equal the strategy's own accounting.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import io
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from qfl.simulations import superlink
+from qfl.simulations.superlink import list_tagged_processes
+
+pytestmark = pytest.mark.integration
+
+E2E = Path(__file__).parents[1] / "benchmarks" / "e2e.py"
+
+
+def _load_benchmark():
+    spec = importlib.util.spec_from_file_location("e2e_benchmark", E2E)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(results, printed text, JSON written) of one ``--tiny --many`` run, and the federations it started."""
+    feds = []
+
+    class Recorded(superlink.LocalFederation):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            feds.append(self)
+
+    out = tmp_path_factory.mktemp("e2e") / "e2e.json"
+    mp = pytest.MonkeyPatch()
+    mp.setattr(superlink, "LocalFederation", Recorded)
+    text = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(text):
+            results = _load_benchmark().main(["--tiny", "--many", "--out", str(out)])
+    finally:
+        mp.undo()
+    return results, text.getvalue(), json.loads(out.read_text()), feds
+
+
+def _check_run(run: dict, clients: int, rounds: int) -> None:
+    assert run["params"] > 0 and run["model_bytes"] >= 4 * run["params"]
+    assert run["server_peak_rss_mb"] > 0
+    assert len(run["rounds"]) == rounds
+    for row in run["rounds"]:
+        assert row["replies"] == row["messages"] == clients and row["errors"] == 0
+        assert row["up_bytes"] > 0 and row["down_bytes"] > 0
+        assert row["wall_s"] > row["aggregate_s"] > 0
+        assert row["server_rss_mb"] > 0 and row["server_peak_rss_mb"] >= row["server_rss_mb"]
+        assert len(row["clients"]) == clients
+        for c in row["clients"]:
+            assert c["app-s"] >= c["train-s"] > 0
+            assert c["qfl-in-s"] >= 0 and c["qfl-out-s"] >= 0
+            assert c["peak-rss-mb"] >= c["rss-mb"] > 0
+
+
+def _check_bytes(plain: dict, ours: dict) -> None:
+    """Plain Flower sends at least the model per message; qfl less both ways, as it counts itself."""
+    for row in plain["rounds"]:
+        assert row["down_bytes"] >= row["messages"] * plain["model_bytes"]
+        assert row["up_bytes"] >= row["replies"] * plain["model_bytes"]
+    for r, (p, q) in enumerate(zip(plain["rounds"], ours["rounds"], strict=True), 1):
+        assert 0 < q["up_bytes"] < p["up_bytes"] and 0 < q["down_bytes"] < p["down_bytes"]
+        assert ours["traffic"][str(r)]["uplink"] == q["up_bytes"]
+        assert ours["traffic"][str(r)]["downlink"] == q["down_bytes"]
+        assert ours["traffic"][str(r)]["uplink_full"] <= p["up_bytes"]
+
+
+def test_tiny_models_report_every_figure(tiny):
+    results, text, written, _ = tiny
+    assert written["goals"] == results["goals"]
+    for name in ("resnet18", "gpt2"):
+        runs = results["models"][name]["runs"]
+        assert runs["plain"]["plain"] and not runs["qfl"]["plain"]
+        for run in runs.values():
+            _check_run(run, clients=2, rounds=1)
+        _check_bytes(runs["plain"], runs["qfl"])
+        assert runs["qfl"]["compression"]["uplink"].startswith("topk(")  # presets.recommended
+        for figures in results["models"][name]["summary"].values():
+            assert all(math.isfinite(v) and v >= 0 for v in figures.values())
+    goals = {g["goal"]: g for g in results["goals"]}
+    assert len(goals) == 3  # ResNet-18: client and server; GPT-2: server
+    for goal in goals.values():
+        assert goal["value"] > 0 and goal["pass"] == (goal["value"] <= goal["limit"])
+        assert goal["goal"] in text
+    assert "NOT A VERDICT: --tiny" in text and not results["load"]["verdict"]
+    assert "load average at start" in text and "load average at end" in text
+
+
+def test_tiny_many_clients_keep_replicas_right(tiny):
+    results, text, _, _ = tiny
+    runs = results["many"]["runs"]
+    for run in runs.values():
+        _check_run(run, clients=2, rounds=2)
+        assert run["nodes"] == 40
+    _check_bytes(runs["plain"], runs["qfl"])
+    ours = runs["qfl"]
+    first = sum(r["first_contacts"] for r in ours["rounds"])
+    assert first >= 2 and ours["total"]["resyncs"] == first
+    assert ours["total"]["dropped"] == ours["total"]["failures"] == 0
+    assert results["checks"] and all(c["pass"] for c in results["checks"])
+    assert "qfl per client per round" in text and "server RSS (qfl)" in text
+
+
+def test_no_process_left_behind(tiny):
+    feds = tiny[3]
+    assert feds
+    assert not {f.tag: list_tagged_processes(f.tag) for f in feds if list_tagged_processes(f.tag)}
