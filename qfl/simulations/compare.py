@@ -384,7 +384,7 @@ def recommended(c: Comparison) -> MethodStats | None:
 class ClaimResult:
     """One paper claim judged on one method (over the seeds)."""
 
-    claim: object  # qfl.strategies.presets.Claim
+    claim: object  # qfl.strategies.claims.Claim
     method: MethodStats
     checks: tuple[tuple[str, str], ...]  # (what, verdict)
 
@@ -400,7 +400,7 @@ class ClaimResult:
 
 def judge_claims(c: Comparison) -> list[ClaimResult]:
     """Every paper claim whose methods are in the comparison, judged per method."""
-    from ..strategies.presets import CLAIMS
+    from ..strategies.claims import CLAIMS
 
     out = []
     for claim in CLAIMS:
