@@ -260,28 +260,17 @@ def ef_signsgd(*, downlink: str | None = None, **options: Any) -> Compressed:
     return Setting("sign", downlink).build(**options)
 
 
-def asynchronous(
-    setting: Setting,
-    *,
-    concurrency: int = 4,
-    buffer_size: int = 2,
-    max_staleness: int = 8,
-    staleness_exponent: float = 0.5,
-    seed: int = 0,
-    min_elements: int = MIN_ELEMENTS,
-) -> AsyncCompressed:
+#: Scheduling of the asynchronous presets (arguments of :class:`AsyncCompressed`).
+ASYNC_SCHEDULE: dict[str, Any] = {"concurrency": 4, "buffer_size": 2, "max_staleness": 8, "staleness_exponent": 0.5}
+
+
+def asynchronous(setting: Setting, **schedule: Any) -> AsyncCompressed:
     """``setting``'s compression applied asynchronously: each update on arrival (buffered
     by ``buffer_size``), down-weighted by staleness, rejected when more than
-    ``max_staleness`` versions old. The server optimiser is AsyncCompressed's own."""
-    return AsyncCompressed(
-        concurrency=concurrency,
-        buffer_size=buffer_size,
-        max_staleness=max_staleness,
-        staleness_exponent=staleness_exponent,
-        seed=seed,
-        min_elements=min_elements,
-        **setting.compression(),
-    )
+    ``max_staleness`` versions old; the server optimiser is AsyncCompressed's own.
+    ``schedule``: arguments of :class:`AsyncCompressed` (``seed``, ``min_elements``, ...)
+    over :data:`ASYNC_SCHEDULE`."""
+    return AsyncCompressed(**{**ASYNC_SCHEDULE, **schedule}, **setting.compression())
 
 
 def qsparse_async(**options: Any) -> AsyncCompressed:

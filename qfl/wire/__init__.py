@@ -11,7 +11,8 @@ nothing that knows about Flower records, strategies or training. A new operator'
 goes here together with its bound in ``tests/expected.py``; ``fuzz`` drives the decoder.
 """
 
-from .format import DEFAULT_LIMITS, MAGIC, VERSION, Limits, WireFormatError, decode, decode_all, encode
+from .format import decode, decode_all, encode
+from .layout import DEFAULT_LIMITS, MAGIC, VERSION, Limits, WireFormatError
 
 #: ``Array.stype`` of a Flower Array whose ``data`` is one or more qfl blobs.
 STYPE = f"qfl/v{VERSION}"
