@@ -7,6 +7,12 @@ encoding and decoding then run block-parallel while the stream stays one contigu
 string. Parallel or serial is chosen per call (``qfl.compress.runtime.parallel_slot``);
 the bytes never depend on it. Decoders never loop more often than the declared element
 count allows, so corrupted input cannot hang them.
+
+Why one module of ~600 lines: the encoder and the decoder share the hot-loop tables
+built here at import (GAP/SM codes, TRIPLE, PAIR) and their layout (_FAST_BITS, the
+block size); the numba kernels inline each other's helpers, and the block-parallel
+encoder's three steps (bound, code, shift into place) only make sense together. Split
+apart, a change to one table layout would have to be made in two files in step.
 """
 
 from __future__ import annotations
@@ -169,6 +175,18 @@ def _load_be64(buf, byte):
         | (np.uint64(buf[u + np.uint64(5)]) << np.uint64(16))
         | (np.uint64(buf[u + np.uint64(6)]) << np.uint64(8))
         | np.uint64(buf[u + np.uint64(7)])
+    )
+
+
+@nb.njit(inline="always", cache=True)
+def _load_be32(buf, byte):
+    """The 4 bytes at ``byte`` as a big-endian value in the low half of a word."""
+    u = np.uint64(byte)
+    return (
+        (np.uint64(buf[u]) << np.uint64(24))
+        | (np.uint64(buf[u + np.uint64(1)]) << np.uint64(16))
+        | (np.uint64(buf[u + np.uint64(2)]) << np.uint64(8))
+        | np.uint64(buf[u + np.uint64(3)])
     )
 
 
@@ -482,14 +500,7 @@ def _decode_block(padded, pos, end, max_level, blk, pair, single, dec_value, dec
     bp = (pos >> 3) + 8
     while pos < end:
         if nw < 32:
-            u = np.uint64(bp)
-            four = (
-                (np.uint64(padded[u]) << np.uint64(24))
-                | (np.uint64(padded[u + np.uint64(1)]) << np.uint64(16))
-                | (np.uint64(padded[u + np.uint64(2)]) << np.uint64(8))
-                | np.uint64(padded[u + np.uint64(3)])
-            )
-            w |= four << np.uint64(32 - nw)
+            w |= _load_be32(padded, bp) << np.uint64(32 - nw)
             nw += 32
             bp += 4
         e = pair[np.int64(w >> np.uint64(64 - _FAST_BITS))]
@@ -516,14 +527,7 @@ def _decode_block(padded, pos, end, max_level, blk, pair, single, dec_value, dec
             w2 = w << np.uint64(l1)
             nw2 = nw - l1
             if nw2 < 17:
-                u = np.uint64(bp)
-                four = (
-                    (np.uint64(padded[u]) << np.uint64(24))
-                    | (np.uint64(padded[u + np.uint64(1)]) << np.uint64(16))
-                    | (np.uint64(padded[u + np.uint64(2)]) << np.uint64(8))
-                    | np.uint64(padded[u + np.uint64(3)])
-                )
-                w2 |= four << np.uint64(32 - nw2)
+                w2 |= _load_be32(padded, bp) << np.uint64(32 - nw2)
                 nw2 += 32
                 bp += 4
             e2 = single[np.int64((w2 << _U1) >> np.uint64(64 - _TABLE_BITS))]
