@@ -22,21 +22,21 @@ import numpy as np
 
 from ..compress.runtime import twin
 from ._bitio import (
-    _TABLE_BITS,
-    _TABLE_VALUES,
-    _U1,
     DEC_LEN,
     DEC_VALUE,
     ERR_OVERRUN,
     ERR_RANGE,
     OK,
-    _get_omega,
-    _peek,
-    _reader_at,
-    _refill,
+    TABLE_BITS,
+    TABLE_VALUES,
+    U1,
     bit_length,
+    get_omega,
     omega_code_slow,
     omega_length,
+    peek_bits,
+    reader_at,
+    refill,
 )
 
 #: Elements per independently coded block of an Elias level stream.
@@ -44,8 +44,8 @@ BLOCK = 1 << 16
 
 # --------------------------------------------------------------- Elias level streams
 # Hot-loop tables, compact so that they stay in L1:
-#   GAP_LEN/GAP_CODE[g]     omega code of a gap 0 < g < _TABLE_VALUES
-#   SM_LEN/SM_CODE[v + off] sign bit + omega code of a level 0 < |v| < _TABLE_VALUES
+#   GAP_LEN/GAP_CODE[g]     omega code of a gap 0 < g < TABLE_VALUES
+#   SM_LEN/SM_CODE[v + off] sign bit + omega code of a level 0 < |v| < TABLE_VALUES
 #   TRIPLE[t]               the whole (gap, sign, |level|) triple that the next
 #                           _FAST_BITS bits of a stream start with, if it fits in them
 #   OMEGA_BY_BITS[b]        omega length of any value of bit length b
@@ -57,18 +57,18 @@ BLOCK = 1 << 16
 # one contiguous stream. No separate exact-length pass, and the coding loops need no
 # bounds checks.
 _FAST_BITS = 12
-_SM_OFF = _TABLE_VALUES - 1
+_SM_OFF = TABLE_VALUES - 1
 #: Blocks with more nonzeros than BLOCK / _DENSE are coded by the branch-free loop.
 _DENSE = 16
 
 
 @nb.njit(cache=True)
 def _build_fast_tables():
-    gap_code = np.zeros(_TABLE_VALUES, np.int32)
-    gap_len = np.zeros(_TABLE_VALUES, np.uint8)
-    sm_code = np.zeros(2 * _TABLE_VALUES - 1, np.int32)
-    sm_len = np.zeros(2 * _TABLE_VALUES - 1, np.uint8)
-    for v in range(1, _TABLE_VALUES):
+    gap_code = np.zeros(TABLE_VALUES, np.int32)
+    gap_len = np.zeros(TABLE_VALUES, np.uint8)
+    sm_code = np.zeros(2 * TABLE_VALUES - 1, np.int32)
+    sm_len = np.zeros(2 * TABLE_VALUES - 1, np.uint8)
+    for v in range(1, TABLE_VALUES):
         code, length = omega_code_slow(v)
         gap_code[v] = code
         gap_len[v] = length
@@ -78,11 +78,11 @@ def _build_fast_tables():
         sm_len[_SM_OFF - v] = length + 1
     # Fields of a TRIPLE entry: length (5 bits, 0 = does not fit), sign (1), gap (12), |level| (12).
     triple = np.zeros(1 << _FAST_BITS, np.int32)
-    for g in range(1, _TABLE_VALUES):
+    for g in range(1, TABLE_VALUES):
         gl = np.int64(gap_len[g])
         if gl + 2 > _FAST_BITS:
             continue
-        for m in range(1, _TABLE_VALUES):
+        for m in range(1, TABLE_VALUES):
             ml = np.int64(sm_len[_SM_OFF + m])
             total = gl + ml
             if total > _FAST_BITS:
@@ -144,7 +144,7 @@ def _build_pair_table(triple):
 
 
 PAIR = _build_pair_table(TRIPLE)
-#: One omega code of at most _TABLE_BITS bits per lookup: (value << 5) | length, 0 if longer.
+#: One omega code of at most TABLE_BITS bits per lookup: (value << 5) | length, 0 if longer.
 SINGLE = ((DEC_VALUE << 5) | DEC_LEN).astype(np.int32)
 
 
@@ -199,7 +199,7 @@ def _put8(buf, p, acc, nacc, code, length):
     in the accumulator between calls."""
     acc = (acc << np.uint64(length)) | np.uint64(code)
     nacc += length
-    _store_be64(buf, p, (acc << np.uint64(63 - nacc)) << _U1)
+    _store_be64(buf, p, (acc << np.uint64(63 - nacc)) << U1)
     return p + (nacc >> 3), acc, nacc & 7
 
 
@@ -224,12 +224,12 @@ def _encode_dense(blk, buf, p, gap_code, gap_len, sm_code, sm_len):
         lv = np.int64(blk[i])
         nz = lv != 0
         g = i - last
-        if nz & ((g >= _TABLE_VALUES) | (lv >= _TABLE_VALUES) | (lv <= -_TABLE_VALUES)):
+        if nz & ((g >= TABLE_VALUES) | (lv >= TABLE_VALUES) | (lv <= -TABLE_VALUES)):
             p, acc, nacc = _put_slow_triple(buf, p, acc, nacc, g, lv)
             last = i
             continue
-        gi = np.uint64(min(g, _TABLE_VALUES - 1))
-        vi = np.uint64(max(min(lv, _TABLE_VALUES - 1), 1 - _TABLE_VALUES) + _SM_OFF)
+        gi = np.uint64(min(g, TABLE_VALUES - 1))
+        vi = np.uint64(max(min(lv, TABLE_VALUES - 1), 1 - TABLE_VALUES) + _SM_OFF)
         ml = np.int64(sm_len[vi])
         code = (np.uint64(gap_code[gi]) << np.uint64(ml)) | np.uint64(sm_code[vi])
         length = np.int64(gap_len[gi]) + ml
@@ -253,7 +253,7 @@ def _encode_sparse(blk, buf, p, gap_code, gap_len, sm_code, sm_len):
             continue
         g = i - last
         last = i
-        if g < _TABLE_VALUES and -_TABLE_VALUES < lv < _TABLE_VALUES:
+        if g < TABLE_VALUES and -TABLE_VALUES < lv < TABLE_VALUES:
             vi = np.uint64(lv + _SM_OFF)
             ml = np.int64(sm_len[vi])
             code = (np.uint64(gap_code[g]) << np.uint64(ml)) | np.uint64(sm_code[vi])
@@ -464,7 +464,7 @@ def _elias_block_bits(levels, gap_len, sm_len):
             if lv != 0:
                 g = i - last
                 last = i
-                if g < _TABLE_VALUES and -_TABLE_VALUES < lv < _TABLE_VALUES:
+                if g < TABLE_VALUES and -TABLE_VALUES < lv < TABLE_VALUES:
                     t += np.int64(gap_len[g]) + np.int64(sm_len[lv + _SM_OFF])
                 else:
                     t += omega_length(g, gap_len) + 1 + omega_length(abs(lv), gap_len)
@@ -475,17 +475,17 @@ def _elias_block_bits(levels, gap_len, sm_len):
 @nb.njit(cache=True)
 def _slow_triple(padded, pos, end, dec_value, dec_len):
     """Decode one (gap, sign, |level|) triple code by code: (gap, neg, mag, pos, status)."""
-    w, nw, bp = _reader_at(padded, pos)
-    gap, w, nw, bp, pos, st = _get_omega(padded, w, nw, bp, pos, end, dec_value, dec_len)
+    w, nw, bp = reader_at(padded, pos)
+    gap, w, nw, bp, pos, st = get_omega(padded, w, nw, bp, pos, end, dec_value, dec_len)
     if st != OK:
         return gap, 0, 0, pos, st
     if pos >= end:
         return gap, 0, 0, pos, ERR_OVERRUN
-    w, nw, bp = _refill(padded, w, nw, bp)
-    neg = _peek(w, 1)
-    w = w << _U1
+    w, nw, bp = refill(padded, w, nw, bp)
+    neg = peek_bits(w, 1)
+    w = w << U1
     pos += 1
-    mag, w, nw, bp, pos, st = _get_omega(padded, w, nw - 1, bp, pos, end, dec_value, dec_len)
+    mag, w, nw, bp, pos, st = get_omega(padded, w, nw - 1, bp, pos, end, dec_value, dec_len)
     return gap, neg, mag, pos, st
 
 
@@ -522,7 +522,7 @@ def _decode_block(padded, pos, end, max_level, blk, pair, single, dec_value, dec
         else:
             # Code by code with the 16-bit table; anything longer (or an error) goes to
             # the general decoder, from the start of the triple.
-            e1 = single[np.int64(w >> np.uint64(64 - _TABLE_BITS))]
+            e1 = single[np.int64(w >> np.uint64(64 - TABLE_BITS))]
             l1 = e1 & 31
             w2 = w << np.uint64(l1)
             nw2 = nw - l1
@@ -530,7 +530,7 @@ def _decode_block(padded, pos, end, max_level, blk, pair, single, dec_value, dec
                 w2 |= _load_be32(padded, bp) << np.uint64(32 - nw2)
                 nw2 += 32
                 bp += 4
-            e2 = single[np.int64((w2 << _U1) >> np.uint64(64 - _TABLE_BITS))]
+            e2 = single[np.int64((w2 << U1) >> np.uint64(64 - TABLE_BITS))]
             l2 = e2 & 31
             if l1 != 0 and l2 != 0 and pos + l1 + 1 + l2 <= end:
                 pos += l1 + 1 + l2
