@@ -204,6 +204,14 @@ def _put8(buf, p, acc, nacc, code, length):
 
 
 @nb.njit(inline="always", cache=True)
+def _flush(buf, p, p0, acc, nacc):
+    """Store the bits left in the accumulator; the block's length in bits from byte p0."""
+    if nacc:
+        _store_be64(buf, p, acc << np.uint64(64 - nacc))
+    return 8 * (p - p0) + nacc
+
+
+@nb.njit(inline="always", cache=True)
 def _put_slow_triple(buf, p, acc, nacc, g, lv):
     code, length = omega_code_slow(g)
     p, acc, nacc = _put8(buf, p, acc, nacc, code, length)
@@ -216,10 +224,7 @@ def _put_slow_triple(buf, p, acc, nacc, g, lv):
 @nb.njit(cache=True)
 def _encode_dense(blk, buf, p, gap_code, gap_len, sm_code, sm_len):
     """Code one block with a branch-free loop (zeros are zero-length puts); returns bits."""
-    p0 = p
-    acc = np.uint64(0)
-    nacc = 0
-    last = -1
+    p0, acc, nacc, last = p, np.uint64(0), 0, -1
     for i in range(blk.size):
         lv = np.int64(blk[i])
         nz = lv != 0
@@ -235,18 +240,13 @@ def _encode_dense(blk, buf, p, gap_code, gap_len, sm_code, sm_len):
         length = np.int64(gap_len[gi]) + ml
         p, acc, nacc = _put8(buf, p, acc, nacc, code if nz else np.uint64(0), length if nz else 0)
         last = i if nz else last
-    if nacc:
-        _store_be64(buf, p, acc << np.uint64(64 - nacc))
-    return 8 * (p - p0) + nacc
+    return _flush(buf, p, p0, acc, nacc)
 
 
 @nb.njit(cache=True)
 def _encode_sparse(blk, buf, p, gap_code, gap_len, sm_code, sm_len):
     """Code one mostly-zero block: a predictable branch skips the zeros; returns bits."""
-    p0 = p
-    acc = np.uint64(0)
-    nacc = 0
-    last = -1
+    p0, acc, nacc, last = p, np.uint64(0), 0, -1
     for i in range(blk.size):
         lv = np.int64(blk[i])
         if lv == 0:
@@ -260,9 +260,7 @@ def _encode_sparse(blk, buf, p, gap_code, gap_len, sm_code, sm_len):
             p, acc, nacc = _put8(buf, p, acc, nacc, code, np.int64(gap_len[g]) + ml)
         else:
             p, acc, nacc = _put_slow_triple(buf, p, acc, nacc, g, lv)
-    if nacc:
-        _store_be64(buf, p, acc << np.uint64(64 - nacc))
-    return 8 * (p - p0) + nacc
+    return _flush(buf, p, p0, acc, nacc)
 
 
 @nb.njit(inline="always", cache=True)
