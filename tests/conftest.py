@@ -34,6 +34,7 @@ TEST_TIERS = {
     "test_kernels_from_many_threads_at_once": "integration",  # Ray workers
     "test_kernels_serial_and_parallel_agree": "integration",  # compiles every kernel twice
     "test_import_is_light": "integration",  # a fresh interpreter
+    "test_bytes_do_not_depend_on_thread_count": "integration",  # a fresh interpreter with 2 numba threads
     "test_char_model_learns": "integration",  # trains an LSTM to a target
     "test_every_operator_compresses_within_its_contract_and_survives_the_wire": "integration",
     "test_every_truncated_blob_is_rejected_and_the_full_blob_accepted": "integration",

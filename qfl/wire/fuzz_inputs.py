@@ -21,6 +21,13 @@ from .layout import MAGIC, VERSION, Limits, varint
 #: costs milliseconds, large enough to cover several Elias blocks (65,536 elements each).
 FUZZ_LIMITS = Limits(max_elements=1 << 18, max_ndim=8, max_total_elements=1 << 20)
 
+#: Specs at the edges of their parameter ranges (widest levels, one-value buckets, the
+#: coarsest grid, a sign after a dense top-k, k-of-n rand-k): in :data:`SPECS`, and left out
+#: of the wire tests' ordinary round trips (``tests/test_wire.py``).
+EDGE_SPECS = frozenset(
+    {"qsgd(1073741824)", "qsgd(2, bucket=1)", "grid(2)", "topk(0.9) | sign", "randk(k=5) | qsgd(7, bucket=3)"}
+)
+#: One spec of every operator and chain shape, and the edge ones.
 SPECS = (
     "identity",
     "fp16",
