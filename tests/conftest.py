@@ -34,6 +34,14 @@ TEST_TIERS = {
     "test_kernels_from_many_threads_at_once": "integration",  # Ray workers
     "test_kernels_serial_and_parallel_agree": "integration",  # compiles every kernel twice
     "test_import_is_light": "integration",  # a fresh interpreter
+    "test_bytes_do_not_depend_on_thread_count": "integration",  # a fresh interpreter with 2 numba threads
+    "test_crafted_blobs_raise_wire_errors_under_an_address_space_limit": "integration",  # a fresh interpreter
+    # whole federations through the in-process grid (4 rounds of training on 4 nodes; two runs)
+    "test_client_side_fixed_clipping_bounds_what_the_server_aggregates": "integration",
+    "test_client_side_adaptive_clipping_bounds_every_round_by_its_own_norm": "integration",
+    "test_compression_mod_keeps_the_bound_even_without_a_clipping_mod": "integration",
+    "test_server_side_clipping_inside_compressed_clips_the_decoded_updates": "integration",
+    "test_a_custom_start_keeps_its_checkpoints_and_results_with_two_changed_lines": "integration",
     "test_char_model_learns": "integration",  # trains an LSTM to a target
     "test_every_operator_compresses_within_its_contract_and_survives_the_wire": "integration",
     "test_every_truncated_blob_is_rejected_and_the_full_blob_accepted": "integration",

@@ -51,7 +51,7 @@ from qfl.compress import (
     TopK,
 )
 from qfl.memory import compress_with_memory
-from qfl.wire import Limits, WireFormatError, decode, decode_all, encode, fuzz
+from qfl.wire import Limits, WireFormatError, decode, decode_all, encode, fuzz, fuzz_inputs
 
 EXAMPLES = int(os.environ.get("QFL_FUZZ_EXAMPLES", "60"))
 SETTINGS = settings(
@@ -145,7 +145,7 @@ OVERFLOW_WORDS = ("cannot represent", "overflow", "non-finite")
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:
-    return fuzz._bits(t)
+    return fuzz.bits_of(t)
 
 
 # --------------------------------------------------------------- operators
@@ -427,7 +427,7 @@ def test_elias_block_lengths_claiming_gigabytes_are_refused_before_allocating():
         + fuzz.varint(n)
         + np.float32(1).tobytes()
         + bytes([1])
-        + b"".join(fuzz._varint4(remaining) for _ in range(nblk))
+        + b"".join(fuzz_inputs.varint4(remaining) for _ in range(nblk))
         + pad
     )
     tracemalloc.start()

@@ -29,7 +29,7 @@ import psutil
 import pytest
 from flwr.common.config import parse_config_args
 
-from qfl.simulations import superlink
+from qfl.simulations import flower_cli, superlink
 from qfl.simulations.superlink import FederationError, RunFailedError, free_ports, list_tagged_processes
 from qfl_deploy.federation import LoopbackFederation, write_supernode_keys, write_tls_files
 
@@ -170,14 +170,14 @@ def test_supernode_keys_are_flwr_loadable(tmp_path):
 
 
 def test_legacy_federations_detection():
-    has = superlink._has_legacy_federations  # pylint: disable=protected-access
+    has = flower_cli.has_legacy_federations
     assert not has((PROBE / "pyproject.toml").read_bytes())
     legacy = (
         '[tool.flwr.app]\npublisher = "x"\n\n[tool.flwr.federations]\ndefault = "a"\n\n'
         '[tool.flwr.federations.a]\naddress = "h:1"\n\n[tool.flwr.app.config]\nk = 1\n'
     )
     assert has(legacy.encode())
-    stripped = superlink._strip_legacy_federations(legacy)  # pylint: disable=protected-access
+    stripped = flower_cli.strip_legacy_federations(legacy)
     assert not has(stripped.encode())
     assert stripped == '[tool.flwr.app]\npublisher = "x"\n\n[tool.flwr.app.config]\nk = 1\n'
 

@@ -8,12 +8,10 @@ second, without a SuperLink.
 
 from __future__ import annotations
 
-import logging
-
 import pytest
 import torch
 from conftest import tiny_data, tiny_model
-from fakes import FakeGrid
+from fakes import Capture, FakeGrid
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx, FedTrimmedAvg
@@ -36,24 +34,6 @@ def app(mod: bool = True):
 
 def initial() -> ArrayRecord:
     return ArrayRecord(tiny_model().state_dict())
-
-
-class Capture(logging.Handler):
-    """Collects Flower's log lines (its logger does not propagate to pytest's)."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.lines: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(record.getMessage())
-
-    def __enter__(self):
-        logging.getLogger("flwr").addHandler(self)
-        return self
-
-    def __exit__(self, *exc):
-        logging.getLogger("flwr").removeHandler(self)
 
 
 def eval_loss(result, last=True) -> float:

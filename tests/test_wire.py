@@ -11,33 +11,11 @@ import torch
 
 import qfl
 from qfl import wire
-from qfl.wire import Limits, WireFormatError, decode, decode_all, encode
+from qfl.wire import Limits, WireFormatError, decode, decode_all, encode, fuzz_inputs
 from qfl.wire import _bits as B
-from qfl.wire.fuzz import content_of, frame
+from qfl.wire.fuzz_inputs import content_of, frame
 
-SPECS = [
-    "identity",
-    "fp16",
-    "bf16",
-    "qsgd(16)",
-    "qsgd(3, norm=max, bucket=32)",
-    "qsgd(5000)",
-    "grid(8)",
-    "grid(3, bucket=7)",
-    "grid(16)",
-    "sign",
-    "topk(0.1)",
-    "topk(k=3)",
-    "randk(0.1)",
-    "randk(0.2, unbiased=true)",
-    "bernoulli(0.1)",
-    "bernoulli(budget=0.1)",
-    "signtopk(0.1)",
-    "topk(0.1) | qsgd(4, damped=true)",
-    "bernoulli(budget=0.05) | grid(4)",
-    "randk(0.3) | fp16",
-    "topk(0.2) | bf16",
-]
+SPECS = [s for s in fuzz_inputs.SPECS if s not in fuzz_inputs.EDGE_SPECS]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 SHAPES = [(), (0,), (1,), (1000,), (3, 4, 5, 6)]
 

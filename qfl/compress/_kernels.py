@@ -32,7 +32,7 @@ import numpy as np
 
 from .runtime import twin
 
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+GOLDEN_GAMMA = np.uint64(0x9E3779B97F4A7C15)
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
 _S30 = np.uint64(30)
@@ -43,7 +43,7 @@ _TWO_M53 = 1.0 / 9007199254740992.0  # 2**-53
 
 #: Elements per parallel work chunk; large enough to amortise scheduling.
 CHUNK = 1 << 16
-_ABS = np.uint32(0x7FFFFFFF)
+ABS_MASK = np.uint32(0x7FFFFFFF)
 #: |x| keys at or above this are Inf (exactly) or NaN.
 NONFINITE_KEY = np.uint32(0x7F800000)
 
@@ -59,7 +59,7 @@ def mix64(z):
 @nb.njit(inline="always", cache=True)
 def uniform(seed, i):
     """Uniform float64 in [0, 1) with 53 random bits, a pure function of (seed, i)."""
-    return np.float64(mix64(seed + np.uint64(i + 1) * _GOLDEN) >> _S11) * _TWO_M53
+    return np.float64(mix64(seed + np.uint64(i + 1) * GOLDEN_GAMMA) >> _S11) * _TWO_M53
 
 
 @nb.njit(cache=True)
@@ -79,7 +79,7 @@ def _max_key(keys):
     without fast-math, unlike a float max."""
     m = np.uint32(0)
     for i in range(keys.size):
-        m = max(m, keys[i] & _ABS)
+        m = max(m, keys[i] & ABS_MASK)
     return m
 
 

@@ -13,7 +13,7 @@ import math
 import numba as nb
 import numpy as np
 
-from ._kernels import _ABS, _GOLDEN, CHUNK, NONFINITE_KEY, count_nonfinite, mix64, uniform
+from ._kernels import ABS_MASK, CHUNK, GOLDEN_GAMMA, NONFINITE_KEY, count_nonfinite, mix64, uniform
 from .runtime import parallel_slot, twin
 
 # ------------------------------------------------------------------------ top-k
@@ -24,7 +24,7 @@ _SAMPLE = 1 << 14
 @nb.njit(cache=True)
 def _abs_key(v):
     """Order-preserving uint32 key of |v| for float32 v (the IEEE bits without sign)."""
-    return np.uint32(np.float32(v).view(np.uint32) & _ABS)
+    return np.uint32(np.float32(v).view(np.uint32) & ABS_MASK)
 
 
 @nb.njit(cache=True)
@@ -80,8 +80,8 @@ def _sample_threshold(keys, k):
     stride = n // m
     sample = np.empty(m, np.uint32)
     for s in range(m):
-        off = np.int64(mix64(np.uint64(s + 1) * _GOLDEN) % np.uint64(stride))
-        sample[s] = keys[s * stride + off] & _ABS
+        off = np.int64(mix64(np.uint64(s + 1) * GOLDEN_GAMMA) % np.uint64(stride))
+        sample[s] = keys[s * stride + off] & ABS_MASK
     sample.sort()
     expected = m * (k / n)  # sample points expected above the true threshold
     rank = int(1.25 * expected + 4.0 * np.sqrt(expected) + 8.0)
@@ -100,7 +100,7 @@ def _candidates(keys, t, cap, cidx):
         hi = min(lo + CHUNK, n)
         seg = keys[lo:hi]
         for j in range(seg.size):
-            if (seg[j] & _ABS) >= t:
+            if (seg[j] & ABS_MASK) >= t:
                 if c < cap:
                     cidx[c] = lo + j
                 c += 1
@@ -148,7 +148,7 @@ def _topk_radix(x, k, idx, vals):
         g = 0
         e = 0
         for i in range(seg.size):
-            key = seg[i] & _ABS
+            key = seg[i] & ABS_MASK
             g += key > thresh
             e += key == thresh
         n_gt[c] = g
@@ -226,7 +226,7 @@ def _topk_sampled(x, k, idx, vals):
                 ckeys = np.empty(c, np.uint32)
                 worst = np.uint32(0)
                 for j in range(c):
-                    ckeys[j] = keys[cidx[j]] & _ABS
+                    ckeys[j] = keys[cidx[j]] & ABS_MASK
                     worst = max(worst, ckeys[j])
                 t2, ties = _threshold(ckeys, k)
                 _take(x, ckeys, cidx, k, t2, ties, idx, vals)

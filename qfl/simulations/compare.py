@@ -202,7 +202,9 @@ def _factor(base: float | None, value: float | None) -> float | None:
     return float(base) / float(value)
 
 
-def _times(result: RunResult, links: LinkModel | None) -> list[float | None]:
+def simulated_times(result: RunResult, links: LinkModel | None) -> list[float | None]:
+    """Simulated seconds at each record under the link model (None where it does not apply:
+    no model, an async run, or no per-client traffic)."""
     if links is None or result.is_async or not any(r.clients for r in result.rounds):
         return [None] * len(result.rounds)
     steps = int(result.config.get("local-steps", 1) or 1)
@@ -220,7 +222,7 @@ def _seed_row(
     rounds = result.rounds
     up = np.cumsum([r.uplink_bytes for r in rounds], dtype=np.int64)
     down = np.cumsum([r.downlink_bytes for r in rounds], dtype=np.int64)
-    times = _times(result, links)
+    times = simulated_times(result, links)
     accs = [r.accuracy for r in rounds]
     hit = next((i for i, a in enumerate(accs) if a >= target - _TOL), None)
     equal = [i for i, r in enumerate(rounds) if r.round <= baseline_rounds] or [0]
@@ -384,7 +386,7 @@ def recommended(c: Comparison) -> MethodStats | None:
 class ClaimResult:
     """One paper claim judged on one method (over the seeds)."""
 
-    claim: object  # qfl.strategies.presets.Claim
+    claim: object  # qfl.strategies.claims.Claim
     method: MethodStats
     checks: tuple[tuple[str, str], ...]  # (what, verdict)
 
@@ -400,7 +402,7 @@ class ClaimResult:
 
 def judge_claims(c: Comparison) -> list[ClaimResult]:
     """Every paper claim whose methods are in the comparison, judged per method."""
-    from ..strategies.presets import CLAIMS
+    from ..strategies.claims import CLAIMS
 
     out = []
     for claim in CLAIMS:

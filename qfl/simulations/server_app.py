@@ -26,15 +26,13 @@ import psutil
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
 import qfl
 
 from ..clients import evaluate
 from ..strategies import AsyncCompressed, Compressed, UpdateGuard
-from ..strategies.momentum import FedAvgMomentum
-from ..strategies.presets import ASYNC_PRESETS, build
+from ..strategies.presets import ASYNC_PRESETS, build, server_strategy
 from .grid import PartitionOrderedGrid
 from .models import build_model, count_parameters
 from .results import RoundRecord, RunResult
@@ -68,11 +66,7 @@ def _strategy(s: Settings) -> Compressed | AsyncCompressed:
         )
     inner = s.fedavg_kwargs()
     if s.method == "custom":
-        server = (
-            FedAvgMomentum(server_learning_rate=s.server_lr, server_momentum=s.server_momentum, **inner)
-            if s.server_momentum or s.server_lr != 1
-            else FedAvg(**inner)
-        )
+        server = server_strategy(s.server_momentum, s.server_lr, **inner)
         return Compressed(
             server,
             uplink=s.uplink or None,

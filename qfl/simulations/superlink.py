@@ -31,15 +31,17 @@ Why it is written this way:
 Traffic: ``flwr ls --run-id N --format json`` reports the protobuf bytes the SuperLink's
 *Fleet* API handled (``network-traffic``); :meth:`LocalFederation.run_app` attaches that
 record to :class:`FlowerRun`. Simulation runs bypass the Fleet API and report 0.
+
+The stateless pieces (executables, ports, TOML files, the CLI's JSON, the run record, the
+legacy-federations copy) are in :mod:`qfl.simulations.flower_cli`; this module is the
+federation: its processes, their environment and their lifecycle.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
-import importlib.util
 import itertools
-import json
 import os
 import re
 import shlex
@@ -53,11 +55,21 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from .flower_cli import (
+    FlowerRun,
+    RunFailedError,
+    TlsFiles,
+    cli_json,
+    fleet_transport,
+    flwr_executable,
+    free_ports,
+    runnable_app,
+    write_toml,
+)
 from .processes import (
     TAG_ENV,
     FederationError,
@@ -66,11 +78,6 @@ from .processes import (
     stop_tagged_processes,
     tail,
 )
-
-try:  # Python 3.11+
-    import tomllib
-except ModuleNotFoundError:  # pragma: no cover - Python 3.10
-    import tomli as tomllib  # type: ignore[no-redef]
 
 __all__ = [
     "FederationError",
@@ -99,137 +106,6 @@ def _stop_live_federations() -> None:
     for fed in list(_LIVE):
         with contextlib.suppress(Exception):
             fed.stop(grace=2.0)
-
-
-class RunFailedError(FederationError):
-    """``flwr run`` failed, timed out, or the run did not complete."""
-
-
-def fleet_transport() -> str:
-    """``"http"`` (flwr >= 1.40: the SuperLink's main port) or ``"grpc-rere"`` (1.39: a Fleet port of its own).
-
-    Detected by feature, not by version string.
-    """
-    return "http" if importlib.util.find_spec("flwr.supernode.fleet_http_connection") else "grpc-rere"
-
-
-def flwr_executable(name: str) -> str:
-    """The Flower executable ``name`` of this interpreter's environment."""
-    path = Path(sys.executable).parent / name
-    if not path.exists():
-        raise FileNotFoundError(f"{name!r} not found next to {sys.executable}; is flwr installed in this environment?")
-    return str(path)
-
-
-def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
-    """``count`` distinct TCP ports free on ``host`` now (another process may still take one first)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with contextlib.ExitStack() as stack:  # held open together, so the ports are distinct
-        socks = [stack.enter_context(socket.socket(family, socket.SOCK_STREAM)) for _ in range(count)]
-        for sock in socks:
-            sock.bind((host, 0))
-        return [sock.getsockname()[1] for sock in socks]
-
-
-def write_toml(path: Path, data: Mapping[str, Any]) -> Path:
-    """Write ``data`` as TOML (the form every Flower ``--*-config`` option accepts as a file)."""
-    import tomli_w
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(tomli_w.dumps(dict(data)), encoding="utf-8")
-    return path
-
-
-# --------------------------------------------------------------------------- runs
-@dataclass(frozen=True)
-class TlsFiles:
-    """PEM files of a CA and of a server certificate it signed."""
-
-    ca_cert: Path
-    server_cert: Path
-    server_key: Path
-
-
-@dataclass
-class FlowerRun:
-    """What one ``flwr run`` did, as Flower saw it (qfl's own results: :class:`~qfl.simulations.results.RunResult`)."""
-
-    command: list[str]
-    returncode: int | None
-    log: str
-    log_path: Path
-    duration: float
-    timed_out: bool = False
-    run_id: int | None = None
-    #: ``flwr ls --run-id`` record: ``status`` ("finished:completed", ...), ``network-traffic``
-    #: (bytes), ``compute-time``; ``None`` if unknown.
-    status: dict | None = None
-
-    @property
-    def ok(self) -> bool:
-        """The CLI succeeded and the run finished as ``completed``."""
-        if self.timed_out or self.returncode != 0:
-            return False
-        return self.status is None or self.status.get("status") == "finished:completed"
-
-    @property
-    def traffic(self) -> tuple[int, int] | None:
-        """``(inbound, outbound)`` Fleet API bytes as the SuperLink counted them."""
-        nt = (self.status or {}).get("network-traffic")
-        return None if nt is None else (int(nt["inbound-bytes"]), int(nt["outbound-bytes"]))
-
-    def check(self) -> FlowerRun:
-        """``self`` if :attr:`ok`, else :class:`RunFailedError` with the end of the log."""
-        if not self.ok:
-            status = (self.status or {}).get("status")
-            raise RunFailedError(
-                f"flwr run failed (rc={self.returncode}, timed_out={self.timed_out}, "
-                f"status={status}); log {self.log_path}:\n{tail(self.log, 60)}"
-            )
-        return self
-
-
-def _cli_json(text: str) -> dict:
-    """The JSON object a ``flwr ... --format json`` command printed (after any notices)."""
-    start = text.find("{")
-    while start >= 0:
-        with contextlib.suppress(ValueError):
-            obj, _ = json.JSONDecoder().raw_decode(text[start:])
-            if isinstance(obj, dict):
-                return obj
-        start = text.find("{", start + 1)
-    raise ValueError(f"no JSON object in CLI output: {text[-500:]!r}")
-
-
-def _has_legacy_federations(pyproject: bytes) -> bool:
-    try:
-        data = tomllib.loads(pyproject.decode("utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError):
-        return True  # let flwr see a copy
-    return "federations" in data.get("tool", {}).get("flwr", {})
-
-
-def _strip_legacy_federations(text: str) -> str:
-    """The pyproject without ``[tool.flwr.federations]`` (comments do not survive: it is a throwaway copy)."""
-    import tomli_w
-
-    data = tomllib.loads(text)
-    data.get("tool", {}).get("flwr", {}).pop("federations", None)
-    return tomli_w.dumps(data)
-
-
-@contextlib.contextmanager
-def _runnable_app(src: Path, pyproject: bytes, dest: Path) -> Iterator[Path]:
-    """``src``, or a copy of it without the legacy federations section ``flwr run`` would rewrite in place."""
-    if not _has_legacy_federations(pyproject):
-        yield src
-        return
-    shutil.copytree(src, dest, ignore=shutil.ignore_patterns(".git", "__pycache__", "*.pyc", ".venv"))
-    try:
-        (dest / "pyproject.toml").write_text(_strip_legacy_federations(pyproject.decode("utf-8")), encoding="utf-8")
-        yield dest
-    finally:
-        shutil.rmtree(dest, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- federation
@@ -411,7 +287,7 @@ class LocalFederation:
 
     def flwr_json(self, *args: str, check: bool = True) -> dict:
         """The JSON object ``flwr <args> --format json`` printed (``ValueError`` if none)."""
-        return _cli_json(self.flwr_cli(*args, "--format", "json", check=check).stdout)
+        return cli_json(self.flwr_cli(*args, "--format", "json", check=check).stdout)
 
     def superlink_command(self) -> list[str]:
         """The ``flower-superlink`` argv."""
@@ -506,7 +382,7 @@ class LocalFederation:
             raise FileNotFoundError(f"{pyproject} not found")
         name = f"run-{next(self._run_numbers)}"
         original = pyproject.read_bytes()
-        with _runnable_app(src, original, self.flwr_home / "apps-src" / name) as app:
+        with runnable_app(src, original, self.flwr_home / "apps-src" / name) as app:
             argv = self.run_command(app, run_config, federation_config, name)
             t0 = time.monotonic()
             proc = self.spawn(name, argv)

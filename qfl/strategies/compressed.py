@@ -230,47 +230,26 @@ Compressed.__signature__ = inspect.signature(Compressed.__init__).replace(
 )
 
 S = TypeVar("S", bound=Strategy)
+#: The compression settings: Compressed's keyword arguments (its signature without ``strategy``).
+_SETTINGS = tuple(inspect.signature(Compressed).parameters.values())[1:]
 
 
-def compressed(
-    cls: type[S],
-    *,
-    uplink: str | Operator | None = None,
-    downlink: str | Operator | None = None,
-    error_feedback: bool = True,
-    min_elements: int = MIN_ELEMENTS,
-    uplink_overrides: Mapping[str, str | Operator] | None = None,
-    downlink_overrides: Mapping[str, str | Operator] | None = None,
-    downlink_initial: str | Operator | None = None,
-    history: int = 16,
-    seed: int = 0,
-    limits: Limits = DEFAULT_LIMITS,
-    guard: UpdateGuard | None = DEFAULT_GUARD,
-) -> type[S]:
+def compressed(cls: type[S], **settings: Any) -> type[S]:
     """A subclass of the strategy class ``cls`` whose messages travel compressed.
 
     Its instances are built with ``cls``'s own arguments and behave like ``cls`` in
     every way (``start()`` overrides, extra methods, attributes) except that
     ``configure_*`` compress the model in the messages ``cls`` makes and
     ``aggregate_*`` decode and check the replies before ``cls`` aggregates them. The
-    compression settings are those of :class:`Compressed`; they are checked here, once.
+    compression settings (``**settings``) are the keyword arguments of
+    :class:`Compressed`; they are checked here, once.
     """
     if not isinstance(cls, type):
         raise TypeError(f"compressed() takes a strategy class, got {cls!r}; to wrap an instance use Compressed(...)")
     check_strategy(cls)
-    settings = {
-        "uplink": uplink,
-        "downlink": downlink,
-        "error_feedback": error_feedback,
-        "min_elements": min_elements,
-        "uplink_overrides": uplink_overrides,
-        "downlink_overrides": downlink_overrides,
-        "downlink_initial": downlink_initial,
-        "history": history,
-        "seed": seed,
-        "limits": limits,
-        "guard": guard,
-    }
+    unknown = set(settings) - {p.name for p in _SETTINGS}
+    if unknown:
+        raise TypeError(f"compressed() got unknown settings {sorted(unknown)}; it takes {[p.name for p in _SETTINGS]}")
     ServerProtocol(**settings)  # fail now, not when the class is instantiated
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -325,6 +304,13 @@ def compressed(
         "guard": Compressed.guard,
     }
     return type(f"Compressed{cls.__name__}", (cls,), namespace)
+
+
+# What help() and IDEs show: the settings by name, as for Compressed.
+compressed.__signature__ = inspect.Signature(
+    [inspect.Parameter("cls", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation="type[S]"), *_SETTINGS],
+    return_annotation="type[S]",
+)
 
 
 compressed.__doc__ = (

@@ -14,24 +14,28 @@ usually makes it cheaper still.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message
-from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Strategy
 
 from ..spec import MIN_ELEMENTS
 from .asynchronous import AsyncCompressed
+from .claims import CLAIMS as CLAIMS
+from .claims import Claim as Claim
+from .claims import claim_of as claim_of
 from .compressed import Compressed
+from .epoch import QuantizedEpochSGD
 from .guard import DEFAULT_GUARD, UpdateGuard
 from .momentum import FedAvgMomentum
 
 
-def _inner(inner: dict[str, Any], momentum: float | None = None, server_lr: float = 1.0) -> Strategy:
+def server_strategy(momentum: float = 0.0, server_lr: float = 1.0, **inner: Any) -> Strategy:
+    """FedAvg, or FedAvgMomentum where the server optimiser is not plain averaging."""
     if momentum or server_lr != 1:
-        return FedAvgMomentum(server_momentum=momentum or 0.0, server_learning_rate=server_lr, **inner)
+        return FedAvgMomentum(server_momentum=momentum, server_learning_rate=server_lr, **inner)
     return FedAvg(**inner)
 
 
@@ -39,6 +43,50 @@ def _levels(bits: int) -> int:
     if bits < 2:
         raise ValueError(f"a b-bit quantizer needs b >= 2 (sign + magnitude), got {bits}")
     return 2 ** (bits - 1) - 1
+
+
+@dataclass(frozen=True)
+class Setting:
+    """A complete compression setting: both specs, error memory and the server optimiser.
+
+    Every preset is one: :meth:`build` makes the synchronous strategy, :meth:`compression`
+    gives the asynchronous one its specs. :data:`RECOMMENDED` is what the README's example
+    wraps around a user's strategy.
+    """
+
+    uplink: str | None
+    downlink: str | None
+    downlink_initial: str | None = None
+    server_momentum: float = 0.0
+    error_feedback: bool = True
+
+    def compression(self) -> dict[str, Any]:
+        """The keyword arguments of :class:`Compressed` (and AsyncCompressed) it fixes."""
+        return {
+            "uplink": self.uplink,
+            "downlink": self.downlink,
+            "downlink_initial": self.downlink_initial,
+            "error_feedback": self.error_feedback,
+        }
+
+    def build(self, *, seed: int = 0, min_elements: int = MIN_ELEMENTS, **inner: Any) -> Compressed:
+        """``Compressed`` around :func:`server_strategy` (``**inner``: FedAvg keyword arguments)."""
+        return Compressed(
+            server_strategy(self.server_momentum, **inner), seed=seed, min_elements=min_elements, **self.compression()
+        )
+
+    def __str__(self) -> str:
+        return (
+            f"uplink={self.uplink!r}, downlink={self.downlink!r}, downlink_initial={self.downlink_initial!r}, "
+            f"server_momentum={self.server_momentum}"
+        )
+
+
+def _take(make: Callable[..., Any], options: dict[str, Any]) -> dict[str, Any]:
+    """The ``options`` that name parameters of ``make``, taken out of ``options`` (the rest
+    are for :meth:`Setting.build`, :func:`asynchronous` or FedAvg)."""
+    names = inspect.signature(make).parameters
+    return {k: options.pop(k) for k in list(options) if k in names}
 
 
 #: Server momentum of the sparse presets (see :func:`qsparse`).
@@ -62,20 +110,17 @@ def sparse_downlink(ratio: float) -> str:
 SPARSE_DOWNLINK = sparse_downlink(0.02)
 
 
-def fedavg(*, seed: int = 0, min_elements: int = MIN_ELEMENTS, **inner: Any) -> Compressed:
+def fedavg(**options: Any) -> Compressed:
     """Uncompressed FedAvg (McMahan et al.): the baseline, with the same byte accounting.
 
     Both directions are lossless (identity payloads are the raw tensor bytes plus a
-    ~20-byte header), so its numbers are what plain Flower sends.
+    ~20-byte header), so its numbers are what plain Flower sends. ``options``: those of
+    :meth:`Setting.build`.
     """
-    return Compressed(
-        FedAvg(**inner), uplink=None, downlink=None, error_feedback=False, seed=seed, min_elements=min_elements
-    )
+    return Setting(None, None, error_feedback=False).build(**options)
 
 
-def qsgd(
-    bits: int = 4, bucket: int = 512, *, seed: int = 0, min_elements: int = MIN_ELEMENTS, **inner: Any
-) -> Compressed:
+def qsgd(bits: int = 4, bucket: int = 512, **options: Any) -> Compressed:
     """QSGD (Alistarh et al., 2017): unbiased stochastic quantization of the uplink.
 
     Settings as in the paper's experiments: b-bit QSGD with bucket size 512 and the l2
@@ -84,14 +129,7 @@ def qsgd(
     gradient); in federated use the update of H local steps is quantized instead.
     Claim checked by the report: 4- and 8-bit QSGD match full-precision accuracy.
     """
-    return Compressed(
-        FedAvg(**inner),
-        uplink=f"qsgd(levels={_levels(bits)}, bucket={bucket})",
-        downlink=None,
-        error_feedback=False,
-        seed=seed,
-        min_elements=min_elements,
-    )
+    return Setting(f"qsgd(levels={_levels(bits)}, bucket={bucket})", None, error_feedback=False).build(**options)
 
 
 def qsparse_uplink(ratio: float = 0.01, bits: int = 4, *, sign: bool = False, bucket: int = 128) -> str:
@@ -115,25 +153,7 @@ def qsparse_uplink(ratio: float = 0.01, bits: int = 4, *, sign: bool = False, bu
     return f"topk({ratio}) | {spec})"
 
 
-def qsparse_compression(
-    ratio: float = 0.01,
-    bits: int = 4,
-    *,
-    sign: bool = False,
-    bucket: int = 128,
-    downlink: str | None = SPARSE_DOWNLINK,
-    downlink_initial: str | None = "grid(8)",
-) -> dict[str, Any]:
-    """The compression settings of Qsparse-local-SGD, shared by the sync and async presets."""
-    return {
-        "uplink": qsparse_uplink(ratio, bits, sign=sign, bucket=bucket),
-        "downlink": downlink,
-        "error_feedback": True,
-        "downlink_initial": downlink_initial if downlink else None,
-    }
-
-
-def qsparse(
+def qsparse_setting(
     ratio: float = 0.01,
     bits: int = 4,
     *,
@@ -142,10 +162,7 @@ def qsparse(
     server_momentum: float = SPARSE_SERVER_MOMENTUM,
     downlink: str | None = SPARSE_DOWNLINK,
     downlink_initial: str | None = "grid(8)",
-    seed: int = 0,
-    min_elements: int = MIN_ELEMENTS,
-    **inner: Any,
-) -> Compressed:
+) -> Setting:
     """Qsparse-local-SGD (Basu et al., 2019): top-k composed with a quantizer, error memory, H local steps.
 
     Uplink: :func:`qsparse_uplink`, ``topk(ratio) | qsgd(levels=2^(b-1)-1, norm=max,
@@ -163,49 +180,19 @@ def qsparse(
     et al., 2019) carries the applied directions across rounds and makes up for much of
     that delay; 0.8 oscillated in the ablation, 0.5 did not (benchmarks/ACCURACY.md).
     """
-    return Compressed(
-        _inner(inner, server_momentum),
-        seed=seed,
-        min_elements=min_elements,
-        **qsparse_compression(
-            ratio, bits, sign=sign, bucket=bucket, downlink=downlink, downlink_initial=downlink_initial
-        ),
+    return Setting(
+        qsparse_uplink(ratio, bits, sign=sign, bucket=bucket),
+        downlink,
+        downlink_initial if downlink else None,
+        server_momentum,
     )
 
 
-@dataclass(frozen=True)
-class Setting:
-    """A complete compression setting: both specs and the server optimiser.
-
-    What :data:`RECOMMENDED` is, and what the README's example wraps around a user's
-    strategy; :meth:`build` makes the preset.
-    """
-
-    uplink: str
-    downlink: str
-    downlink_initial: str | None
-    server_momentum: float
-
-    def compression(self) -> dict[str, Any]:
-        """The keyword arguments of :class:`Compressed` (error memory on both sides), for wrapping your own strategy."""
-        return {
-            "uplink": self.uplink,
-            "downlink": self.downlink,
-            "downlink_initial": self.downlink_initial,
-            "error_feedback": True,
-        }
-
-    def build(self, *, seed: int = 0, min_elements: int = MIN_ELEMENTS, **inner: Any) -> Compressed:
-        """``Compressed(FedAvgMomentum(**inner), ...)`` with error memory on both sides."""
-        return Compressed(
-            _inner(inner, self.server_momentum), seed=seed, min_elements=min_elements, **self.compression()
-        )
-
-    def __str__(self) -> str:
-        return (
-            f"uplink={self.uplink!r}, downlink={self.downlink!r}, downlink_initial={self.downlink_initial!r}, "
-            f"server_momentum={self.server_momentum}"
-        )
+def qsparse(ratio: float = 0.01, bits: int = 4, **options: Any) -> Compressed:
+    """Qsparse-local-SGD as a strategy: :func:`qsparse_setting` built; ``options``: the
+    rest of its arguments and those of :meth:`Setting.build`."""
+    setting = qsparse_setting(ratio, bits, **_take(qsparse_setting, options))
+    return setting.build(**options)
 
 
 #: Rounds x clients x k/n the recommended uplink carries over a run: every coordinate of
@@ -252,12 +239,7 @@ def recommended(num_rounds: int, clients_per_round: int) -> Setting:
     low, high = RATIO_BOUNDS
     ratio = min(high, max(low, COVERAGE / (int(num_rounds) * int(clients_per_round))))
     ratio = float(f"{ratio:.3g}")  # a spec a user can read back
-    return Setting(
-        uplink=qsparse_uplink(ratio, 4),
-        downlink=sparse_downlink(2 * ratio),
-        downlink_initial="grid(8)",
-        server_momentum=SPARSE_SERVER_MOMENTUM,
-    )
+    return qsparse_setting(ratio, 4, downlink=sparse_downlink(2 * ratio))
 
 
 #: :func:`recommended` for long runs (600 client-rounds or more: top-1%): the setting of
@@ -265,26 +247,15 @@ def recommended(num_rounds: int, clients_per_round: int) -> Setting:
 RECOMMENDED = recommended(600, 1)
 
 
-def double_quant_compression(model_bits: int = 8, grad_bits: int = 4, *, bucket: int | None = None) -> dict[str, Any]:
-    """The compression settings of AsyLPG's double quantization, shared by sync and async."""
-    return {
-        "uplink": f"grid({grad_bits}" + (f", bucket={bucket})" if bucket else ")"),
-        "downlink": f"model | grid({model_bits})",
-        "error_feedback": False,
-    }
-
-
-def double_quant(
+def double_quant_setting(
     model_bits: int = 8,
     grad_bits: int = 4,
     *,
     bucket: int | None = None,
+    budget: float | None = None,
     momentum: float | None = None,
-    seed: int = 0,
-    min_elements: int = MIN_ELEMENTS,
-    **inner: Any,
-) -> Compressed:
-    """AsyLPG's double quantization (Yu, Wu, Huang, 2019), synchronous form.
+) -> Setting:
+    """AsyLPG's double quantization (Yu, Wu, Huang, 2019).
 
     Downlink: the model itself on a b_x-bit grid, ``model | grid(b_x)`` (stateless, the
     same payload for every client); uplink: the update on a b-bit grid, ``grid(b)``
@@ -292,213 +263,88 @@ def double_quant(
     decoded update to its full-precision model, as AsyLPG's master does. The paper uses
     variance-reduced (SVRG) gradients and H = 1; here the update of H local steps is
     quantized. Claim checked by the report: 6-19x fewer bits with no accuracy loss.
+
+    ``budget`` makes it Sparse-AsyLPG: ``bernoulli(budget) | grid(b)``, coordinate i kept
+    with probability p_i = min(1, lambda |x_i|), expected count budget * n, rescaled by
+    1/p_i (Wangni et al.'s variance-optimal choice), then quantized. ``momentum``: server
+    momentum (FedAvgM), the accelerated variant.
     """
-    return Compressed(
-        _inner(inner, momentum),
-        seed=seed,
-        min_elements=min_elements,
-        **double_quant_compression(model_bits, grad_bits, bucket=bucket),
-    )
+    uplink = f"grid({grad_bits}" + (f", bucket={bucket})" if bucket else ")")
+    if budget is not None:
+        uplink = f"bernoulli(budget={budget}) | {uplink}"
+    return Setting(uplink, f"model | grid({model_bits})", None, momentum or 0.0, error_feedback=False)
 
 
-def sparse_double_quant(
-    budget: float = 0.05,
-    model_bits: int = 8,
-    grad_bits: int = 4,
-    *,
-    seed: int = 0,
-    min_elements: int = MIN_ELEMENTS,
-    **inner: Any,
-) -> Compressed:
-    """Sparse-AsyLPG: unbiased magnitude-proportional sparsification, then the b-bit grid.
-
-    Uplink ``bernoulli(budget) | grid(b)``: coordinate i kept with probability
-    p_i = min(1, lambda |x_i|), expected count budget * n, rescaled by 1/p_i (Wangni et
-    al.'s variance-optimal choice), then quantized; downlink as in :func:`double_quant`.
-    """
-    return Compressed(
-        FedAvg(**inner),
-        uplink=f"bernoulli(budget={budget}) | grid({grad_bits})",
-        downlink=f"model | grid({model_bits})",
-        error_feedback=False,
-        seed=seed,
-        min_elements=min_elements,
-    )
+def double_quant(model_bits: int = 8, grad_bits: int = 4, **options: Any) -> Compressed:
+    """Double quantization, synchronous form: :func:`double_quant_setting` built;
+    ``options``: the rest of its arguments and those of :meth:`Setting.build`."""
+    setting = double_quant_setting(model_bits, grad_bits, **_take(double_quant_setting, options))
+    return setting.build(**options)
 
 
-def acc_double_quant(
-    momentum: float = 0.5,
-    model_bits: int = 8,
-    grad_bits: int = 4,
-    *,
-    seed: int = 0,
-    min_elements: int = MIN_ELEMENTS,
-    **inner: Any,
-) -> Compressed:
+def sparse_double_quant(budget: float = 0.05, model_bits: int = 8, grad_bits: int = 4, **options: Any) -> Compressed:
+    """Sparse-AsyLPG: unbiased magnitude-proportional sparsification, then the b-bit grid
+    (``budget`` of :func:`double_quant_setting`); downlink as in :func:`double_quant`."""
+    setting = double_quant_setting(model_bits, grad_bits, budget=budget, **_take(double_quant_setting, options))
+    return setting.build(**options)
+
+
+def acc_double_quant(momentum: float = 0.5, model_bits: int = 8, grad_bits: int = 4, **options: Any) -> Compressed:
     """Accelerated AsyLPG: double quantization with momentum, here server momentum (FedAvgM).
 
     The paper accelerates with a momentum (Katyusha-style) sequence on the master; in
     Flower terms that is the server optimiser, so the inner strategy is FedAvgM.
     """
-    return double_quant(model_bits, grad_bits, momentum=momentum, seed=seed, min_elements=min_elements, **inner)
+    setting = double_quant_setting(model_bits, grad_bits, momentum=momentum, **_take(double_quant_setting, options))
+    return setting.build(**options)
 
 
-class QuantizedEpochSGD(Compressed):
-    """Quantized Epoch-SGD (Zhao, Gao, Li, 2019) -- a reconstruction from the abstract.
-
-    Only the abstract is public: "QESGD compresses (quantizes) the parameter with variance
-    reduction, so that it can get almost the same performance as that of SGD with less
-    communication cost", on a parameter server, with epochs. Our faithful reading:
-
-    * Epochs: epoch e lasts ``first_epoch * growth**e`` rounds and the local learning
-      rate is ``lr * lr_decay**e`` (the Epoch-SGD schedule of Hazan and Kale: step
-      size shrinks, epochs lengthen). A federated round does far more than one SGD step,
-      so the first epoch is 10 rounds: with 2, the step size had fallen 16-fold by
-      round 31 and training stalled (Fashion-MNIST, 20 clients, 60 rounds: 77.7% final
-      accuracy, against 83.1% with 10).
-    * At the start of each epoch the server sends the model losslessly: the *anchor*.
-    * Within the epoch the model travels as an unbiased quantization of its difference
-      to the anchor, Q(w - w_anchor) ("anchor" downlink mode). The variance of Q scales
-      with the norm of what it quantizes, and ||w - w_anchor|| << ||w||: that is the
-      variance reduction. A client needs only the anchor, never a chain of steps.
-    * Clients send Q(w_local - w_start), the parameter difference of their local steps,
-      with the same unbiased quantizer and no error memory.
-
-    ``lr`` is sent to clients in the train ConfigRecord each round (key ``lr``).
-    """
-
-    def __init__(
-        self,
-        strategy: Strategy,
-        *,
-        levels: int = 15,
-        bucket: int = 512,
-        first_epoch: int = 10,
-        growth: int = 2,
-        lr: float = 0.05,
-        lr_decay: float = 0.5,
-        seed: int = 0,
-        min_elements: int = MIN_ELEMENTS,
-    ) -> None:
-        spec = f"qsgd(levels={levels}, bucket={bucket})"
-        super().__init__(
-            strategy,
-            uplink=spec,
-            downlink=f"anchor | {spec}",
-            error_feedback=False,
-            seed=seed,
-            min_elements=min_elements,
-        )
-        if first_epoch < 1 or growth < 1:
-            raise ValueError(f"first_epoch and growth must be >= 1, got {first_epoch} and {growth}")
-        self.first_epoch, self.growth, self.lr, self.lr_decay = first_epoch, growth, lr, lr_decay
-
-    def epoch(self, server_round: int) -> tuple[int, bool]:
-        """(epoch index, whether ``server_round`` starts it), rounds counted from 1."""
-        start, e, length = 1, 0, self.first_epoch
-        while server_round >= start + length:
-            start, e, length = start + length, e + 1, length * self.growth
-        return e, server_round == start
-
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> list[Message]:
-        """Re-anchor at epoch starts and send the epoch's learning rate."""
-        e, starts = self.epoch(server_round)
-        if starts:
-            self.downlink.new_epoch()
-        config = ConfigRecord({**dict(config), "lr": self.lr * self.lr_decay**e, "qfl.epoch": e})
-        return super().configure_train(server_round, arrays, config, grid)
+def qesgd(levels: int = 15, bucket: int = 512, **options: Any) -> QuantizedEpochSGD:
+    """Quantized Epoch-SGD (reconstruction, see :class:`~qfl.strategies.epoch.QuantizedEpochSGD`);
+    ``options``: the rest of its arguments and FedAvg's keyword arguments."""
+    own = _take(QuantizedEpochSGD.__init__, options)
+    return QuantizedEpochSGD(FedAvg(**options), levels=levels, bucket=bucket, **own)
 
 
-def qesgd(
-    levels: int = 15,
-    bucket: int = 512,
-    *,
-    first_epoch: int = 10,
-    growth: int = 2,
-    lr: float = 0.05,
-    lr_decay: float = 0.5,
-    seed: int = 0,
-    min_elements: int = MIN_ELEMENTS,
-    **inner: Any,
-) -> QuantizedEpochSGD:
-    """Quantized Epoch-SGD (reconstruction, see :class:`QuantizedEpochSGD`)."""
-    return QuantizedEpochSGD(
-        FedAvg(**inner),
-        levels=levels,
-        bucket=bucket,
-        first_epoch=first_epoch,
-        growth=growth,
-        lr=lr,
-        lr_decay=lr_decay,
-        seed=seed,
-        min_elements=min_elements,
-    )
-
-
-def ef_signsgd(
-    *, downlink: str | None = None, seed: int = 0, min_elements: int = MIN_ELEMENTS, **inner: Any
-) -> Compressed:
+def ef_signsgd(*, downlink: str | None = None, **options: Any) -> Compressed:
     """EF-SignSGD (Karimireddy et al., 2019): scaled sign ||x||_1/d * sign(x) with error memory.
 
     One bit per coordinate plus a scale per tensor; biased, so the client's error
     feedback is what makes it converge. Extra baseline, not one of the four papers.
+    ``options``: those of :meth:`Setting.build`.
     """
-    return Compressed(
-        FedAvg(**inner), uplink="sign", downlink=downlink, error_feedback=True, seed=seed, min_elements=min_elements
-    )
+    return Setting("sign", downlink).build(**options)
 
 
-def qsparse_async(
-    *,
-    concurrency: int = 4,
-    buffer_size: int = 2,
-    max_staleness: int = 8,
-    staleness_exponent: float = 0.5,
-    seed: int = 0,
-    min_elements: int = MIN_ELEMENTS,
-    **compression: Any,
-) -> AsyncCompressed:
+#: Scheduling of the asynchronous presets (arguments of :class:`AsyncCompressed`).
+ASYNC_SCHEDULE: dict[str, Any] = {"concurrency": 4, "buffer_size": 2, "max_staleness": 8, "staleness_exponent": 0.5}
+
+
+def asynchronous(setting: Setting, **schedule: Any) -> AsyncCompressed:
+    """``setting``'s compression applied asynchronously: each update on arrival (buffered
+    by ``buffer_size``), down-weighted by staleness, rejected when more than
+    ``max_staleness`` versions old; the server optimiser is AsyncCompressed's own.
+    ``schedule``: arguments of :class:`AsyncCompressed` (``seed``, ``min_elements``, ...)
+    over :data:`ASYNC_SCHEDULE`."""
+    return AsyncCompressed(**{**ASYNC_SCHEDULE, **schedule}, **setting.compression())
+
+
+def qsparse_async(**options: Any) -> AsyncCompressed:
     """Asynchronous Qsparse-local-SGD (Basu et al., Sec. 4): workers synchronise when they are
     done with their H local steps; the master applies each compressed update on arrival
-    (buffered by ``buffer_size``), down-weighted by staleness, rejecting updates more than
-    ``max_staleness`` versions old. Compression as in :func:`qsparse` (``**compression``
-    overrides its arguments)."""
-    return AsyncCompressed(
-        concurrency=concurrency,
-        buffer_size=buffer_size,
-        max_staleness=max_staleness,
-        staleness_exponent=staleness_exponent,
-        seed=seed,
-        min_elements=min_elements,
-        **qsparse_compression(**compression),
-    )
+    (see :func:`asynchronous`). ``options``: those of :func:`asynchronous` and of
+    :func:`qsparse_setting`."""
+    setting = qsparse_setting(**_take(qsparse_setting, options))
+    return asynchronous(setting, **options)
 
 
-def double_quant_async(
-    *,
-    concurrency: int = 4,
-    buffer_size: int = 2,
-    max_staleness: int = 8,
-    staleness_exponent: float = 0.5,
-    seed: int = 0,
-    min_elements: int = MIN_ELEMENTS,
-    **compression: Any,
-) -> AsyncCompressed:
+def double_quant_async(**options: Any) -> AsyncCompressed:
     """AsyLPG proper: asynchronous double quantization. Each worker reads the b_x-bit model,
     computes, and sends its b-bit update; the master applies it on arrival if its delay is
-    within the bound (the paper's tau), down-weighted by staleness. Compression as in
-    :func:`double_quant`."""
-    return AsyncCompressed(
-        concurrency=concurrency,
-        buffer_size=buffer_size,
-        max_staleness=max_staleness,
-        staleness_exponent=staleness_exponent,
-        seed=seed,
-        min_elements=min_elements,
-        **double_quant_compression(**compression),
-    )
+    within the bound (the paper's tau), down-weighted by staleness. ``options``: those of
+    :func:`asynchronous` and of :func:`double_quant_setting`."""
+    setting = double_quant_setting(**_take(double_quant_setting, options))
+    return asynchronous(setting, **options)
 
 
 #: Asynchronous presets: name -> factory(concurrency=..., buffer_size=..., ...).
@@ -533,62 +379,3 @@ def build(name: str, *, guard: UpdateGuard | None = DEFAULT_GUARD, **kwargs: Any
     strategy = PRESETS[name](**kwargs)
     strategy.guard = guard
     return strategy
-
-
-# ---------------------------------------------------------------------------- claims
-@dataclass(frozen=True)
-class Claim:
-    """What a paper claims, in terms a comparison against full-precision FedAvg can check.
-
-    Every criterion that is set must hold. ``within_pp``: the method's accuracy ends
-    within this many percentage points of the baseline's (both smoothed over their last
-    evaluations, at the baseline's number of rounds). ``to_target``: (direction,
-    factor), the method reaches the baseline's accuracy - 1 pp with at least ``factor``
-    times fewer bytes in that direction ("uplink", "downlink" or "total").
-    ``total_factor``: at least this many times fewer bytes in both directions over
-    the baseline's rounds.
-    """
-
-    paper: str
-    statement: str
-    methods: tuple[str, ...]
-    within_pp: float | None = None
-    to_target: tuple[str, float] | None = None
-    total_factor: float | None = None
-
-
-#: The four papers' claims; each names the presets that implement its method
-#: (asynchronous variants test the same claim).
-CLAIMS: tuple[Claim, ...] = (
-    Claim(
-        "QSGD (Alistarh et al., 2017)",
-        "4- and 8-bit QSGD reach full-precision accuracy",
-        ("qsgd4", "qsgd8"),
-        within_pp=1.0,
-    ),
-    Claim(
-        "Qsparse-local-SGD (Basu et al., 2019)",
-        "large savings in bits to reach a target accuracy, with local steps (large: >= 10x fewer uplink bytes)",
-        ("qsparse", "qsparse_sign", "qsparse_async", "qsparse_sign_async", "recommended"),
-        to_target=("uplink", 10.0),
-    ),
-    Claim(
-        "AsyLPG double quantization (Yu, Wu, Huang, 2019)",
-        "6-19x fewer bits transmitted without accuracy loss",
-        ("double_quant", "sparse_double_quant", "acc_double_quant", "double_quant_async"),
-        within_pp=1.0,
-        total_factor=6.0,
-    ),
-    Claim(
-        "Quantized Epoch-SGD (Zhao, Gao, Li, 2019)",
-        "near full-precision accuracy at lower communication (reconstructed from the abstract)",
-        ("qesgd",),
-        within_pp=1.0,
-        total_factor=1.0,
-    ),
-)
-
-
-def claim_of(method: str) -> Claim | None:
-    """The paper claim a preset is tagged with (None for baselines and custom specs)."""
-    return next((c for c in CLAIMS if method in c.methods), None)

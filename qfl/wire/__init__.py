@@ -11,9 +11,33 @@ nothing that knows about Flower records, strategies or training. A new operator'
 goes here together with its bound in ``tests/expected.py``; ``fuzz`` drives the decoder.
 """
 
-from .format import DEFAULT_LIMITS, MAGIC, VERSION, Limits, WireFormatError, decode, decode_all, encode
+import numpy as np
+
+from ._bits import BLOCK as ELIAS_BLOCK
+from ._bits import omega_lengths
+from .format import decode, decode_all, encode
+from .layout import DEFAULT_LIMITS, MAGIC, VERSION, Limits, WireFormatError
+
+
+def warm_other_kernels() -> None:
+    """Call the coder kernels that encoding and decoding payloads never reach (the omega
+    length table the tests check), so that ``python -m qfl warm`` caches them too."""
+    omega_lengths(np.arange(1, 10))
+
 
 #: ``Array.stype`` of a Flower Array whose ``data`` is one or more qfl blobs.
 STYPE = f"qfl/v{VERSION}"
 
-__all__ = ["DEFAULT_LIMITS", "MAGIC", "STYPE", "VERSION", "Limits", "WireFormatError", "decode", "decode_all", "encode"]
+__all__ = [
+    "DEFAULT_LIMITS",
+    "ELIAS_BLOCK",
+    "MAGIC",
+    "STYPE",
+    "VERSION",
+    "Limits",
+    "WireFormatError",
+    "decode",
+    "decode_all",
+    "encode",
+    "warm_other_kernels",
+]

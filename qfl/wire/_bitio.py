@@ -22,9 +22,9 @@ ERR_CODE = -2  # an Elias/unary code is longer than any valid value
 ERR_RANGE = -3  # a decoded position or value is outside the declared range
 ERR_TRAILING = -4  # a stream does not end exactly at its declared length
 
-_U1 = np.uint64(1)
-_TABLE_BITS = 16  # codes of at most this many bits decode with one table lookup
-_TABLE_VALUES = 1 << 12  # values below this encode with one table lookup
+U1 = np.uint64(1)
+TABLE_BITS = 16  # codes of at most this many bits decode with one table lookup
+TABLE_VALUES = 1 << 12  # values below this encode with one table lookup
 
 
 @nb.njit(inline="always", cache=True)
@@ -52,17 +52,17 @@ def omega_code_slow(v):
 
 @nb.njit(cache=True)
 def _build_tables():
-    enc_code = np.empty(_TABLE_VALUES, np.int64)
-    enc_len = np.zeros(_TABLE_VALUES, np.int64)
-    dec_value = np.zeros(1 << _TABLE_BITS, np.int64)
-    dec_len = np.zeros(1 << _TABLE_BITS, np.int64)  # 0: code longer than the table
-    for v in range(1, _TABLE_VALUES):
+    enc_code = np.empty(TABLE_VALUES, np.int64)
+    enc_len = np.zeros(TABLE_VALUES, np.int64)
+    dec_value = np.zeros(1 << TABLE_BITS, np.int64)
+    dec_len = np.zeros(1 << TABLE_BITS, np.int64)  # 0: code longer than the table
+    for v in range(1, TABLE_VALUES):
         code, length = omega_code_slow(v)
         enc_code[v] = code
         enc_len[v] = length
-        if length <= _TABLE_BITS:
-            lo = code << (_TABLE_BITS - length)
-            for t in range(1 << (_TABLE_BITS - length)):
+        if length <= TABLE_BITS:
+            lo = code << (TABLE_BITS - length)
+            for t in range(1 << (TABLE_BITS - length)):
                 dec_value[lo + t] = v
                 dec_len[lo + t] = length
     return enc_code, enc_len, dec_value, dec_len
@@ -74,7 +74,7 @@ ENC_CODE, ENC_LEN, DEC_VALUE, DEC_LEN = _build_tables()
 @nb.njit(inline="always", cache=True)
 def omega_code(v, enc_code, enc_len):
     """(code, length) of the omega code of v, from the table when v is small."""
-    if v < _TABLE_VALUES:
+    if v < TABLE_VALUES:
         return enc_code[v], enc_len[v]
     return omega_code_slow(v)
 
@@ -82,7 +82,7 @@ def omega_code(v, enc_code, enc_len):
 @nb.njit(inline="always", cache=True)
 def omega_length(v, enc_len):
     """Bit length of the Elias-omega code of v >= 1."""
-    if v < _TABLE_VALUES:
+    if v < TABLE_VALUES:
         return enc_len[v]
     total = 1
     while v > 1:
@@ -114,9 +114,9 @@ def omega_lengths(values: np.ndarray) -> np.ndarray:
 
 
 @nb.njit(inline="always", cache=True)
-def _put(buf, p, acc, nacc, v, nbits):
+def put_bits(buf, p, acc, nacc, v, nbits):
     """Append the low ``nbits`` (<= 32) bits of v."""
-    acc = (acc << np.uint64(nbits)) | (np.uint64(v) & ((_U1 << np.uint64(nbits)) - _U1))
+    acc = (acc << np.uint64(nbits)) | (np.uint64(v) & ((U1 << np.uint64(nbits)) - U1))
     nacc += nbits
     if nacc >= 32:
         nacc -= 32
@@ -130,16 +130,16 @@ def _put(buf, p, acc, nacc, v, nbits):
 
 
 @nb.njit(inline="always", cache=True)
-def _put_long(buf, p, acc, nacc, v, nbits):
+def put_long(buf, p, acc, nacc, v, nbits):
     """Append up to 64 bits, in two halves when needed."""
     if nbits > 32:
-        p, acc, nacc = _put(buf, p, acc, nacc, np.int64(v) >> (nbits - 32), 32)
+        p, acc, nacc = put_bits(buf, p, acc, nacc, np.int64(v) >> (nbits - 32), 32)
         nbits -= 32
-    return _put(buf, p, acc, nacc, v, nbits)
+    return put_bits(buf, p, acc, nacc, v, nbits)
 
 
 @nb.njit(inline="always", cache=True)
-def _finish(buf, p, acc, nacc):
+def finish_bits(buf, p, acc, nacc):
     """Store the remaining whole bytes; return (tail byte, its index)."""
     while nacc >= 8:
         nacc -= 8
@@ -157,7 +157,7 @@ def _finish(buf, p, acc, nacc):
 
 
 @nb.njit(inline="always", cache=True)
-def _refill(buf, w, nw, bp):
+def refill(buf, w, nw, bp):
     while nw <= 56:
         w |= np.uint64(buf[bp]) << np.uint64(56 - nw)
         bp += 1
@@ -166,24 +166,24 @@ def _refill(buf, w, nw, bp):
 
 
 @nb.njit(inline="always", cache=True)
-def _reader_at(buf, pos):
+def reader_at(buf, pos):
     """A reader positioned at bit ``pos``."""
     bp = pos >> 3
-    w, nw, bp = _refill(buf, np.uint64(0), 0, bp)
+    w, nw, bp = refill(buf, np.uint64(0), 0, bp)
     skip = pos & 7
     return w << np.uint64(skip), nw - skip, bp
 
 
 @nb.njit(inline="always", cache=True)
-def _peek(w, nbits):
+def peek_bits(w, nbits):
     return np.int64(w >> np.uint64(64 - nbits))
 
 
 @nb.njit(inline="always", cache=True)
-def _get_omega(buf, w, nw, bp, pos, end, dec_value, dec_len):
+def get_omega(buf, w, nw, bp, pos, end, dec_value, dec_len):
     """Decode one Elias-omega code; returns (value, w, nw, bp, pos, status)."""
-    w, nw, bp = _refill(buf, w, nw, bp)
-    t = _peek(w, _TABLE_BITS)
+    w, nw, bp = refill(buf, w, nw, bp)
+    t = peek_bits(w, TABLE_BITS)
     length = dec_len[t]
     if length > 0:
         if pos + length > end:
@@ -191,17 +191,17 @@ def _get_omega(buf, w, nw, bp, pos, end, dec_value, dec_len):
         return dec_value[t], w << np.uint64(length), nw - length, bp, pos + length, OK
     v = np.int64(1)
     while True:
-        w, nw, bp = _refill(buf, w, nw, bp)
+        w, nw, bp = refill(buf, w, nw, bp)
         if pos >= end:
             return 0, w, nw, bp, pos, ERR_OVERRUN
-        if _peek(w, 1) == 0:
-            return v, w << _U1, nw - 1, bp, pos + 1, OK
+        if peek_bits(w, 1) == 0:
+            return v, w << U1, nw - 1, bp, pos + 1, OK
         n = v + 1
         if n > 56:
             return 0, w, nw, bp, pos, ERR_CODE
         if pos + n > end:
             return 0, w, nw, bp, pos, ERR_OVERRUN
-        v = _peek(w, n)
+        v = peek_bits(w, n)
         w = w << np.uint64(n)
         nw -= n
         pos += n

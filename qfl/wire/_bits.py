@@ -15,20 +15,20 @@ import numpy as np
 
 from ..compress.runtime import twin
 from ._bitio import (
-    _U1,
     ERR_CODE,
     ERR_OVERRUN,
     ERR_RANGE,
     ERR_TRAILING,
     OK,
-    _finish,
-    _peek,
-    _put,
-    _put_long,
-    _reader_at,
-    _refill,
+    U1,
+    finish_bits,
     omega_code_slow,
     omega_lengths,
+    peek_bits,
+    put_bits,
+    put_long,
+    reader_at,
+    refill,
 )
 from ._elias import (
     BLOCK,
@@ -127,10 +127,10 @@ def _unpack8(buf, n, offset, max_abs, out):
 def _unpack_groups(padded, n, offset, width, max_abs, out, c):
     bad = False
     for g in range(c * _GROUPS, min(c * _GROUPS + _GROUPS, (n + 7) // 8)):
-        w, nw, bp = _reader_at(padded, g * 8 * width)
+        w, nw, bp = reader_at(padded, g * 8 * width)
         for j in range(g * 8, min(g * 8 + 8, n)):
-            w, nw, bp = _refill(padded, w, nw, bp)
-            v = _peek(w, width) - offset
+            w, nw, bp = refill(padded, w, nw, bp)
+            v = peek_bits(w, width) - offset
             w = w << np.uint64(width)
             nw -= width
             bad |= (v > max_abs) | (v < -max_abs)
@@ -188,11 +188,11 @@ def rice_encode(indices, r, nbits):
         q = g >> r
         while q > 0:
             step = min(q, 32)
-            p, acc, nacc = _put(buf, p, acc, nacc, (np.int64(1) << step) - 1, step)
+            p, acc, nacc = put_bits(buf, p, acc, nacc, (np.int64(1) << step) - 1, step)
             q -= step
-        p, acc, nacc = _put_long(buf, p, acc, nacc, g & ((np.int64(1) << r) - 1), r + 1)
+        p, acc, nacc = put_long(buf, p, acc, nacc, g & ((np.int64(1) << r) - 1), r + 1)
         last = indices[i]
-    tail, tp = _finish(buf, p, acc, nacc)
+    tail, tp = finish_bits(buf, p, acc, nacc)
     buf[tp] |= tail
     return buf[: (nbits + 7) // 8]
 
@@ -201,16 +201,16 @@ def rice_encode(indices, r, nbits):
 def rice_decode(padded, nbits, r, k, n, out):
     """Inverse of rice_encode for k indices in [0, n); returns a status code."""
     pos = 0
-    w, nw, bp = _reader_at(padded, 0)
+    w, nw, bp = reader_at(padded, 0)
     last = -1
     for i in range(k):
         q = 0
         while True:
-            w, nw, bp = _refill(padded, w, nw, bp)
+            w, nw, bp = refill(padded, w, nw, bp)
             if pos >= nbits:
                 return ERR_OVERRUN
-            bit = _peek(w, 1)
-            w = w << _U1
+            bit = peek_bits(w, 1)
+            w = w << U1
             nw -= 1
             pos += 1
             if bit == 0:
@@ -222,8 +222,8 @@ def rice_decode(padded, nbits, r, k, n, out):
             return ERR_OVERRUN
         rem = 0
         if r > 0:
-            w, nw, bp = _refill(padded, w, nw, bp)
-            rem = _peek(w, r)
+            w, nw, bp = refill(padded, w, nw, bp)
+            rem = peek_bits(w, r)
             w = w << np.uint64(r)
             nw -= r
             pos += r

@@ -7,6 +7,12 @@ encoding and decoding then run block-parallel while the stream stays one contigu
 string. Parallel or serial is chosen per call (``qfl.compress.runtime.parallel_slot``);
 the bytes never depend on it. Decoders never loop more often than the declared element
 count allows, so corrupted input cannot hang them.
+
+Why one module of ~600 lines: the encoder and the decoder share the hot-loop tables
+built here at import (GAP/SM codes, TRIPLE, PAIR) and their layout (_FAST_BITS, the
+block size); the numba kernels inline each other's helpers, and the block-parallel
+encoder's three steps (bound, code, shift into place) only make sense together. Split
+apart, a change to one table layout would have to be made in two files in step.
 """
 
 from __future__ import annotations
@@ -16,21 +22,21 @@ import numpy as np
 
 from ..compress.runtime import twin
 from ._bitio import (
-    _TABLE_BITS,
-    _TABLE_VALUES,
-    _U1,
     DEC_LEN,
     DEC_VALUE,
     ERR_OVERRUN,
     ERR_RANGE,
     OK,
-    _get_omega,
-    _peek,
-    _reader_at,
-    _refill,
+    TABLE_BITS,
+    TABLE_VALUES,
+    U1,
     bit_length,
+    get_omega,
     omega_code_slow,
     omega_length,
+    peek_bits,
+    reader_at,
+    refill,
 )
 
 #: Elements per independently coded block of an Elias level stream.
@@ -38,8 +44,8 @@ BLOCK = 1 << 16
 
 # --------------------------------------------------------------- Elias level streams
 # Hot-loop tables, compact so that they stay in L1:
-#   GAP_LEN/GAP_CODE[g]     omega code of a gap 0 < g < _TABLE_VALUES
-#   SM_LEN/SM_CODE[v + off] sign bit + omega code of a level 0 < |v| < _TABLE_VALUES
+#   GAP_LEN/GAP_CODE[g]     omega code of a gap 0 < g < TABLE_VALUES
+#   SM_LEN/SM_CODE[v + off] sign bit + omega code of a level 0 < |v| < TABLE_VALUES
 #   TRIPLE[t]               the whole (gap, sign, |level|) triple that the next
 #                           _FAST_BITS bits of a stream start with, if it fits in them
 #   OMEGA_BY_BITS[b]        omega length of any value of bit length b
@@ -51,18 +57,18 @@ BLOCK = 1 << 16
 # one contiguous stream. No separate exact-length pass, and the coding loops need no
 # bounds checks.
 _FAST_BITS = 12
-_SM_OFF = _TABLE_VALUES - 1
+_SM_OFF = TABLE_VALUES - 1
 #: Blocks with more nonzeros than BLOCK / _DENSE are coded by the branch-free loop.
 _DENSE = 16
 
 
 @nb.njit(cache=True)
 def _build_fast_tables():
-    gap_code = np.zeros(_TABLE_VALUES, np.int32)
-    gap_len = np.zeros(_TABLE_VALUES, np.uint8)
-    sm_code = np.zeros(2 * _TABLE_VALUES - 1, np.int32)
-    sm_len = np.zeros(2 * _TABLE_VALUES - 1, np.uint8)
-    for v in range(1, _TABLE_VALUES):
+    gap_code = np.zeros(TABLE_VALUES, np.int32)
+    gap_len = np.zeros(TABLE_VALUES, np.uint8)
+    sm_code = np.zeros(2 * TABLE_VALUES - 1, np.int32)
+    sm_len = np.zeros(2 * TABLE_VALUES - 1, np.uint8)
+    for v in range(1, TABLE_VALUES):
         code, length = omega_code_slow(v)
         gap_code[v] = code
         gap_len[v] = length
@@ -72,11 +78,11 @@ def _build_fast_tables():
         sm_len[_SM_OFF - v] = length + 1
     # Fields of a TRIPLE entry: length (5 bits, 0 = does not fit), sign (1), gap (12), |level| (12).
     triple = np.zeros(1 << _FAST_BITS, np.int32)
-    for g in range(1, _TABLE_VALUES):
+    for g in range(1, TABLE_VALUES):
         gl = np.int64(gap_len[g])
         if gl + 2 > _FAST_BITS:
             continue
-        for m in range(1, _TABLE_VALUES):
+        for m in range(1, TABLE_VALUES):
             ml = np.int64(sm_len[_SM_OFF + m])
             total = gl + ml
             if total > _FAST_BITS:
@@ -138,7 +144,7 @@ def _build_pair_table(triple):
 
 
 PAIR = _build_pair_table(TRIPLE)
-#: One omega code of at most _TABLE_BITS bits per lookup: (value << 5) | length, 0 if longer.
+#: One omega code of at most TABLE_BITS bits per lookup: (value << 5) | length, 0 if longer.
 SINGLE = ((DEC_VALUE << 5) | DEC_LEN).astype(np.int32)
 
 
@@ -173,6 +179,18 @@ def _load_be64(buf, byte):
 
 
 @nb.njit(inline="always", cache=True)
+def _load_be32(buf, byte):
+    """The 4 bytes at ``byte`` as a big-endian value in the low half of a word."""
+    u = np.uint64(byte)
+    return (
+        (np.uint64(buf[u]) << np.uint64(24))
+        | (np.uint64(buf[u + np.uint64(1)]) << np.uint64(16))
+        | (np.uint64(buf[u + np.uint64(2)]) << np.uint64(8))
+        | np.uint64(buf[u + np.uint64(3)])
+    )
+
+
+@nb.njit(inline="always", cache=True)
 def _put8(buf, p, acc, nacc, code, length):
     """Append ``length`` <= 56 bits (``code`` has no higher bits; length 0 is a no-op).
 
@@ -181,8 +199,16 @@ def _put8(buf, p, acc, nacc, code, length):
     in the accumulator between calls."""
     acc = (acc << np.uint64(length)) | np.uint64(code)
     nacc += length
-    _store_be64(buf, p, (acc << np.uint64(63 - nacc)) << _U1)
+    _store_be64(buf, p, (acc << np.uint64(63 - nacc)) << U1)
     return p + (nacc >> 3), acc, nacc & 7
+
+
+@nb.njit(inline="always", cache=True)
+def _flush(buf, p, p0, acc, nacc):
+    """Store the bits left in the accumulator; the block's length in bits from byte p0."""
+    if nacc:
+        _store_be64(buf, p, acc << np.uint64(64 - nacc))
+    return 8 * (p - p0) + nacc
 
 
 @nb.njit(inline="always", cache=True)
@@ -198,53 +224,43 @@ def _put_slow_triple(buf, p, acc, nacc, g, lv):
 @nb.njit(cache=True)
 def _encode_dense(blk, buf, p, gap_code, gap_len, sm_code, sm_len):
     """Code one block with a branch-free loop (zeros are zero-length puts); returns bits."""
-    p0 = p
-    acc = np.uint64(0)
-    nacc = 0
-    last = -1
+    p0, acc, nacc, last = p, np.uint64(0), 0, -1
     for i in range(blk.size):
         lv = np.int64(blk[i])
         nz = lv != 0
         g = i - last
-        if nz & ((g >= _TABLE_VALUES) | (lv >= _TABLE_VALUES) | (lv <= -_TABLE_VALUES)):
+        if nz & ((g >= TABLE_VALUES) | (lv >= TABLE_VALUES) | (lv <= -TABLE_VALUES)):
             p, acc, nacc = _put_slow_triple(buf, p, acc, nacc, g, lv)
             last = i
             continue
-        gi = np.uint64(min(g, _TABLE_VALUES - 1))
-        vi = np.uint64(max(min(lv, _TABLE_VALUES - 1), 1 - _TABLE_VALUES) + _SM_OFF)
+        gi = np.uint64(min(g, TABLE_VALUES - 1))
+        vi = np.uint64(max(min(lv, TABLE_VALUES - 1), 1 - TABLE_VALUES) + _SM_OFF)
         ml = np.int64(sm_len[vi])
         code = (np.uint64(gap_code[gi]) << np.uint64(ml)) | np.uint64(sm_code[vi])
         length = np.int64(gap_len[gi]) + ml
         p, acc, nacc = _put8(buf, p, acc, nacc, code if nz else np.uint64(0), length if nz else 0)
         last = i if nz else last
-    if nacc:
-        _store_be64(buf, p, acc << np.uint64(64 - nacc))
-    return 8 * (p - p0) + nacc
+    return _flush(buf, p, p0, acc, nacc)
 
 
 @nb.njit(cache=True)
 def _encode_sparse(blk, buf, p, gap_code, gap_len, sm_code, sm_len):
     """Code one mostly-zero block: a predictable branch skips the zeros; returns bits."""
-    p0 = p
-    acc = np.uint64(0)
-    nacc = 0
-    last = -1
+    p0, acc, nacc, last = p, np.uint64(0), 0, -1
     for i in range(blk.size):
         lv = np.int64(blk[i])
         if lv == 0:
             continue
         g = i - last
         last = i
-        if g < _TABLE_VALUES and -_TABLE_VALUES < lv < _TABLE_VALUES:
+        if g < TABLE_VALUES and -TABLE_VALUES < lv < TABLE_VALUES:
             vi = np.uint64(lv + _SM_OFF)
             ml = np.int64(sm_len[vi])
             code = (np.uint64(gap_code[g]) << np.uint64(ml)) | np.uint64(sm_code[vi])
             p, acc, nacc = _put8(buf, p, acc, nacc, code, np.int64(gap_len[g]) + ml)
         else:
             p, acc, nacc = _put_slow_triple(buf, p, acc, nacc, g, lv)
-    if nacc:
-        _store_be64(buf, p, acc << np.uint64(64 - nacc))
-    return 8 * (p - p0) + nacc
+    return _flush(buf, p, p0, acc, nacc)
 
 
 @nb.njit(inline="always", cache=True)
@@ -446,7 +462,7 @@ def _elias_block_bits(levels, gap_len, sm_len):
             if lv != 0:
                 g = i - last
                 last = i
-                if g < _TABLE_VALUES and -_TABLE_VALUES < lv < _TABLE_VALUES:
+                if g < TABLE_VALUES and -TABLE_VALUES < lv < TABLE_VALUES:
                     t += np.int64(gap_len[g]) + np.int64(sm_len[lv + _SM_OFF])
                 else:
                     t += omega_length(g, gap_len) + 1 + omega_length(abs(lv), gap_len)
@@ -457,17 +473,17 @@ def _elias_block_bits(levels, gap_len, sm_len):
 @nb.njit(cache=True)
 def _slow_triple(padded, pos, end, dec_value, dec_len):
     """Decode one (gap, sign, |level|) triple code by code: (gap, neg, mag, pos, status)."""
-    w, nw, bp = _reader_at(padded, pos)
-    gap, w, nw, bp, pos, st = _get_omega(padded, w, nw, bp, pos, end, dec_value, dec_len)
+    w, nw, bp = reader_at(padded, pos)
+    gap, w, nw, bp, pos, st = get_omega(padded, w, nw, bp, pos, end, dec_value, dec_len)
     if st != OK:
         return gap, 0, 0, pos, st
     if pos >= end:
         return gap, 0, 0, pos, ERR_OVERRUN
-    w, nw, bp = _refill(padded, w, nw, bp)
-    neg = _peek(w, 1)
-    w = w << _U1
+    w, nw, bp = refill(padded, w, nw, bp)
+    neg = peek_bits(w, 1)
+    w = w << U1
     pos += 1
-    mag, w, nw, bp, pos, st = _get_omega(padded, w, nw - 1, bp, pos, end, dec_value, dec_len)
+    mag, w, nw, bp, pos, st = get_omega(padded, w, nw - 1, bp, pos, end, dec_value, dec_len)
     return gap, neg, mag, pos, st
 
 
@@ -482,14 +498,7 @@ def _decode_block(padded, pos, end, max_level, blk, pair, single, dec_value, dec
     bp = (pos >> 3) + 8
     while pos < end:
         if nw < 32:
-            u = np.uint64(bp)
-            four = (
-                (np.uint64(padded[u]) << np.uint64(24))
-                | (np.uint64(padded[u + np.uint64(1)]) << np.uint64(16))
-                | (np.uint64(padded[u + np.uint64(2)]) << np.uint64(8))
-                | np.uint64(padded[u + np.uint64(3)])
-            )
-            w |= four << np.uint64(32 - nw)
+            w |= _load_be32(padded, bp) << np.uint64(32 - nw)
             nw += 32
             bp += 4
         e = pair[np.int64(w >> np.uint64(64 - _FAST_BITS))]
@@ -511,22 +520,15 @@ def _decode_block(padded, pos, end, max_level, blk, pair, single, dec_value, dec
         else:
             # Code by code with the 16-bit table; anything longer (or an error) goes to
             # the general decoder, from the start of the triple.
-            e1 = single[np.int64(w >> np.uint64(64 - _TABLE_BITS))]
+            e1 = single[np.int64(w >> np.uint64(64 - TABLE_BITS))]
             l1 = e1 & 31
             w2 = w << np.uint64(l1)
             nw2 = nw - l1
             if nw2 < 17:
-                u = np.uint64(bp)
-                four = (
-                    (np.uint64(padded[u]) << np.uint64(24))
-                    | (np.uint64(padded[u + np.uint64(1)]) << np.uint64(16))
-                    | (np.uint64(padded[u + np.uint64(2)]) << np.uint64(8))
-                    | np.uint64(padded[u + np.uint64(3)])
-                )
-                w2 |= four << np.uint64(32 - nw2)
+                w2 |= _load_be32(padded, bp) << np.uint64(32 - nw2)
                 nw2 += 32
                 bp += 4
-            e2 = single[np.int64((w2 << _U1) >> np.uint64(64 - _TABLE_BITS))]
+            e2 = single[np.int64((w2 << U1) >> np.uint64(64 - TABLE_BITS))]
             l2 = e2 & 31
             if l1 != 0 and l2 != 0 and pos + l1 + 1 + l2 <= end:
                 pos += l1 + 1 + l2

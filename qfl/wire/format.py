@@ -14,6 +14,10 @@ flipped bit anywhere into a clean error instead of a silently wrong model. The
 decoder checks every declared count against the bytes actually present and against
 ``Limits`` before it allocates, so a hostile or broken blob costs at most what its
 declared (and allowed) shape costs.
+
+The numbering (operator ids, dtype codes, tags), :class:`Limits` and
+:class:`WireFormatError` are in :mod:`qfl.wire.layout`; this module is the encoder, the
+decoder and the framing.
 """
 
 from __future__ import annotations
@@ -22,7 +26,6 @@ import dataclasses
 import math
 import struct
 import zlib
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -31,7 +34,6 @@ from ..compress import (
     BF16,
     FP16,
     QSGD,
-    Bernoulli,
     Chain,
     Grid,
     Identity,
@@ -45,143 +47,55 @@ from ..compress import (
     Signs,
     Sparse,
     Sparsifier,
-    TopK,
 )
 from ..compress.quantizers import level_dtype
 from . import _bits as B
-
-MAGIC = b"QF"
-VERSION = 1
-
-#: Operator ids of format version 1. Never renumber: add new ids instead.
-OP_IDS: dict[type[Operator], int] = {
-    Identity: 1,
-    FP16: 2,
-    BF16: 3,
-    QSGD: 4,
-    Grid: 5,
-    Sign: 6,
-    TopK: 7,
-    RandK: 8,
-    Bernoulli: 9,
-}
-OPS_BY_ID = {v: k for k, v in OP_IDS.items()}
-
-#: dtype codes of format version 1.
-DTYPES: dict[torch.dtype, int] = {
-    torch.float32: 1,
-    torch.float16: 2,
-    torch.bfloat16: 3,
-    torch.float64: 4,
-    torch.uint8: 5,
-    torch.int8: 6,
-    torch.int16: 7,
-    torch.int32: 8,
-    torch.int64: 9,
-    torch.bool: 10,
-}
-DTYPES_BY_CODE = {v: k for k, v in DTYPES.items()}
-# numpy twins used to move raw bytes (bfloat16 travels as its 16 raw bits).
-_NP = {
-    torch.float32: "<f4",
-    torch.float16: "<f2",
-    torch.bfloat16: "<u2",
-    torch.float64: "<f8",
-    torch.uint8: "u1",
-    torch.int8: "i1",
-    torch.int16: "<i2",
-    torch.int32: "<i4",
-    torch.int64: "<i8",
-    torch.bool: "u1",
-}
-_BITS_VIEW = {torch.bfloat16: torch.int16, torch.bool: torch.uint8}
-
-_LEVELS_FIXED, _LEVELS_ELIAS = 0, 1
-_INDEX_BITMAP, _INDEX_RICE = 0, 1
-_TAG_NONE, _TAG_INT, _TAG_FLOAT, _TAG_FALSE, _TAG_TRUE, _TAG_STR = range(6)
-
-
-class WireFormatError(ValueError):
-    """A blob is not a valid qfl payload: truncated, corrupted, oversized or unknown."""
-
-
-@dataclass(frozen=True)
-class Limits:
-    """What a decoder is willing to allocate for one blob.
-
-    max_elements
-        Largest declared tensor (element count) accepted; 2^28 = 268M elements by
-        default (1 GiB of float32). Lower it on servers facing untrusted clients.
-    max_ndim
-        Largest number of dimensions accepted.
-    max_total_elements
-        Largest sum of declared element counts over the blobs of one ``decode_all``
-        call (a chain of steps in one Array): without it, many tiny blobs that each
-        declare ``max_elements`` zeros could make the decoder allocate without bound.
-        2^32 by default (17 steps of a 250M-element tensor).
-    max_expansion
-        Largest number of declared elements per byte received, over one ``decode`` or
-        ``decode_all`` call (None: no bound). Without it a 1 KB sparse blob declaring
-        64M elements costs 256 MB once decompressed. 4096 by default: top-k keeping one
-        element in 1000 stays far below it; a receiver that knows the shapes to expect
-        bounds them with ``max_elements`` instead and may lift it.
-    """
-
-    max_elements: int = 1 << 28
-    max_ndim: int = 32
-    max_total_elements: int = 1 << 32
-    max_expansion: int | None = 4096
-
-    def __post_init__(self) -> None:
-        for name in ("max_elements", "max_ndim", "max_total_elements", "max_expansion"):
-            v = getattr(self, name)
-            if v is None and name == "max_expansion":
-                continue
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise ValueError(f"Limits.{name} must be a non-negative integer, got {v!r}")
-
-    def budget(self, nbytes: int) -> int:
-        """Elements a call decoding ``nbytes`` may declare in all."""
-        if self.max_expansion is None:
-            return self.max_total_elements
-        return min(self.max_total_elements, self.max_expansion * nbytes)
-
-
-DEFAULT_LIMITS = Limits()
+from .layout import (
+    BITS_VIEW,
+    DEFAULT_LIMITS,
+    DTYPES,
+    DTYPES_BY_CODE,
+    INDEX_BITMAP,
+    INDEX_RICE,
+    LEVELS_ELIAS,
+    LEVELS_FIXED,
+    MAGIC,
+    NUMPY_DTYPES,
+    OP_IDS,
+    OPS_BY_ID,
+    TAG_FALSE,
+    TAG_FLOAT,
+    TAG_INT,
+    TAG_NONE,
+    TAG_STR,
+    TAG_TRUE,
+    VERSION,
+    Limits,
+    WireFormatError,
+    varint,
+)
 
 
 # =========================================================================== encoding
-def _varint(v: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = v & 0x7F
-        v >>= 7
-        if v:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
-
-
 def _op_bytes(op: Operator) -> bytes:
     fields = dataclasses.fields(op)
     out = bytearray([OP_IDS[type(op)], len(fields)])
     for f in fields:
         v = getattr(op, f.name)
         if v is None:
-            out.append(_TAG_NONE)
+            out.append(TAG_NONE)
         elif isinstance(v, bool):
-            out.append(_TAG_TRUE if v else _TAG_FALSE)
+            out.append(TAG_TRUE if v else TAG_FALSE)
         elif isinstance(v, int):
-            out.append(_TAG_INT)
-            out += _varint((v << 1) ^ (v >> 63) if v < 0 else v << 1)
+            out.append(TAG_INT)
+            out += varint((v << 1) ^ (v >> 63) if v < 0 else v << 1)
         elif isinstance(v, float):
-            out.append(_TAG_FLOAT)
+            out.append(TAG_FLOAT)
             out += struct.pack("<d", v)
         elif isinstance(v, str):
             raw = v.encode()
-            out.append(_TAG_STR)
-            out += _varint(len(raw)) + raw
+            out.append(TAG_STR)
+            out += varint(len(raw)) + raw
         else:  # pragma: no cover - operators only have these field types
             raise TypeError(f"cannot encode parameter {f.name}={v!r} of {op}")
     return bytes(out)
@@ -197,8 +111,8 @@ def _ops_of(op: Operator) -> tuple[Sparsifier | None, Operator | None]:
 
 def _np_bytes(t: torch.Tensor) -> np.ndarray:
     t = t.contiguous()
-    if t.dtype in _BITS_VIEW:
-        t = t.view(_BITS_VIEW[t.dtype])
+    if t.dtype in BITS_VIEW:
+        t = t.view(BITS_VIEW[t.dtype])
     return t.numpy()
 
 
@@ -225,12 +139,12 @@ class _Encoder:
         # usually settles it without coding anything).
         elias = B.elias_encode_if_smaller(lv, lv.size * width) if lv.size else None
         if elias is None:
-            self.put(bytes([_LEVELS_FIXED]))
+            self.put(bytes([LEVELS_FIXED]))
             self.put(B.pack_fixed(lv, max_level, width))
         else:
             block_bits, stream = elias
-            self.put(bytes([_LEVELS_ELIAS]))
-            self.put(b"".join(_varint(int(b)) for b in block_bits))
+            self.put(bytes([LEVELS_ELIAS]))
+            self.put(b"".join(varint(int(b)) for b in block_bits))
             self.put(stream)
 
     def signs(self, part: Part) -> None:
@@ -251,10 +165,10 @@ class _Encoder:
         if n <= best_bits:
             bitmap = np.zeros(n, np.uint8)
             bitmap[idx] = 1
-            self.put(bytes([_INDEX_BITMAP]))
+            self.put(bytes([INDEX_BITMAP]))
             self.put(np.packbits(bitmap))
         else:
-            self.put(bytes([_INDEX_RICE, best_r]) + _varint(best_bits))
+            self.put(bytes([INDEX_RICE, best_r]) + varint(best_bits))
             self.put(B.rice_encode(idx, best_r, best_bits))
 
 
@@ -280,14 +194,14 @@ def encode(payload: Payload) -> bytes:
         raise TypeError(f"dtype {payload.dtype} has no wire code")
     head += bytes([DTYPES[payload.dtype], len(payload.shape)])
     for d in payload.shape:
-        head += _varint(d)
+        head += varint(d)
     enc = _Encoder()
     enc.put(bytes(head))
     body = payload.body
     if sparsifier is not None:
         assert isinstance(body, Sparse)
         k = body.count
-        enc.put(_varint(k))
+        enc.put(varint(k))
         if isinstance(sparsifier, RandK):
             enc.put(struct.pack("<Q", body.seed))
         else:
@@ -299,7 +213,7 @@ def encode(payload: Payload) -> bytes:
     for p in enc.parts:
         crc = zlib.crc32(p, crc)
     length = 4 + sum(p.nbytes if isinstance(p, np.ndarray) else len(p) for p in enc.parts)
-    return b"".join([MAGIC, bytes([VERSION]), _varint(length), struct.pack("<I", crc), *enc.parts])
+    return b"".join([MAGIC, bytes([VERSION]), varint(length), struct.pack("<I", crc), *enc.parts])
 
 
 # =========================================================================== decoding
@@ -363,16 +277,16 @@ class _Decoder:
         config = {}
         for f in fields:
             tag = self.u8(f"tag of {cls.name}.{f.name}")
-            if tag == _TAG_NONE:
+            if tag == TAG_NONE:
                 v = None
-            elif tag == _TAG_INT:
+            elif tag == TAG_INT:
                 z = self.varint(f"{cls.name}.{f.name}", 2**64 - 1)
                 v = (z >> 1) ^ -(z & 1)
-            elif tag == _TAG_FLOAT:
+            elif tag == TAG_FLOAT:
                 v = struct.unpack("<d", self.take(8, f"{cls.name}.{f.name}"))[0]
-            elif tag in (_TAG_FALSE, _TAG_TRUE):
-                v = tag == _TAG_TRUE
-            elif tag == _TAG_STR:
+            elif tag in (TAG_FALSE, TAG_TRUE):
+                v = tag == TAG_TRUE
+            elif tag == TAG_STR:
                 raw = bytes(self.take(self.varint(f"length of {cls.name}.{f.name}", 64), f.name))
                 try:
                     v = raw.decode()
@@ -391,11 +305,11 @@ class _Decoder:
         dtype = DTYPES_BY_CODE.get(code)
         if dtype is None:
             raise self.fail(f"unknown raw dtype code {code}")
-        arr = self.array(m, _NP[dtype], "raw values")
+        arr = self.array(m, NUMPY_DTYPES[dtype], "raw values")
         if dtype == torch.bool and arr.size and arr.max() > 1:
             raise self.fail("boolean values must be bytes 0 or 1")
         t = torch.from_numpy(arr)
-        if dtype in _BITS_VIEW:
+        if dtype in BITS_VIEW:
             t = t.view(dtype)
         return Raw(t)
 
@@ -405,7 +319,7 @@ class _Decoder:
         if not np.all(np.isfinite(scales)) or np.any(scales < 0):
             raise self.fail("bucket scales must be finite and non-negative")
         mode = self.u8("levels coding")
-        if mode == _LEVELS_FIXED:
+        if mode == LEVELS_FIXED:
             width = int(2 * max_level).bit_length()
             nbytes = (m * width + 7) // 8
             if width == 8:  # byte per level: read in place, no slack needed
@@ -414,7 +328,7 @@ class _Decoder:
                 buf = self.padded(nbytes, "fixed-width levels")
             out = np.empty(m, level_dtype(max_level))  # both decoders write every element
             status = B.unpack_fixed(buf, m, max_level, width, max_level, out)
-        elif mode == _LEVELS_ELIAS:
+        elif mode == LEVELS_ELIAS:
             nblk = (m + B.BLOCK - 1) // B.BLOCK
             remaining_bits = 8 * (len(self.data) - self.pos)
             block_bits = np.array([self.varint("block length", remaining_bits) for _ in range(nblk)], np.int64)
@@ -441,13 +355,13 @@ class _Decoder:
 
     def positions(self, k: int, n: int) -> torch.Tensor:
         mode = self.u8("index coding")
-        if mode == _INDEX_BITMAP:
+        if mode == INDEX_BITMAP:
             packed = np.frombuffer(self.take((n + 7) // 8, "index bitmap"), np.uint8)
             idx = np.flatnonzero(np.unpackbits(packed, count=n))
             if idx.size != k:
                 raise self.fail(f"index bitmap marks {idx.size} positions, header says {k}")
             return torch.from_numpy(idx.astype(np.int64))
-        if mode == _INDEX_RICE:
+        if mode == INDEX_RICE:
             r = self.u8("rice parameter")
             if r > 47:
                 raise self.fail(f"rice parameter {r} out of range")
@@ -540,7 +454,7 @@ def _content(data: memoryview, limits: Limits, allowed: int | None = None) -> Pa
     return Payload(op, shape, dtype, body)
 
 
-def _frame(view: memoryview, start: int) -> tuple[memoryview, int]:
+def unframe(view: memoryview, start: int = 0) -> tuple[memoryview, int]:
     """(content of the blob starting at ``start``, offset just past it)."""
     if len(view) - start < 3:
         raise WireFormatError(f"truncated: {len(view) - start} bytes cannot hold a qfl header")
@@ -574,7 +488,7 @@ def decode_all(data: bytes | bytearray | memoryview, limits: Limits = DEFAULT_LI
     view = memoryview(data).cast("B") if not isinstance(data, memoryview) else data.cast("B")
     out, pos, budget = [], 0, limits.budget(len(view))
     while pos < len(view):
-        content, pos = _frame(view, pos)
+        content, pos = unframe(view, pos)
         out.append(_content(content, limits, budget))
         budget -= out[-1].numel
     return out
@@ -583,7 +497,7 @@ def decode_all(data: bytes | bytearray | memoryview, limits: Limits = DEFAULT_LI
 def decode(data: bytes | bytearray | memoryview, limits: Limits = DEFAULT_LIMITS) -> Payload:
     """Decode exactly one blob; WireFormatError on anything else."""
     view = memoryview(data).cast("B") if not isinstance(data, memoryview) else data.cast("B")
-    content, end = _frame(view, 0)
+    content, end = unframe(view, 0)
     if end != len(view):
         raise WireFormatError(f"{len(view) - end} trailing bytes after the blob")
     return _content(content, limits, limits.budget(len(view)))
