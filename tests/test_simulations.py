@@ -69,6 +69,27 @@ def test_every_method_honours_min_elements(method):
     assert strategy.uplink.min_elements == strategy.downlink.policy.min_elements == 256
 
 
+@pytest.mark.parametrize(("factor", "methods", "ratio"), [(1.5, "recommended", 0.0133), (1.0, "", 0.02)])
+def test_recommended_gets_the_rounds_its_run_trains(factor, methods, ratio):
+    # 30 baseline rounds x 1.5 = 45 rounds of 10 clients: k = 6 / 450 (rounds-factor applied once)
+    from qfl.simulations.server_app import make_strategy, method_settings
+
+    s = Settings.from_run_config(
+        {
+            "method": "fedavg,recommended",
+            "num-server-rounds": 30,
+            "rounds-factor": factor,
+            "rounds-factor-methods": methods,
+            "num-clients": 20,
+            "fraction-train": 0.5,
+        }
+    )
+    one = method_settings(s, "recommended")
+    assert one.num_server_rounds == round(30 * factor)
+    assert make_strategy(one).uplink.op.sparsifier.ratio == ratio
+    assert method_settings(s, "fedavg").num_server_rounds == 30
+
+
 def test_async_plan_matches_the_synchronous_work():
     s = Settings.from_run_config({"num-clients": 20, "fraction-train": 0.5, "num-server-rounds": 10})
     concurrency, buffer, versions, every = s.async_plan()

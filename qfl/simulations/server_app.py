@@ -46,8 +46,15 @@ def flwr_version() -> str:
     return importlib.metadata.version("flwr")
 
 
+def method_settings(s: Settings, method: str) -> Settings:
+    """The settings of one method's run: ``num_server_rounds`` becomes the rounds it trains
+    (``rounds-factor`` applied, once)."""
+    return dataclasses.replace(s, method=method, num_server_rounds=s.rounds_of(method))
+
+
 def make_strategy(s: Settings) -> Compressed | AsyncCompressed:
-    """The strategy a run config names, with the update guard it sets (``norm-guard``, ``max-update-norm``)."""
+    """The strategy of one method's run (:func:`method_settings`), with the update guard
+    the run config sets (``norm-guard``, ``max-update-norm``)."""
     strategy = _strategy(s)
     strategy.guard = UpdateGuard.from_config(s.norm_guard, s.max_update_norm)
     return strategy
@@ -81,7 +88,7 @@ def _strategy(s: Settings) -> Compressed | AsyncCompressed:
     if s.method == "recommended":  # k follows the run's length (presets.recommended)
         return build(
             s.method,
-            num_rounds=s.rounds_of(s.method),
+            num_rounds=s.num_server_rounds,  # this method's own rounds: main() applied rounds-factor
             clients_per_round=s.clients_per_round,
             seed=s.seed,
             min_elements=s.min_elements,
@@ -193,7 +200,7 @@ def main(grid: Grid, context: Context) -> None:
     grid = PartitionOrderedGrid(grid, timeout=s.round_timeout, seed=s.seed)
     failed = []
     for method in s.methods:
-        one = dataclasses.replace(s, method=method, num_server_rounds=s.rounds_of(method))
+        one = method_settings(s, method)
         try:
             run_method(grid, one)
         except Exception:
