@@ -44,6 +44,7 @@ from flwr.supercore import log
 
 from ..clients.records import record_bytes, to_record, to_tensors
 from ..codec import Tensors, apply_delta, is_float, norm, out_of_range
+from .compressed import compression_settings
 from .replies import full_uplink
 from .server import ServerProtocol
 from .traffic import with_traffic
@@ -111,7 +112,7 @@ class AsyncCompressed(ServerProtocol):
         seed: int = 0,
         **compression: Any,
     ) -> None:
-        super().__init__(seed=seed, **compression)
+        super().__init__(**compression_settings("AsyncCompressed()", {**compression, "seed": seed}))
         if concurrency < 1 or buffer_size < 1 or max_staleness < 0:
             raise ValueError(
                 "concurrency and buffer_size must be >= 1 and max_staleness >= 0, got "

@@ -234,6 +234,14 @@ S = TypeVar("S", bound=Strategy)
 _SETTINGS = tuple(inspect.signature(Compressed).parameters.values())[1:]
 
 
+def compression_settings(caller: str, settings: Mapping[str, Any]) -> dict[str, Any]:
+    """Every compression setting, ``settings`` over Compressed's defaults; unknown names refused."""
+    unknown = set(settings) - {p.name for p in _SETTINGS}
+    if unknown:
+        raise TypeError(f"{caller} got unknown settings {sorted(unknown)}; it takes {[p.name for p in _SETTINGS]}")
+    return {p.name: settings.get(p.name, p.default) for p in _SETTINGS}
+
+
 def compressed(cls: type[S], **settings: Any) -> type[S]:
     """A subclass of the strategy class ``cls`` whose messages travel compressed.
 
@@ -247,9 +255,7 @@ def compressed(cls: type[S], **settings: Any) -> type[S]:
     if not isinstance(cls, type):
         raise TypeError(f"compressed() takes a strategy class, got {cls!r}; to wrap an instance use Compressed(...)")
     check_strategy(cls)
-    unknown = set(settings) - {p.name for p in _SETTINGS}
-    if unknown:
-        raise TypeError(f"compressed() got unknown settings {sorted(unknown)}; it takes {[p.name for p in _SETTINGS]}")
+    settings = compression_settings("compressed()", settings)
     ServerProtocol(**settings)  # fail now, not when the class is instantiated
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -324,7 +330,7 @@ def _adopt(strategy: Strategy, settings: dict[str, Any]) -> Strategy:
     sub = compressed(type(strategy), **settings)
     adopted = sub.__new__(sub)
     adopted.__dict__.update(strategy.__dict__)
-    adopted.protocol = ServerProtocol(**settings)
+    adopted.protocol = ServerProtocol(**compression_settings("Compressed()", settings))
     adopted.protocol.weight_key = _weight_key(adopted)
     return adopted
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import secrets
 import statistics
 from collections import OrderedDict, deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from logging import ERROR, WARNING
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -34,7 +34,6 @@ from ..clients.records import (
     to_tensors,
 )
 from ..codec import MAX_VALUE, Tensors, apply_delta, norm, out_of_range
-from ..compress import Operator
 from ..protocol import (
     CLIPPING_NORM,
     REPLY_KEY,
@@ -43,9 +42,9 @@ from ..protocol import (
     read_float,
 )
 from ..replica import Offer, ServerDownlink
-from ..spec import MIN_ELEMENTS, Policy, parse_downlink
-from ..wire import DEFAULT_LIMITS, STYPE, Limits
-from .guard import DEFAULT_GUARD, UpdateGuard
+from ..spec import Policy, parse_downlink
+from ..wire import STYPE, Limits
+from .guard import UpdateGuard
 from .replies import beyond_range, check_records, decode_update, full_uplink, reply_info, tensor_limits
 from .traffic import Traffic, TrafficLog, with_traffic
 
@@ -64,22 +63,27 @@ _REMEMBERED = 65536
 
 
 class ServerProtocol:
-    """Compression settings and state of one strategy (see :class:`Compressed` for the parameters)."""
+    """Compression settings and state of one strategy.
+
+    Takes every one of :class:`Compressed`'s settings, by name: their types, defaults and
+    meaning are documented once, in ``Compressed``'s signature (``compressed()`` fills in
+    the defaults from it).
+    """
 
     def __init__(
         self,
         *,
-        uplink: str | Operator | None = None,
-        downlink: str | Operator | None = None,
-        error_feedback: bool = True,
-        min_elements: int = MIN_ELEMENTS,
-        uplink_overrides: Mapping[str, str | Operator] | None = None,
-        downlink_overrides: Mapping[str, str | Operator] | None = None,
-        downlink_initial: str | Operator | None = None,
-        history: int = 16,
-        seed: int = 0,
-        limits: Limits = DEFAULT_LIMITS,
-        guard: UpdateGuard | None = DEFAULT_GUARD,
+        uplink,
+        downlink,
+        error_feedback,
+        min_elements,
+        uplink_overrides,
+        downlink_overrides,
+        downlink_initial,
+        history,
+        seed,
+        limits,
+        guard,
     ) -> None:
         if not isinstance(error_feedback, bool):
             raise TypeError(f"error_feedback must be a bool, got {error_feedback!r}")
@@ -289,12 +293,7 @@ class ServerProtocol:
         base = self._base
         self._pending, self._aggregated = None, self._aggregated + 1
         passed, candidates, unmodded = [], [], []
-        for msg in replies:
-            traffic.replies += 1
-            if msg.has_error():
-                self._count_error(msg, traffic, unmodded)
-                passed.append(msg)
-                continue
+        for msg in self._without_errors(replies, traffic, passed, unmodded):
             traffic.uplink += sum(record_bytes(r) for r in msg.content.array_records.values())
             traffic.uplink_full += full_uplink(msg, self._full_bytes)
             if REPLY_KEY not in msg.content:
@@ -331,24 +330,29 @@ class ServerProtocol:
         self.check_misconfigured(server_round, "train", unmodded, sum(not m.has_error() for m in passed))
         return passed
 
-    def _count_error(self, msg: Message, traffic, unmodded: list[str]) -> None:  # traffic: a round's counters
-        """An error reply: counted, its node's replica forgotten (it may not hold what was
-        sent), and a reason that names qfl's payload type noted as a client without the mod."""
-        traffic.failures += 1
-        self.downlink.forget(self.node_of(msg))
-        if STYPE in (msg.error.reason or ""):
-            unmodded.append(msg.error.reason)
+    def _without_errors(
+        self, replies: Iterable[Message], traffic: Traffic, passed: list[Message], unmodded: list[str]
+    ) -> Iterator[Message]:
+        """The replies that carry content; every reply counted. An error reply goes on to the
+        inner strategy as it is (``passed``), counted, its node's replica forgotten (it may
+        not hold what was sent), and a reason that names qfl's payload type is noted as a
+        client without the mod."""
+        for msg in replies:
+            traffic.replies += 1
+            if not msg.has_error():
+                yield msg
+                continue
+            passed.append(msg)
+            traffic.failures += 1
+            self.downlink.forget(self.node_of(msg))
+            if STYPE in (msg.error.reason or ""):
+                unmodded.append(msg.error.reason)
 
     def evaluate_replies(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
         """Evaluate replies without qfl's record, after acknowledging the replica each reports."""
         traffic = self.traffic.at(server_round, "evaluate")
         passed, unmodded = [], []
-        for msg in replies:
-            traffic.replies += 1
-            if msg.has_error():
-                self._count_error(msg, traffic, unmodded)
-                passed.append(msg)
-                continue
+        for msg in self._without_errors(replies, traffic, passed, unmodded):
             if REPLY_KEY not in msg.content:
                 unmodded.append("a reply without qfl's record")
             try:
