@@ -4,7 +4,7 @@
 runs the whole thing: ``tests/apps/bigmodel`` (a user's app with qfl in its two places,
 ``Compressed(...)`` and ``compression_mod``) on a private SuperLink in simulation mode,
 each workload once as plain Flower (FedAvg, ``plain = true``) and once with qfl
-(``presets.recommended(rounds, clients per round)``, or ``--uplink``/``--downlink``),
+(``presets.recommended(rounds, clients per round, local steps)``, or ``--uplink``/``--downlink``),
 on the same clients, seeds and synthetic data. The app measures in each process
 (``tests/apps/bigmodel/bigmodel/measure.py``):
 

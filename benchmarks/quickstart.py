@@ -7,7 +7,7 @@ trains every round, one local epoch with momentum SGD, a small CNN with BatchNor
 qfl added in two places. For each seed it runs the app twice in Flower's simulation
 engine: plain Flower (FedAvg, no ``Compressed``) for ``--rounds`` rounds, and the
 recommended setting for 1.5 times as many: ``presets.recommended(rounds, clients per
-round)``, chosen inside the app as a user would, or the specs given with ``--uplink``,
+round, local steps)``, chosen inside the app as a user would, or the specs given with ``--uplink``,
 ``--downlink`` and ``--server-momentum``. The server evaluates the global model on the
 Fashion-MNIST test set after every round.
 

@@ -340,3 +340,11 @@ def test_killed_runner_stops_the_federation_it_started(tmp_path):
     while _marked(mark) and time.monotonic() < deadline:
         time.sleep(1)
     assert not _marked(mark)
+
+
+def test_recommended_refuses_a_run_sized_in_epochs():
+    from qfl.simulations.server_app import make_strategy
+
+    s = Settings.from_run_config({"method": "recommended", "local-steps": 0, "local-epochs": 1})
+    with pytest.raises(ValueError, match="local-steps"):
+        make_strategy(s)

@@ -481,20 +481,24 @@ def test_server_momentum_moves_parameters_and_averages_statistics():
     assert got["bn.num_batches_tracked"].dtype == np.int64
 
 
-@pytest.mark.parametrize(("rounds", "clients"), [(15, 4), (10, 4), (30, 4), (45, 10), (45, 15), (200, 50), (1, 1)])
-def test_recommended_budgets_the_uplink_by_the_runs_length(rounds, clients):
+@pytest.mark.parametrize(
+    ("rounds", "clients", "steps"),
+    [(15, 4, 75), (30, 4, 75), (45, 10, 20), (45, 15, 10), (45, 10, 40), (200, 50, 20), (1, 1, 1), (20, 5, 10)],
+)
+def test_recommended_budgets_the_uplink_by_the_runs_length_and_local_work(rounds, clients, steps):
     from qfl.spec import parse, parse_downlink
     from qfl.strategies import presets
 
-    setting = presets.recommended(rounds, clients)
+    setting = presets.recommended(rounds, clients, steps)
     up = parse(setting.uplink)
     ratio = up.sparsifier.ratio
     low, high = presets.RATIO_BOUNDS
-    assert low <= ratio <= high
-    if low < ratio < high:  # k covers the model COVERAGE times over the run, no more
-        assert rounds * clients * ratio == pytest.approx(presets.COVERAGE, rel=1e-2)
-    else:  # clamped: the short run gets the densest measured k, the long one the sparsest
-        assert ratio == (high if rounds * clients * high <= presets.COVERAGE else low)
+    wanted = presets.STEP_BUDGET * steps / (rounds * clients)
+    assert ratio == pytest.approx(min(high, max(low, wanted)), rel=1e-2)
+    # the evidence's points: top-1% on both workloads, top-10% on the quickstart shape
+    assert {(45, 10, 20): 0.01, (45, 15, 10): 0.01, (15, 4, 75): 0.1, (30, 4, 75): 0.1}.get(
+        (rounds, clients, steps), ratio
+    ) == ratio
     assert up.properties(100_000).contraction > 0  # error memory converges without damping
     mode, down = parse_downlink(setting.downlink)
     assert mode == "delta" and down.sparsifier.ratio == pytest.approx(min(2 * ratio, 1), rel=1e-2)
@@ -506,10 +510,10 @@ def test_recommended_budgets_the_uplink_by_the_runs_length(rounds, clients):
 def test_recommended_refuses_what_is_not_a_run_length():
     from qfl.strategies import presets
 
-    for rounds, clients in [(0, 4), (10, 0), (2.5, 4), (10, -1)]:
+    for args in [(0, 4, 1), (10, 0, 1), (2.5, 4, 1), (10, -1, 1), (10, 4, 0), (10, 4, True)]:
         with pytest.raises(ValueError, match="positive integer"):
-            presets.recommended(rounds, clients)
-    assert presets.RECOMMENDED == presets.recommended(600, 1)
+            presets.recommended(*args)
+    assert presets.RECOMMENDED == presets.recommended(45, 10, 20)
     # at top-1% the recommended setting is the qsparse preset, spec for spec
     qsparse = presets.qsparse()
     strategy = presets.RECOMMENDED.build()

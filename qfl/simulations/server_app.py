@@ -85,11 +85,17 @@ def _strategy(s: Settings) -> Compressed | AsyncCompressed:
         )
     if s.method == "qesgd":
         return build(s.method, lr=s.learning_rate, seed=s.seed, min_elements=s.min_elements, **inner)
-    if s.method == "recommended":  # k follows the run's length (presets.recommended)
+    if s.method == "recommended":  # k follows the run's length and local work (presets.recommended)
+        if s.local_steps < 1:
+            raise ValueError(
+                "method 'recommended' sizes top-k by the local steps per round: set local-steps "
+                "(local-epochs x batches per epoch) instead of local-epochs"
+            )
         return build(
             s.method,
             num_rounds=s.num_server_rounds,  # this method's own rounds: main() applied rounds-factor
             clients_per_round=s.clients_per_round,
+            local_steps=s.local_steps,
             seed=s.seed,
             min_elements=s.min_elements,
             **inner,

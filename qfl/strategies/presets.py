@@ -195,59 +195,62 @@ def qsparse(ratio: float = 0.01, bits: int = 4, **options: Any) -> Compressed:
     return setting.build(**options)
 
 
-#: Rounds x clients x k/n the recommended uplink carries over a run: every coordinate of
-#: the model can be sent this many times in aggregate. Top-k with error memory reached
-#: FedAvg's accuracy - 1 pp after about 3.5-5 such "coverages" on all three workloads
-#: measured (Fashion-MNIST at 1%: 3.5-4.1; Shakespeare at 1%: 3.6-5.0; the quickstart
-#: shape at 7.5% and 10%: 3.6-5.2; benchmarks/ACCURACY.md). It is not the whole story:
-#: at 1.33% Fashion-MNIST needed 4.9 and 99x fewer uplink bytes instead of 113x, so
-#: sparser is cheaper in bytes where the rounds allow it. 4.5 is where the two binding
-#: workloads meet: top-1% for Fashion-MNIST's 45 rounds of 10 clients (more costs bytes)
-#: and top-7.5% for the quickstart's 15 rounds of 4 (less misses plain Flower's accuracy).
-#: The margins are thin at both ends (see benchmarks/ACCURACY.md).
-COVERAGE = 4.5
+#: k/n of the recommended uplink per local step, per round's client (see :func:`recommended`).
+#: Set by Fashion-MNIST (20 local steps, 45 rounds of 10 clients): top-1% there reached
+#: FedAvg's accuracy - 1 pp with 113-135x fewer uplink bytes, top-1.33% with only 99x on
+#: one seed, so no more. Everything else the evidence holds is at a bound of RATIO_BOUNDS.
+STEP_BUDGET = 0.225
 
-#: The sparsest (1%, the two long workloads) and densest (10%, the quickstart shape)
+#: The sparsest (1%: Fashion-MNIST, Shakespeare) and densest (10%: the quickstart shape)
 #: uplink the evidence covers; the rule is not extrapolated beyond them.
 RATIO_BOUNDS = (0.01, 0.1)
 
 
-def recommended(num_rounds: int, clients_per_round: int) -> Setting:
-    """The recommended setting for a run of ``num_rounds`` rounds of ``clients_per_round`` clients.
+def recommended(num_rounds: int, clients_per_round: int, local_steps: int) -> Setting:
+    """The recommended setting for ``num_rounds`` rounds of ``clients_per_round`` clients
+    that each take ``local_steps`` SGD steps per round (epochs x batches per epoch).
 
     Top-k with error memory sends each client's k largest accumulated coordinates per
-    round; what is not sent waits. Over a run the aggregate can carry ``num_rounds *
-    clients_per_round * k`` model-sizes of coordinates, and reaching FedAvg's accuracy
-    took about 3.5-5 of those on every workload measured (:data:`COVERAGE`). So k is
-    chosen from the run's length, ``COVERAGE / (num_rounds * clients_per_round)``,
-    within :data:`RATIO_BOUNDS`: top-1% for runs of tens of rounds with ten or more
-    clients per round (100x+ fewer uplink bytes to target), top-7.5% for
-    quickstart-sized runs (15 rounds of 4 clients, ~28x per round), top-10% at most. A fixed
-    top-1% never catches up in such runs, since 60 client-rounds of 1% cover the
-    model less than once.
+    round; the rest waits in memory for a later round. Two things set how much k must
+    carry. The rounds and clients that can carry what waits: a run of many client-rounds
+    can afford a small k (``num_rounds * clients_per_round`` in the denominator), a
+    quickstart-sized one cannot (60 client-rounds of top-1% never send most coordinates
+    once). And the local work each update sums: H local steps move the model H gradients
+    far, and a fixed k drops more of that (Basu et al.'s bound grows with H over the
+    compression's contraction). So ``k = STEP_BUDGET * local_steps / (num_rounds *
+    clients_per_round)``, within :data:`RATIO_BOUNDS`: top-1% for Fashion-MNIST (20
+    steps, 45 rounds of 10) and Shakespeare (10 steps, 45 rounds of 15), with 100x+
+    fewer uplink bytes to FedAvg's accuracy - 1 pp; top-10% for Flower's quickstart shape
+    (an epoch of ~94 steps, 15 or 30 rounds of 4 clients). A rule with the rounds and
+    clients alone gave the quickstart shape 3.75% at 30 rounds, which missed plain
+    Flower's accuracy (benchmarks/ACCURACY.md).
 
     Uplink: top-k + 7-level max-norm QSGD on 128-value buckets (a contraction without
     damping, :func:`qsparse_uplink`). Downlink: model differences, top-2k (the
-    average of several clients' top-k is denser than each) + 15-level QSGD, with the
-    server's error memory (:func:`sparse_downlink`), from an 8-bit replica of the initial model. Server:
-    :class:`~qfl.strategies.momentum.FedAvgMomentum` with momentum 0.5.
+    average of several clients' top-k is denser than each) + 15-level max-norm QSGD,
+    with the server's error memory (:func:`sparse_downlink`), from an 8-bit replica of
+    the initial model. Server: :class:`~qfl.strategies.momentum.FedAvgMomentum` with
+    momentum 0.5.
 
     ``clients_per_round`` is what the strategy samples (``fraction_train`` times the
     nodes, at least ``min_train_nodes``); pass the rounds the run will really train.
     """
-    if int(num_rounds) != num_rounds or num_rounds < 1:
-        raise ValueError(f"num_rounds must be a positive integer, got {num_rounds!r}")
-    if int(clients_per_round) != clients_per_round or clients_per_round < 1:
-        raise ValueError(f"clients_per_round must be a positive integer, got {clients_per_round!r}")
+    for name, value in (
+        ("num_rounds", num_rounds),
+        ("clients_per_round", clients_per_round),
+        ("local_steps", local_steps),
+    ):
+        if isinstance(value, bool) or int(value) != value or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
     low, high = RATIO_BOUNDS
-    ratio = min(high, max(low, COVERAGE / (int(num_rounds) * int(clients_per_round))))
+    ratio = min(high, max(low, STEP_BUDGET * int(local_steps) / (int(num_rounds) * int(clients_per_round))))
     ratio = float(f"{ratio:.3g}")  # a spec a user can read back
     return qsparse_setting(ratio, 4, downlink=sparse_downlink(2 * ratio))
 
 
-#: :func:`recommended` for long runs (600 client-rounds or more: top-1%): the setting of
-#: the two workloads' multi-seed evidence in benchmarks/ACCURACY.md.
-RECOMMENDED = recommended(600, 1)
+#: :func:`recommended` at its sparsest, top-1% (Fashion-MNIST's and Shakespeare's setting
+#: in benchmarks/ACCURACY.md).
+RECOMMENDED = recommended(1000, 1, 1)
 
 
 def double_quant_setting(
@@ -364,9 +367,9 @@ PRESETS: dict[str, Callable[..., Compressed]] = {
     "qsgd8": lambda **kw: qsgd(bits=8, **kw),
     "qsparse": qsparse,
     "qsparse_sign": lambda **kw: qsparse(sign=True, **kw),
-    "recommended": lambda *, num_rounds, clients_per_round, **kw: recommended(num_rounds, clients_per_round).build(
-        **kw
-    ),
+    "recommended": lambda *, num_rounds, clients_per_round, local_steps, **kw: recommended(
+        num_rounds, clients_per_round, local_steps
+    ).build(**kw),
     "double_quant": double_quant,
     "sparse_double_quant": sparse_double_quant,
     "acc_double_quant": acc_double_quant,

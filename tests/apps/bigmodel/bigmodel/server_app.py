@@ -5,7 +5,7 @@ Flower's FedAvg instead); :class:`~bigmodel.measure.Measured` around either is t
 benchmark's instrument. The ServerApp writes what it measured to ``result-path``
 (JSON; what ``benchmarks/e2e.py`` prints).
 
-Compression: ``presets.recommended(num-server-rounds, clients per round)``, as a user
+Compression: ``presets.recommended(num-server-rounds, clients per round, local-steps)``, as a user
 would choose it; ``uplink``/``downlink`` (non-empty) replace that setting's uplink or
 downlink spec (a replaced downlink starts from the full-precision model).
 """
@@ -36,7 +36,7 @@ def main(grid: Grid, context: Context) -> None:
     if cfg["plain"]:
         strategy, compression = FedAvg(**sampling), None
     else:
-        setting = presets.recommended(num_rounds, max(int(fraction * nodes), 2))
+        setting = presets.recommended(num_rounds, max(int(fraction * nodes), 2), int(cfg["local-steps"]))
         compression = setting.compression()
         if cfg["uplink"]:
             compression["uplink"] = str(cfg["uplink"])

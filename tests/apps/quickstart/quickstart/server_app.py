@@ -10,6 +10,7 @@ after every round).
 """
 
 import json
+import math
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
@@ -33,7 +34,9 @@ def main(grid: Grid, context: Context) -> None:
     if cfg["recommended"] and not cfg["plain"]:
         # As a user would: the recommended setting for this run's rounds and clients.
         clients_per_round = max(int(fraction * len(list(grid.get_node_ids()))), 2)
-        setting = presets.recommended(num_rounds, clients_per_round)
+        # local steps: an epoch over the 80% of max-samples task.load_data trains on
+        steps = int(cfg["local-epochs"]) * math.ceil(0.8 * int(cfg["max-samples"]) / int(cfg["batch-size"]))
+        setting = presets.recommended(num_rounds, clients_per_round, local_steps=steps)
         compression, momentum = setting.compression(), setting.server_momentum
     else:
         compression = {"uplink": str(cfg["uplink"]), "downlink": str(cfg["downlink"])}
