@@ -197,7 +197,7 @@ def qsparse(ratio: float = 0.01, bits: int = 4, **options: Any) -> Compressed:
 
 #: k/n of the recommended uplink per local step, per round's client (see :func:`recommended`).
 #: Set by Fashion-MNIST (20 local steps, 45 rounds of 10 clients): top-1% there reached
-#: FedAvg's accuracy - 1 pp with 113-135x fewer uplink bytes, top-1.33% with only 99x on
+#: FedAvg's accuracy - 1 pp with 113-131x fewer uplink bytes, top-1.33% with only 99x on
 #: one seed, so no more. Everything else the evidence holds is at a bound of RATIO_BOUNDS.
 STEP_BUDGET = 0.225
 

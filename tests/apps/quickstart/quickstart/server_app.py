@@ -20,7 +20,7 @@ from flwr.serverapp.strategy import FedAvg
 from qfl.simulations.data import test_data
 from qfl.strategies import Compressed, FedAvgMomentum, presets
 
-from .task import Net
+from .task import VAL_FRACTION, Net
 
 app = ServerApp()
 
@@ -34,8 +34,9 @@ def main(grid: Grid, context: Context) -> None:
     if cfg["recommended"] and not cfg["plain"]:
         # As a user would: the recommended setting for this run's rounds and clients.
         clients_per_round = max(int(fraction * len(list(grid.get_node_ids()))), 2)
-        # local steps: an epoch over the 80% of max-samples task.load_data trains on
-        steps = int(cfg["local-epochs"]) * math.ceil(0.8 * int(cfg["max-samples"]) / int(cfg["batch-size"]))
+        # local steps: an epoch over the samples task.load_data trains on
+        train = (1 - VAL_FRACTION) * int(cfg["max-samples"])
+        steps = int(cfg["local-epochs"]) * math.ceil(train / int(cfg["batch-size"]))
         setting = presets.recommended(num_rounds, clients_per_round, local_steps=steps)
         compression, momentum = setting.compression(), setting.server_momentum
     else:

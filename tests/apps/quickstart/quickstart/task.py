@@ -26,9 +26,15 @@ class Net(nn.Module):
         return self.fc2(torch.relu(self.fc1(x.flatten(1))))
 
 
+#: Share of each client's samples held out for its evaluate function.
+VAL_FRACTION = 0.2
+
+
 def load_data(partition_id: int, num_partitions: int, batch_size: int, max_samples: int):
     """Train and test loaders of one partition (Fashion-MNIST from the local IDX files)."""
-    d = client_data(PartitionSpec("iid", num_partitions), partition_id, max_samples=max_samples, val_fraction=0.2)
+    d = client_data(
+        PartitionSpec("iid", num_partitions), partition_id, max_samples=max_samples, val_fraction=VAL_FRACTION
+    )
     train = DataLoader(TensorDataset(d.train_inputs, d.train_labels), batch_size=batch_size, shuffle=True)
     test = DataLoader(TensorDataset(d.val_inputs, d.val_labels), batch_size=batch_size)
     return train, test
