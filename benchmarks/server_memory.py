@@ -43,8 +43,9 @@ from flwr.serverapp.strategy import FedAvg
 
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).parents[1] / "tests" / "apps" / "bigmodel"))
+from bigmodel.models import resnet18  # the model of scale.py and e2e.py
 from fakes import FakeGrid  # the in-process Grid of the tests
-from scale import resnet18
 
 from qfl.clients import compression_mod
 from qfl.strategies import Compressed

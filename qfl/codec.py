@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Union
 
+import numpy as np
 import torch
 
-from .compress import Identity, Payload
+from .compress import Identity, Payload, Sparse
 from .compress.base import FLOAT_DTYPES
 from .memory import compress_with_memory, memory_dtype
 from .spec import Policy
@@ -19,9 +22,76 @@ from .spec import Policy
 Tensors = dict[str, torch.Tensor]
 
 
-def is_float(t: torch.Tensor) -> bool:
+def is_float(t: torch.Tensor | SparseDelta) -> bool:
     """Float tensors carry deltas; the rest (counters, masks) carry values."""
     return t.dtype in FLOAT_DTYPES
+
+
+@dataclass(frozen=True, eq=False)
+class SparseDelta:
+    """A decoded sparse update held as its kept positions and values, not as a dense tensor.
+
+    A server that rebuilt every top-k reply densely would write 11M zeros to add 1% of
+    them; held like this, a reply is checked and summed in O(kept) (benchmarks/SCALE.md).
+    ``indices`` are int64, strictly increasing and within the shape (checked when decoded).
+    """
+
+    shape: tuple[int, ...]
+    indices: torch.Tensor
+    values: torch.Tensor
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.values.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return self.indices.nbytes + self.values.nbytes
+
+    def dense(self) -> torch.Tensor:
+        """The update as ``Payload.decompress`` rebuilds it."""
+        n = 1
+        for d in self.shape:
+            n *= d
+        out = torch.zeros(n, dtype=self.values.dtype)
+        out[self.indices] = self.values
+        return out.reshape(self.shape)
+
+
+Delta = Union[torch.Tensor, SparseDelta]  # noqa: UP007 - a runtime alias (see qfl.compress.payload.Part)
+Deltas = dict[str, Delta]
+
+
+def decode_delta(payload: Payload) -> Delta:
+    """A received update's tensor: sparse when its payload keeps at most a quarter of the
+    elements (beyond that, positions and values take more memory than the dense tensor)."""
+    body = payload.body
+    if payload.dtype in FLOAT_DTYPES and isinstance(body, Sparse) and 4 * body.count <= payload.numel:
+        sparse = payload.decompress_sparse()
+        if sparse is not None:
+            return SparseDelta(payload.shape, *sparse)
+    return payload.decompress()
+
+
+def dense(t: Delta) -> torch.Tensor:
+    """``t`` as a dense tensor."""
+    return t.dense() if isinstance(t, SparseDelta) else t
+
+
+def _stored(t: Delta) -> np.ndarray | None:
+    """The values a check must see, flat, in numpy (a sparse update's kept ones: its zeros
+    pass every check); None for a tensor that carries values, not a float update.
+
+    numpy, not torch: torch's reductions and indexing start a parallel region per call,
+    which stalls for milliseconds on a busy machine (a server's usual state), even for
+    small tensors; numpy's run in the calling thread.
+    """
+    v = t.values if isinstance(t, SparseDelta) else t
+    if not is_float(v):
+        return None
+    if v.dtype == torch.bfloat16:  # numpy has no bfloat16
+        v = v.float()
+    return v.detach().reshape(-1).numpy()
 
 
 def compress_model(
@@ -78,7 +148,25 @@ def apply_delta(base: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
     if not is_float(update) or not is_float(base):
         return update.to(base.dtype).clone()
     work = memory_dtype(base.dtype)
+    if _numpy_ok(base) and _numpy_ok(update):
+        # The same IEEE operations in numpy, which runs them in the calling thread: torch's
+        # elementwise kernels start a parallel region per call, slow on a busy server.
+        w = np.float64 if work == torch.float64 else np.float32
+        b, u = base.detach().numpy(), update.detach().numpy()
+        return torch.from_numpy(
+            np.asarray(b.astype(w, copy=False) + u.astype(w, copy=False)).astype(b.dtype, copy=False)
+        )
     return (base.to(work) + update.to(work)).to(base.dtype)
+
+
+def gather(t: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """``t.reshape(-1)[indices]``, in numpy where it can (torch's indexing starts a parallel region)."""
+    flat = t.detach().reshape(-1)
+    return torch.from_numpy(flat.numpy()[indices.numpy()]) if _numpy_ok(flat) else flat[indices]
+
+
+def _numpy_ok(t: torch.Tensor) -> bool:
+    return t.device.type == "cpu" and t.dtype != torch.bfloat16 and not t.requires_grad
 
 
 def model_delta(trained: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
@@ -104,20 +192,25 @@ def nonfinite(tensors: Mapping[str, torch.Tensor]) -> str | None:
 MAX_VALUE = 2.0**40
 
 
-def out_of_range(tensors: Mapping[str, torch.Tensor], bound: float = MAX_VALUE) -> str | None:
+def out_of_range(tensors: Mapping[str, Delta], bound: float = MAX_VALUE) -> str | None:
     """Name of the first float tensor with NaN, Inf or a value beyond ``bound``, or None."""
     for name, t in tensors.items():
-        if is_float(t) and t.numel() and not bool((t.abs() <= bound).all()):
+        v = _stored(t)
+        # No temporaries (abs, compare, all: three passes, two model-sized allocations);
+        # NaN propagates to the minimum and fails the comparison.
+        if v is not None and v.size and not (-bound <= float(v.min()) and float(v.max()) <= bound):
             return name
     return None
 
 
-def norm(tensors: Tensors) -> float:
+def norm(tensors: Mapping[str, Delta]) -> float:
     """Global l2 norm over the float tensors."""
     total = 0.0
     for t in tensors.values():
-        if is_float(t):
-            total += float(t.double().pow(2).sum())
+        v = _stored(t)
+        if v is not None and v.size:
+            # In float64: the norm is compared with a clipping bound the client met.
+            total += float(np.einsum("i,i->", v, v, dtype=np.float64))
     return total**0.5
 
 

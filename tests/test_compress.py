@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import qfl
+import qfl.wire
 from qfl.compress import (
     QSGD,
     Bernoulli,
@@ -24,6 +25,7 @@ from qfl.compress import (
     Grid,
     Identity,
     Levels,
+    Payload,
     RandK,
     Sign,
     Sparse,
@@ -614,3 +616,40 @@ def test_randk_positions_match_floyd_definition():
             taken.add(t)
             out.append(t)
         assert K.random_subset(n, k, np.uint64(seed)).tolist() == sorted(out)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "topk(0.1)",
+        "topk(0.05) | qsgd(7, norm=max, bucket=128)",
+        "randk(0.2)",
+        "bernoulli(0.1) | grid(4)",
+        "signtopk(0.1)",
+        "topk(0.1) | fp16",
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_a_sparse_payload_read_sparsely_is_its_decompression(spec, dtype):
+    """What a server sums at the kept positions equals the dense rebuild, through the wire."""
+    x = torch.randn(40, 53, generator=torch.Generator().manual_seed(3)).to(dtype)
+    payload = qfl.wire.decode(qfl.wire.encode(qfl.parse(spec).compress(x, torch.Generator().manual_seed(4))))
+    idx, values = payload.decompress_sparse()
+    assert idx.dtype == torch.int64 and values.dtype == dtype and bool((idx[1:] > idx[:-1]).all())
+    rebuilt = torch.zeros(x.numel(), dtype=dtype)
+    rebuilt[idx] = values
+    assert torch.equal(rebuilt.reshape(x.shape), payload.decompress())
+
+
+@pytest.mark.parametrize("spec", ["grid(8)", "qsgd(16)", "fp16", "identity"])
+def test_a_dense_payload_has_no_sparse_view(spec):
+    assert qfl.parse(spec).compress(torch.randn(300)).decompress_sparse() is None
+
+
+def test_a_sparse_view_refuses_positions_that_are_not_strictly_increasing():
+    """Positions an untrusted peer repeats or reorders cannot be summed once each: refused."""
+    payload = qfl.parse("topk(0.1)").compress(torch.randn(100))
+    for bad in ([3, 3, *range(10, 18)], [9, 2, *range(10, 18)], [*range(1, 10), 100]):
+        body = Sparse(torch.tensor(bad), None, payload.body.values)
+        with pytest.raises(IndexError, match="strictly increasing"):
+            Payload(payload.op, payload.shape, payload.dtype, body).decompress_sparse()

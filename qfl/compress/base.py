@@ -198,6 +198,17 @@ class Operator(ABC):
         flat = op._decompress(payload.body, payload.numel)
         return flat.to(payload.dtype).reshape(payload.shape).to(payload.device)
 
+    def decompress_sparse(self, payload: Payload) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(positions, values)`` of a sparse payload, or None for a dense one.
+
+        A server sums and checks a sparse update at its kept positions only, in O(kept)
+        rather than O(tensor): ``decompress`` would write every zero of an 11M-element
+        tensor to add 1% of it. Positions are int64, strictly increasing and in range
+        (checked: they may come from an untrusted peer); values are in the payload's
+        dtype, so ``decompress()`` equals them scattered into zeros.
+        """
+        return None
+
     @abstractmethod
     def properties(self, n: int) -> Properties:
         """Unbiasedness and variance/contraction bound for an ``n``-element tensor."""

@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 import torch
 
 from .base import Identity, Operator, Properties, ValueOperator
-from .payload import Part
+from .payload import Part, Payload
 from .sparsifiers import Sparsifier
 
 
@@ -59,6 +59,9 @@ class Chain(Operator):
 
     def _decompress(self, part: Part, n: int) -> torch.Tensor:
         return self.sparsifier._decompress(part, n, inner=self.value)
+
+    def decompress_sparse(self, payload: Payload) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.sparsifier.decompress_sparse(payload, inner=self.value)
 
     def properties(self, n: int) -> Properties:
         sp = self.sparsifier.properties(n)

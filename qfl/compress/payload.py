@@ -91,3 +91,7 @@ class Payload:
     def decompress(self) -> torch.Tensor:
         """Rebuild the (approximate) tensor; shorthand for ``self.op.decompress(self)``."""
         return self.op.decompress(self)
+
+    def decompress_sparse(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(positions, values)`` when the payload is sparse, else None (``Operator.decompress_sparse``)."""
+        return self.op.decompress_sparse(self)

@@ -15,7 +15,7 @@ import torch
 
 from . import _sparse_kernels as K
 from .base import Operator, Properties, ValueOperator, as_numpy_f32, draw_seed, raise_nonfinite
-from .payload import Part, Raw, Sparse
+from .payload import Part, Payload, Raw, Sparse
 
 
 class Sparsifier(Operator):
@@ -47,6 +47,18 @@ class Sparsifier(Operator):
         vpart = inner._compress(values, generator) if inner is not None else Raw(values)
         return Sparse(indices, seed, vpart)
 
+    def decompress_sparse(
+        self, payload: Payload, inner: ValueOperator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        part, n = payload.body, payload.numel
+        assert isinstance(part, Sparse)
+        k = part.count
+        values = inner._decompress(part.values, k) if inner is not None else _raw_values(part.values)
+        idx = self.positions(part, n).to(torch.int64).contiguous() if k else torch.zeros(0, dtype=torch.int64)
+        if idx.numel() != values.numel() or not _increasing_within(idx.numpy(), n):
+            raise IndexError(f"sparse payload positions are not strictly increasing within {n} elements")
+        return idx, values.to(payload.dtype)
+
     def _decompress(self, part: Part, n: int, inner: ValueOperator | None = None) -> torch.Tensor:
         assert isinstance(part, Sparse)
         k = part.count
@@ -59,6 +71,11 @@ class Sparsifier(Operator):
         if idx.numel() != vals.size or K.scatter(idx.to(torch.int64).contiguous().numpy(), vals, out) != 0:
             raise IndexError(f"sparse payload positions out of range for {n} elements")
         return torch.from_numpy(out)
+
+
+def _increasing_within(idx: np.ndarray, n: int) -> bool:
+    """Positions strictly increasing in [0, n): each names one element, so sums over them are exact."""
+    return idx.size == 0 or (idx[0] >= 0 and idx[-1] < n and bool((idx[1:] > idx[:-1]).all()))
 
 
 def _raw_values(part: Part) -> torch.Tensor:

@@ -4,17 +4,21 @@ Flower's FedAvg family averages the replies' arrays first (``aggregate_arrayreco
 factors ``w_i / sum(w)``, then ``value * factor`` summed in reply order) and only then
 applies its server optimiser (FedAvgM's momentum, FedAdam's moments, FedAvgMomentum).
 Handing such a strategy every decoded reply holds one dense model per client. For the
-classes in :data:`LINEAR`, qfl decodes each accepted reply again, tensor by tensor, and
-adds it into one running sum with Flower's arithmetic in Flower's order; the inner
-strategy then gets ONE reply carrying that average, of weight 1. Its own factor is
-``1 / 1 = 1.0``, and multiplying by 1.0 is exact, so the model it returns is
-bit-identical to the per-reply path (tests/test_aggregate.py compares the two). Train
-metrics are aggregated by the strategy's own ``train_metrics_aggr_fn`` over the real
-replies (their MetricRecords only: the arrays are still compressed), so they are
-unchanged too. What differs: Flower's log line "Received 1 results" counts the averaged
-reply, and each accepted update is decoded twice (once for the :class:`UpdateGuard`'s
-norms, which must all be known before any update is accepted, once to add it; figures
-in benchmarks/SCALE.md).
+classes in :data:`LINEAR`, qfl adds each accepted update into one running sum with
+Flower's factors and reply order, a sparse update (top-k, rand-k) at its kept positions
+only, and hands the inner strategy ONE reply carrying ``base + sum_i f_i * delta_i``, of
+weight 1 (its own factor, ``1 / 1 = 1.0``, is exact). Flower's arithmetic,
+``sum_i f_i * (base + delta_i)``, scales and adds the base once per reply; the two agree
+up to float rounding, and the streaming sum is the closer one to the exact mean
+(tests/test_aggregate.py measures both against float64). Per reply this costs the
+decode and O(kept) work, not O(model): the server's time no longer grows with the
+model's size times the number of clients. Train metrics are aggregated by the
+strategy's own ``train_metrics_aggr_fn`` over the real replies (their MetricRecords
+only: the arrays are still compressed), so they are unchanged. What differs: Flower's
+log line "Received 1 results" counts the averaged reply. The :class:`UpdateGuard` needs
+every norm of the round before it accepts any update, so the first pass decodes and
+checks all replies and keeps the decoded updates while they fit in one model's bytes;
+the others are decoded again here (figures in benchmarks/SCALE.md).
 
 Every other strategy keeps the per-reply path, because it needs all replies at once:
 Krum, MultiKrum and Bulyan compare them pairwise, FedTrimmedAvg and FedMedian sort them
@@ -30,11 +34,13 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 import numpy as np
+import torch
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvg, FedAvgM, FedProx, FedYogi, Strategy
 from flwr.serverapp.strategy.strategy_utils import validate_message_reply_consistency
 
-from ..codec import Tensors, apply_delta
+from ..codec import Delta, SparseDelta, Tensors, apply_delta, decode_delta, dense, is_float
+from ..memory import memory_dtype
 from ..wire import decode_all
 from .momentum import FedAvgMomentum
 from .server import ServerProtocol
@@ -52,22 +58,54 @@ def is_linear(kind: type) -> bool:
 
 
 class WeightedMean:
-    """Flower's ``aggregate_arrayrecords`` fed one tensor at a time (same factors, same
-    operations, same order), so that the sum is the only dense model held."""
+    """The weighted mean of the replies' models, ``base + sum_i f_i * delta_i`` with Flower's
+    factors ``f_i = w_i / sum(w)``, built one reply at a time: the running sum of the
+    updates is the only dense model held, and a sparse update is added at its kept
+    positions only (O(kept), not O(model), per reply).
 
-    def __init__(self, weights: list[float]) -> None:
+    Flower averages the rebuilt models, ``sum_i f_i * (base + delta_i)``. The two agree
+    up to float rounding (``sum_i f_i`` is 1 within an ulp); summing the updates alone
+    rounds less, since ``base`` is not scaled and added back once per reply
+    (tests/test_aggregate.py measures both against a float64 reference). Tensors that
+    carry values, not deltas (counters), are averaged with Flower's own arithmetic.
+    """
+
+    def __init__(self, base: Tensors, weights: list[float]) -> None:
         total = sum(weights)
+        self.base = base
         self.factors = [w / total for w in weights]
         self.sums: dict[str, np.ndarray] = {}
+        self.values: set[str] = set()
 
-    def add(self, key: str, value: np.ndarray, factor: float) -> None:
-        if key not in self.sums:
-            self.sums[key] = value * factor
+    def add(self, key: str, delta: Delta, factor: float) -> None:
+        t = self.base[key]
+        if not (is_float(t) and is_float(delta)):
+            value = apply_delta(t, dense(delta)).numpy() * factor
+            self.values.add(key)
+            if key in self.sums:
+                self.sums[key] += value
+            else:
+                self.sums[key] = value
+            return
+        total = self.sums.get(key)
+        if total is None:
+            total = self.sums[key] = np.zeros(t.numel(), torch.empty(0, dtype=memory_dtype(t.dtype)).numpy().dtype)
+        if isinstance(delta, SparseDelta):
+            # Positions are strictly increasing (checked when decoded): each is added once,
+            # and ufunc.at (numpy >= 2 has a fast path for it) beats fancy-index +=, 7x.
+            np.add.at(total, delta.indices.numpy(), delta.values.to(memory_dtype(t.dtype)).numpy() * factor)
         else:
-            self.sums[key] += value * factor
+            total += delta.reshape(-1).to(memory_dtype(t.dtype)).numpy() * factor
 
     def record(self) -> ArrayRecord:
-        return ArrayRecord({k: Array(np.asarray(v)) for k, v in self.sums.items()})
+        out = {}
+        for k, v in self.sums.items():
+            if k in self.values:
+                out[k] = Array(np.asarray(v))
+            else:
+                t = self.base[k]
+                out[k] = Array(apply_delta(t, torch.from_numpy(v).reshape(t.shape)).contiguous().numpy())
+        return ArrayRecord(out)
 
 
 def aggregate_round(
@@ -98,13 +136,17 @@ def mean_reply(protocol: ServerProtocol, accepted: list[Message], key: str) -> M
     each decoded again tensor by tensor and rebuilt on the round's model."""
     base: Tensors = protocol.base
     weights = [next(iter(m.content.metric_records.values()))[key] for m in accepted]
-    mean = WeightedMean(weights)
+    mean = WeightedMean(base, weights)
     for msg, factor in zip(accepted, mean.factors, strict=True):
+        held = protocol.held.pop(id(msg), None)
         record = next(iter(msg.content.array_records.values()))
         for name, t in base.items():
-            # The reply passed every check with these very bytes: decoding is deterministic.
-            delta = decode_all(record[name].data, protocol.limits_for(t))[0].decompress()
-            mean.add(name, apply_delta(t, delta).numpy(), factor)
+            if held is not None:
+                delta = held[name]
+            else:
+                # The reply passed every check with these very bytes: decoding is deterministic.
+                delta = decode_delta(decode_all(record[name].data, protocol.limits_for(t))[0])
+            mean.add(name, delta, factor)
     first = accepted[0].content
     content = RecordDict(
         {

@@ -99,7 +99,7 @@ class Compressed(Strategy):
     FedProx, FedAdam, FedYogi, FedAdagrad, :class:`FedAvgMomentum`, exactly these
     classes) the replies are summed one at a time and the inner strategy aggregates one
     reply holding their weighted mean: memory O(model) whatever the number of clients,
-    and the same model bit for bit. Robust aggregators (Krum, MultiKrum, Bulyan,
+    O(kept) time per sparse reply, and the same model up to float rounding. Robust aggregators (Krum, MultiKrum, Bulyan,
     FedTrimmedAvg, FedMedian), DP wrappers and any other class, FedAvg subclasses
     included, need every reply at once (they compare, sort or clip them, or may
     override how they aggregate): they get every decoded reply, O(clients x model).

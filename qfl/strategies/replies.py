@@ -12,7 +12,17 @@ import math
 from flwr.app import ConfigRecord, Message, RecordDict
 
 from ..clients.records import decode_record
-from ..codec import MAX_VALUE, Tensors, apply_delta, check_against, out_of_range
+from ..codec import (
+    MAX_VALUE,
+    Deltas,
+    SparseDelta,
+    Tensors,
+    apply_delta,
+    check_against,
+    decode_delta,
+    gather,
+    out_of_range,
+)
 from ..protocol import REPLY_KEY, ProtocolError, ReplyInfo
 from ..spec import Policy
 from ..wire import Limits
@@ -30,9 +40,12 @@ def reply_info(msg: Message, kind: str) -> ReplyInfo:
 
 
 def decode_update(
-    msg: Message, base: Tensors, uplink: Policy, limits: Limits, weight_key: str | None
-) -> tuple[str, Tensors, ReplyInfo]:
+    msg: Message, base: Tensors, uplink: Policy, limits: Limits, weight_key: str | None, sparse: bool = False
+) -> tuple[str, Deltas, ReplyInfo]:
     """(ArrayRecord key, decoded delta, reply info) of a train reply, after every check.
+
+    With ``sparse``, a tensor whose payload is sparse comes back as a
+    :class:`~qfl.codec.SparseDelta` (what the streaming aggregation sums), else dense.
 
     Raises ValueError (WireFormatError, ProtocolError) with the reason for a reply
     that must not reach aggregation: a malformed qfl record, other records than one
@@ -54,7 +67,7 @@ def decode_update(
         if len(ps) != 1:
             raise ValueError(f"{name}: {len(ps)} payloads, expected 1")
         check_against(name, ps[0], base[name], uplink)
-        delta[name] = ps[0].decompress()
+        delta[name] = decode_delta(ps[0]) if sparse else ps[0].decompress()
     bad = out_of_range(delta)
     if bad is not None:
         raise ValueError(f"the update of {bad} contains NaN, Inf or values beyond {MAX_VALUE:.3g}")
@@ -109,9 +122,15 @@ def check_records(content: RecordDict, arrays: int, weight_key: str | None = Non
             raise ValueError(f"the weight {weight_key!r} must be a positive number, got {weight!r}")
 
 
-def beyond_range(base: Tensors, delta: Tensors) -> str | None:
-    """The first tensor the update takes to NaN, Inf or beyond MAX_VALUE (one rebuilt tensor at a time), or None."""
+def beyond_range(base: Tensors, delta: Deltas) -> str | None:
+    """The first tensor the update takes to NaN, Inf or beyond MAX_VALUE (one rebuilt tensor
+    at a time; a sparse update's at its kept positions, the others keep the model's values), or None."""
     for k in base:
-        if out_of_range({k: apply_delta(base[k], delta[k])}) is not None:
+        d = delta[k]
+        if isinstance(d, SparseDelta):
+            touched = apply_delta(gather(base[k], d.indices), d.values)
+        else:
+            touched = apply_delta(base[k], d)
+        if out_of_range({k: touched}) is not None:
             return k
     return None

@@ -33,7 +33,7 @@ from ..clients.records import (
     to_record,
     to_tensors,
 )
-from ..codec import MAX_VALUE, Tensors, apply_delta, norm, out_of_range
+from ..codec import MAX_VALUE, Deltas, Tensors, apply_delta, norm, out_of_range
 from ..protocol import (
     CLIPPING_NORM,
     REPLY_KEY,
@@ -114,6 +114,9 @@ class ServerProtocol:
         self._clip: float | None = None  # client-side DP clipping norm of the current training round
         self._pending: int | None = None  # a train round configured whose replies have not come back
         self._aggregated = 0  # train rounds whose replies reached qfl
+        #: Accepted updates decoded in the first pass, kept for :mod:`.aggregate` (by id of
+        #: the passed message) within one model's bytes; the rest are decoded again there.
+        self.held: dict[int, Deltas] = {}
         #: MetricRecord key the inner strategy weighs replies by (FedAvg's ``weighted_by_key``).
         self.weight_key: str | None = None
 
@@ -293,18 +296,23 @@ class ServerProtocol:
         base = self._base
         self._pending, self._aggregated = None, self._aggregated + 1
         passed, candidates, unmodded = [], [], []
+        self.held, room = {}, sum(t.nbytes for t in base.values())
         for msg in self._without_errors(replies, traffic, passed, unmodded):
             traffic.uplink += sum(record_bytes(r) for r in msg.content.array_records.values())
             traffic.uplink_full += full_uplink(msg, self._full_bytes)
             if REPLY_KEY not in msg.content:
                 unmodded.append("a reply without qfl's record")
             try:
-                akey, delta, info = self.decode_update(msg, base)
-                # Without rebuilding, only the verdict on the model the update makes is kept:
-                # the guard needs every norm of the round before it accepts any update.
-                verdict = None if rebuild else beyond_range(base, delta)
-                candidates.append((msg, akey, delta if rebuild else None, verdict, info, norm(delta)))
-            except (ValueError, TypeError, OverflowError) as exc:  # WireFormatError, ProtocolError, ...
+                akey, delta, info = self.decode_update(msg, base, sparse=not rebuild)
+                # Without rebuilding, only the verdict on the model the update makes is kept,
+                # and the update itself while the held ones fit in one model's bytes: the
+                # guard needs every norm of the round before it accepts any update.
+                verdict, keep = None, delta
+                if not rebuild:
+                    verdict, size = beyond_range(base, delta), sum(d.nbytes for d in delta.values())
+                    keep, room = (delta, room - size) if size <= room else (None, room)
+                candidates.append((msg, akey, keep, verdict, info, norm(delta)))
+            except (ValueError, TypeError, OverflowError, IndexError) as exc:  # WireFormatError, ProtocolError, ...
                 self._drop(traffic, msg, exc, server_round)
         for msg, akey, delta, bad, info, _n in self.screen(traffic, candidates, server_round):
             if rebuild:
@@ -319,6 +327,8 @@ class ServerProtocol:
             if rebuild:
                 new[akey] = to_record(rebuilt)
             passed.append(Message(content=new, metadata=msg.metadata))
+            if not rebuild and delta is not None:
+                self.held[id(passed[-1])] = delta
         if traffic.missing:
             log(
                 WARNING,
@@ -417,9 +427,9 @@ class ServerProtocol:
         log(WARNING, "qfl: dropped the reply of node %s%s: %s", msg.metadata.src_node_id, where, exc)
 
     # ------------------------------------------------------------------- uplink
-    def decode_update(self, msg: Message, base: Tensors) -> tuple[str, Tensors, ReplyInfo]:
+    def decode_update(self, msg: Message, base: Tensors, sparse: bool = False) -> tuple[str, Deltas, ReplyInfo]:
         """:func:`.replies.decode_update` with this strategy's uplink policy, limits and weight."""
-        return decode_update(msg, base, self.uplink, self.limits, self.weight_key)
+        return decode_update(msg, base, self.uplink, self.limits, self.weight_key, sparse)
 
     def limits_for(self, tensor) -> Limits:
         """Decoder limits for a reply's payload standing for ``tensor``: its own size."""
