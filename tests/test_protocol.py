@@ -11,7 +11,7 @@ import psutil
 import pytest
 import torch
 from conftest import tiny_data, tiny_model
-from fakes import FakeGrid
+from fakes import FakeGrid, contained, per_tensor
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp.strategy import FedAvg
 
@@ -191,10 +191,10 @@ def test_wrong_shape_payload_gets_an_error_reply():
     before = state_snapshot(context)
     msg = downlink_message(grid, strategy, result.arrays, 2)  # one step to apply to the replica
     content = RecordDict(dict(msg.content.items()))
-    arrays = ArrayRecord(dict(content["arrays"]))
+    arrays = per_tensor(content["arrays"])
     name = next(iter(arrays))
     arrays[name] = blob_array(qfl.wire.encode(qfl.parse("qsgd(64)").compress(torch.randn(7, 3))))
-    content["arrays"] = arrays
+    content["arrays"] = contained(arrays)
     reply = grid.app(Message(content=content, metadata=msg.metadata), context)
     assert reply.has_error() and "shape" in reply.error.reason
     assert state_snapshot(context) == before
@@ -212,9 +212,9 @@ def test_a_16kb_downlink_declaring_2_28_elements_is_refused_without_allocating()
     strategy = Compressed(fedavg(), downlink="model | grid(8)")
     msg = downlink_message(grid, strategy, ArrayRecord(tiny_model().state_dict()))
     content = RecordDict(dict(msg.content.items()))
-    names = list(content["arrays"])
+    names = list(per_tensor(content["arrays"]))
     hostile = topk_blob(1 << 28, 1 << 20, (16 << 10) // len(names))
-    content["arrays"] = ArrayRecord({k: blob_array(hostile) for k in names})
+    content["arrays"] = contained(ArrayRecord({k: blob_array(hostile) for k in names}))
     assert sum(len(a.data) for a in content["arrays"].values()) <= 17 << 10
     process = psutil.Process()
     before = process.memory_info().rss
@@ -230,10 +230,10 @@ def test_a_client_holding_a_replica_bounds_steps_by_its_shapes():
     msg = downlink_message(grid, strategy, ArrayRecord(tiny_model().state_dict()), 2)
     assert msg.content["config"]["qfl.base"] != FULL
     content = RecordDict(dict(msg.content.items()))
-    arrays = ArrayRecord(dict(content["arrays"]))
+    arrays = per_tensor(content["arrays"])
     name = next(iter(arrays))
     arrays[name] = blob_array(topk_blob(1 << 20, 1, 64))  # a step far larger than the replica's tensor
-    content["arrays"] = arrays
+    content["arrays"] = contained(arrays)
     reply = grid.app(Message(content=content, metadata=msg.metadata), grid.contexts[grid.node_ids[0]])
     assert reply.has_error() and "exceeds the allowed maximum 1280" in reply.error.reason  # 0.weight: 64 x 20
 

@@ -34,6 +34,7 @@ from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvg, FedAvgM, FedProx, FedYogi, Strategy
 from flwr.serverapp.strategy.strategy_utils import validate_message_reply_consistency
 
+from ..clients.records import record_blobs
 from ..codec import Tensors, apply_delta
 from ..wire import decode_all
 from .momentum import FedAvgMomentum
@@ -83,7 +84,7 @@ def aggregate_round(
     if accepted:
         contents = [m.content for m in accepted]
         # What Flower checks before it averages (same ArrayRecord and MetricRecord keys in
-        # every reply); the compressed records carry the model's keys, so it applies as is.
+        # every reply); every compressed record has the same one key, so it applies as is.
         validate_message_reply_consistency(contents, key, check_arrayrecord=True)
         metrics = strategy.train_metrics_aggr_fn([RecordDict(dict(c.metric_records)) for c in contents], key)
         passed = [*(m for m in passed if m.has_error()), mean_reply(protocol, accepted, key)]
@@ -100,10 +101,10 @@ def mean_reply(protocol: ServerProtocol, accepted: list[Message], key: str) -> M
     weights = [next(iter(m.content.metric_records.values()))[key] for m in accepted]
     mean = WeightedMean(weights)
     for msg, factor in zip(accepted, mean.factors, strict=True):
-        record = next(iter(msg.content.array_records.values()))
+        blobs = record_blobs(next(iter(msg.content.array_records.values())), base)
         for name, t in base.items():
             # The reply passed every check with these very bytes: decoding is deterministic.
-            delta = decode_all(record[name].data, protocol.limits_for(t))[0].decompress()
+            delta = decode_all(blobs[name], protocol.limits_for(t))[0].decompress()
             mean.add(name, apply_delta(t, delta).numpy(), factor)
     first = accepted[0].content
     content = RecordDict(
