@@ -70,7 +70,8 @@ class _Cursor:
         self.pos += n
         return out
 
-    def varint(self, what: str, maximum: int) -> int:
+    def varint(self, what: str) -> int:
+        """An unsigned LEB128 of at most 64 bits, in its shortest form."""
         v, shift = 0, 0
         while True:
             byte = self.take(1, what)[0]
@@ -80,8 +81,8 @@ class _Cursor:
             shift += 7
             if shift > 63:
                 raise WireFormatError(f"container {what}: varint longer than 64 bits")
-        if v > maximum:
-            raise WireFormatError(f"container {what} = {v} exceeds {maximum}")
+        if shift and not byte:  # the encoder writes no trailing zero groups: one container, one encoding
+            raise WireFormatError(f"container {what}: varint is not in its shortest form")
         return v
 
 
@@ -99,12 +100,16 @@ def unpack(data: bytes | bytearray | memoryview, names: Collection[str] | None =
     version = cur.take(1, "version")[0]
     if version != CONTAINER_VERSION:
         raise WireFormatError(f"unsupported qfl container version {version} (this build reads {CONTAINER_VERSION})")
-    count = cur.varint("tensor count", cur.left() // _MIN_ENTRY)
+    count = cur.varint("tensor count")
+    if count > cur.left() // _MIN_ENTRY:
+        raise WireFormatError(
+            f"container tensor count = {count} exceeds {cur.left() // _MIN_ENTRY}, the most {cur.left()} bytes can hold"
+        )
     out: dict[str, memoryview] = {}
     for i in range(count):
-        size = cur.varint(f"name length of entry {i}", MAX_NAME)
-        if size == 0:
-            raise WireFormatError(f"entry {i} of the container has an empty name")
+        size = cur.varint(f"name length of entry {i}")
+        if not 0 < size <= MAX_NAME:
+            raise WireFormatError(f"the name of entry {i} of the container has {size} bytes, not 1 to {MAX_NAME}")
         try:
             name = bytes(cur.take(size, f"name of entry {i}")).decode()
         except UnicodeDecodeError:
@@ -113,7 +118,10 @@ def unpack(data: bytes | bytearray | memoryview, names: Collection[str] | None =
             raise WireFormatError(f"tensor {name!r} appears twice in the container")
         if names is not None and name not in names:
             raise WireFormatError(f"unexpected {[name]}: not one of the {len(names)} tensors the receiver holds")
-        out[name] = cur.take(cur.varint(f"data length of {name!r}", cur.left()), f"data of {name!r}")
+        size = cur.varint(f"data length of {name!r}")
+        if size > cur.left():
+            raise WireFormatError(f"truncated container: data of {name!r} declares {size} bytes, {cur.left()} left")
+        out[name] = cur.take(size, "")
     if cur.left():
         raise WireFormatError(f"{cur.left()} unexpected trailing bytes after the container's {count} tensors")
     if names is not None and len(out) != len(names):
@@ -142,7 +150,13 @@ def decode_container(
         try:
             out[name] = decode_all(blob, own)
         except WireFormatError as exc:
-            raise WireFormatError(f"tensor {name!r}: {exc}") from None
+            used = 0 if per_name else limits.max_total_elements - budget
+            shared = (
+                f" (the tensors before it took {used} of the max_total_elements they share)"
+                if used and "max_total_elements" in str(exc)
+                else ""
+            )
+            raise WireFormatError(f"tensor {name!r}: {exc}{shared}") from None
         if budget is not None:
             budget -= sum(p.numel for p in out[name])
     return out
