@@ -35,6 +35,7 @@ from pathlib import Path
 
 import pytest
 import tomli_w
+from expected import container_bytes, identity_bytes
 
 import qfl
 from qfl.clients.records import record_bytes, to_record
@@ -44,7 +45,6 @@ from qfl.simulations.models import build_model
 from qfl.simulations.server_app import flwr_version
 from qfl.simulations.superlink import fleet_transport, list_tagged_processes
 from qfl.spec import Policy
-from qfl.wire import encode
 from qfl_deploy.deploy import FLOWER_RUN_FILE, restart_after, run_deployment
 
 pytestmark = pytest.mark.slow
@@ -185,13 +185,15 @@ def model_sizes() -> dict[str, int]:
             total += 2 * kept + 4 * math.ceil(kept / (bucket or kept)) + 64
         return total
 
-    identity = {k: len(encode(IDENTITY.compress(t))) for k, t in state.items()}
+    identity = {k: identity_bytes(t) for k, t in state.items()}
+    # The container of a message: every tensor's name and lengths (up to 1 MB: 3 bytes each).
+    framing = container_bytes(dict.fromkeys(state, (1 << 20) - 1)) - len(state) * ((1 << 20) - 1)
     return {
         "full": record_bytes(to_record(state)),  # plain Flower: the numpy-serialised model
-        "resync": sum(identity.values()),  # every tensor losslessly, with qfl's header
+        "resync": container_bytes(identity),  # every tensor losslessly, with qfl's header, in one container
         "small": sum(identity[k] for k in small),
-        "uplink_max": sum(identity[k] for k in small) + bound(0.05, 512),
-        "downlink_max": sum(identity[k] for k in small) + bound(0.2, None),
+        "uplink_max": framing + sum(identity[k] for k in small) + bound(0.05, 512),
+        "downlink_max": framing + sum(identity[k] for k in small) + bound(0.2, None),
         "elements": sum(t.numel() for t in state.values()),
     }
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import tiny_data, tiny_model
+from expected import container_bytes
 from fakes import Capture, FakeGrid
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID
@@ -24,7 +25,6 @@ from qfl.codec import digest
 from qfl.compress import IDENTITY, Payload, Raw
 from qfl.strategies import Compressed, MisconfigurationError, UpdateGuard
 from qfl.wire import STYPE, encode
-from qfl.wire.layout import varint
 
 PLAN = LocalTraining(steps=5, lr=0.1)
 
@@ -98,10 +98,7 @@ def test_uplink_bytes_are_what_the_spec_implies():
         (arr,) = record.values()  # one container Array for all tensors
         assert arr.stype == STYPE and arr.dtype == "uint8" and arr.shape == (len(arr.data),)
         blobs = record_blobs(record, model)
-        # The container adds magic, version and count, and per tensor its name and two lengths.
-        framing = 3 + len(varint(len(blobs)))
-        framing += sum(len(varint(len(n))) + len(n) + len(varint(len(b))) for n, b in blobs.items())
-        assert len(arr.data) == framing + sum(len(b) for b in blobs.values())
+        assert len(arr.data) == container_bytes({k: len(b) for k, b in blobs.items()})
         for name, blob in blobs.items():
             t = model[name]
             if t.numel() >= 1000:  # rand-k of 64 float32 values: 256 bytes plus the header and seed

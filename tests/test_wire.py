@@ -8,6 +8,7 @@ import random
 import numpy as np
 import pytest
 import torch
+from expected import container_bytes
 
 import qfl
 from qfl import wire
@@ -363,10 +364,7 @@ def test_container_round_trips_names_order_and_chains():
     decoded = wire.decode_container(data, Limits())
     assert [len(ps) for ps in decoded.values()] == [1, 1, 2, 0]
     assert decoded["conv.bias"][0].decompress().tolist() == decode(blobs["conv.bias"]).decompress().tolist()
-    # Framing: magic, version, count, then per tensor its name and two lengths.
-    varint = wire.layout.varint
-    per_tensor = sum(len(varint(len(k.encode()))) + len(k.encode()) + len(varint(len(b))) for k, b in joined.items())
-    assert len(data) == 3 + len(varint(len(blobs))) + per_tensor + sum(map(len, joined.values()))
+    assert len(data) == container_bytes({k: len(b) for k, b in joined.items()})
     assert wire.unpack(wire.pack({})) == {} and wire.decode_container(wire.pack({}), Limits()) == {}
 
 
