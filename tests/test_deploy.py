@@ -71,9 +71,12 @@ CONFIG = {
     "min-elements": 1024,
 }
 MARK_ENV = "QFL_TEST_DEPLOY_MARK"
-#: Flower's own bytes per message beyond qfl's payload (protobuf message, object tree and
-#: object headers: measured ~6-9 KB for the 13 tensors of the CNN on both transports).
-FLOWER_OVERHEAD_PER_MESSAGE = 16_384
+#: Flower's own bytes per message beyond qfl's payload (protobuf metadata, object tree,
+#: object headers and ids, the SuperLink's list of objects to push, the start-up query).
+#: qfl sends one container Array per message, so this does not grow with the tensors:
+#: measured 1.9-2.5 KB per message on both transports (benchmarks/flower_overhead.py
+#: breaks it down), where one Array per tensor cost 7-9 KB for the CNN's 13 tensors.
+FLOWER_OVERHEAD_PER_MESSAGE = 4096
 QFL_DIR = str(Path(qfl.__file__).parent)
 DEPLOY_SCRIPT = str(Path(__file__).parents[1] / "tools" / "deploy.py")
 
