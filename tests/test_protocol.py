@@ -204,7 +204,10 @@ def test_wrong_shape_payload_gets_an_error_reply():
 
 CONTAINER_RECORDS = {
     # an older qfl: one Array per tensor
-    "per-tensor arrays": (lambda arrays: per_tensor(arrays), "one Array, 'qfl' .* the peer runs an older qfl"),
+    "per-tensor arrays": (
+        lambda arrays: per_tensor(arrays),
+        "one Array, 'qfl' .* one Array per tensor as older qfl versions sent",
+    ),
     "not qfl's stype": (lambda arrays: ArrayRecord({"qfl": Array(np.zeros(3, np.float32))}), "has stype"),
     "a tensor twice": (
         lambda arrays: ArrayRecord({"qfl": blob_array(twice(bytes(arrays["qfl"].data)))}),

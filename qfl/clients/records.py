@@ -78,7 +78,11 @@ def container_of(record: ArrayRecord) -> memoryview:
     if keys != [CONTAINER_KEY]:
         raise WireFormatError(
             f"a compressed record carries one Array, {CONTAINER_KEY!r} (a qfl container), found {keys[:8]}"
-            + (" (one Array per tensor: the peer runs an older qfl)" if keys and CONTAINER_KEY not in keys else "")
+            + (
+                ": an uncompressed model, or one Array per tensor as older qfl versions sent"
+                if keys and CONTAINER_KEY not in keys
+                else ""
+            )
         )
     arr = record[CONTAINER_KEY]
     if arr.stype != STYPE:
