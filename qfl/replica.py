@@ -46,7 +46,7 @@ class Offer:
 
     @property
     def nbytes(self) -> int:
-        """Bytes the payload puts on the wire."""
+        """Bytes of the blobs (the container that carries them adds each tensor's name and length)."""
         return sum(map(len, self.blobs.values()))
 
 

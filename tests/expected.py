@@ -9,11 +9,13 @@ format's promise, not a measured figure. Lossless (identity) blobs are exact.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 
 from qfl.compress import IDENTITY, QSGD, Chain, Grid, Operator, RandK, Sparsifier
 from qfl.wire import encode
+from qfl.wire.layout import varint
 
 #: Magic, version, length, CRC, operator ids and parameters, dtype and shape: at most this.
 HEADER_MAX = 64
@@ -22,6 +24,19 @@ HEADER_MAX = 64
 def identity_bytes(t: torch.Tensor) -> int:
     """The exact size of a tensor sent losslessly (raw bytes and qfl's header)."""
     return len(encode(IDENTITY.compress(t)))
+
+
+def container_bytes(sizes: Mapping[str, int]) -> int:
+    """The size of the container of a message whose tensors' blobs take ``sizes`` bytes:
+    magic, version and count, then per tensor its name and the two lengths. Exact for
+    exact sizes, an upper bound for upper bounds."""
+    names = [k.encode() for k in sizes]
+    return (
+        3
+        + len(varint(len(sizes)))
+        + sum(len(varint(len(k))) + len(k) for k in names)
+        + sum(len(varint(n)) + n for n in sizes.values())
+    )
 
 
 def blob_bound(op: Operator, t: torch.Tensor) -> int:

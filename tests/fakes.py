@@ -12,7 +12,7 @@ import logging
 import traceback
 from collections.abc import Callable, Iterable
 
-from flwr.app import Context, Error, Message, RecordDict
+from flwr.app import ArrayRecord, Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
@@ -20,7 +20,8 @@ from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
 from flwr.supercore.task_identity import TaskIdentity
 
-from qfl.clients.records import record_bytes
+from qfl.clients.records import CONTAINER_KEY, blob_array, record_blobs, record_bytes
+from qfl.wire import pack
 
 
 def set_task_identity(run_id: int = 1, node_id: int = 0, task_id: int = 1) -> None:
@@ -28,6 +29,16 @@ def set_task_identity(run_id: int = 1, node_id: int = 0, task_id: int = 1) -> No
     TaskIdentity.run_id = run_id
     TaskIdentity.node_id = node_id
     TaskIdentity.task_id = task_id
+
+
+def per_tensor(record: ArrayRecord) -> ArrayRecord:
+    """A compressed record as one blob Array per tensor: what tests of hostile peers rewrite."""
+    return ArrayRecord({k: blob_array(bytes(v)) for k, v in record_blobs(record).items()})
+
+
+def contained(arrays: ArrayRecord) -> ArrayRecord:
+    """Blob Arrays per tensor (whatever their bytes) as the one container Array that travels."""
+    return ArrayRecord({CONTAINER_KEY: blob_array(pack({k: a.data for k, a in arrays.items()}))})
 
 
 def wire_copy(content: RecordDict) -> RecordDict:

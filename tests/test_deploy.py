@@ -35,6 +35,7 @@ from pathlib import Path
 
 import pytest
 import tomli_w
+from expected import container_bytes, identity_bytes
 
 import qfl
 from qfl.clients.records import record_bytes, to_record
@@ -44,7 +45,6 @@ from qfl.simulations.models import build_model
 from qfl.simulations.server_app import flwr_version
 from qfl.simulations.superlink import fleet_transport, list_tagged_processes
 from qfl.spec import Policy
-from qfl.wire import encode
 from qfl_deploy.deploy import FLOWER_RUN_FILE, restart_after, run_deployment
 
 pytestmark = pytest.mark.slow
@@ -71,9 +71,12 @@ CONFIG = {
     "min-elements": 1024,
 }
 MARK_ENV = "QFL_TEST_DEPLOY_MARK"
-#: Flower's own bytes per message beyond qfl's payload (protobuf message, object tree and
-#: object headers: measured ~6-9 KB for the 13 tensors of the CNN on both transports).
-FLOWER_OVERHEAD_PER_MESSAGE = 16_384
+#: Flower's own bytes per message beyond qfl's payload (protobuf metadata, object tree,
+#: object headers and ids, the SuperLink's list of objects to push, the start-up query).
+#: qfl sends one container Array per message, so this does not grow with the tensors:
+#: measured 1.9-2.5 KB per message on both transports (benchmarks/flower_overhead.py
+#: breaks it down), where one Array per tensor cost 7-9 KB for the CNN's 13 tensors.
+FLOWER_OVERHEAD_PER_MESSAGE = 4096
 QFL_DIR = str(Path(qfl.__file__).parent)
 DEPLOY_SCRIPT = str(Path(__file__).parents[1] / "tools" / "deploy.py")
 
@@ -185,13 +188,15 @@ def model_sizes() -> dict[str, int]:
             total += 2 * kept + 4 * math.ceil(kept / (bucket or kept)) + 64
         return total
 
-    identity = {k: len(encode(IDENTITY.compress(t))) for k, t in state.items()}
+    identity = {k: identity_bytes(t) for k, t in state.items()}
+    # The container of a message: every tensor's name and lengths (up to 1 MB: 3 bytes each).
+    framing = container_bytes(dict.fromkeys(state, (1 << 20) - 1)) - len(state) * ((1 << 20) - 1)
     return {
         "full": record_bytes(to_record(state)),  # plain Flower: the numpy-serialised model
-        "resync": sum(identity.values()),  # every tensor losslessly, with qfl's header
+        "resync": container_bytes(identity),  # every tensor losslessly, with qfl's header, in one container
         "small": sum(identity[k] for k in small),
-        "uplink_max": sum(identity[k] for k in small) + bound(0.05, 512),
-        "downlink_max": sum(identity[k] for k in small) + bound(0.2, None),
+        "uplink_max": framing + sum(identity[k] for k in small) + bound(0.05, 512),
+        "downlink_max": framing + sum(identity[k] for k in small) + bound(0.2, None),
         "elements": sum(t.numel() for t in state.values()),
     }
 
@@ -257,7 +262,12 @@ def check_flower_counters(record: dict, result: dict) -> dict[str, float]:
     messages = sum(r["messages"] for r in rows)
     assert record["qfl"]["uplink_bytes"] == up and record["qfl"]["downlink_bytes"] == down
     assert up <= inbound <= up + replies * FLOWER_OVERHEAD_PER_MESSAGE, (inbound, up, replies)
-    assert down <= outbound <= down + messages * FLOWER_OVERHEAD_PER_MESSAGE, (outbound, down, messages)
+    # qfl counts a message when it is sent; one that failed (lost with a SuperNode that
+    # restarted) or got no reply (still in flight when an asynchronous run ended) may never
+    # have been pulled: each may leave out up to the largest round's downlink.
+    unanswered = sum(r["messages"] - r["replies"] + r["failures"] for r in rows)
+    lost = min(down, unanswered * max(r["downlink_bytes"] for r in rows))
+    assert down - lost <= outbound <= down + messages * FLOWER_OVERHEAD_PER_MESSAGE, (outbound, down, lost, messages)
     return {
         "inbound": inbound,
         "qfl_uplink": up,

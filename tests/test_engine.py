@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import tiny_model
-from expected import blob_bound, identity_bytes
+from expected import blob_bound, container_bytes, identity_bytes
 
 from qfl.clients.records import record_bytes, to_record
 from qfl.compress import IDENTITY
@@ -99,9 +99,9 @@ def test_both_directions_compressed_learn_and_send_what_the_specs_imply(runs, na
     compressed = [k for k, t in model.items() if up.operator_for(k, t) != IDENTITY]
     assert compressed, "the specs must compress some tensors of the model"
     full = record_bytes(to_record(model))
-    resync = sum(identity_bytes(t) for t in model.values())
-    up_max = sum(blob_bound(up.operator_for(k, t), t) for k, t in model.items())
-    down_max = sum(blob_bound(down.operator_for(k, t), t) for k, t in model.items())
+    resync = container_bytes({k: identity_bytes(t) for k, t in model.items()})
+    up_max = container_bytes({k: blob_bound(up.operator_for(k, t), t) for k, t in model.items()})
+    down_max = container_bytes({k: blob_bound(down.operator_for(k, t), t) for k, t in model.items()})
     raw = sum(identity_bytes(t) for k, t in model.items() if k not in compressed)  # what is never compressed
     for key, t in summary["traffic"].items():
         rnd, phase = key.split("/")

@@ -12,7 +12,8 @@ truncated under a recomputed checksum. The properties:
 * ``parse(str(op)) == op`` and ``from_config(get_config())`` round trips;
 * error memory keeps ``sent + new memory == memory + delta``;
 * the decoder returns a payload or raises WireFormatError, never anything else, and
-  what it accepts re-encodes to the same tensor (``qfl.wire.fuzz.check_one``).
+  what it accepts re-encodes to the same tensor (``qfl.wire.fuzz.check_one``); so does
+  the parser of the container that carries a message's blobs by tensor name.
 
 ``QFL_FUZZ_EXAMPLES`` (default 60) scales the examples per test; the coverage-guided
 target is ``python -m qfl.wire.fuzz`` (see its docstring).
@@ -364,6 +365,27 @@ def test_structure_aware_mutations_of_chains_keep_the_contract(blobs, mutator_se
 
 
 @SETTINGS
+@given(
+    blobs=st.lists(st.lists(valid_blobs(), max_size=2), max_size=4),
+    names=st.lists(st.text(min_size=1, max_size=12), min_size=4, max_size=4, unique=True),
+    mutator_seed=st.integers(0, 2**31),
+)
+def test_containers_round_trip_and_their_mutants_keep_the_contract(blobs, names, mutator_seed):
+    entries = dict(zip(names, blobs, strict=False))
+    data = qfl.wire.pack(entries)
+    raw = fuzz.as_raw_input(data)
+    assert fuzz.check_one(raw) is None
+    decoded = qfl.wire.decode_container(data, fuzz.FUZZ_LIMITS)
+    assert {k: [p.shape for p in ps] for k, ps in decoded.items()} == {
+        k: [decode(b).shape for b in bs] for k, bs in entries.items()
+    }
+    rnd = random.Random(mutator_seed)
+    pool = [raw, *(fuzz.as_raw_input(b) for bs in blobs for b in bs)]
+    for _ in range(6):
+        fuzz.check_one(fuzz.mutate(rnd.choice(pool), rnd, pool))
+
+
+@SETTINGS
 @given(blob=valid_blobs(), limit=st.integers(0, 200))
 def test_declared_sizes_beyond_the_limits_are_refused(blob, limit):
     p = decode(blob)
@@ -408,6 +430,7 @@ def test_hostile_inputs_stay_within_the_limits_memory():
             assert m["peak_rss_mb"] <= budget_mb, (name, m)
     assert report["dimension-2^62"]["rejected"] and report["elias-block-lengths-overflow"]["rejected"]
     assert report["chain-of-maximal-blobs"]["rejected"] and report["rice-length-overflow"]["rejected"]
+    assert report["container-of-maximal-blobs"]["rejected"]
 
 
 def test_elias_block_lengths_claiming_gigabytes_are_refused_before_allocating():

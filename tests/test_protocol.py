@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import math
+import re
 import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import psutil
 import pytest
 import torch
 from conftest import tiny_data, tiny_model
-from fakes import FakeGrid
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from fakes import FakeGrid, contained, per_tensor
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp.strategy import FedAvg
 
 import qfl
@@ -191,12 +193,63 @@ def test_wrong_shape_payload_gets_an_error_reply():
     before = state_snapshot(context)
     msg = downlink_message(grid, strategy, result.arrays, 2)  # one step to apply to the replica
     content = RecordDict(dict(msg.content.items()))
-    arrays = ArrayRecord(dict(content["arrays"]))
+    arrays = per_tensor(content["arrays"])
     name = next(iter(arrays))
     arrays[name] = blob_array(qfl.wire.encode(qfl.parse("qsgd(64)").compress(torch.randn(7, 3))))
-    content["arrays"] = arrays
+    content["arrays"] = contained(arrays)
     reply = grid.app(Message(content=content, metadata=msg.metadata), context)
     assert reply.has_error() and "shape" in reply.error.reason
+    assert state_snapshot(context) == before
+
+
+CONTAINER_RECORDS = {
+    # an older qfl: one Array per tensor
+    "per-tensor arrays": (
+        lambda arrays: per_tensor(arrays),
+        "one Array, 'qfl' .* one Array per tensor as older qfl versions sent",
+    ),
+    "not qfl's stype": (lambda arrays: ArrayRecord({"qfl": Array(np.zeros(3, np.float32))}), "has stype"),
+    "a tensor twice": (
+        lambda arrays: ArrayRecord({"qfl": blob_array(twice(bytes(arrays["qfl"].data)))}),
+        "appears twice in the container",
+    ),
+    "missing tensor": (
+        lambda arrays: contained(ArrayRecord(dict(list(per_tensor(arrays).items())[1:]))),
+        r"missing \['0.weight'\]",
+    ),
+}
+
+
+def twice(data: bytes) -> bytes:
+    """A container whose first tensor appears again at its end (its count raised by one)."""
+    first = wire_entries(data)[0]
+    return data[:3] + bytes([data[3] + 1]) + data[4:] + first
+
+
+def wire_entries(data: bytes) -> list[bytes]:
+    """The raw entries (name and data with their lengths) of a container with fewer than 128 tensors."""
+    views, out, pos = qfl.wire.unpack(data), [], 4
+    for name, view in views.items():
+        size = len(varint(len(name.encode()))) + len(name.encode()) + len(varint(len(view))) + len(view)
+        out.append(data[pos : pos + size])
+        pos += size
+    return out
+
+
+@pytest.mark.parametrize("name", list(CONTAINER_RECORDS))
+def test_a_downlink_record_that_is_not_one_valid_container_gets_an_error_reply(name):
+    grid = FakeGrid(client(), 1)
+    strategy = Compressed(fedavg(), downlink="delta | qsgd(64)")
+    result = strategy.start(grid=grid, initial_arrays=ArrayRecord(tiny_model().state_dict()), num_rounds=1)
+    context = grid.contexts[grid.node_ids[0]]
+    before = state_snapshot(context)
+    msg = downlink_message(grid, strategy, result.arrays, 2)
+    make, reason = CONTAINER_RECORDS[name]
+    content = RecordDict(dict(msg.content.items()))
+    content["arrays"] = make(content["arrays"])
+    reply = grid.app(Message(content=content, metadata=msg.metadata), context)
+    assert reply.has_error() and "could not rebuild the model" in reply.error.reason
+    assert re.search(reason, reply.error.reason), reply.error.reason
     assert state_snapshot(context) == before
 
 
@@ -212,9 +265,9 @@ def test_a_16kb_downlink_declaring_2_28_elements_is_refused_without_allocating()
     strategy = Compressed(fedavg(), downlink="model | grid(8)")
     msg = downlink_message(grid, strategy, ArrayRecord(tiny_model().state_dict()))
     content = RecordDict(dict(msg.content.items()))
-    names = list(content["arrays"])
+    names = list(per_tensor(content["arrays"]))
     hostile = topk_blob(1 << 28, 1 << 20, (16 << 10) // len(names))
-    content["arrays"] = ArrayRecord({k: blob_array(hostile) for k in names})
+    content["arrays"] = contained(ArrayRecord({k: blob_array(hostile) for k in names}))
     assert sum(len(a.data) for a in content["arrays"].values()) <= 17 << 10
     process = psutil.Process()
     before = process.memory_info().rss
@@ -230,10 +283,10 @@ def test_a_client_holding_a_replica_bounds_steps_by_its_shapes():
     msg = downlink_message(grid, strategy, ArrayRecord(tiny_model().state_dict()), 2)
     assert msg.content["config"]["qfl.base"] != FULL
     content = RecordDict(dict(msg.content.items()))
-    arrays = ArrayRecord(dict(content["arrays"]))
+    arrays = per_tensor(content["arrays"])
     name = next(iter(arrays))
     arrays[name] = blob_array(topk_blob(1 << 20, 1, 64))  # a step far larger than the replica's tensor
-    content["arrays"] = arrays
+    content["arrays"] = contained(arrays)
     reply = grid.app(Message(content=content, metadata=msg.metadata), grid.contexts[grid.node_ids[0]])
     assert reply.has_error() and "exceeds the allowed maximum 1280" in reply.error.reason  # 0.weight: 64 x 20
 

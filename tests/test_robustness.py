@@ -15,14 +15,14 @@ import random
 import pytest
 import torch
 from conftest import tiny_data, tiny_model
-from fakes import Capture, FakeGrid
+from fakes import Capture, FakeGrid, contained, per_tensor
 from flwr.app import Array, ArrayRecord, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp.strategy import FedAvg
 
 import qfl
 from qfl.clients import LocalTraining, compression_mod, make_client_app
-from qfl.clients.records import blob_array, to_tensors
+from qfl.clients.records import blob_array, record_blobs, to_tensors
 from qfl.clients.state import load_replica
 from qfl.codec import digest
 from qfl.compress import IDENTITY, Levels, Payload, Raw, Sparse
@@ -161,23 +161,30 @@ ATTACKS = {
     ),
     "two-payloads": (replace("0.weight", lambda a: blob_array(a["0.weight"].data * 2)), "max_total_elements=1280"),
     "corrupt": (replace("0.weight", flipped), "checksum"),
-    "plain-array": (replace("0.weight", lambda a: Array(torch.zeros(64, 20).numpy())), "has stype"),
+    "plain-array": (replace("0.weight", lambda a: Array(torch.zeros(64, 20).numpy())), "not a qfl payload"),
+    "plain-model": (lambda a, c: ArrayRecord({k: Array(torch.zeros(3).numpy()) for k in a}), "one Array, 'qfl'"),
+    "wrong-stype": (lambda a, c: ArrayRecord({"qfl": Array(torch.zeros(3).numpy())}), "has stype"),
+    "trailing-bytes": (
+        lambda a, c: ArrayRecord({"qfl": blob_array(contained(a)["qfl"].data + b"\0")}),
+        "unexpected trailing bytes",
+    ),
     "no-qfl-record": (drop_info, "no qfl record"),
     "huge-norm": (poisoned(1e6), "max_update_norm"),
 }
 
 
 def attack_mod(rewrite):
-    """A mod placed outside compression_mod: rewrites the compressed train reply."""
+    """A mod placed outside compression_mod: rewrites the compressed train reply (its
+    tensors' blobs, packed again into the container unless the rewrite returns a record)."""
 
     def mod(msg: Message, context, call_next) -> Message:
         reply = call_next(msg, context)
         if msg.metadata.message_type != "train" or not reply.has_content():
             return reply
         content = RecordDict(dict(reply.content.items()))
-        arrays = ArrayRecord(dict(content["arrays"]))
-        rewrite(arrays, content)
-        content["arrays"] = arrays
+        arrays = per_tensor(content["arrays"])
+        sent = rewrite(arrays, content)  # a rewrite may send another record than the container
+        content["arrays"] = contained(arrays) if sent is None else sent
         reply.content = content
         return reply
 
@@ -364,7 +371,7 @@ def run_recorded(seed: int, sampling: int = 0):
             (
                 m.metadata.message_type,
                 m.metadata.dst_node_id or m.metadata.src_node_id,
-                {k: bytes(a.data) for r in m.content.array_records.values() for k, a in r.items()},
+                {k: bytes(b) for r in m.content.array_records.values() for k, b in record_blobs(r).items()},
             )
             for m in messages
             if m.has_content()

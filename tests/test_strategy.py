@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import tiny_data, tiny_model
+from expected import container_bytes
 from fakes import Capture, FakeGrid
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID
@@ -18,12 +19,12 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx, FedTrimme
 
 import qfl
 from qfl.clients import LocalTraining, make_client_app
-from qfl.clients.records import encode_record, record_bytes, to_tensors
+from qfl.clients.records import encode_record, record_blobs, record_bytes, to_tensors
 from qfl.clients.state import load_replica
 from qfl.codec import digest
 from qfl.compress import IDENTITY, Payload, Raw
 from qfl.strategies import Compressed, MisconfigurationError, UpdateGuard
-from qfl.wire import STYPE
+from qfl.wire import STYPE, encode
 
 PLAN = LocalTraining(steps=5, lr=0.1)
 
@@ -94,13 +95,16 @@ def test_uplink_bytes_are_what_the_spec_implies():
     model = to_tensors(initial())
     for reply in grid.received:
         record = next(iter(r for r in reply.content.array_records.values()))
-        for name, arr in record.items():
-            assert arr.stype == STYPE and arr.dtype == "uint8" and arr.shape == (len(arr.data),)
+        (arr,) = record.values()  # one container Array for all tensors
+        assert arr.stype == STYPE and arr.dtype == "uint8" and arr.shape == (len(arr.data),)
+        blobs = record_blobs(record, model)
+        assert len(arr.data) == container_bytes({k: len(b) for k, b in blobs.items()})
+        for name, blob in blobs.items():
             t = model[name]
             if t.numel() >= 1000:  # rand-k of 64 float32 values: 256 bytes plus the header and seed
-                assert 256 + 8 < len(arr.data) <= 256 + 8 + 48
+                assert 256 + 8 < len(blob) <= 256 + 8 + 48
             else:  # passthrough, lossless: raw bytes plus the header
-                assert t.numel() * t.element_size() < len(arr.data) <= t.numel() * t.element_size() + 48
+                assert t.numel() * t.element_size() < len(blob) <= t.numel() * t.element_size() + 48
 
 
 # ------------------------------------------------------------- shared records
@@ -284,32 +288,28 @@ def test_bad_replies_are_dropped_with_a_reason_and_the_round_goes_on():
     replies = good_replies(strategy, grid)
     model = to_tensors(initial())
     big = "0.weight"
-    arrays = replies[1].content["arrays"]
+    blobs = {k: bytes(v) for k, v in record_blobs(replies[1].content["arrays"]).items()}
 
-    flipped = ArrayRecord(dict(arrays))
-    data = bytearray(flipped[big].data)
+    flipped = dict(blobs)
+    data = bytearray(flipped[big])
     data[len(data) // 2] ^= 0x40
-    flipped[big] = Array(dtype="uint8", shape=(len(data),), stype=STYPE, data=bytes(data))
+    flipped[big] = bytes(data)
 
     nan = {k: torch.zeros_like(v, dtype=torch.float32) if v.is_floating_point() else v for k, v in model.items()}
     nan[big][0, 0] = float("nan")
-    nan_record = ArrayRecord(dict(arrays))  # a hostile client: a lossless payload carrying NaN
-    nan_record["3.bias"] = encode_record(
-        {"3.bias": Payload(IDENTITY, (4,), torch.float32, Raw(torch.full((4,), float("nan"))))}
-    )["3.bias"]
+    # a hostile client: a lossless payload carrying NaN
+    nan_blobs = {**blobs, "3.bias": encode(Payload(IDENTITY, (4,), torch.float32, Raw(torch.full((4,), float("nan")))))}
 
-    missing = ArrayRecord({k: v for k, v in arrays.items() if k != big})
-    other_op = ArrayRecord(dict(arrays))
-    other_op[big] = encode_record({big: IDENTITY.compress(torch.zeros(64, 20))})[big]
-    wrong_shape = ArrayRecord(dict(arrays))
-    wrong_shape[big] = encode_record({big: qfl.parse("topk(0.1) | qsgd(16)").compress(torch.zeros(20, 64))})[big]
+    missing = {k: v for k, v in blobs.items() if k != big}
+    other_op = {**blobs, big: encode(IDENTITY.compress(torch.zeros(64, 20)))}
+    wrong_shape = {**blobs, big: encode(qfl.parse("topk(0.1) | qsgd(16)").compress(torch.zeros(20, 64)))}
 
     bad = [
-        forge(replies[1], flipped),
-        forge(replies[2], nan_record),
-        forge(replies[3], missing),
-        forge(replies[4], other_op),
-        forge(replies[5], wrong_shape),
+        forge(replies[1], encode_record(flipped)),
+        forge(replies[2], encode_record(nan_blobs)),
+        forge(replies[3], encode_record(missing)),
+        forge(replies[4], encode_record(other_op)),
+        forge(replies[5], encode_record(wrong_shape)),
         forge(replies[6], drop_info=True),
     ]
     reasons = ["checksum", "NaN", "missing ['0.weight']", "configured operator", "shape", "no qfl record"]
@@ -372,10 +372,9 @@ def test_mod_turns_a_corrupt_downlink_into_an_error_reply():
     grid = FakeGrid(app(), 1)
     strategy = Compressed(FedAvg(min_available_nodes=1, min_train_nodes=1), downlink="model | grid(8)")
     msg = list(strategy.configure_train(1, initial(), ConfigRecord(), grid))[0]
-    bad = ArrayRecord(dict(msg.content["arrays"]))
-    bad["0.weight"] = Array(dtype="uint8", shape=(3,), stype=STYPE, data=b"QF\x07")
+    blobs = {k: bytes(v) for k, v in record_blobs(msg.content["arrays"]).items()}
     content = RecordDict(dict(msg.content.items()))
-    content["arrays"] = bad
+    content["arrays"] = encode_record({**blobs, "0.weight": b"QF\x07"})
     msg.content = content
     reply = grid.send_and_receive([msg])[0]
     assert reply.has_error() and "could not rebuild the model" in reply.error.reason

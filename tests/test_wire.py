@@ -8,6 +8,7 @@ import random
 import numpy as np
 import pytest
 import torch
+from expected import container_bytes
 
 import qfl
 from qfl import wire
@@ -332,3 +333,99 @@ def test_fixed_width_levels_out_of_range_are_refused():
     for width_spec in ("grid(4)", "qsgd(5, norm=max)"):  # other widths: parallel/serial unpacking
         q = qfl.parse(width_spec).compress(torch.randn(300_000) * torch.rand(300_000))
         assert torch.equal(decode(encode(q)).decompress(), q.decompress())
+
+
+# ------------------------------------------------------------------- the container
+def container_blobs() -> dict[str, bytes | list[bytes]]:
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(300, generator=g)
+    return {
+        "conv.weight": encode(qfl.parse("topk(0.1) | qsgd(16)").compress(x, g)),
+        "conv.bias": encode(qfl.parse("identity").compress(x[:7])),
+        "fc.wéight": [encode(qfl.parse(s).compress(x, g)) for s in ("qsgd(4)", "topk(0.2)")],  # a chain
+        "empty": b"",
+    }
+
+
+def entry(name: bytes, data: bytes) -> bytes:
+    return wire.layout.varint(len(name)) + name + wire.layout.varint(len(data)) + data
+
+
+def container(count: int, *entries: bytes) -> bytes:
+    return wire.CONTAINER_MAGIC + bytes([1]) + wire.layout.varint(count) + b"".join(entries)
+
+
+def test_container_round_trips_names_order_and_chains():
+    blobs = container_blobs()
+    data = wire.pack(blobs)
+    views = wire.unpack(data)
+    joined = {k: b"".join(v) if isinstance(v, list) else v for k, v in blobs.items()}
+    assert list(views) == list(blobs) and {k: bytes(v) for k, v in views.items()} == joined
+    decoded = wire.decode_container(data, Limits())
+    assert [len(ps) for ps in decoded.values()] == [1, 1, 2, 0]
+    assert decoded["conv.bias"][0].decompress().tolist() == decode(blobs["conv.bias"]).decompress().tolist()
+    assert len(data) == container_bytes({k: len(b) for k, b in joined.items()})
+    assert wire.unpack(wire.pack({})) == {} and wire.decode_container(wire.pack({}), Limits()) == {}
+
+
+def test_container_names_must_be_what_the_receiver_holds():
+    data = wire.pack(container_blobs())
+    names = list(container_blobs())
+    assert list(wire.unpack(data, names)) == names
+    with pytest.raises(WireFormatError, match=r"missing \['empty'\]: the container carries 3 of the 4"):
+        wire.unpack(wire.pack({k: v for k, v in container_blobs().items() if k != "empty"}), names)
+    with pytest.raises(WireFormatError, match=r"unexpected \['conv.bias'\]: not one of the 2 tensors"):
+        wire.unpack(data, ["conv.weight", "fc.wéight"])
+    limits = {k: Limits() for k in names}
+    limits["conv.weight"] = Limits(max_elements=299)  # each tensor within its own limits
+    with pytest.raises(WireFormatError, match="tensor 'conv.weight': .*exceeds the allowed maximum 299"):
+        wire.decode_container(data, limits)
+
+
+HOSTILE_CONTAINERS = {
+    "duplicate names": (container(2, entry(b"a", b""), entry(b"a", b"")), "'a' appears twice"),
+    "empty name": (container(1, entry(b"", b"x")), "entry 0 of the container has 0 bytes, not 1 to 4096"),
+    "invalid UTF-8": (container(1, entry(b"\xff\xfe", b"")), "not valid UTF-8"),
+    "name too long": (container(1, entry(b"n" * 4097, b"")), "has 4097 bytes, not 1 to 4096"),
+    "count beyond the bytes": (container(2**40, entry(b"a", b"")), "count = 1099511627776 exceeds 1, the most 3 bytes"),
+    "count above the entries": (container(2, entry(b"a", b"")), "count = 2 exceeds 1, the most 3 bytes can hold"),
+    "entries short of the count": (container(2, entry(b"a", b""), b"\x05bc"), "truncated container: name of entry 1"),
+    "length beyond the bytes": (container(1, b"\x01a\x09xy"), "data of 'a' declares 9 bytes, 2 left"),
+    "trailing bytes": (container(1, entry(b"a", b"")) + b"\0", "1 unexpected trailing bytes"),
+    "long varint": (container(1) + b"\x81\x80\x00a\x00", "not in its shortest form"),
+    "65-bit varint": (container(1) + b"\xff" * 10 + b"\x01", "longer than 64 bits"),
+    "bad magic": (b"QF\x01\x00", "not a qfl container: magic b'QF'"),
+    "bad version": (b"QC\x02\x00", "unsupported qfl container version 2"),
+    "too short": (b"Q", "truncated container: magic"),
+    "garbage entry": (container(1, entry(b"a", b"not a blob")), "tensor 'a': not a qfl payload"),
+}
+
+
+@pytest.mark.parametrize("name", list(HOSTILE_CONTAINERS))
+def test_hostile_containers_raise_a_clear_wire_format_error(name):
+    data, reason = HOSTILE_CONTAINERS[name]
+    with pytest.raises(WireFormatError, match=reason.replace("[", r"\[")):
+        wire.decode_container(data, Limits())
+
+
+def test_every_truncated_container_is_refused():
+    data = wire.pack(container_blobs())
+    for cut in range(len(data)):
+        with pytest.raises(WireFormatError):
+            wire.decode_container(data[:cut], Limits())
+
+
+def test_a_containers_tensors_share_max_total_elements():
+    blob = encode(qfl.parse("identity").compress(torch.zeros(100)))
+    data = wire.pack({f"t{i}": blob for i in range(5)})
+    assert len(wire.decode_container(data, Limits(max_total_elements=500))) == 5
+    with pytest.raises(WireFormatError, match="tensor 't4': .*the tensors before it took 400 of the max_total"):
+        wire.decode_container(data, Limits(max_total_elements=499))
+    # Per-tensor limits (a receiver that knows the shapes) bound each tensor alone.
+    assert len(wire.decode_container(data, {f"t{i}": Limits(max_total_elements=100) for i in range(5)})) == 5
+
+
+def test_pack_refuses_names_it_cannot_write():
+    for bad in ("", "n" * 4097):
+        with pytest.raises(ValueError, match="1 to 4096 bytes"):
+            wire.pack({bad: b""})

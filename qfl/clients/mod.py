@@ -139,7 +139,7 @@ def _run(msg: Message, context: Context, call_next: ClientAppCallable, first_con
                 f"{list(msg.content.array_records)}"
             )
         holding = held_state.held(context.state, settings.session)
-        arrays = decode_record(msg.content[akey], _limits(msg.content[akey], header, holding, first_contact))
+        arrays = decode_record(msg.content[akey], _limits(header, holding, first_contact))
         start, replica = client_model(arrays, header, holding if header.base != FULL else None)
     except (ValueError, TypeError, OverflowError, MemoryError) as exc:  # ProtocolError, WireFormatError, ...
         return _error(msg, f"qfl could not rebuild the model from the downlink: {exc}")
@@ -215,22 +215,21 @@ def _outer_reader() -> str | None:
     return None
 
 
-def _limits(record: ArrayRecord, header: DownlinkHeader, holding, first_contact: Limits) -> dict[str, Limits]:
-    """Per tensor: the replica's own size (times the steps announced) when the message
-    builds on it, ``first_contact`` otherwise."""
+def _limits(header: DownlinkHeader, holding, first_contact: Limits) -> Limits | dict[str, Limits]:
+    """Per tensor of the replica, its own size (times the steps announced) when the message
+    builds on it: the message must then carry exactly the replica's tensors. Otherwise
+    ``first_contact`` for the whole message."""
     if holding is None or header.mode == "model" or header.base == FULL:
-        return dict.fromkeys(record, first_contact)
-    replica = holding[0]
-    out = {}
-    for k in record:
-        n = replica[k].numel() if k in replica else 0  # an unknown tensor: nothing to allocate
-        out[k] = Limits(
-            max_elements=n,
+        return first_contact
+    return {
+        k: Limits(
+            max_elements=t.numel(),
             max_ndim=first_contact.max_ndim,
-            max_total_elements=n * max(1, header.steps),
+            max_total_elements=t.numel() * max(1, header.steps),
             max_expansion=None,
         )
-    return out
+        for k, t in holding[0].items()
+    }
 
 
 def _warn_uncompressed(msg: Message, context: Context) -> None:

@@ -39,6 +39,7 @@ from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvg, FedAvgM, FedProx, FedYogi, Strategy
 from flwr.serverapp.strategy.strategy_utils import validate_message_reply_consistency
 
+from ..clients.records import record_blobs
 from ..codec import Delta, SparseDelta, Tensors, apply_delta, decode_delta, dense, is_float
 from ..memory import memory_dtype
 from ..wire import decode_all
@@ -121,7 +122,7 @@ def aggregate_round(
     if accepted:
         contents = [m.content for m in accepted]
         # What Flower checks before it averages (same ArrayRecord and MetricRecord keys in
-        # every reply); the compressed records carry the model's keys, so it applies as is.
+        # every reply); every compressed record has the same one key, so it applies as is.
         validate_message_reply_consistency(contents, key, check_arrayrecord=True)
         metrics = strategy.train_metrics_aggr_fn([RecordDict(dict(c.metric_records)) for c in contents], key)
         passed = [*(m for m in passed if m.has_error()), mean_reply(protocol, accepted, key)]
@@ -139,13 +140,13 @@ def mean_reply(protocol: ServerProtocol, accepted: list[Message], key: str) -> M
     mean = WeightedMean(base, weights)
     for msg, factor in zip(accepted, mean.factors, strict=True):
         held = protocol.held.pop(id(msg), None)
-        record = next(iter(msg.content.array_records.values()))
+        blobs = None if held is not None else record_blobs(next(iter(msg.content.array_records.values())), base)
         for name, t in base.items():
             if held is not None:
                 delta = held[name]
             else:
                 # The reply passed every check with these very bytes: decoding is deterministic.
-                delta = decode_delta(decode_all(record[name].data, protocol.limits_for(t))[0])
+                delta = decode_delta(decode_all(blobs[name], protocol.limits_for(t))[0])
             mean.add(name, delta, factor)
     first = accepted[0].content
     content = RecordDict(

@@ -55,13 +55,10 @@ def decode_update(
     info = reply_info(msg, "update")
     check_records(msg.content, arrays=1, weight_key=weight_key)
     akey = next(iter(msg.content.array_records))
-    record = msg.content[akey]
-    if set(record.keys()) != set(base.keys()):
-        missing, extra = sorted(base.keys() - record.keys()), sorted(record.keys() - base.keys())
-        raise ValueError(f"the reply's tensors differ from the model's (missing {missing}, unexpected {extra})")
-    # Each tensor is decoded with its own size as the limit: a blob declaring more
-    # (a hostile "size far beyond the model") is refused before anything is allocated.
-    payloads = decode_record(record, {k: tensor_limits(limits, t) for k, t in base.items()})
+    # The container must carry exactly the model's tensors, each decoded with its own size
+    # as the limit: a blob declaring more (a hostile "size far beyond the model") is
+    # refused before anything is allocated.
+    payloads = decode_record(msg.content[akey], {k: tensor_limits(limits, t) for k, t in base.items()})
     delta = {}
     for name, ps in payloads.items():
         if len(ps) != 1:

@@ -166,7 +166,7 @@ class ServerProtocol:
                     records[id(offer)] = encode_blobs(offer.blobs)
                 built[key] = self._content(msg.content, offer, records[id(offer)], tag)
             msg.content = built[key]
-            traffic.downlink += offer.nbytes
+            traffic.downlink += record_bytes(records[id(offer)])
             traffic.downlink_full += full_bytes
             traffic.messages += 1
             traffic.resyncs += offer.kind == "full"
@@ -494,7 +494,7 @@ class ServerProtocol:
 
 
 def encode_blobs(blobs: Mapping[str, bytes]) -> ArrayRecord:
-    """The ArrayRecord carrying an offer's blobs (one qfl Array per tensor)."""
+    """The ArrayRecord carrying an offer's blobs (one qfl Array: their container)."""
     return encode_record(dict(blobs))
 
 

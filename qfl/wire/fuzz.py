@@ -17,12 +17,16 @@ by the checksum before reaching the parser. The first input byte therefore selec
 how the rest is used: an even byte means "content": the harness frames it with a
 valid header, length and CRC (what :func:`frame` does), so mutations reach the
 parser; an odd byte means "raw": the rest is decoded as it is (framing, checksum,
-concatenation). The decoder itself has no switch to skip the CRC.
+concatenation), and raw bytes that begin with the container magic are decoded as
+the container a message carries (:mod:`qfl.wire.container`: names, lengths, and
+blobs per tensor). The decoder itself has no switch to skip the CRC.
 
 Contract checked for every input (:func:`check_one`):
 
-* ``decode_all(blob, limits)`` returns payloads or raises ``WireFormatError``;
-  nothing else escapes (no IndexError, MemoryError, OverflowError, numba error...).
+* ``decode_all(blob, limits)`` (``decode_container`` for a container) returns payloads
+  or raises ``WireFormatError``; nothing else escapes (no IndexError, MemoryError,
+  OverflowError, numba error...).
+* A container it accepts is exactly what ``pack`` writes for the entries it found.
 * Every payload decompresses to a tensor of its declared shape and dtype, and
   re-encodes to a blob that decodes to the bit-identical tensor: the decoder accepts
   only what the encoder can produce.
@@ -56,6 +60,7 @@ from pathlib import Path
 
 import torch
 
+from .container import CONTAINER_MAGIC, decode_container, pack, unpack
 from .format import decode, decode_all, encode
 from .fuzz_inputs import (
     FUZZ_LIMITS,
@@ -117,10 +122,16 @@ def check_one(data: bytes, limits: Limits = FUZZ_LIMITS) -> str | None:
     """Check the decoder's contract on one input; returns the rejection message (None
     if the input decoded) and raises ContractViolation (or the escaping exception)."""
     blob = to_blob(data)
+    container = blob[: len(CONTAINER_MAGIC)] == CONTAINER_MAGIC
     try:
-        payloads = decode_all(blob, limits)
+        if container:
+            payloads = [p for ps in decode_container(blob, limits).values() for p in ps]
+        else:
+            payloads = decode_all(blob, limits)
     except WireFormatError as exc:
         return str(exc)
+    if container and pack({k: bytes(v) for k, v in unpack(blob).items()}) != blob:
+        raise ContractViolation("an accepted container is not what pack writes for its entries")
     total = 0
     for p in payloads:
         if p.numel > limits.max_elements or len(p.shape) > limits.max_ndim:
@@ -139,7 +150,7 @@ def check_one(data: bytes, limits: Limits = FUZZ_LIMITS) -> str | None:
         if again.op != p.op or not torch.equal(bits_of(y), bits_of(z)):
             raise ContractViolation(f"re-encoding a decoded payload ({p.op}, {p.shape}) changes it")
     if total > limits.max_total_elements:
-        raise ContractViolation(f"accepted {total} elements in one array, beyond {limits}")
+        raise ContractViolation(f"accepted {total} elements in one array or container, beyond {limits}")
     return None
 
 
@@ -334,6 +345,7 @@ def run_atheris(runs: int, findings: Findings, seed: int, extra: Sequence[str]) 
     import atheris
 
     targets = {
+        "qfl.wire.container",
         "qfl.wire.format",
         "qfl.compress.base",
         "qfl.compress.chain",

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
+from .container import pack
 from .format import encode, unframe
 from .layout import MAGIC, VERSION, Limits, varint
 
@@ -121,6 +122,11 @@ def seed_corpus(seed: int = 0) -> list[bytes]:
     bad = bytearray(encode(qfl.parse("grid(4)").compress(x, g)))
     bad[-1] ^= 1
     out.append(as_raw_input(bytes(bad)))
+    # Containers: a message's tensors by name, one of them a chain, and an empty one.
+    small = {f"layer{i}.weight": encode(qfl.parse(s).compress(x[: 10 * (i + 1)], g)) for i, s in enumerate(SPECS[:4])}
+    out.append(as_raw_input(pack({**small, "chain": [chain[: len(chain) // 3], chain[len(chain) // 3 :]]})))
+    out.append(as_raw_input(pack({"ünïcode.näme": encode(qfl.parse("topk(0.1)").compress(x, g))})))
+    out.append(as_raw_input(pack({})))
     return out
 
 
@@ -174,6 +180,10 @@ def hostile_inputs(limits: Limits = FUZZ_LIMITS) -> dict[str, bytes]:
     # A chain of maximal zero blobs: the per-array budget (max_total_elements) stops it.
     zero_blob = blob_of("qsgd(4)", zeros)
     out["chain-of-maximal-blobs"] = zero_blob * (limits.max_total_elements // n + 2)
+    # Maximal zero blobs, each with bytes enough for its own max_expansion, as the tensors
+    # of one container: together they exceed max_total_elements, which they share.
+    scaled = blob_of("qsgd(4, bucket=2048)", zeros)
+    out["container-of-maximal-blobs"] = pack({f"t{i}": scaled for i in range(limits.max_total_elements // n + 2)})
     return out
 
 
