@@ -225,3 +225,18 @@ def test_updates_held_between_the_two_passes_fit_in_one_model(monkeypatch):
     assert sum(d.nbytes for delta in held.values() for d in delta.values()) <= size
     arrays, _ = s.aggregate_train(1, replies)  # a fresh round: held ones and decoded-again ones mixed
     assert arrays is not None and not s.protocol.held
+
+
+@pytest.mark.parametrize("kind", [FedAvg, FedProx])
+def test_the_average_handed_back_is_what_the_inner_strategy_makes_of_it(kind, monkeypatch):
+    """FedAvg and FedProx are skipped on the one averaged reply: bit for bit what they return."""
+    grid = FakeGrid(client_app(), 5)
+    grid.fail = {grid.node_ids[1]: lambda m: True}
+    skipping, calling = strategy(kind), strategy(kind)
+    replies = grid.send_and_receive(skipping.configure_train(1, model(), ConfigRecord(), grid))
+    calling.configure_train(1, model(), ConfigRecord(), grid)
+    out = {True: skipping.aggregate_train(1, replies)}
+    with monkeypatch.context() as m:
+        m.setattr(streaming, "AVERAGE_ONLY", frozenset())
+        out[False] = calling.aggregate_train(1, replies)
+    assert identical(out[True][0], out[False][0]) and dict(out[True][1]) == dict(out[False][1])

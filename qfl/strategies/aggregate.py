@@ -7,7 +7,8 @@ Handing such a strategy every decoded reply holds one dense model per client. Fo
 classes in :data:`LINEAR`, qfl adds each accepted update into one running sum with
 Flower's factors and reply order, a sparse update (top-k, rand-k) at its kept positions
 only, and hands the inner strategy ONE reply carrying ``base + sum_i f_i * delta_i``, of
-weight 1 (its own factor, ``1 / 1 = 1.0``, is exact). Flower's arithmetic,
+weight 1 (its own factor, ``1 / 1 = 1.0``, is exact; FedAvg and FedProx, whose
+average of that one reply is the reply itself, are not called: :data:`AVERAGE_ONLY`). Flower's arithmetic,
 ``sum_i f_i * (base + delta_i)``, scales and adds the base once per reply; the two agree
 up to float rounding, and the streaming sum is the closer one to the exact mean
 (tests/test_aggregate.py measures both against float64). Per reply this costs the
@@ -32,12 +33,14 @@ inherited value does not count, so a subclass of it decides again.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from logging import INFO
 
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvg, FedAvgM, FedProx, FedYogi, Strategy
 from flwr.serverapp.strategy.strategy_utils import validate_message_reply_consistency
+from flwr.supercore import log
 
 from ..clients.records import record_blobs
 from ..codec import Delta, SparseDelta, Tensors, apply_delta, decode_delta, dense, is_float
@@ -49,6 +52,13 @@ from .server import ServerProtocol
 #: Strategy classes (exact classes, not their subclasses) whose ``aggregate_train`` is
 #: FedAvg's weighted average followed by a server step on that average alone.
 LINEAR: frozenset[type] = frozenset({FedAvg, FedAvgM, FedProx, FedAdam, FedYogi, FedAdagrad, FedAvgMomentum})
+
+#: Of those, the classes whose ``aggregate_train`` is FedAvg's weighted average alone (the
+#: proximal term of FedProx is the clients'): given one reply of weight 1, they return its
+#: arrays unchanged (each value times 1.0, summed once). qfl hands back that reply's
+#: arrays itself and skips the three model-sized copies Flower's average would make
+#: (deserialise, scale, serialise); tests/test_aggregate.py checks it bit for bit.
+AVERAGE_ONLY: frozenset[type] = frozenset({FedAvg, FedProx})
 
 Aggregate = Callable[[int, Iterable[Message]], tuple[ArrayRecord | None, MetricRecord | None]]
 
@@ -125,7 +135,16 @@ def aggregate_round(
         # every reply); every compressed record has the same one key, so it applies as is.
         validate_message_reply_consistency(contents, key, check_arrayrecord=True)
         metrics = strategy.train_metrics_aggr_fn([RecordDict(dict(c.metric_records)) for c in contents], key)
-        passed = [*(m for m in passed if m.has_error()), mean_reply(protocol, accepted, key)]
+        errors = [m for m in passed if m.has_error()]
+        mean = mean_reply(protocol, accepted, key)
+        if kind in AVERAGE_ONLY:
+            # What FedAvg.aggregate_train logs, with the real number of replies.
+            log(INFO, "aggregate_train: Received %s results and %s failures", len(accepted), len(errors))
+            for msg in errors:
+                log(INFO, "\t> Received error in reply from node %d: %s", msg.metadata.src_node_id, msg.error.reason)
+            arrays = next(iter(mean.content.array_records.values()))
+            return protocol.finish_train(arrays, metrics, protocol.traffic.at(server_round, "train"))
+        passed = [*errors, mean]
     arrays, inner_metrics = aggregate(server_round, passed)
     return protocol.finish_train(
         arrays, metrics if accepted else inner_metrics, protocol.traffic.at(server_round, "train")
