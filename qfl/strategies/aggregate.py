@@ -108,15 +108,16 @@ class WeightedMean:
         else:
             total += delta.reshape(-1).to(memory_dtype(t.dtype)).numpy() * factor
 
-    def record(self) -> ArrayRecord:
+    def tensors(self) -> dict[str, np.ndarray]:
+        """The mean of every tensor (counters averaged as Flower does)."""
         out = {}
         for k, v in self.sums.items():
             if k in self.values:
-                out[k] = Array(np.asarray(v))
+                out[k] = np.asarray(v)
             else:
                 t = self.base[k]
-                out[k] = Array(apply_delta(t, torch.from_numpy(v).reshape(t.shape)).contiguous().numpy())
-        return ArrayRecord(out)
+                out[k] = apply_delta(t, torch.from_numpy(v).reshape(t.shape)).contiguous().numpy()
+        return out
 
 
 def aggregate_round(
@@ -136,14 +137,14 @@ def aggregate_round(
         validate_message_reply_consistency(contents, key, check_arrayrecord=True)
         metrics = strategy.train_metrics_aggr_fn([RecordDict(dict(c.metric_records)) for c in contents], key)
         errors = [m for m in passed if m.has_error()]
-        mean = mean_reply(protocol, accepted, key)
+        mean, tensors = mean_reply(protocol, accepted, key)
         if kind in AVERAGE_ONLY:
             # What FedAvg.aggregate_train logs, with the real number of replies.
             log(INFO, "aggregate_train: Received %s results and %s failures", len(accepted), len(errors))
             for msg in errors:
                 log(INFO, "\t> Received error in reply from node %d: %s", msg.metadata.src_node_id, msg.error.reason)
             arrays = next(iter(mean.content.array_records.values()))
-            return protocol.finish_train(arrays, metrics, protocol.traffic.at(server_round, "train"))
+            return protocol.finish_train(arrays, metrics, protocol.traffic.at(server_round, "train"), tensors)
         passed = [*errors, mean]
     arrays, inner_metrics = aggregate(server_round, passed)
     return protocol.finish_train(
@@ -151,9 +152,9 @@ def aggregate_round(
     )
 
 
-def mean_reply(protocol: ServerProtocol, accepted: list[Message], key: str) -> Message:
-    """One reply holding the weighted mean of the accepted (still compressed) replies,
-    each decoded again tensor by tensor and rebuilt on the round's model."""
+def mean_reply(protocol: ServerProtocol, accepted: list[Message], key: str) -> tuple[Message, dict[str, np.ndarray]]:
+    """One reply holding the weighted mean of the accepted (still compressed) replies, and
+    that mean as arrays; each update held from the first pass or decoded again."""
     base: Tensors = protocol.base
     weights = [next(iter(m.content.metric_records.values()))[key] for m in accepted]
     mean = WeightedMean(base, weights)
@@ -167,12 +168,12 @@ def mean_reply(protocol: ServerProtocol, accepted: list[Message], key: str) -> M
                 # The reply passed every check with these very bytes: decoding is deterministic.
                 delta = decode_delta(decode_all(blobs[name], protocol.limits_for(t))[0])
             mean.add(name, delta, factor)
-    first = accepted[0].content
+    first, tensors = accepted[0].content, mean.tensors()
     content = RecordDict(
         {
-            next(iter(first.array_records)): mean.record(),
+            next(iter(first.array_records)): ArrayRecord({k: Array(v) for k, v in tensors.items()}),
             # Its weight cancels (w / w = 1.0): 1, which no sum of huge weights can overflow.
             next(iter(first.metric_records)): MetricRecord({key: 1}),
         }
     )
-    return Message(content=content, metadata=accepted[0].metadata)
+    return Message(content=content, metadata=accepted[0].metadata), tensors

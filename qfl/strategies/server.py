@@ -24,6 +24,8 @@ from collections import OrderedDict, deque
 from collections.abc import Iterable, Iterator, Mapping
 from logging import ERROR, WARNING
 
+import numpy as np
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.supercore import log
 
@@ -402,12 +404,19 @@ class ServerProtocol:
         log(WARNING, "qfl: %s Their replies are dropped.", text)
 
     def finish_train(
-        self, arrays: ArrayRecord | None, metrics: MetricRecord | None, traffic: Traffic
+        self,
+        arrays: ArrayRecord | None,
+        metrics: MetricRecord | None,
+        traffic: Traffic,
+        tensors: Mapping[str, np.ndarray] | None = None,
     ) -> tuple[ArrayRecord | None, MetricRecord]:
-        """The inner strategy's aggregate, refused if not finite (the model then stays as it was)."""
+        """The inner strategy's aggregate, refused if not finite (the model then stays as it
+        was); ``tensors``, the same aggregate as arrays when the caller built it, is checked
+        instead of deserialising ``arrays`` again."""
         if arrays is not None:
             try:
-                bad = out_of_range(to_tensors(arrays))
+                held = {k: torch.from_numpy(v) for k, v in tensors.items()} if tensors is not None else None
+                bad = out_of_range(held if held is not None else to_tensors(arrays))
             except ValueError:
                 bad = None  # not a plain model: nothing qfl can check
             if bad is not None:
