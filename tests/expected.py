@@ -15,7 +15,7 @@ import torch
 from qfl.compress import IDENTITY, QSGD, Chain, Grid, Operator, RandK, Sparsifier
 from qfl.wire import encode
 
-#: Magic, version, length, CRC, operator ids and parameters, dtype and shape: at most this.
+#: Magic, version, length, checksum, operator ids and parameters, dtype and shape: at most this.
 HEADER_MAX = 64
 
 

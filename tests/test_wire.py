@@ -195,7 +195,7 @@ def test_random_byte_flips_raise_wire_format_error(spec, blob):
 
 @pytest.mark.parametrize("spec,blob", valid_blobs())
 def test_parser_behind_the_checksum_only_raises_wire_format_error(spec, blob):
-    """Flip and cut content under a recomputed CRC: the parser itself must hold."""
+    """Flip and cut content under a recomputed checksum: the parser itself must hold."""
     rnd = random.Random("parser" + spec)
     content = content_of(blob)
     limits = Limits(max_elements=1 << 20)
@@ -252,7 +252,7 @@ def test_declared_counts_must_match_the_operator():
 
 
 def test_stype_names_the_version():
-    assert wire.STYPE == "qfl/v1"
+    assert wire.STYPE == "qfl/v2"
 
 
 # ------------------------------------------------------ Elias coder: every code path

@@ -1,6 +1,6 @@
 """Between Flower records and tensors: ordinary arrays and qfl blobs (both sides of the wire use it).
 
-A compressed tensor travels as ``Array(dtype="uint8", shape=(n,), stype="qfl/v1",
+A compressed tensor travels as ``Array(dtype="uint8", shape=(n,), stype="qfl/v2",
 data=blob)`` under the tensor's own name, so a compressed ArrayRecord has the same keys
 as the model it stands for, and byte counts are ``len(Array.data)``: the bytes that
 actually cross the wire.

@@ -1,16 +1,19 @@
-"""Payload <-> bytes: the qfl wire format, version 1.
+"""Payload <-> bytes: the qfl wire format, version 2.
 
 Layout of one blob (all integers little-endian, varints unsigned LEB128)::
 
-    b"QF" | version u8 | length varint | crc32 u32 | content (length - 4 bytes)
+    b"QF" | version u8 | length varint | xxh3-64 u64 | content (length - 8 bytes)
 
     content = op-count u8 | ops | dtype u8 | ndim u8 | dims varint* | body
     op      = op-id u8 | field-count u8 | fields (tagged: none/int/float/bool/str)
     body    = the payload's parts, laid out by the operators (see ``_Encoder``)
 
 The length prefix makes blobs self-delimiting, so several can travel in one Flower
-``Array`` (a downlink catching a client up over several versions). The CRC turns a
-flipped bit anywhere into a clean error instead of a silently wrong model. The
+``Array`` (a downlink catching a client up over several versions). The checksum turns a
+flipped bit anywhere into a clean error instead of a silently wrong model. It is
+XXH3-64 (xxhash), not zlib's CRC-32 (version 1): CRC-32 read ~1.2 GB/s here and cost
+more than all the coding of an 8-bit payload (33 ms per 40 MB per side), XXH3 reads
+~15 GB/s and detects random corruption at least as well (a 64-bit digest). The
 decoder checks every declared count against the bytes actually present and against
 ``Limits`` before it allocates, so a hostile or broken blob costs at most what its
 declared (and allowed) shape costs.
@@ -25,10 +28,10 @@ from __future__ import annotations
 import dataclasses
 import math
 import struct
-import zlib
 
 import numpy as np
 import torch
+import xxhash
 
 from ..compress import (
     BF16,
@@ -53,6 +56,7 @@ from . import _bits as B
 from .layout import (
     BITS_VIEW,
     DEFAULT_LIMITS,
+    DIGEST_BYTES,
     DTYPES,
     DTYPES_BY_CODE,
     INDEX_BITMAP,
@@ -72,6 +76,7 @@ from .layout import (
     VERSION,
     Limits,
     WireFormatError,
+    checksum,
     varint,
 )
 
@@ -209,11 +214,13 @@ def encode(payload: Payload) -> bytes:
         _value_body(enc, value, body.values, k)
     else:
         _value_body(enc, value, body, n)
-    crc = 0
+    digest = xxhash.xxh3_64()
     for p in enc.parts:
-        crc = zlib.crc32(p, crc)
-    length = 4 + sum(p.nbytes if isinstance(p, np.ndarray) else len(p) for p in enc.parts)
-    return b"".join([MAGIC, bytes([VERSION]), varint(length), struct.pack("<I", crc), *enc.parts])
+        digest.update(p)
+    length = DIGEST_BYTES + sum(p.nbytes if isinstance(p, np.ndarray) else len(p) for p in enc.parts)
+    return b"".join(
+        [MAGIC, bytes([VERSION]), varint(length), digest.intdigest().to_bytes(DIGEST_BYTES, "little"), *enc.parts]
+    )
 
 
 # =========================================================================== decoding
@@ -474,11 +481,10 @@ def unframe(view: memoryview, start: int = 0) -> tuple[memoryview, int]:
         shift += 7
         if shift > 63:
             raise WireFormatError("corrupt blob length field")
-    if length < 4 or pos + length > len(view):
+    if length < DIGEST_BYTES or pos + length > len(view):
         raise WireFormatError(f"truncated: blob declares {length} bytes, {len(view) - pos} present")
-    (crc,) = struct.unpack("<I", view[pos : pos + 4])
-    content = view[pos + 4 : pos + length]
-    if zlib.crc32(content) != crc:
+    content = view[pos + DIGEST_BYTES : pos + length]
+    if checksum(content) != bytes(view[pos : pos + DIGEST_BYTES]):
         raise WireFormatError("checksum mismatch: the blob was corrupted in transit or storage")
     return content, pos + length
 

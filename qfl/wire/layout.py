@@ -1,4 +1,4 @@
-"""What the bytes of wire format version 1 mean: ids, codes, tags, and what a decoder accepts.
+"""What the bytes of wire format version 2 mean: ids, codes, tags, and what a decoder accepts.
 
 The numbering here is the format: a blob written by one build is read by another only if
 these tables agree, so they change only by adding entries (and a new version for
@@ -10,11 +10,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import xxhash
 
 from ..compress import BF16, FP16, QSGD, Bernoulli, Grid, Identity, Operator, RandK, Sign, TopK
 
 MAGIC = b"QF"
-VERSION = 1
+#: 2: XXH3-64 checksum (was CRC-32); levels may be coded per bucket at fixed width.
+VERSION = 2
+#: Bytes of the checksum that precedes each blob's content.
+DIGEST_BYTES = 8
+
+
+def checksum(content) -> bytes:
+    """XXH3-64 of a blob's content, little-endian, as the blob carries it."""
+    return xxhash.xxh3_64_intdigest(content).to_bytes(DIGEST_BYTES, "little")
+
 
 #: Operator ids of format version 1. Never renumber: add new ids instead.
 OP_IDS: dict[type[Operator], int] = {
