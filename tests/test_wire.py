@@ -332,3 +332,59 @@ def test_fixed_width_levels_out_of_range_are_refused():
     for width_spec in ("grid(4)", "qsgd(5, norm=max)"):  # other widths: parallel/serial unpacking
         q = qfl.parse(width_spec).compress(torch.randn(300_000) * torch.rand(300_000))
         assert torch.equal(decode(encode(q)).decompress(), q.decompress())
+
+
+# ---------------------------------------------------- levels at a fixed width per bucket
+def test_bucketed_levels_round_trip_at_the_defined_size(kernel_mode):
+    # Buckets of every width (zero buckets take no bytes), sizes that do and do not fill
+    # whole 8-level groups, a short last bucket, every level dtype.
+    rng = np.random.default_rng(7)
+    for s, dt in ((127, np.int8), (255, np.int16), (3000, np.int16), (2**30, np.int32)):
+        for bucket in (1, 7, 8, 100, 512):
+            n = int(rng.integers(1, 40 * bucket))
+            tops = rng.choice([0, 1, 2, 5, 40, s], size=(n + bucket - 1) // bucket)
+            lv = (rng.integers(-(2**31), 2**31, n) % (np.repeat(tops, bucket)[:n] + 1)).astype(dt)
+            lv *= rng.choice([-1, 1], n).astype(dt)
+            widths, offsets = B.bucketed_plan(lv, bucket)
+            per_bucket = [lv[i : i + bucket] for i in range(0, n, bucket)]
+            expected_w = [int(np.abs(b.astype(np.int64)).max()).bit_length() for b in per_bucket]
+            assert widths.tolist() == expected_w
+            expected_bytes = [(b.size * (w + 1) + 7) // 8 if w else 0 for b, w in zip(per_bucket, expected_w)]
+            assert np.array_equal(np.diff(offsets), expected_bytes)
+            assert np.array_equal(B.bucketed_offsets(widths, n, bucket), offsets)
+            data = B.bucketed_encode(lv, bucket, widths, offsets)
+            out = np.full(n, 9, dt)  # the decoder must write every element
+            assert B.bucketed_decode(data, bucket, widths, offsets, s, out) == B.OK
+            assert np.array_equal(out, lv)
+            top = int(np.abs(lv.astype(np.int64)).max())
+            if top:  # a magnitude above the declared maximum is caught
+                assert B.bucketed_decode(data, bucket, widths, offsets, top - 1, out) == B.ERR_RANGE
+
+
+def test_bucketed_levels_refuse_negative_zero_and_wide_buckets():
+    lv = np.zeros(64, np.int16)
+    lv[1] = 9  # bucket 0: width 4, its first level is 0
+    widths, offsets = B.bucketed_plan(lv, 32)
+    data = B.bucketed_encode(lv, 32, widths, offsets)
+    data[0] |= 0x80  # the sign bit of a zero level: -0 has no valid code
+    assert B.bucketed_decode(data, 32, widths, offsets, 255, np.empty(64, np.int16)) == B.ERR_CODE
+    p = qfl.parse("qsgd(255, bucket=512)").compress(torch.randn(4096))
+    content = bytearray(content_of(encode(p)))
+    scales = p.body.scales.numpy().tobytes()
+    mode_at = bytes(content).find(scales) + len(scales)  # the levels coding follows the scales
+    assert content[mode_at] == 2  # LEVELS_BUCKETED
+    widths_at = mode_at + 1
+    content[widths_at] = 9  # levels up to 255 have at most 8 bits
+    with pytest.raises(WireFormatError, match="bucket width"):
+        decode(frame(bytes(content)))
+
+
+def test_bucketed_qsgd_takes_fewer_bits_than_the_fixed_width():
+    # qsgd(255, bucket=512) on Gaussian data: |levels| ~ 11 |x| / sigma, so a bucket needs
+    # 6-7 magnitude bits where the format-wide fixed width spends 9.
+    torch.manual_seed(2)
+    x = torch.randn(100_000)
+    p = qfl.parse("qsgd(255, bucket=512)").compress(x)
+    blob = encode(p)
+    assert 8 * len(blob) < 7.5 * x.numel()
+    assert torch.equal(decode(blob).decompress(), p.decompress())

@@ -14,7 +14,7 @@ goes here together with its bound in ``tests/expected.py``; ``fuzz`` drives the 
 import numpy as np
 
 from ._bits import BLOCK as ELIAS_BLOCK
-from ._bits import omega_lengths
+from ._bits import bucketed_decode, bucketed_encode, bucketed_plan, omega_lengths
 from .format import decode, decode_all, encode
 from .layout import DEFAULT_LIMITS, MAGIC, VERSION, Limits, WireFormatError
 
@@ -23,6 +23,17 @@ def warm_other_kernels() -> None:
     """Call the coder kernels that encoding and decoding payloads never reach (the omega
     length table the tests check), so that ``python -m qfl warm`` caches them too."""
     omega_lengths(np.arange(1, 10))
+
+
+def warm_level_coders() -> None:
+    """Code levels per bucket in every level dtype, in the variant (serial or parallel)
+    the caller forces: which coding an operator's payload gets depends on its data, so
+    the operators alone may not reach these."""
+    for dtype, top in ((np.int8, 127), (np.int16, 300), (np.int32, 70000)):
+        levels = (np.arange(3000) % (2 * top + 1) - top).astype(dtype)
+        widths, offsets = bucketed_plan(levels, 100)
+        data = bucketed_encode(levels, 100, widths, offsets)
+        bucketed_decode(data, 100, widths, offsets, top, np.empty_like(levels))
 
 
 #: ``Array.stype`` of a Flower Array whose ``data`` is one or more qfl blobs.
@@ -39,5 +50,6 @@ __all__ = [
     "decode",
     "decode_all",
     "encode",
+    "warm_level_coders",
     "warm_other_kernels",
 ]

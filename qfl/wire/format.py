@@ -61,6 +61,7 @@ from .layout import (
     DTYPES_BY_CODE,
     INDEX_BITMAP,
     INDEX_RICE,
+    LEVELS_BUCKETED,
     LEVELS_ELIAS,
     LEVELS_FIXED,
     MAGIC,
@@ -135,22 +136,35 @@ class _Encoder:
         self.put(bytes([DTYPES[part.values.dtype]]))
         self.put(_np_bytes(part.values))
 
-    def levels(self, part: Part, max_level: int) -> None:
+    def levels(self, part: Part, max_level: int, bucket: int | None) -> None:
         assert isinstance(part, Levels)
         self.put(part.scales.contiguous().numpy().astype("<f4", copy=False))
         lv = part.levels.contiguous().numpy()
         width = int(2 * max_level).bit_length()
-        # Elias coding only when strictly smaller than fixed width (a cheap lower bound
-        # usually settles it without coding anything).
-        elias = B.elias_encode_if_smaller(lv, lv.size * width) if lv.size else None
-        if elias is None:
-            self.put(bytes([LEVELS_FIXED]))
-            self.put(B.pack_fixed(lv, max_level, width))
-        else:
+        b = min(bucket or lv.size, lv.size) or 1
+        # The smallest of three codings: fixed width, fixed width per bucket (only with
+        # several buckets: one bucket's width is the fixed width's, give or take a bit),
+        # Elias -- the last coded only when a cheap lower bound leaves it a chance.
+        best_bits, per_bucket = lv.size * width, None
+        if lv.size > b:
+            widths, offsets = B.bucketed_plan(lv, b)
+            bits = 8 * (widths.size + int(offsets[-1]))
+            if bits < best_bits:
+                best_bits, per_bucket = bits, (widths, offsets)
+        elias = B.elias_encode_if_smaller(lv, best_bits) if lv.size else None
+        if elias is not None:
             block_bits, stream = elias
             self.put(bytes([LEVELS_ELIAS]))
             self.put(b"".join(varint(int(b)) for b in block_bits))
             self.put(stream)
+        elif per_bucket is not None:
+            widths, offsets = per_bucket
+            self.put(bytes([LEVELS_BUCKETED]))
+            self.put(widths)
+            self.put(B.bucketed_encode(lv, b, widths, offsets))
+        else:
+            self.put(bytes([LEVELS_FIXED]))
+            self.put(B.pack_fixed(lv, max_level, width))
 
     def signs(self, part: Part) -> None:
         assert isinstance(part, Signs)
@@ -179,7 +193,7 @@ class _Encoder:
 
 def _value_body(enc: _Encoder, op: Operator | None, part: Part, m: int) -> None:
     if isinstance(op, (QSGD, Grid)):
-        enc.levels(part, op.levels if isinstance(op, QSGD) else op.max_level)
+        enc.levels(part, op.levels if isinstance(op, QSGD) else op.max_level, op.bucket)
     elif isinstance(op, Sign):
         enc.signs(part)
     else:  # identity, casts, or raw values after a sparsifier
@@ -321,7 +335,8 @@ class _Decoder:
         return Raw(t)
 
     def levels(self, m: int, bucket: int | None, max_level: int) -> Levels:
-        nb = 0 if m == 0 else (m + (bucket or m) - 1) // (bucket or m)
+        b = min(bucket or m, m) or 1
+        nb = (m + b - 1) // b
         scales = self.array(nb, "<f4", "bucket scales")
         if not np.all(np.isfinite(scales)) or np.any(scales < 0):
             raise self.fail("bucket scales must be finite and non-negative")
@@ -347,6 +362,14 @@ class _Decoder:
             buf = self.padded((total + 7) // 8, "Elias level stream")
             out = np.empty(m, level_dtype(max_level))
             status = B.elias_decode(buf, block_bits, m, max_level, out) if m else B.OK
+        elif mode == LEVELS_BUCKETED:
+            widths = np.frombuffer(self.take(nb, "bucket widths"), np.uint8)
+            if widths.size and int(widths.max()) > int(max_level).bit_length():
+                raise self.fail(f"a bucket width of {int(widths.max())} bits exceeds the levels' {max_level}")
+            offsets = B.bucketed_offsets(widths, m, b)
+            data = np.frombuffer(self.take(int(offsets[-1]), "bucketed levels"), np.uint8)
+            out = np.empty(m, level_dtype(max_level))  # the decoder writes every element
+            status = B.bucketed_decode(data, b, widths, offsets, max_level, out)
         else:
             raise self.fail(f"unknown levels coding {mode}")
         self.check(status, "levels")

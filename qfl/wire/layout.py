@@ -69,7 +69,8 @@ NUMPY_DTYPES = {
 }
 BITS_VIEW = {torch.bfloat16: torch.int16, torch.bool: torch.uint8}
 
-LEVELS_FIXED, LEVELS_ELIAS = 0, 1
+#: Level codings; LEVELS_BUCKETED is new in version 2.
+LEVELS_FIXED, LEVELS_ELIAS, LEVELS_BUCKETED = 0, 1, 2
 INDEX_BITMAP, INDEX_RICE = 0, 1
 TAG_NONE, TAG_INT, TAG_FLOAT, TAG_FALSE, TAG_TRUE, TAG_STR = range(6)
 
