@@ -367,7 +367,7 @@ def test_bucketed_levels_refuse_negative_zero_and_wide_buckets():
     widths, offsets = B.bucketed_plan(lv, 32)
     data = B.bucketed_encode(lv, 32, widths, offsets)
     data[0] |= 0x80  # the sign bit of a zero level: -0 has no valid code
-    assert B.bucketed_decode(data, 32, widths, offsets, 255, np.empty(64, np.int16)) == B.ERR_CODE
+    assert B.bucketed_decode(data, 32, widths, offsets, 255, np.empty(64, np.int16)) == B.ERR_RANGE
     p = qfl.parse("qsgd(255, bucket=512)").compress(torch.randn(4096))
     content = bytearray(content_of(encode(p)))
     scales = p.body.scales.numpy().tobytes()

@@ -10,8 +10,8 @@ takes none). Every bucket starts on a byte boundary, so buckets code and decode
 independently (in parallel) at offsets the widths alone determine, and a group of 8
 levels of width <= 8 is exactly ``w + 1`` bytes: one 64-bit word, no bit-by-bit loop.
 
-Decoding refuses magnitudes above the operator's maximum and negative zeros (the
-encoder never writes them, so each level has exactly one code).
+Decoding refuses (``ERR_RANGE``) magnitudes above the operator's maximum and negative
+zeros (the encoder never writes them, so each level has exactly one code).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import numba as nb
 import numpy as np
 
 from ..compress.runtime import twin
-from ._bitio import ERR_CODE, ERR_RANGE, OK  # statuses: OK = 0, errors < 0
+from ._bitio import ERR_RANGE, OK
 
 #: Buckets per parallel work item.
 _BUCKETS = 1 << 8
@@ -59,39 +59,62 @@ def _code(v, w):
 
 
 @nb.njit(inline="always", cache=True)
+def _encode_groups(seg, w1, out):
+    """Whole groups of 8 codes of ``w1`` <= 8 bits, each group ``w1`` bytes. Called with
+    a literal ``w1``: after inlining, LLVM folds every shift and unrolls the loops
+    (unsigned indices: no negative-index fix-ups in the way)."""
+    w = w1 - 1
+    for g in range(seg.size // 8):
+        q = np.uint64(8 * g)
+        acc = np.uint64(0)
+        for j in range(8):
+            acc = (acc << np.uint64(w1)) | _code(seg[q + np.uint64(j)], w)
+        p = np.uint64(g * w1)
+        for k in range(w1):
+            out[p + np.uint64(k)] = np.uint8((acc >> np.uint64(8 * (w1 - 1 - k))) & np.uint64(0xFF))
+
+
+@nb.njit(inline="always", cache=True)
 def _encode_bucket(seg, w, out):
     w1 = w + 1
-    if w1 <= 8:  # 8 codes fill exactly w1 bytes of one word
-        whole = seg.size - seg.size % 8
+    if w1 > 8:
+        acc = np.uint64(0)
+        nacc = 0
         p = 0
-        for g in range(0, whole, 8):
-            acc = np.uint64(0)
-            for j in range(8):
-                acc = (acc << np.uint64(w1)) | _code(seg[g + j], w)
-            for k in range(w1):
-                out[p + k] = np.uint8((acc >> np.uint64(8 * (w1 - 1 - k))) & np.uint64(0xFF))
-            p += w1
-        rest = seg.size - whole
-        if rest:
-            acc = np.uint64(0)
-            for j in range(rest):
-                acc = (acc << np.uint64(w1)) | _code(seg[whole + j], w)
-            acc <<= np.uint64(w1 * (8 - rest))
-            for k in range((rest * w1 + 7) // 8):
-                out[p + k] = np.uint8((acc >> np.uint64(8 * (w1 - 1 - k))) & np.uint64(0xFF))
+        for i in range(seg.size):
+            acc = (acc << np.uint64(w1)) | _code(seg[i], w)
+            nacc += w1
+            while nacc >= 8:
+                nacc -= 8
+                out[p] = np.uint8((acc >> np.uint64(nacc)) & np.uint64(0xFF))
+                p += 1
+        if nacc:
+            out[p] = np.uint8((acc << np.uint64(8 - nacc)) & np.uint64(0xFF))
         return
-    acc = np.uint64(0)
-    nacc = 0
-    p = 0
-    for i in range(seg.size):
-        acc = (acc << np.uint64(w1)) | _code(seg[i], w)
-        nacc += w1
-        while nacc >= 8:
-            nacc -= 8
-            out[p] = np.uint8((acc >> np.uint64(nacc)) & np.uint64(0xFF))
-            p += 1
-    if nacc:
-        out[p] = np.uint8((acc << np.uint64(8 - nacc)) & np.uint64(0xFF))
+    if w1 == 2:
+        _encode_groups(seg, 2, out)
+    elif w1 == 3:
+        _encode_groups(seg, 3, out)
+    elif w1 == 4:
+        _encode_groups(seg, 4, out)
+    elif w1 == 5:
+        _encode_groups(seg, 5, out)
+    elif w1 == 6:
+        _encode_groups(seg, 6, out)
+    elif w1 == 7:
+        _encode_groups(seg, 7, out)
+    else:
+        _encode_groups(seg, 8, out)
+    whole = seg.size - seg.size % 8
+    rest = seg.size - whole
+    if rest:  # a last partial group: its codes from the top of the word, bytes as needed
+        p = whole // 8 * w1
+        acc = np.uint64(0)
+        for j in range(rest):
+            acc = (acc << np.uint64(w1)) | _code(seg[whole + j], w)
+        acc <<= np.uint64(w1 * (8 - rest))
+        for k in range((rest * w1 + 7) // 8):
+            out[p + k] = np.uint8((acc >> np.uint64(8 * (w1 - 1 - k))) & np.uint64(0xFF))
 
 
 @twin
@@ -105,72 +128,97 @@ def _encode(levels, bucket, widths, offsets, out):
 
 
 @nb.njit(inline="always", cache=True)
-def _level(code, w, max_level):
-    """(level, status) of one ``w + 1``-bit code."""
+def _put_level(code, w, max_level, seg, i):
+    """Store the level of one ``w + 1``-bit code; 1 if it is invalid (a magnitude above
+    ``max_level`` or a negative zero), else 0. Branch-free."""
     a = np.int64(code & ((np.uint64(1) << np.uint64(w)) - np.uint64(1)))
-    negative = (code >> np.uint64(w)) != 0
-    status = ERR_RANGE if a > max_level else (ERR_CODE if negative and a == 0 else OK)
-    return (-a if negative else a), status
+    neg = np.int64(code >> np.uint64(w))
+    seg[i] = (a ^ -neg) + neg
+    return np.int64(a > max_level) | (neg & np.int64(a == 0))
+
+
+@nb.njit(inline="always", cache=True)
+def _decode_groups(data, w1, max_level, seg):
+    """Inverse of ``_encode_groups`` (also called with a literal ``w1``); 1 if any code
+    is invalid. Unsigned indices: numba then needs no negative-index fix-up, which
+    would keep LLVM from merging the byte loads."""
+    w = w1 - 1
+    mask = (np.uint64(1) << np.uint64(w1)) - np.uint64(1)
+    amask = (np.uint64(1) << np.uint64(w)) - np.uint64(1)
+    bad = np.int64(0)
+    for g in range(seg.size // 8):
+        p = np.uint64(g * w1)
+        acc = np.uint64(0)
+        for k in range(w1):
+            acc = (acc << np.uint64(8)) | np.uint64(data[p + np.uint64(k)])
+        q = np.uint64(8 * g)
+        for j in range(8):
+            code = (acc >> np.uint64(w1 * (7 - j))) & mask
+            a = np.int64(code & amask)
+            neg = np.int64(code >> np.uint64(w))
+            seg[q + np.uint64(j)] = (a ^ -neg) + neg
+            bad |= np.int64(a > max_level) | (neg & np.int64(a == 0))
+    return bad
 
 
 @nb.njit(inline="always", cache=True)
 def _decode_bucket(data, w, max_level, seg):
     w1 = w + 1
     mask = (np.uint64(1) << np.uint64(w1)) - np.uint64(1)
-    status = OK
-    if w1 <= 8:
-        whole = seg.size - seg.size % 8
+    bad = np.int64(0)
+    if w1 > 8:
+        acc = np.uint64(0)
+        nacc = 0
         p = 0
-        for g in range(0, whole, 8):
-            acc = np.uint64(0)
-            for k in range(w1):
-                acc = (acc << np.uint64(8)) | np.uint64(data[p + k])
-            p += w1
-            for j in range(8):
-                v, s = _level((acc >> np.uint64(w1 * (7 - j))) & mask, w, max_level)
-                seg[g + j] = v
-                status = min(status, s)
-        rest = seg.size - whole
-        if rest:
-            acc = np.uint64(0)
-            nbytes = (rest * w1 + 7) // 8
-            for k in range(nbytes):
-                acc = (acc << np.uint64(8)) | np.uint64(data[p + k])
-            acc <<= np.uint64(8 * (w1 - nbytes))
-            for j in range(rest):
-                v, s = _level((acc >> np.uint64(w1 * (7 - j))) & mask, w, max_level)
-                seg[whole + j] = v
-                status = min(status, s)
-        return status
-    acc = np.uint64(0)
-    nacc = 0
-    p = 0
-    for i in range(seg.size):
-        while nacc < w1:
-            acc = (acc << np.uint64(8)) | np.uint64(data[p])
-            p += 1
-            nacc += 8
-        nacc -= w1
-        v, s = _level((acc >> np.uint64(nacc)) & mask, w, max_level)
-        seg[i] = v
-        status = min(status, s)
-    return status
+        for i in range(seg.size):
+            while nacc < w1:
+                acc = (acc << np.uint64(8)) | np.uint64(data[p])
+                p += 1
+                nacc += 8
+            nacc -= w1
+            bad |= _put_level((acc >> np.uint64(nacc)) & mask, w, max_level, seg, i)
+        return bad
+    if w1 == 2:
+        bad = _decode_groups(data, 2, max_level, seg)
+    elif w1 == 3:
+        bad = _decode_groups(data, 3, max_level, seg)
+    elif w1 == 4:
+        bad = _decode_groups(data, 4, max_level, seg)
+    elif w1 == 5:
+        bad = _decode_groups(data, 5, max_level, seg)
+    elif w1 == 6:
+        bad = _decode_groups(data, 6, max_level, seg)
+    elif w1 == 7:
+        bad = _decode_groups(data, 7, max_level, seg)
+    else:
+        bad = _decode_groups(data, 8, max_level, seg)
+    whole = seg.size - seg.size % 8
+    rest = seg.size - whole
+    if rest:
+        p = whole // 8 * w1
+        nbytes = (rest * w1 + 7) // 8
+        acc = np.uint64(0)
+        for k in range(nbytes):
+            acc = (acc << np.uint64(8)) | np.uint64(data[p + k])
+        acc <<= np.uint64(8 * (w1 - nbytes))
+        for j in range(rest):
+            bad |= _put_level((acc >> np.uint64(w1 * (7 - j))) & mask, w, max_level, seg, whole + j)
+    return bad
 
 
 @twin
-def _decode(data, bucket, widths, offsets, max_level, out, status):
+def _decode(data, bucket, widths, offsets, max_level, out, bad):
     n = out.size
-    for c in nb.prange(status.size):
-        worst = OK
+    for c in nb.prange(bad.size):
+        worst = np.int64(0)
         for b in range(c * _BUCKETS, min(c * _BUCKETS + _BUCKETS, widths.size)):
             seg = out[b * bucket : min(b * bucket + bucket, n)]
             w = np.int64(widths[b])
             if w:
-                s = _decode_bucket(data[offsets[b] : offsets[b + 1]], w, max_level, seg)
-                worst = min(worst, s)
+                worst |= _decode_bucket(data[offsets[b] : offsets[b + 1]], w, max_level, seg)
             else:
                 seg[:] = 0
-        status[c] = worst
+        bad[c] = worst
 
 
 def bucketed_plan(levels: np.ndarray, bucket: int) -> tuple[np.ndarray, np.ndarray]:
@@ -207,6 +255,6 @@ def bucketed_decode(
     """Inverse of :func:`bucketed_encode` into ``out``; returns a status code. ``data``
     must hold exactly ``offsets[-1]`` bytes and every width must be at most the bit
     length of ``max_level`` (the caller checks both)."""
-    status = np.zeros((widths.size + _BUCKETS - 1) // _BUCKETS, np.int64)
-    _decode(out.size, data, bucket, widths, offsets, max_level, out, status)
-    return int(status.min()) if status.size else OK
+    bad = np.zeros((widths.size + _BUCKETS - 1) // _BUCKETS, np.int64)
+    _decode(out.size, data, bucket, widths, offsets, max_level, out, bad)
+    return ERR_RANGE if bad.any() else OK
