@@ -345,7 +345,9 @@ def test_bucketed_levels_round_trip_at_the_defined_size(kernel_mode):
             tops = rng.choice([0, 1, 2, 5, 40, s], size=(n + bucket - 1) // bucket)
             lv = (rng.integers(-(2**31), 2**31, n) % (np.repeat(tops, bucket)[:n] + 1)).astype(dt)
             lv *= rng.choice([-1, 1], n).astype(dt)
-            widths, offsets = B.bucketed_plan(lv, bucket)
+            widths, offsets, elias_bound = B.bucketed_plan(lv, bucket)
+            exact = int(B.elias_block_bits(lv).sum())
+            assert elias_bound <= exact
             per_bucket = [lv[i : i + bucket] for i in range(0, n, bucket)]
             expected_w = [int(np.abs(b.astype(np.int64)).max()).bit_length() for b in per_bucket]
             assert widths.tolist() == expected_w
@@ -361,10 +363,20 @@ def test_bucketed_levels_round_trip_at_the_defined_size(kernel_mode):
                 assert B.bucketed_decode(data, bucket, widths, offsets, top - 1, out) == B.ERR_RANGE
 
 
+def test_bucketed_plan_bounds_elias_from_below():
+    # Per nonzero level: a gap (>= 1 bit), a sign, omega(|level|) -- counted up to |level|
+    # 16, where the first five steps of the omega length are.
+    lv = np.arange(-40000, 40001, dtype=np.int32)
+    nonzero = np.abs(lv[lv != 0].astype(np.int64))
+    bound = B.bucketed_plan(lv, 1000)[2]
+    assert bound == int((2 + B.omega_lengths(np.minimum(nonzero, 16))).sum())
+    assert bound <= int((2 + B.omega_lengths(nonzero)).sum())
+
+
 def test_bucketed_levels_refuse_negative_zero_and_wide_buckets():
     lv = np.zeros(64, np.int16)
     lv[1] = 9  # bucket 0: width 4, its first level is 0
-    widths, offsets = B.bucketed_plan(lv, 32)
+    widths, offsets, _ = B.bucketed_plan(lv, 32)
     data = B.bucketed_encode(lv, 32, widths, offsets)
     data[0] |= 0x80  # the sign bit of a zero level: -0 has no valid code
     assert B.bucketed_decode(data, 32, widths, offsets, 255, np.empty(64, np.int16)) == B.ERR_RANGE

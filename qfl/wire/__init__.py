@@ -31,7 +31,7 @@ def warm_level_coders() -> None:
     the operators alone may not reach these."""
     for dtype, top in ((np.int8, 127), (np.int16, 300), (np.int32, 70000)):
         levels = (np.arange(3000) % (2 * top + 1) - top).astype(dtype)
-        widths, offsets = bucketed_plan(levels, 100)
+        widths, offsets, _ = bucketed_plan(levels, 100)
         data = bucketed_encode(levels, 100, widths, offsets)
         bucketed_decode(data, 100, widths, offsets, top, np.empty_like(levels))
 

@@ -142,16 +142,17 @@ class _Encoder:
         lv = part.levels.contiguous().numpy()
         width = int(2 * max_level).bit_length()
         b = min(bucket or lv.size, lv.size) or 1
-        # The smallest of three codings: fixed width, fixed width per bucket (only with
-        # several buckets: one bucket's width is the fixed width's, give or take a bit),
-        # Elias -- the last coded only when a cheap lower bound leaves it a chance.
-        best_bits, per_bucket = lv.size * width, None
-        if lv.size > b:
-            widths, offsets = B.bucketed_plan(lv, b)
+        # The smallest of three codings: fixed width, fixed width per bucket, Elias. One
+        # pass sizes the second and bounds the third from below; Elias is coded only
+        # when that bound leaves it a chance.
+        best_bits, per_bucket, elias = lv.size * width, None, None
+        if lv.size:
+            widths, offsets, elias_bound = B.bucketed_plan(lv, b)
             bits = 8 * (widths.size + int(offsets[-1]))
             if bits < best_bits:
                 best_bits, per_bucket = bits, (widths, offsets)
-        elias = B.elias_encode_if_smaller(lv, best_bits) if lv.size else None
+            if elias_bound < best_bits:
+                elias = B.elias_encode_if_smaller(lv, best_bits)
         if elias is not None:
             block_bits, stream = elias
             self.put(bytes([LEVELS_ELIAS]))
