@@ -44,34 +44,40 @@ def _elias_floor(a):
     return 3 * np.int32(a >= 1) + 2 * np.int32(a >= 2) + 3 * np.int32(a >= 4) + np.int32(a >= 8) + 4 * np.int32(a >= 16)
 
 
-#: Elements per int32 partial sum of the Elias bound (13 bits at most per element).
+#: Most elements per work item of the planning pass (int32 partial sums of <= 13 bits each).
 _SPAN = 1 << 16
 
 
-@nb.njit(cache=True)
-def _plan(levels, bucket, widths, offsets):
-    """Per bucket: the bit length of its largest |level| (``widths``) and where its
-    codes start (``offsets``, bytes, one more entry than buckets). Returns a lower bound
-    on the Elias coding's bits, so that one call decides between the codings. Serial,
-    two vectorised loops (a per-bucket max, then flat sums): memory-bound."""
+@twin
+def _scan(levels, bucket, parts, size, top, elias):
+    """Per work item (``parts`` consecutive items per bucket, ``size`` elements each,
+    never straddling buckets): the largest |level| and the Elias bound of its levels."""
     n = levels.size
+    for i in nb.prange(top.size):
+        lo = (i // parts) * bucket + (i % parts) * size
+        hi = min(lo + size, (i // parts + 1) * bucket, n)
+        seg = levels[lo:hi]
+        m = np.int32(0)
+        t = np.int32(0)
+        for j in range(seg.size):
+            a = abs(np.int32(seg[j]))
+            m = max(m, a)
+            t += _elias_floor(a)
+        top[i] = m
+        elias[i] = t
+
+
+@nb.njit(cache=True)
+def _layout(top, parts, n, bucket, widths, offsets):
+    """Widths from the work items' maxima; each bucket's byte offset."""
     offsets[0] = 0
     for b in range(widths.size):
-        seg = levels[b * bucket : min(b * bucket + bucket, n)]
-        m = np.int32(0)
-        for i in range(seg.size):
-            m = max(m, abs(np.int32(seg[i])))
+        m = 0
+        for i in range(b * parts, (b + 1) * parts):
+            m = max(m, top[i])
         w = _bit_length(m)
         widths[b] = w
-        offsets[b + 1] = offsets[b] + ((seg.size * (w + 1) + 7) // 8 if w else 0)
-    elias = np.int64(0)
-    for lo in range(0, n, _SPAN):
-        part = levels[lo : min(lo + _SPAN, n)]
-        t = np.int32(0)
-        for i in range(part.size):
-            t += _elias_floor(abs(np.int32(part[i])))
-        elias += t
-    return elias
+        offsets[b + 1] = offsets[b] + ((min(bucket, n - b * bucket) * (w + 1) + 7) // 8 if w else 0)
 
 
 @nb.njit(inline="always", cache=True)
@@ -247,11 +253,17 @@ def bucketed_plan(levels: np.ndarray, bucket: int) -> tuple[np.ndarray, np.ndarr
     """(widths, byte offsets, Elias bound) of the bucketed coding of ``levels``: its size
     in bytes is ``len(widths) + offsets[-1]``; the Elias coding of the same levels takes
     at least the bound's bits."""
-    nbk = (levels.size + bucket - 1) // bucket
+    n = levels.size
+    nbk = (n + bucket - 1) // bucket
+    parts = (bucket + _SPAN - 1) // _SPAN  # work items per bucket (one for small buckets)
+    size = (bucket + parts - 1) // parts
+    top = np.zeros(nbk * parts, np.int32)  # items past the end of the last bucket stay empty
+    elias = np.zeros(nbk * parts, np.int64)
+    _scan(n, levels, bucket, parts, size, top, elias)
     widths = np.empty(nbk, np.uint8)
     offsets = np.empty(nbk + 1, np.int64)
-    elias = int(_plan(levels, bucket, widths, offsets))
-    return widths, offsets, elias
+    _layout(top, parts, n, bucket, widths, offsets)
+    return widths, offsets, int(elias.sum())
 
 
 def bucketed_encode(levels: np.ndarray, bucket: int, widths: np.ndarray, offsets: np.ndarray) -> np.ndarray:
