@@ -304,17 +304,24 @@ def test_elias_blocks_of_mixed_density_round_trip(kernel_mode):
             assert B.elias_decode(padded, short, n, s, np.zeros(n, dt)) != B.OK
 
 
-def test_levels_coding_choice_is_exactly_the_smaller(kernel_mode):
-    # Dense Gaussian grid(8) levels: Elias (~10.6 bits) loses to 8-bit fixed width, which
-    # the lower bound settles; heavy-tailed ones: Elias (~3 bits) wins.
+def test_levels_coding_choice_trades_bytes_for_speed_by_fixed_shares(kernel_mode):
+    # Block widths replace the fixed width only when they save more than 1/8 of its bits,
+    # Elias replaces either for grid levels only when it saves more than 1/4 (for QSGD's
+    # whenever it is smaller: test_qsgd_sqrt_d_levels_within_paper_bound). Dense Gaussian grid(8)
+    # levels: blocks would save ~11%, so fixed width; heavy-tailed ones: Elias (~1 bit).
     torch.manual_seed(5)
-    for x, fixed in ((torch.randn(300_000), True), (torch.randn(300_000) ** 9, False)):
+    for x, expect in ((torch.randn(300_000), "fixed"), (torch.randn(300_000) ** 9, "elias")):
         p = qfl.parse("grid(8)").compress(x)
         lv = p.body.levels.numpy()
-        elias_bits = int(B.elias_block_bits(lv).sum())
-        assert (elias_bits >= 8 * lv.size) == fixed
+        fixed = 8 * lv.size
+        widths, offsets, _ = B.bucketed_plan(lv, wire.layout.WIDTH_BLOCK)
+        blocks = 8 * (1 + widths.size + int(offsets[-1]))
+        elias = int(B.elias_block_bits(lv).sum())
+        best = blocks if 8 * blocks < 7 * fixed else fixed
+        choice = "elias" if elias < 3 * best // 4 else ("blocks" if best == blocks else "fixed")
+        assert choice == expect
         blob = encode(p)
-        expected = lv.size if fixed else (elias_bits + 7) // 8
+        expected = {"fixed": fixed, "elias": elias, "blocks": blocks}[choice] // 8
         assert expected < len(blob) < expected + 100 + 3 * (lv.size // B.BLOCK + 1)
         assert torch.equal(decode(blob).decompress(), p.decompress())
 
@@ -385,9 +392,13 @@ def test_bucketed_levels_refuse_negative_zero_and_wide_buckets():
     scales = p.body.scales.numpy().tobytes()
     mode_at = bytes(content).find(scales) + len(scales)  # the levels coding follows the scales
     assert content[mode_at] == 2  # LEVELS_BUCKETED
-    widths_at = mode_at + 1
+    assert content[mode_at + 1] == wire.layout.WIDTH_BLOCK  # block size, a one-byte varint
+    widths_at = mode_at + 2
     content[widths_at] = 9  # levels up to 255 have at most 8 bits
-    with pytest.raises(WireFormatError, match="bucket width"):
+    with pytest.raises(WireFormatError, match="block width"):
+        decode(frame(bytes(content)))
+    content[widths_at - 1] = 0  # a block of no levels
+    with pytest.raises(WireFormatError, match="width block"):
         decode(frame(bytes(content)))
 
 

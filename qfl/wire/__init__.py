@@ -1,7 +1,9 @@
 """Payloads to bytes and back: real bit-level coding with a validated, versioned header.
 
-``encode(payload) -> bytes`` and ``decode(bytes) -> payload``. Levels are bit-packed
-or Elias-omega coded (QSGD's coding of gaps and levels), whichever is smaller; sparse
+``encode(payload) -> bytes`` and ``decode(bytes) -> payload``. Levels are bit-packed at
+one width, at a width per block, or Elias-omega coded (QSGD's coding of gaps and
+levels), a slower coding only when it saves a set share of the bytes (see
+``format._Encoder.levels``); sparse
 positions are Rice-coded gaps or a bitmap, whichever is smaller; rand-k sends only its
 seed. Decoding raises :class:`WireFormatError` for anything that is not a valid blob,
 after checking sizes against :class:`Limits` and before allocating.

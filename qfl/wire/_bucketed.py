@@ -1,14 +1,15 @@
-"""Levels coded at a fixed width chosen per bucket (wire format 2's ``LEVELS_BUCKETED``).
+"""Levels coded at a fixed width chosen per block (wire format 2's ``LEVELS_BUCKETED``).
 
-Bucketed QSGD scales every bucket by its own norm, so most buckets use only a few low
-bits: ``qsgd(255, bucket=512)`` on Gaussian data has |levels| up to ~40 in a typical
-bucket, 6 magnitude bits where the format-wide fixed width spends 9, and Elias-omega
-(8.3 bits per level there) costs ~3 ns per level to code. Here each bucket states its
-width ``w`` (the bit length of its largest |level|, one byte per bucket) and every
-level takes ``w + 1`` bits: a sign bit, then ``w`` magnitude bits (a bucket of zeros
-takes none). Every bucket starts on a byte boundary, so buckets code and decode
-independently (in parallel) at offsets the widths alone determine, and a group of 8
-levels of width <= 8 is exactly ``w + 1`` bytes: one 64-bit word, no bit-by-bit loop.
+Scaled levels use few of their bits almost everywhere: ``qsgd(255, bucket=512)`` on
+Gaussian data has |levels| up to ~40 in a typical bucket, 6 magnitude bits where the
+format-wide fixed width spends 9, and a real update's grid(8) levels are mostly 0 or
++-1 outside a few blocks. Elias-omega codes both compactly but at ~3 ns per level.
+Here each block of levels (the blob states the block size; the functions below call it
+``bucket``) states its width ``w`` (the bit length of its largest |level|, one byte per
+block) and every level takes ``w + 1`` bits: a sign bit, then ``w`` magnitude bits (a
+block of zeros takes none). Every block starts on a byte boundary, so blocks code and
+decode independently (in parallel) at offsets the widths alone determine, and a group
+of 8 levels of width <= 8 is exactly ``w + 1`` bytes: one 64-bit word, no bit loop.
 
 Decoding refuses (``ERR_RANGE``) magnitudes above the operator's maximum and negative
 zeros (the encoder never writes them, so each level has exactly one code).

@@ -33,6 +33,7 @@ SPECS = (
     "bf16",
     "qsgd(16)",
     "qsgd(3, norm=max, bucket=32)",
+    "qsgd(255, bucket=64)",  # levels at a width per bucket
     "qsgd(5000)",
     "qsgd(1073741824)",
     "qsgd(2, bucket=1)",
