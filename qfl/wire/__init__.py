@@ -16,7 +16,7 @@ goes here together with its bound in ``tests/expected.py``; ``fuzz`` drives the 
 import numpy as np
 
 from ._bits import BLOCK as ELIAS_BLOCK
-from ._bits import bucketed_decode, bucketed_encode, bucketed_plan, omega_lengths
+from ._bits import bucketed_decode, bucketed_encode, bucketed_plan, elias_gap_bits, omega_lengths
 from .format import decode, decode_all, encode
 from .layout import DEFAULT_LIMITS, MAGIC, VERSION, Limits, WireFormatError
 
@@ -36,6 +36,7 @@ def warm_level_coders() -> None:
         widths, offsets, _ = bucketed_plan(levels, 100)
         data = bucketed_encode(levels, 100, widths, offsets)
         bucketed_decode(data, 100, widths, offsets, top, np.empty_like(levels))
+        elias_gap_bits(levels)
 
 
 #: ``Array.stype`` of a Flower Array whose ``data`` is one or more qfl blobs.

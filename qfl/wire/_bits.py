@@ -31,7 +31,7 @@ from ._bitio import (
     reader_at,
     refill,
 )
-from ._bucketed import bucketed_decode, bucketed_encode, bucketed_offsets, bucketed_plan
+from ._bucketed import bucketed_decode, bucketed_encode, bucketed_offsets, bucketed_plan, elias_gap_bits
 from ._elias import (
     BLOCK,
     elias_block_bits,
@@ -56,6 +56,7 @@ __all__ = [
     "elias_decode",
     "elias_encode",
     "elias_encode_if_smaller",
+    "elias_gap_bits",
     "elias_size_lower_bound",
     "omega_code_slow",
     "omega_lengths",

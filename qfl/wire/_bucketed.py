@@ -29,51 +29,26 @@ _BUCKETS = 1 << 8
 
 
 @nb.njit(inline="always", cache=True)
-def _bit_length(m):
-    w = 0
-    while m:
-        m >>= 1
-        w += 1
-    return w
-
-
-@nb.njit(inline="always", cache=True)
 def _elias_floor(a):
     """At most what a level of magnitude ``a`` costs in QSGD's Elias coding, its gap
-    aside: 0 for a zero, else a gap (>= 1 bit), a sign and omega(a), whose length steps
-    up by 2, 3, 1 and 4 bits at 2, 4, 8 and 16 (further steps are left out: five tests
-    vectorise cheaply, and the bound only needs to be low)."""
+    beyond 1 bit aside (:func:`elias_gap_bits`): 0 for a zero, else a gap (>= 1 bit), a
+    sign and omega(a), whose length steps up by 2, 3, 1 and 4 bits at 2, 4, 8 and 16
+    (further steps are left out: five tests vectorise cheaply, and the bound only needs
+    to be low)."""
     return 3 * np.int32(a >= 1) + 2 * np.int32(a >= 2) + 3 * np.int32(a >= 4) + np.int32(a >= 8) + 4 * np.int32(a >= 16)
 
 
-@nb.njit(inline="always", cache=True)
-def _elias_bound(seg):
-    """Lower bound on the Elias bits of the levels of ``seg`` (which lies within one
-    Elias block): :func:`_elias_floor` per level, plus what its gap costs beyond 1 bit
-    when the levels just before it, seen in ``seg``, are zeros (gap >= 2: omega >= 3
-    bits; gap >= 4: >= 6). Without the gaps the bound is far too low for sparse levels
-    (a real update's grid(8) levels: 2.5 bits against Elias' 3.0)."""
-    t = np.int32(0)
-    for j in range(seg.size):
-        t += _elias_floor(abs(np.int32(seg[j])))
-    for j in range(1, seg.size):
-        t += 2 * np.int32((seg[j] != 0) & (seg[j - 1] == 0))
-    for j in range(3, seg.size):
-        t += 3 * np.int32((seg[j] != 0) & (seg[j - 1] == 0) & (seg[j - 2] == 0) & (seg[j - 3] == 0))
-    return t
-
-
-#: Most elements per work item of the planning pass (int32 partial sums of <= 18 bits
-#: each); a multiple of the Elias block, so that items starting at a multiple of it
-#: never straddle one.
-_SPAN = 1 << 16
+#: Most elements per work item of the planning passes (int32 partial sums of <= 18 bits
+#: each); the Elias block, so that items of the gap pass are exactly its blocks.
+_SPAN = ELIAS_BLOCK
 
 
 @twin
 def _scan(levels, bucket, parts, size, per, top, elias):
     """Per unit (``parts`` units of ``size`` elements per bucket, never straddling one):
-    the largest |level|. Per work item of ``per`` consecutive units: the Elias bound of
-    its levels, cut at Elias block boundaries."""
+    the largest |level|; per work item of ``per`` consecutive units: :func:`_elias_floor`
+    summed over its levels. Two loops (a short one per unit, a long one per item) run
+    several times faster than one loop doing both per unit of 64 levels."""
     n = levels.size
     for it in nb.prange(elias.size):
         u0 = it * per
@@ -85,28 +60,44 @@ def _scan(levels, bucket, parts, size, per, top, elias):
             for j in range(seg.size):
                 m = max(m, abs(np.int32(seg[j])))
             top[u] = m
-        lo = min((u0 // parts) * bucket + (u0 % parts) * size, n)
         last = u1 - 1
+        lo = min((u0 // parts) * bucket + (u0 % parts) * size, n)
         hi = min((last // parts) * bucket + (last % parts) * size + size, (last // parts + 1) * bucket, n)
-        t = np.int64(0)
-        while lo < hi:
-            cut = min(hi, (lo // ELIAS_BLOCK + 1) * ELIAS_BLOCK)
-            t += _elias_bound(levels[lo:cut])
-            lo = cut
-        elias[it] = t
+        seg = levels[lo:hi]
+        f = np.int32(0)
+        for j in range(seg.size):
+            f += _elias_floor(abs(np.int32(seg[j])))
+        elias[it] = f
 
 
-@nb.njit(cache=True)
-def _layout(top, parts, n, bucket, widths, offsets):
-    """Widths from the work items' maxima; each bucket's byte offset."""
-    offsets[0] = 0
-    for b in range(widths.size):
-        m = 0
-        for i in range(b * parts, (b + 1) * parts):
-            m = max(m, top[i])
-        w = _bit_length(m)
-        widths[b] = w
-        offsets[b + 1] = offsets[b] + ((min(bucket, n - b * bucket) * (w + 1) + 7) // 8 if w else 0)
+@twin
+def _gaps(levels, out):
+    """Per Elias block: what its gaps cost beyond 1 bit each, as far as the three levels
+    before each level show (after a zero: gap >= 2, omega >= 3 bits; after three zeros:
+    gap >= 4, omega >= 6). Shifted views instead of ``seg[j - k]`` keep the reads at
+    unit stride."""
+    n = levels.size
+    for b in nb.prange(out.size):
+        seg = levels[b * ELIAS_BLOCK : min(b * ELIAS_BLOCK + ELIAS_BLOCK, n)]
+        t = np.int32(0)
+        for j in range(1, min(3, seg.size)):
+            t += 2 * np.int32((seg[j] != 0) & (seg[j - 1] == 0))
+        if seg.size > 3:
+            v, p1, p2, p3 = seg[3:], seg[2:-1], seg[1:-2], seg[:-3]
+            for j in range(v.size):
+                after1 = (v[j] != 0) & (p1[j] == 0)
+                t += 2 * np.int32(after1) + 3 * np.int32(after1 & (p2[j] == 0) & (p3[j] == 0))
+        out[b] = t
+
+
+def elias_gap_bits(levels: np.ndarray) -> int:
+    """Lower bound on what the gaps of the Elias coding of ``levels`` cost beyond one
+    bit each: added to :func:`bucketed_plan`'s bound when that alone leaves Elias a
+    chance (for sparse levels it is far too low without: a real update's grid(8)
+    levels, 2.5 bits per level against Elias' 3.0; with the gaps, 3.03)."""
+    out = np.zeros((levels.size + ELIAS_BLOCK - 1) // ELIAS_BLOCK, np.int64)
+    _gaps(levels.size, levels, out)
+    return int(out.sum())
 
 
 @nb.njit(inline="always", cache=True)
@@ -290,10 +281,9 @@ def bucketed_plan(levels: np.ndarray, bucket: int) -> tuple[np.ndarray, np.ndarr
     top = np.zeros(nbk * parts, np.int32)  # units past the end of the last bucket stay empty
     elias = np.zeros((top.size + per - 1) // per, np.int64)
     _scan(n, levels, bucket, parts, size, per, top, elias)
-    widths = np.empty(nbk, np.uint8)
-    offsets = np.empty(nbk + 1, np.int64)
-    _layout(top, parts, n, bucket, widths, offsets)
-    return widths, offsets, int(elias.sum())
+    tops = top if parts == 1 else top.reshape(nbk, parts).max(axis=1)
+    widths = np.frexp(tops.astype(np.float64))[1].astype(np.uint8)  # bit lengths, exact
+    return widths, bucketed_offsets(widths, n, bucket), int(elias.sum())
 
 
 def bucketed_encode(levels: np.ndarray, bucket: int, widths: np.ndarray, offsets: np.ndarray) -> np.ndarray:

@@ -159,6 +159,8 @@ class _Encoder:
             if 8 * block_bits < 7 * bits:
                 bits, per_block = block_bits, (blk, widths, offsets)
             limit = bits if exact else 3 * bits // 4
+            if elias_bound < limit:  # a second pass bounds what the gaps cost
+                elias_bound += B.elias_gap_bits(lv)
             if elias_bound < limit:
                 elias = B.elias_encode_if_smaller(lv, limit)
         if elias is not None:
