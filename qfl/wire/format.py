@@ -159,7 +159,10 @@ class _Encoder:
             if 8 * block_bits < 7 * bits:
                 bits, per_block = block_bits, (blk, widths, offsets)
             limit = bits if exact else 3 * bits // 4
-            if elias_bound < limit:  # a second pass bounds what the gaps cost
+            # A second pass bounds what the gaps cost: at most 5 bits per nonzero level,
+            # which the first bound counts at >= 3, so it can only rule Elias out when
+            # 8/3 of the first bound reaches the limit.
+            if 3 * limit <= 8 * elias_bound < 8 * limit:
                 elias_bound += B.elias_gap_bits(lv)
             if elias_bound < limit:
                 elias = B.elias_encode_if_smaller(lv, limit)
