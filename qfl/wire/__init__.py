@@ -14,9 +14,12 @@ goes here together with its bound in ``tests/expected.py``; ``fuzz`` drives the 
 """
 
 import numpy as np
+import torch
 
+from ..compress import QSGD, Grid, Levels, Payload
+from ..compress.quantizers import level_dtype
 from ._bits import BLOCK as ELIAS_BLOCK
-from ._bits import bucketed_decode, bucketed_encode, bucketed_plan, elias_gap_bits, omega_lengths
+from ._bits import omega_lengths
 from .format import decode, decode_all, encode
 from .layout import DEFAULT_LIMITS, MAGIC, VERSION, Limits, WireFormatError
 
@@ -28,15 +31,25 @@ def warm_other_kernels() -> None:
 
 
 def warm_level_coders() -> None:
-    """Code levels per bucket in every level dtype, in the variant (serial or parallel)
-    the caller forces: which coding an operator's payload gets depends on its data, so
-    the operators alone may not reach these."""
-    for dtype, top in ((np.int8, 127), (np.int16, 300), (np.int32, 70000)):
-        levels = (np.arange(3000) % (2 * top + 1) - top).astype(dtype)
-        widths, offsets, _ = bucketed_plan(levels, 100)
-        data = bucketed_encode(levels, 100, widths, offsets)
-        bucketed_decode(data, 100, widths, offsets, top, np.empty_like(levels))
-        elias_gap_bits(levels)
+    """Every level coding (fixed width, widths per block, Elias, and the gap pass that
+    chooses between them) for every level dtype, through ``encode`` and ``decode``, in
+    the variant (serial or parallel) the caller forces: which coding a payload gets
+    depends on its data, so the operators' own payloads may not reach them all. Going
+    through the wire brings the argument types messages bring (read-only views of the
+    blob among them)."""
+    n = 3000
+    i = np.arange(n)
+    for op, top in ((Grid(8), 127), (QSGD(300), 300), (QSGD(70000), 70000)):
+        patterns = (
+            i % (2 * top + 1) - top,  # dense and as wide as allowed: fixed width
+            i % 3 + 1,  # narrow: a width per block
+            np.where(i % 3 == 2, 1, 0),  # a nonzero in three: the gap pass decides
+            np.where(i % 50 == 0, 1, 0),  # sparse: Elias
+        )
+        for lv in patterns:
+            levels = torch.from_numpy(lv.astype(level_dtype(top)))
+            payload = Payload(op, (n,), torch.float32, Levels(torch.ones(1), levels))
+            decode(encode(payload)).decompress()
 
 
 #: ``Array.stype`` of a Flower Array whose ``data`` is one or more qfl blobs.

@@ -13,7 +13,7 @@ The length prefix makes blobs self-delimiting, so several can travel in one Flow
 flipped bit anywhere into a clean error instead of a silently wrong model. It is
 XXH3-64 (xxhash), not zlib's CRC-32 (version 1): CRC-32 read ~1.2 GB/s here and cost
 more than all the coding of an 8-bit payload (33 ms per 40 MB per side), XXH3 reads
-~15 GB/s and detects random corruption at least as well (a 64-bit digest). The
+~15 GB/s, and its 64-bit digest misses a random corruption with odds 2^-64, not 2^-32. The
 decoder checks every declared count against the bytes actually present and against
 ``Limits`` before it allocates, so a hostile or broken blob costs at most what its
 declared (and allowed) shape costs.
