@@ -21,7 +21,7 @@ from numba.core.dispatcher import Dispatcher
 
 from .compress import runtime
 from .spec import parse
-from .wire import ELIAS_BLOCK, decode, encode, warm_other_kernels
+from .wire import ELIAS_BLOCK, decode, encode, warm_level_coders, warm_other_kernels
 
 #: Every kernel a message can reach: each operator family, each level dtype (level_dtype:
 #: <= 127 int8, <= 32767 int16, else int32), both norms, signs, and chains.
@@ -99,6 +99,7 @@ def warm() -> Report:
                 for t in (x, x.double(), x.half()) if spec in ("qsgd(16)", "topk(0.01)") else (x,):
                     payload = parse(spec).compress(t, torch.Generator().manual_seed(1))
                     decode(encode(payload)).decompress()
+            warm_level_coders()
     finally:
         runtime.FORCE_PARALLEL = old
     warm_other_kernels()

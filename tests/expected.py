@@ -17,7 +17,7 @@ from qfl.compress import IDENTITY, QSGD, Chain, Grid, Operator, RandK, Sparsifie
 from qfl.wire import encode
 from qfl.wire.layout import varint
 
-#: Magic, version, length, CRC, operator ids and parameters, dtype and shape: at most this.
+#: Magic, version, length, checksum, operator ids and parameters, dtype and shape: at most this.
 HEADER_MAX = 64
 
 

@@ -347,7 +347,7 @@ def test_every_truncated_blob_is_rejected_and_the_full_blob_accepted(blob, data)
     cut = data.draw(st.integers(0, len(blob) - 1))
     with pytest.raises(WireFormatError):
         decode(blob[:cut])
-    # Truncated content re-framed with a valid CRC: rejected or (rarely) another valid payload.
+    # Truncated content re-framed with a valid checksum: rejected or (rarely) another valid payload.
     fuzz.check_one(fuzz.as_content_input(fuzz.content_of(blob)[:cut]))
     assert fuzz.check_one(fuzz.as_raw_input(blob)) is None
 

@@ -196,7 +196,7 @@ def test_random_byte_flips_raise_wire_format_error(spec, blob):
 
 @pytest.mark.parametrize("spec,blob", valid_blobs())
 def test_parser_behind_the_checksum_only_raises_wire_format_error(spec, blob):
-    """Flip and cut content under a recomputed CRC: the parser itself must hold."""
+    """Flip and cut content under a recomputed checksum: the parser itself must hold."""
     rnd = random.Random("parser" + spec)
     content = content_of(blob)
     limits = Limits(max_elements=1 << 20)
@@ -253,7 +253,7 @@ def test_declared_counts_must_match_the_operator():
 
 
 def test_stype_names_the_version():
-    assert wire.STYPE == "qfl/v1"
+    assert wire.STYPE == "qfl/v2"
 
 
 # ------------------------------------------------------ Elias coder: every code path
@@ -305,17 +305,24 @@ def test_elias_blocks_of_mixed_density_round_trip(kernel_mode):
             assert B.elias_decode(padded, short, n, s, np.zeros(n, dt)) != B.OK
 
 
-def test_levels_coding_choice_is_exactly_the_smaller(kernel_mode):
-    # Dense Gaussian grid(8) levels: Elias (~10.6 bits) loses to 8-bit fixed width, which
-    # the lower bound settles; heavy-tailed ones: Elias (~3 bits) wins.
+def test_levels_coding_choice_trades_bytes_for_speed_by_fixed_shares(kernel_mode):
+    # Block widths replace the fixed width only when they save more than 1/8 of its bits,
+    # Elias replaces either for grid levels only when it saves more than 1/4 (for QSGD's
+    # whenever it is smaller: test_qsgd_sqrt_d_levels_within_paper_bound). Dense Gaussian grid(8)
+    # levels: blocks would save ~11%, so fixed width; heavy-tailed ones: Elias (~1 bit).
     torch.manual_seed(5)
-    for x, fixed in ((torch.randn(300_000), True), (torch.randn(300_000) ** 9, False)):
+    for x, expect in ((torch.randn(300_000), "fixed"), (torch.randn(300_000) ** 9, "elias")):
         p = qfl.parse("grid(8)").compress(x)
         lv = p.body.levels.numpy()
-        elias_bits = int(B.elias_block_bits(lv).sum())
-        assert (elias_bits >= 8 * lv.size) == fixed
+        fixed = 8 * lv.size
+        widths, offsets, _ = B.bucketed_plan(lv, wire.layout.WIDTH_BLOCK)
+        blocks = 8 * (1 + widths.size + int(offsets[-1]))
+        elias = int(B.elias_block_bits(lv).sum())
+        best = blocks if 8 * blocks < 7 * fixed else fixed
+        choice = "elias" if elias < 3 * best // 4 else ("blocks" if best == blocks else "fixed")
+        assert choice == expect
         blob = encode(p)
-        expected = lv.size if fixed else (elias_bits + 7) // 8
+        expected = {"fixed": fixed, "elias": elias, "blocks": blocks}[choice] // 8
         assert expected < len(blob) < expected + 100 + 3 * (lv.size // B.BLOCK + 1)
         assert torch.equal(decode(blob).decompress(), p.decompress())
 
@@ -429,3 +436,82 @@ def test_pack_refuses_names_it_cannot_write():
     for bad in ("", "n" * 4097):
         with pytest.raises(ValueError, match="1 to 4096 bytes"):
             wire.pack({bad: b""})
+
+
+# ---------------------------------------------------- levels at a fixed width per bucket
+def test_bucketed_levels_round_trip_at_the_defined_size(kernel_mode):
+    # Buckets of every width (zero buckets take no bytes), sizes that do and do not fill
+    # whole 8-level groups, a short last bucket, every level dtype.
+    rng = np.random.default_rng(7)
+    for s, dt in ((127, np.int8), (255, np.int16), (3000, np.int16), (2**30, np.int32)):
+        for bucket in (1, 7, 8, 100, 512):
+            n = int(rng.integers(1, 40 * bucket))
+            tops = rng.choice([0, 1, 2, 5, 40, s], size=(n + bucket - 1) // bucket)
+            lv = (rng.integers(-(2**31), 2**31, n) % (np.repeat(tops, bucket)[:n] + 1)).astype(dt)
+            lv *= rng.choice([-1, 1], n).astype(dt)
+            widths, offsets, elias_bound = B.bucketed_plan(lv, bucket)
+            exact = int(B.elias_block_bits(lv).sum())
+            assert elias_bound <= exact
+            per_bucket = [lv[i : i + bucket] for i in range(0, n, bucket)]
+            expected_w = [int(np.abs(b.astype(np.int64)).max()).bit_length() for b in per_bucket]
+            assert widths.tolist() == expected_w
+            expected_bytes = [(b.size * (w + 1) + 7) // 8 if w else 0 for b, w in zip(per_bucket, expected_w)]
+            assert np.array_equal(np.diff(offsets), expected_bytes)
+            assert np.array_equal(B.bucketed_offsets(widths, n, bucket), offsets)
+            data = B.bucketed_encode(lv, bucket, widths, offsets)
+            out = np.full(n, 9, dt)  # the decoder must write every element
+            assert B.bucketed_decode(data, bucket, widths, offsets, s, out) == B.OK
+            assert np.array_equal(out, lv)
+            top = int(np.abs(lv.astype(np.int64)).max())
+            if top:  # a magnitude above the declared maximum is caught
+                assert B.bucketed_decode(data, bucket, widths, offsets, top - 1, out) == B.ERR_RANGE
+
+
+def test_bucketed_plan_and_gaps_bound_elias_from_below():
+    # Dense levels: a gap (>= 1 bit), a sign and omega(|level|) per nonzero, counted up to
+    # |level| 16, where the first five steps of the omega length are; the level after the
+    # one zero has a gap of 2 (omega: 3 bits, 2 more).
+    lv = np.arange(-40000, 40001, dtype=np.int32)
+    nonzero = np.abs(lv[lv != 0].astype(np.int64))
+    bound = B.bucketed_plan(lv, 1000)[2]
+    assert bound == int((2 + B.omega_lengths(np.minimum(nonzero, 16))).sum())
+    assert B.elias_gap_bits(lv) == 2
+    # Sparse levels: gaps of 5 cost omega(5) = 6 bits, 5 more than the plan counts (the
+    # look-back starts afresh in each Elias block, where it loses a little).
+    lv = np.zeros(300_000, np.int8)
+    lv[3::5] = 1
+    bound = B.bucketed_plan(lv, 64)[2] + B.elias_gap_bits(lv)
+    assert 7.99 * lv.sum() <= bound <= int(B.elias_block_bits(lv).sum())
+
+
+def test_bucketed_levels_refuse_negative_zero_and_wide_buckets():
+    lv = np.zeros(64, np.int16)
+    lv[1] = 9  # bucket 0: width 4, its first level is 0
+    widths, offsets, _ = B.bucketed_plan(lv, 32)
+    data = B.bucketed_encode(lv, 32, widths, offsets)
+    data[0] |= 0x80  # the sign bit of a zero level: -0 has no valid code
+    assert B.bucketed_decode(data, 32, widths, offsets, 255, np.empty(64, np.int16)) == B.ERR_RANGE
+    p = qfl.parse("qsgd(255, bucket=512)").compress(torch.randn(4096))
+    content = bytearray(content_of(encode(p)))
+    scales = p.body.scales.numpy().tobytes()
+    mode_at = bytes(content).find(scales) + len(scales)  # the levels coding follows the scales
+    assert content[mode_at] == 2  # LEVELS_BUCKETED
+    assert content[mode_at + 1] == wire.layout.WIDTH_BLOCK  # block size, a one-byte varint
+    widths_at = mode_at + 2
+    content[widths_at] = 9  # levels up to 255 have at most 8 bits
+    with pytest.raises(WireFormatError, match="block width"):
+        decode(frame(bytes(content)))
+    content[widths_at - 1] = 0  # a block of no levels
+    with pytest.raises(WireFormatError, match="width block"):
+        decode(frame(bytes(content)))
+
+
+def test_bucketed_qsgd_takes_fewer_bits_than_the_fixed_width():
+    # qsgd(255, bucket=512) on Gaussian data: |levels| ~ 11 |x| / sigma, so a bucket needs
+    # 6-7 magnitude bits where the format-wide fixed width spends 9.
+    torch.manual_seed(2)
+    x = torch.randn(100_000)
+    p = qfl.parse("qsgd(255, bucket=512)").compress(x)
+    blob = encode(p)
+    assert 8 * len(blob) < 7.5 * x.numel()
+    assert torch.equal(decode(blob).decompress(), p.decompress())

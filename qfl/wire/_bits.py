@@ -1,5 +1,6 @@
 """Bit-level codes, compiled: fixed-width packing and Rice-coded positions here;
-Elias-coded levels in ``_elias``, the bit writer/reader and omega tables in ``_bitio``.
+Elias-coded levels in ``_elias``, levels at a width per bucket in ``_bucketed``, the
+bit writer/reader and omega tables in ``_bitio``.
 This module is the wire format's one entry point to all of them.
 
 All streams are MSB-first. Rice and fixed-width writers compute exact bit lengths
@@ -30,6 +31,7 @@ from ._bitio import (
     reader_at,
     refill,
 )
+from ._bucketed import bucketed_decode, bucketed_encode, bucketed_offsets, bucketed_plan, elias_gap_bits
 from ._elias import (
     BLOCK,
     elias_block_bits,
@@ -46,10 +48,15 @@ __all__ = [
     "ERR_RANGE",
     "ERR_TRAILING",
     "OK",
+    "bucketed_decode",
+    "bucketed_encode",
+    "bucketed_offsets",
+    "bucketed_plan",
     "elias_block_bits",
     "elias_decode",
     "elias_encode",
     "elias_encode_if_smaller",
+    "elias_gap_bits",
     "elias_size_lower_bound",
     "omega_code_slow",
     "omega_lengths",

@@ -12,14 +12,14 @@ mutates *structure* (varints, counts, block lengths, truncations, splices) rathe
 only bits. Run with ``NUMBA_BOUNDSCHECK=1`` (and a fresh ``NUMBA_CACHE_DIR``) to turn any
 out-of-bounds access in a kernel into an ``IndexError``, i.e. a finding.
 
-Input layout. Every blob carries a CRC32, so nearly every mutation would be rejected
+Input layout. Every blob carries a checksum, so nearly every mutation would be rejected
 by the checksum before reaching the parser. The first input byte therefore selects
 how the rest is used: an even byte means "content": the harness frames it with a
-valid header, length and CRC (what :func:`frame` does), so mutations reach the
+valid header, length and checksum (what :func:`frame` does), so mutations reach the
 parser; an odd byte means "raw": the rest is decoded as it is (framing, checksum,
 concatenation), and raw bytes that begin with the container magic are decoded as
 the container a message carries (:mod:`qfl.wire.container`: names, lengths, and
-blobs per tensor). The decoder itself has no switch to skip the CRC.
+blobs per tensor). The decoder itself has no switch to skip the checksum.
 
 Contract checked for every input (:func:`check_one`):
 

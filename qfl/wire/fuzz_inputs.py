@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import random
 import struct
-import zlib
 from collections.abc import Sequence
 
 import torch
 
 from .container import pack
 from .format import encode, unframe
-from .layout import MAGIC, VERSION, Limits, varint
+from .layout import DIGEST_BYTES, MAGIC, VERSION, Limits, checksum, varint
 
 #: Limits the fuzzer decodes with: small enough that an input declaring the maximum
 #: costs milliseconds, large enough to cover several Elias blocks (65,536 elements each).
@@ -35,6 +34,7 @@ SPECS = (
     "bf16",
     "qsgd(16)",
     "qsgd(3, norm=max, bucket=32)",
+    "qsgd(255, bucket=64)",  # levels at a width per bucket
     "qsgd(5000)",
     "qsgd(1073741824)",
     "qsgd(2, bucket=1)",
@@ -61,8 +61,8 @@ SPECS = (
 
 # ----------------------------------------------------------------------- framing
 def frame(content: bytes) -> bytes:
-    """A blob with a valid header, length and CRC32 around arbitrary content."""
-    return MAGIC + bytes([VERSION]) + varint(len(content) + 4) + struct.pack("<I", zlib.crc32(content)) + content
+    """A blob with a valid header, length and checksum around arbitrary content."""
+    return MAGIC + bytes([VERSION]) + varint(len(content) + DIGEST_BYTES) + checksum(content) + content
 
 
 def content_of(blob: bytes) -> bytes:
