@@ -49,6 +49,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from qfl.simulations.processes import tail
 from qfl.strategies import Compressed
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,7 +77,8 @@ def machine() -> str:
 
 
 def run(fed, config: dict, nodes: int, out: Path, timeout: float) -> dict:
-    fed.run_app(
+    """One run's measurements; RuntimeError when a client failed (its figures would be missing)."""
+    flower = fed.run_app(
         APP,
         {**config, "result-path": str(out)},
         timeout=timeout,
@@ -84,6 +86,13 @@ def run(fed, config: dict, nodes: int, out: Path, timeout: float) -> dict:
     ).check()
     result = json.loads(out.read_text())
     result["rounds"] = [result["rounds"][k] for k in sorted(result["rounds"], key=int)]
+    for i, r in enumerate(result["rounds"], 1):
+        if r["errors"] or not r["clients"]:
+            raise RuntimeError(
+                f"{config['model']} ({'plain' if config['plain'] else 'qfl'}), round {i}: {r['errors']} of "
+                f"{r['replies']} replies were errors (a client crashed or ran out of memory?); the run's log "
+                f"{flower.log_path} ends:\n{tail(flower.log, 40)}"
+            )
     return result
 
 

@@ -227,16 +227,20 @@ def test_updates_held_between_the_two_passes_fit_in_one_model(monkeypatch):
     assert arrays is not None and not s.protocol.held
 
 
-@pytest.mark.parametrize("kind", [FedAvg, FedProx])
-def test_the_average_handed_back_is_what_the_inner_strategy_makes_of_it(kind, monkeypatch):
-    """FedAvg and FedProx are skipped on the one averaged reply: bit for bit what they return."""
+@pytest.mark.parametrize("kind", [FedAvg, FedProx, FedAvgMomentum])
+def test_the_inner_strategy_skipped_on_the_average_gives_its_own_result(kind, monkeypatch):
+    """FedAvg and FedProx (the average itself) and FedAvgMomentum (its step from the
+    average) are not called on the one averaged reply: bit for bit their own result, over
+    rounds (the momentum's velocity and model carry over)."""
     grid = FakeGrid(client_app(), 5)
     grid.fail = {grid.node_ids[1]: lambda m: True}
     skipping, calling = strategy(kind), strategy(kind)
-    replies = grid.send_and_receive(skipping.configure_train(1, model(), ConfigRecord(), grid))
-    calling.configure_train(1, model(), ConfigRecord(), grid)
-    out = {True: skipping.aggregate_train(1, replies)}
-    with monkeypatch.context() as m:
-        m.setattr(streaming, "AVERAGE_ONLY", frozenset())
-        out[False] = calling.aggregate_train(1, replies)
-    assert identical(out[True][0], out[False][0]) and dict(out[True][1]) == dict(out[False][1])
+    arrays = {True: model(), False: model()}
+    for rnd in (1, 2, 3):
+        replies = grid.send_and_receive(skipping.configure_train(rnd, arrays[True], ConfigRecord(), grid))
+        calling.configure_train(rnd, arrays[False], ConfigRecord(), grid)
+        arrays[True], metrics_skipping = skipping.aggregate_train(rnd, replies)
+        with monkeypatch.context() as m:
+            m.setattr(streaming, "_without_inner", lambda *a: None)
+            arrays[False], metrics_calling = calling.aggregate_train(rnd, replies)
+        assert identical(arrays[True], arrays[False]) and dict(metrics_skipping) == dict(metrics_calling)

@@ -314,10 +314,10 @@ def test_limits_refuse_nonsense():
 
 
 def test_crafted_blobs_raise_wire_errors_under_an_address_space_limit():
-    """A 36-byte blob declaring 2^28 Rice-coded positions, decoded with an address-space
+    """A 41-byte blob declaring 2^28 Rice-coded positions, decoded with an address-space
     limit 512 MB above what the process uses: a WireFormatError, never a MemoryError."""
     blob = topk_blob(1 << 28, 1 << 28, 4)
-    assert len(blob) <= 40
+    assert len(blob) <= 44  # wire v2: a 64-bit checksum
     script = textwrap.dedent(f"""
         import resource, sys
         import psutil

@@ -426,7 +426,7 @@ def test_a_containers_tensors_share_max_total_elements():
     blob = encode(qfl.parse("identity").compress(torch.zeros(100)))
     data = wire.pack({f"t{i}": blob for i in range(5)})
     assert len(wire.decode_container(data, Limits(max_total_elements=500))) == 5
-    with pytest.raises(WireFormatError, match="tensor 't4': .*the tensors before it took 400 of the max_total"):
+    with pytest.raises(WireFormatError, match="tensor 't4': .*the tensors before it took 400 of the 499 elements"):
         wire.decode_container(data, Limits(max_total_elements=499))
     # Per-tensor limits (a receiver that knows the shapes) bound each tensor alone.
     assert len(wire.decode_container(data, {f"t{i}": Limits(max_total_elements=100) for i in range(5)})) == 5
@@ -515,3 +515,19 @@ def test_bucketed_qsgd_takes_fewer_bits_than_the_fixed_width():
     blob = encode(p)
     assert 8 * len(blob) < 7.5 * x.numel()
     assert torch.equal(decode(blob).decompress(), p.decompress())
+
+
+def test_one_limits_bound_what_the_whole_container_declares():
+    """A zero-initialised bias quantizes to a few bytes: at first contact it is read within
+    the message's budget (64 declared elements per byte of the container), which still
+    refuses a small message declaring a large tensor."""
+    g = torch.Generator().manual_seed(5)
+    op = qfl.parse("grid(8)")
+    model = {"w": torch.randn(100_000, generator=g), "in_proj_bias": torch.zeros(5000)}
+    data = wire.pack({k: encode(op.compress(v, g)) for k, v in model.items()})
+    assert len(encode(op.compress(model["in_proj_bias"]))) * 64 < 5000  # alone it would exceed 64 per byte
+    decoded = wire.decode_container(data, Limits(max_expansion=64))
+    assert {k: ps[0].numel for k, ps in decoded.items()} == {"w": 100_000, "in_proj_bias": 5000}
+    small = wire.pack({"in_proj_bias": encode(op.compress(torch.zeros(50_000)))})
+    with pytest.raises(WireFormatError, match=r"tensor 'in_proj_bias': .* a \d+-byte container may declare"):
+        wire.decode_container(small, Limits(max_expansion=64))

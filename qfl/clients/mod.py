@@ -79,9 +79,10 @@ SECAGG_REASON = (
     "without SecAgg+."
 )
 #: Decoder limits when the client holds nothing to measure a message against (first
-#: contact, a resync, model mode): at most 64 declared elements per byte received. Lossless
-#: and quantized models take 1/4 to 1 byte per element, so this is never in the way of a
-#: real model, and a 16 KB message cannot make the client allocate more than 1M elements.
+#: contact, a resync, model mode): at most 64 declared elements per byte of the message, all
+#: tensors together (one zero-initialised bias may quantize to a few bytes; the whole model
+#: takes 1/4 to 1 byte per element), so a 16 KB message cannot make the client allocate
+#: more than 1M elements.
 FIRST_CONTACT = Limits(max_expansion=64)
 #: Rescaling attempts before the mod sends a zero update to keep a clipping bound.
 _CLIP_TRIES = 8

@@ -138,18 +138,34 @@ def aggregate_round(
         metrics = strategy.train_metrics_aggr_fn([RecordDict(dict(c.metric_records)) for c in contents], key)
         errors = [m for m in passed if m.has_error()]
         mean, tensors = mean_reply(protocol, accepted, key)
-        if kind in AVERAGE_ONLY:
+        done = _without_inner(strategy, kind, mean, tensors)
+        if done is not None:
             # What FedAvg.aggregate_train logs, with the real number of replies.
             log(INFO, "aggregate_train: Received %s results and %s failures", len(accepted), len(errors))
             for msg in errors:
                 log(INFO, "\t> Received error in reply from node %d: %s", msg.metadata.src_node_id, msg.error.reason)
-            arrays = next(iter(mean.content.array_records.values()))
-            return protocol.finish_train(arrays, metrics, protocol.traffic.at(server_round, "train"), tensors)
+            arrays, held = done
+            return protocol.finish_train(arrays, metrics, protocol.traffic.at(server_round, "train"), held)
         passed = [*errors, mean]
     arrays, inner_metrics = aggregate(server_round, passed)
     return protocol.finish_train(
         arrays, metrics if accepted else inner_metrics, protocol.traffic.at(server_round, "train")
     )
+
+
+def _without_inner(
+    strategy: Strategy, kind: type, mean: Message, tensors: dict[str, np.ndarray]
+) -> tuple[ArrayRecord, dict[str, np.ndarray]] | None:
+    """The inner strategy's result on the one averaged reply, as (arrays, the same as numpy
+    arrays), when qfl can give it without Flower's round trip through serialised Arrays:
+    :data:`AVERAGE_ONLY` returns the average itself, :class:`FedAvgMomentum` steps from it
+    (before its first model, FedAvgM's average alone). None for every other strategy."""
+    if kind in AVERAGE_ONLY or (kind is FedAvgMomentum and strategy.current_arrays is None):
+        return next(iter(mean.content.array_records.values())), tensors
+    if kind is FedAvgMomentum:
+        new = strategy.step(tensors)
+        return strategy.current_arrays, new
+    return None
 
 
 def mean_reply(protocol: ServerProtocol, accepted: list[Message], key: str) -> tuple[Message, dict[str, np.ndarray]]:

@@ -16,7 +16,7 @@ momentum to the rest.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord
@@ -59,22 +59,41 @@ class FedAvgMomentum(FedAvgM):
         averaged, metrics = FedAvg.aggregate_train(self, server_round, replies)
         if averaged is None or self.current_arrays is None:
             return averaged, metrics
-        out = {}
-        for key, array in averaged.items():
-            new = array.numpy()
-            if key not in self.current_arrays:
-                out[key] = Array(new)
-                continue
-            old = self.current_arrays[key].numpy()
-            if self.is_statistic(key, old):  # averaged; FedAvg's float64 average back to the model's dtype
-                out[key] = Array(
-                    np.asarray(new if np.issubdtype(old.dtype, np.floating) else np.rint(new), dtype=old.dtype)
-                )
-                continue
-            step = old - new
-            velocity = self.velocity.get(key)
-            velocity = step if velocity is None else self.server_momentum * velocity + step
-            self.velocity[key] = velocity
-            out[key] = Array(np.asarray(old - self.server_learning_rate * velocity, dtype=old.dtype))
-        self.current_arrays = ArrayRecord(out)
+        self.step({key: array.numpy() for key, array in averaged.items()})
         return self.current_arrays, metrics
+
+    def step(self, averaged: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The new model (also ``current_arrays``) from the round's weighted average.
+
+        qfl's streaming aggregation (:mod:`qfl.strategies.aggregate`) hands the average it
+        summed straight to this method: serialising it into Flower Arrays for FedAvg to
+        read back, scale by 1.0 and serialise again costs three model-sized copies.
+        """
+        current = self._current_numpy()
+        out = {}
+        for key, new in averaged.items():
+            old = current.get(key)
+            if old is None:
+                out[key] = new
+            elif self.is_statistic(key, old):  # averaged; FedAvg's float64 average back to the model's dtype
+                out[key] = np.asarray(new if np.issubdtype(old.dtype, np.floating) else np.rint(new), dtype=old.dtype)
+            else:
+                step = old - new
+                velocity = self.velocity.get(key)
+                if velocity is None:
+                    velocity = step
+                else:  # momentum * velocity + step, in place
+                    velocity *= self.server_momentum
+                    velocity += step
+                self.velocity[key] = velocity
+                out[key] = np.asarray(old - self.server_learning_rate * velocity, dtype=old.dtype)
+        self.current_arrays = ArrayRecord({key: Array(value) for key, value in out.items()})
+        self._current = (self.current_arrays, out)
+        return out
+
+    def _current_numpy(self) -> dict[str, np.ndarray]:
+        """``current_arrays`` as numpy arrays, kept from the last step while it is still current."""
+        held, arrays = getattr(self, "_current", (None, None))
+        if held is self.current_arrays and arrays is not None:
+            return arrays
+        return {key: array.numpy() for key, array in self.current_arrays.items()}

@@ -137,23 +137,28 @@ def decode_container(
 
     With a mapping, the container must carry exactly its names and each tensor is
     decoded within its own limits (a receiver that knows the shapes). With one
-    ``Limits``, any names are accepted, each tensor is decoded within them
-    (``max_expansion`` per byte of its own data) and all share ``max_total_elements``.
-    Raises WireFormatError naming the tensor.
+    ``Limits``, any names are accepted and all tensors share one budget of declared
+    elements, ``max_expansion`` per byte of the whole container within
+    ``max_total_elements``: what bounds the receiver's memory is what the message
+    declares in all, and one tensor may legitimately take far fewer bytes than its
+    elements (a zero-initialised bias quantized to a few bytes) when the message as a
+    whole does not. Raises WireFormatError naming the tensor.
     """
     per_name = isinstance(limits, Mapping)
     entries = unpack(data, limits if per_name else None)
-    budget = None if per_name else limits.max_total_elements
+    budget = None if per_name else limits.budget(len(data))
+    total = budget
     out: dict[str, list[Payload]] = {}
     for name, blob in entries.items():
-        own = limits[name] if per_name else dataclasses.replace(limits, max_total_elements=budget)
+        own = limits[name] if per_name else dataclasses.replace(limits, max_total_elements=budget, max_expansion=None)
         try:
             out[name] = decode_all(blob, own)
         except WireFormatError as exc:
-            used = 0 if per_name else limits.max_total_elements - budget
+            used = 0 if per_name else total - budget
             shared = (
-                f" (the tensors before it took {used} of the max_total_elements they share)"
-                if used and "max_total_elements" in str(exc)
+                f" (the tensors before it took {used} of the {total} elements a {len(data)}-byte container may "
+                f"declare: max_total_elements={limits.max_total_elements}, max_expansion={limits.max_expansion})"
+                if not per_name and "max_total_elements" in str(exc)
                 else ""
             )
             raise WireFormatError(f"tensor {name!r}: {exc}{shared}") from None
