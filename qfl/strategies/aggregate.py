@@ -137,8 +137,8 @@ def aggregate_round(
         validate_message_reply_consistency(contents, key, check_arrayrecord=True)
         metrics = strategy.train_metrics_aggr_fn([RecordDict(dict(c.metric_records)) for c in contents], key)
         errors = [m for m in passed if m.has_error()]
-        mean, tensors = mean_reply(protocol, accepted, key)
-        done = _without_inner(strategy, kind, mean, tensors)
+        tensors = mean_reply(protocol, accepted, key)
+        done = _without_inner(strategy, kind, tensors)
         if done is not None:
             # What FedAvg.aggregate_train logs, with the real number of replies.
             log(INFO, "aggregate_train: Received %s results and %s failures", len(accepted), len(errors))
@@ -146,7 +146,7 @@ def aggregate_round(
                 log(INFO, "\t> Received error in reply from node %d: %s", msg.metadata.src_node_id, msg.error.reason)
             arrays, held = done
             return protocol.finish_train(arrays, metrics, protocol.traffic.at(server_round, "train"), held)
-        passed = [*errors, mean]
+        passed = [*errors, _as_reply(tensors, accepted[0], key)]
     arrays, inner_metrics = aggregate(server_round, passed)
     return protocol.finish_train(
         arrays, metrics if accepted else inner_metrics, protocol.traffic.at(server_round, "train")
@@ -154,23 +154,23 @@ def aggregate_round(
 
 
 def _without_inner(
-    strategy: Strategy, kind: type, mean: Message, tensors: dict[str, np.ndarray]
+    strategy: Strategy, kind: type, tensors: dict[str, np.ndarray]
 ) -> tuple[ArrayRecord, dict[str, np.ndarray]] | None:
     """The inner strategy's result on the one averaged reply, as (arrays, the same as numpy
     arrays), when qfl can give it without Flower's round trip through serialised Arrays:
     :data:`AVERAGE_ONLY` returns the average itself, :class:`FedAvgMomentum` steps from it
     (before its first model, FedAvgM's average alone). None for every other strategy."""
     if kind in AVERAGE_ONLY or (kind is FedAvgMomentum and strategy.current_arrays is None):
-        return next(iter(mean.content.array_records.values())), tensors
+        return ArrayRecord({k: Array(v) for k, v in tensors.items()}), tensors
     if kind is FedAvgMomentum:
         new = strategy.step(tensors)
         return strategy.current_arrays, new
     return None
 
 
-def mean_reply(protocol: ServerProtocol, accepted: list[Message], key: str) -> tuple[Message, dict[str, np.ndarray]]:
-    """One reply holding the weighted mean of the accepted (still compressed) replies, and
-    that mean as arrays; each update held from the first pass or decoded again."""
+def mean_reply(protocol: ServerProtocol, accepted: list[Message], key: str) -> dict[str, np.ndarray]:
+    """The weighted mean of the accepted (still compressed) replies' models, as arrays;
+    each update held from the first pass or decoded again."""
     base: Tensors = protocol.base
     weights = [next(iter(m.content.metric_records.values()))[key] for m in accepted]
     mean = WeightedMean(base, weights)
@@ -184,12 +184,17 @@ def mean_reply(protocol: ServerProtocol, accepted: list[Message], key: str) -> t
                 # The reply passed every check with these very bytes: decoding is deterministic.
                 delta = decode_delta(decode_all(blobs[name], protocol.limits_for(t))[0])
             mean.add(name, delta, factor)
-    first, tensors = accepted[0].content, mean.tensors()
+    return mean.tensors()
+
+
+def _as_reply(tensors: dict[str, np.ndarray], first: Message, key: str) -> Message:
+    """One reply carrying the mean, for an inner strategy qfl calls (built only then: its
+    Arrays serialise the whole model)."""
     content = RecordDict(
         {
-            next(iter(first.array_records)): ArrayRecord({k: Array(v) for k, v in tensors.items()}),
+            next(iter(first.content.array_records)): ArrayRecord({k: Array(v) for k, v in tensors.items()}),
             # Its weight cancels (w / w = 1.0): 1, which no sum of huge weights can overflow.
-            next(iter(first.metric_records)): MetricRecord({key: 1}),
+            next(iter(first.content.metric_records)): MetricRecord({key: 1}),
         }
     )
-    return Message(content=content, metadata=accepted[0].metadata), tensors
+    return Message(content=content, metadata=first.metadata)
