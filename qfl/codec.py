@@ -99,12 +99,14 @@ def compress_model(
     policy: Policy,
     generator: torch.Generator | None = None,
     memory: Mapping[str, torch.Tensor] | None = None,
+    keep_sent: bool = True,
 ) -> tuple[dict[str, Payload], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Compress each tensor with its policy operator.
 
     With ``memory`` (a dict, possibly empty) error feedback is applied to every tensor
     whose operator is lossy; lossless ones need none. Returns (payloads, what the
-    receiver will rebuild, new memory).
+    receiver will rebuild, new memory); without ``keep_sent`` the second is empty, so a
+    caller that does not need it does not hold a model-sized copy of it.
     """
     payloads: dict[str, Payload] = {}
     sent: dict[str, torch.Tensor] = {}
@@ -117,7 +119,8 @@ def compress_model(
             payload = op.compress(t, generator)
             rebuilt = payload.decompress()
         payloads[name] = payload
-        sent[name] = rebuilt
+        if keep_sent:
+            sent[name] = rebuilt
     return payloads, sent, new_memory
 
 

@@ -262,14 +262,16 @@ def _compress_reply(
     for k, t in trained.items():
         if t.shape != start[k].shape:
             raise ValueError(f"{k}: returned shape {tuple(t.shape)}, received {tuple(start[k].shape)}")
-    delta = {k: model_delta(trained[k], start[k]) for k in start}
+    # One tensor at a time, dropping the trained copy as its delta exists: two model-sized
+    # dicts at once cost a large model's client a model of memory.
+    delta = {k: model_delta(trained.pop(k), start[k]) for k in list(start)}
     bad = nonfinite(delta)
     if bad is not None:
         raise ValueError(f"training produced NaN or Inf in {bad}")
     memory = _load_memory(context, delta, settings) if settings.error_feedback else None
     generator = _generator(settings, context)
     if clip is None:
-        payloads, _, new_memory = compress_model(delta, settings.uplink, generator, memory)
+        payloads, _, new_memory = compress_model(delta, settings.uplink, generator, memory, keep_sent=False)
     else:
         payloads, new_memory = _clipped(delta, settings, generator, memory, clip)
     return rkey, encode_record(payloads), new_memory if settings.error_feedback else None, record_bytes(record)
