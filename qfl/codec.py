@@ -154,12 +154,17 @@ def apply_delta(base: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
     if _numpy_ok(base) and _numpy_ok(update):
         # The same IEEE operations in numpy, which runs them in the calling thread: torch's
         # elementwise kernels start a parallel region per call, slow on a busy server.
-        w = np.float64 if work == torch.float64 else np.float32
+        w = numpy_memory_dtype(base.dtype)
         b, u = base.detach().numpy(), update.detach().numpy()
         return torch.from_numpy(
             np.asarray(b.astype(w, copy=False) + u.astype(w, copy=False)).astype(b.dtype, copy=False)
         )
     return (base.to(work) + update.to(work)).to(base.dtype)
+
+
+def numpy_memory_dtype(dtype: torch.dtype) -> type:
+    """:func:`qfl.memory.memory_dtype` as a numpy type."""
+    return np.float64 if memory_dtype(dtype) == torch.float64 else np.float32
 
 
 def gather(t: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:

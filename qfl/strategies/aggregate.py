@@ -43,7 +43,7 @@ from flwr.serverapp.strategy.strategy_utils import validate_message_reply_consis
 from flwr.supercore import log
 
 from ..clients.records import record_blobs
-from ..codec import Delta, SparseDelta, Tensors, apply_delta, decode_delta, dense, is_float
+from ..codec import Delta, SparseDelta, Tensors, apply_delta, decode_delta, dense, is_float, numpy_memory_dtype
 from ..memory import memory_dtype
 from ..wire import decode_all
 from .momentum import FedAvgMomentum
@@ -100,7 +100,7 @@ class WeightedMean:
             return
         total = self.sums.get(key)
         if total is None:
-            total = self.sums[key] = np.zeros(t.numel(), torch.empty(0, dtype=memory_dtype(t.dtype)).numpy().dtype)
+            total = self.sums[key] = np.zeros(t.numel(), numpy_memory_dtype(t.dtype))
         if isinstance(delta, SparseDelta):
             # Positions are strictly increasing (checked when decoded): each is added once,
             # and ufunc.at (numpy >= 2 has a fast path for it) beats fancy-index +=, 7x.

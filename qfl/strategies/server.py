@@ -415,8 +415,8 @@ class ServerProtocol:
         instead of deserialising ``arrays`` again."""
         if arrays is not None:
             try:
-                held = {k: torch.from_numpy(v) for k, v in tensors.items()} if tensors is not None else None
-                bad = out_of_range(held if held is not None else to_tensors(arrays))
+                given = {k: torch.from_numpy(v) for k, v in tensors.items()} if tensors is not None else None
+                bad = out_of_range(given if given is not None else to_tensors(arrays))
             except ValueError:
                 bad = None  # not a plain model: nothing qfl can check
             if bad is not None:
