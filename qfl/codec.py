@@ -6,13 +6,13 @@ memory or replica) and the receiver's reconstruction come from the same code.
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Union
 
 import numpy as np
 import torch
+import xxhash
 
 from .compress import Identity, Payload, Sparse
 from .compress.base import FLOAT_DTYPES
@@ -100,18 +100,22 @@ def compress_model(
     generator: torch.Generator | None = None,
     memory: Mapping[str, torch.Tensor] | None = None,
     keep_sent: bool = True,
+    consume: bool = False,
 ) -> tuple[dict[str, Payload], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Compress each tensor with its policy operator.
 
     With ``memory`` (a dict, possibly empty) error feedback is applied to every tensor
     whose operator is lossy; lossless ones need none. Returns (payloads, what the
     receiver will rebuild, new memory); without ``keep_sent`` the second is empty, so a
-    caller that does not need it does not hold a model-sized copy of it.
+    caller that does not need it does not hold a model-sized copy of it. With
+    ``consume`` each tensor is popped from ``tensors`` (then a dict) once compressed:
+    the update is released as the new memory grows, not held beside all of it.
     """
     payloads: dict[str, Payload] = {}
     sent: dict[str, torch.Tensor] = {}
     new_memory: dict[str, torch.Tensor] = {}
-    for name, t in tensors.items():
+    for name in list(tensors):
+        t = tensors.pop(name) if consume else tensors[name]  # type: ignore[attr-defined]
         op = policy.operator_for(name, t)
         if memory is not None and not isinstance(op, Identity):
             payload, rebuilt, new_memory[name] = compress_with_memory(op, t, memory.get(name), generator)
@@ -223,15 +227,19 @@ def norm(tensors: Mapping[str, Delta]) -> float:
 
 
 def digest(tensors: Mapping[str, torch.Tensor]) -> int:
-    """CRC32 over names, dtypes, shapes and raw bytes: cheap proof two replicas are identical.
+    """32 bits of XXH3-64 over names, dtypes, shapes and raw bytes: cheap proof two replicas
+    are identical.
 
     Both sides compute replicas with the same deterministic code, so equal inputs give
-    bit-equal tensors and equal digests; any divergence shows up as a mismatch.
+    bit-equal tensors and equal digests; any divergence shows up as a mismatch. XXH3
+    (the wire checksum's hash) reads ~15 GB/s here, zlib's CRC-32 ~1.2 GB/s: 0.4 s per
+    digest of a GPT-2-sized model, paid by the server per version and the client per
+    message. 32 bits because the protocol carries it as such (a ConfigRecord integer).
     """
-    crc = 0
+    h = xxhash.xxh3_64()
     for key, t in tensors.items():
         flat = t.detach().cpu().contiguous().reshape(-1)
         raw = flat.to(torch.uint8) if flat.dtype == torch.bool else flat.view(torch.uint8)
-        crc = zlib.crc32(f"{key}:{t.dtype}:{tuple(t.shape)}".encode(), crc)
-        crc = zlib.crc32(raw.numpy(), crc)
-    return crc
+        h.update(f"{key}:{t.dtype}:{tuple(t.shape)}\0".encode())
+        h.update(raw.numpy())
+    return h.intdigest() & 0xFFFFFFFF

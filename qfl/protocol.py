@@ -164,9 +164,9 @@ class DownlinkHeader:
 
     ``model``: the (compressed) model itself. ``delta``: the steps ``base+1..version``
     to apply to the replica held at ``base``, or with ``base == FULL`` a replica (and
-    the steps from it); the result must have CRC ``digest``. ``anchor``: the
-    difference to the epoch's anchor at ``version``, preceded by the anchor itself
-    when ``base == FULL``.
+    the steps from it); the result must have digest ``digest`` (:func:`qfl.codec.digest`).
+    ``anchor``: the difference to the epoch's anchor at ``version``, preceded by the
+    anchor itself when ``base == FULL``.
     """
 
     mode: str

@@ -67,7 +67,7 @@ from .records import (
     record_bytes,
     state_bytes,
     to_record,
-    to_tensors,
+    to_views,
 )
 
 #: ConfigRecord key of Flower's SecAgg+ stages (``secaggplus_constants.RECORD_KEY_CONFIGS``).
@@ -145,11 +145,21 @@ def _run(msg: Message, context: Context, call_next: ClientAppCallable, first_con
     except (ValueError, TypeError, OverflowError, MemoryError) as exc:  # ProtocolError, WireFormatError, ...
         return _error(msg, f"qfl could not rebuild the model from the downlink: {exc}")
 
-    user = RecordDict(dict(msg.content.items()))
-    user[akey] = to_record(start)
+    # The model is serialised once: the user's record, the replica written to the state
+    # and ``start`` (read-only views) share its bytes. A large model's client would
+    # otherwise hold it three times over while the user's function trains.
+    model = to_record(start)
+    keeps_replica = replica is not None
+    del start, replica, holding
+    start = to_views(model)
+    received = msg.content
+    user = RecordDict(dict(received.items()))
+    user[akey] = ArrayRecord(dict(model.items()))
     user[ckey] = ConfigRecord(strip(cfg))
     msg.content = user
+    del user
     reply = call_next(msg, context)
+    msg.content = received  # what mods outside this one handed in
     if reply.has_error() or not reply.has_content():
         return reply
 
@@ -161,7 +171,8 @@ def _run(msg: Message, context: Context, call_next: ClientAppCallable, first_con
         except (ValueError, TypeError) as exc:
             return _error(msg, f"qfl could not compress the update: {exc}")
         content[rkey] = encoded
-    kept = None if replica is None else (replica, header.version, header.digest)
+    del start
+    kept = (model, header.version, header.digest) if keeps_replica else None
     held_state.commit(
         context.state, settings.session, kept, memory, keep_memory=full_bytes is not None and settings.error_feedback
     )
@@ -253,7 +264,7 @@ def _compress_reply(
     if len(records) != 1:
         raise ValueError(f"the train reply must carry exactly one ArrayRecord (the model), found {len(records)}")
     rkey, record = records[0]
-    trained = to_tensors(record)
+    trained = to_views(record)  # read, never written: the record's bytes, not a copy of them
     if trained.keys() != start.keys():
         missing, extra = sorted(start.keys() - trained.keys()), sorted(trained.keys() - start.keys())
         raise ValueError(
@@ -271,7 +282,9 @@ def _compress_reply(
     memory = _load_memory(context, delta, settings) if settings.error_feedback else None
     generator = _generator(settings, context)
     if clip is None:
-        payloads, _, new_memory = compress_model(delta, settings.uplink, generator, memory, keep_sent=False)
+        payloads, _, new_memory = compress_model(
+            delta, settings.uplink, generator, memory, keep_sent=False, consume=True
+        )
     else:
         payloads, new_memory = _clipped(delta, settings, generator, memory, clip)
     return rkey, encode_record(payloads), new_memory if settings.error_feedback else None, record_bytes(record)

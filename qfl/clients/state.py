@@ -8,11 +8,11 @@ fails leaves the state as it was.
 
 from __future__ import annotations
 
-from flwr.app import ConfigRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
 from ..codec import Tensors
 from ..replica import Held
-from .records import to_record, to_tensors
+from .records import consume_to_record, to_views
 
 _REPLICA, _REPLICA_META, _MEMORY, _SESSION = "qfl.replica", "qfl.replica-meta", "qfl.memory", "qfl.held-session"
 _WARNED = "qfl.warned"
@@ -30,11 +30,15 @@ def session_of(state: RecordDict) -> int | None:
 
 
 def load_replica(state: RecordDict) -> tuple[Tensors | None, int]:
-    """(replica, version) from a client's context state, (None, -1) if none."""
+    """(replica, version) from a client's context state, (None, -1) if none.
+
+    The replica is read-only views of the state's bytes (:func:`to_views`): every use
+    builds new tensors from it, and a copy would cost a large model's client a model.
+    """
     info = replica_info(state)
     if info is None or _REPLICA not in state:
         return None, -1
-    return to_tensors(state[_REPLICA]), info[0]
+    return to_views(state[_REPLICA]), info[0]
 
 
 def held(state: RecordDict, session: int) -> Held | None:
@@ -53,18 +57,25 @@ def replica_info(state: RecordDict) -> tuple[int, int] | None:
 
 
 def held_memory(state: RecordDict) -> Tensors | None:
-    """The uplink error memory a client holds (None if none)."""
-    return to_tensors(state[_MEMORY]) if _MEMORY in state else None
+    """The uplink error memory a client holds (None if none), as read-only views (see :func:`load_replica`)."""
+    return to_views(state[_MEMORY]) if _MEMORY in state else None
 
 
 def commit(
-    state: RecordDict, session: int, replica: tuple[Tensors, int, int] | None, memory: Tensors | None, keep_memory: bool
+    state: RecordDict,
+    session: int,
+    replica: tuple[ArrayRecord, int, int] | None,
+    memory: Tensors | None,
+    keep_memory: bool,
 ) -> None:
     """Write what a message that went through leaves behind.
 
-    ``replica`` is (tensors, version, digest) to hold from now on, or None to keep the
-    one held. ``memory`` replaces the error memory when ``keep_memory`` (an empty or
-    None memory removes it). A new ``session`` first drops what another strategy left.
+    ``replica`` is (ordinary record of the model, version, digest) to hold from now on,
+    or None to keep the one held; its Arrays are shared, not copied (their bytes are
+    immutable). ``memory`` replaces the error memory when ``keep_memory`` (an empty or
+    None memory removes it); the dict is emptied as it is written: the caller is done
+    with it, and holding it beside its copy would be a model of memory. A new
+    ``session`` first drops what another strategy left.
     """
     if session_of(state) != session:
         for key in (_REPLICA, _REPLICA_META, _MEMORY):
@@ -72,12 +83,12 @@ def commit(
                 del state[key]
         state[_SESSION] = ConfigRecord({"id": session})
     if replica is not None:
-        tensors, version, dig = replica
-        state[_REPLICA] = to_record(tensors)
+        record, version, dig = replica
+        state[_REPLICA] = ArrayRecord(dict(record.items()))
         state[_REPLICA_META] = ConfigRecord({"version": version, "digest": dig})
     if keep_memory:
         if memory:
-            state[_MEMORY] = to_record(memory)
+            state[_MEMORY] = consume_to_record(memory)
         elif _MEMORY in state:
             del state[_MEMORY]
 

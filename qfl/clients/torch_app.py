@@ -15,11 +15,12 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from torch import nn
 
 from .mod import compression_mod
+from .records import to_record
 
 
 class ClientData(NamedTuple):
@@ -152,7 +153,7 @@ def make_client_app(
         if on_trained is not None:
             on_trained(context, time.perf_counter() - started)
         metrics = MetricRecord({"train_loss": loss, "num-examples": int(x.shape[0])})
-        content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": metrics})
+        content = RecordDict({"arrays": to_record(model.state_dict()), "metrics": metrics})
         return Message(content=content, reply_to=msg)
 
     @app.evaluate()

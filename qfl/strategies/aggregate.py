@@ -37,12 +37,12 @@ from logging import INFO
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvg, FedAvgM, FedProx, FedYogi, Strategy
 from flwr.serverapp.strategy.strategy_utils import validate_message_reply_consistency
 from flwr.supercore import log
 
-from ..clients.records import record_blobs
+from ..clients.records import numpy_record, record_blobs
 from ..codec import Delta, SparseDelta, Tensors, apply_delta, decode_delta, dense, is_float, numpy_memory_dtype
 from ..memory import memory_dtype
 from ..wire import decode_all
@@ -161,7 +161,7 @@ def _without_inner(
     :data:`AVERAGE_ONLY` returns the average itself, :class:`FedAvgMomentum` steps from it
     (before its first model, FedAvgM's average alone). None for every other strategy."""
     if kind in AVERAGE_ONLY or (kind is FedAvgMomentum and strategy.current_arrays is None):
-        return ArrayRecord({k: Array(v) for k, v in tensors.items()}), tensors
+        return numpy_record(tensors), tensors
     if kind is FedAvgMomentum:
         new = strategy.step(tensors)
         return strategy.current_arrays, new
@@ -192,7 +192,7 @@ def _as_reply(tensors: dict[str, np.ndarray], first: Message, key: str) -> Messa
     Arrays serialise the whole model)."""
     content = RecordDict(
         {
-            next(iter(first.content.array_records)): ArrayRecord({k: Array(v) for k, v in tensors.items()}),
+            next(iter(first.content.array_records)): numpy_record(tensors),
             # Its weight cancels (w / w = 1.0): 1, which no sum of huge weights can overflow.
             next(iter(first.content.metric_records)): MetricRecord({key: 1}),
         }

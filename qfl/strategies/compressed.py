@@ -211,9 +211,12 @@ class Compressed(Strategy):
         """Decode and check every reply, then aggregate the ones that pass with the inner strategy
         (summed one reply at a time when it averages linearly: see :mod:`qfl.strategies.aggregate`)."""
         _refuse_server_side_dp(self, sys._getframe(1))
-        return aggregate_round(
-            self.protocol, self.strategy, type(self.strategy), self.strategy.aggregate_train, server_round, replies
-        )
+        try:
+            return aggregate_round(
+                self.protocol, self.strategy, type(self.strategy), self.strategy.aggregate_train, server_round, replies
+            )
+        finally:
+            self.protocol.end_train_round()
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Record what clients report about their replica, then let the inner strategy aggregate."""

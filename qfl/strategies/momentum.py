@@ -19,8 +19,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import FedAvg, FedAvgM
+
+from ..clients.records import numpy_record, numpy_views
 
 #: Suffixes of PyTorch's normalisation buffers (BatchNorm, InstanceNorm): averaged, never extrapolated.
 STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
@@ -59,7 +61,7 @@ class FedAvgMomentum(FedAvgM):
         averaged, metrics = FedAvg.aggregate_train(self, server_round, replies)
         if averaged is None or self.current_arrays is None:
             return averaged, metrics
-        self.step({key: array.numpy() for key, array in averaged.items()})
+        self.step(numpy_views(averaged))
         return self.current_arrays, metrics
 
     def step(self, averaged: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -86,14 +88,18 @@ class FedAvgMomentum(FedAvgM):
                     velocity *= self.server_momentum
                     velocity += step
                 self.velocity[key] = velocity
-                out[key] = np.asarray(old - self.server_learning_rate * velocity, dtype=old.dtype)
-        self.current_arrays = ArrayRecord({key: Array(value) for key, value in out.items()})
-        self._current = (self.current_arrays, out)
-        return out
+                # 1.0 * v is v exactly: the default rate saves a pass over the model.
+                moved = velocity if self.server_learning_rate == 1.0 else self.server_learning_rate * velocity
+                out[key] = np.asarray(old - moved, dtype=old.dtype)
+        self.current_arrays = numpy_record(out)
+        del out  # the model is held once, as the Arrays' bytes (and read through views of them)
+        return self._current_numpy()
 
     def _current_numpy(self) -> dict[str, np.ndarray]:
-        """``current_arrays`` as numpy arrays, kept from the last step while it is still current."""
+        """``current_arrays`` as read-only numpy views of its bytes, kept while it is current."""
         held, arrays = getattr(self, "_current", (None, None))
         if held is self.current_arrays and arrays is not None:
             return arrays
-        return {key: array.numpy() for key, array in self.current_arrays.items()}
+        arrays = numpy_views(self.current_arrays)
+        self._current = (self.current_arrays, arrays)
+        return arrays

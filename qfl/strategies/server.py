@@ -25,15 +25,15 @@ from collections.abc import Iterable, Iterator, Mapping
 from logging import ERROR, WARNING
 
 import numpy as np
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.supercore import log
 
 from ..clients.records import (
     encode_record,
     record_bytes,
+    tensor_views,
     to_record,
-    to_tensors,
+    to_views,
 )
 from ..codec import MAX_VALUE, Deltas, Tensors, apply_delta, norm, out_of_range
 from ..protocol import (
@@ -124,8 +124,14 @@ class ServerProtocol:
 
     @property
     def base(self) -> Tensors | None:
-        """The model the current training round started from (None before the first)."""
+        """The model the current training round started from (None outside a training round)."""
         return self._base
+
+    def end_train_round(self) -> None:
+        """Forget the round's base once its replies are aggregated: it is the model before
+        the new one, which nothing else holds by then (a large model's server kept it to
+        the next round)."""
+        self._base = None
 
     @property
     def guard(self) -> UpdateGuard | None:
@@ -254,7 +260,8 @@ class ServerProtocol:
         messages = list(messages)
         if phase == "evaluate" and not messages:  # e.g. fraction_evaluate=0: nothing to send, nothing to count
             return messages
-        model, full = to_tensors(arrays), record_bytes(arrays)
+        # Views of the current model's bytes: read only, and the caller holds the record anyway.
+        model, full = to_views(arrays), record_bytes(arrays)
         if phase == "train":
             if self._pending is not None and not self._aggregated:
                 raise MisconfigurationError(
@@ -415,8 +422,8 @@ class ServerProtocol:
         instead of deserialising ``arrays`` again."""
         if arrays is not None:
             try:
-                given = {k: torch.from_numpy(v) for k, v in tensors.items()} if tensors is not None else None
-                bad = out_of_range(given if given is not None else to_tensors(arrays))
+                given = tensor_views(tensors) if tensors is not None else None
+                bad = out_of_range(given if given is not None else to_views(arrays))
             except ValueError:
                 bad = None  # not a plain model: nothing qfl can check
             if bad is not None:

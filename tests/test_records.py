@@ -1,0 +1,123 @@
+"""Flower records <-> tensors without needless copies: what a large model's client and the
+server's new model cost in memory and time (benchmarks/SCALE.md, issue 13)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from fakes import FakeGrid
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp.strategy import FedAvg
+
+from qfl.clients import compression_mod
+from qfl.clients.records import blob_array, consume_to_record, numpy_array, to_record, to_tensors, to_views
+from qfl.clients.state import held_memory, load_replica
+from qfl.strategies import Compressed
+
+ARRAYS = {
+    "f32": np.random.default_rng(0).standard_normal((3, 5)).astype(np.float32),
+    "f64": np.random.default_rng(1).standard_normal(7),
+    "f16": np.arange(6, dtype=np.float16).reshape(2, 3),
+    "i64": np.array(12, dtype=np.int64),
+    "bool": np.array([True, False, True]),
+    "empty": np.zeros((0, 4), dtype=np.float32),
+    "big-endian": np.arange(4, dtype=">i4"),
+}
+
+
+def _inside(t: torch.Tensor, data: bytes) -> bool:
+    start = np.frombuffer(data, dtype=np.uint8).ctypes.data
+    return start <= t.data_ptr() and t.data_ptr() + t.numel() * t.element_size() <= start + len(data)
+
+
+@pytest.mark.parametrize("name", list(ARRAYS))
+def test_numpy_array_writes_the_bytes_flower_writes(name):
+    a = ARRAYS[name]
+    ours, flowers = numpy_array(a), Array(a)
+    assert (ours.data, ours.dtype, ours.shape, ours.stype) == (
+        flowers.data,
+        flowers.dtype,
+        flowers.shape,
+        flowers.stype,
+    )
+    assert np.array_equal(ours.numpy(), a) and ours.numpy().dtype == a.dtype
+
+
+def test_numpy_array_stores_a_fortran_array_c_ordered_and_refuses_objects():
+    a = np.arange(12, dtype=np.float32).reshape(3, 4).T
+    assert np.array_equal(numpy_array(a).numpy(), a)
+    with pytest.raises(ValueError, match="object"):
+        numpy_array(np.array([{}, 1], dtype=object))
+
+
+@pytest.mark.parametrize("name", list(ARRAYS))
+def test_views_read_the_values_without_a_copy(name):
+    a = ARRAYS[name]
+    record = ArrayRecord({name: Array(a)})
+    view = to_views(record)[name]
+    assert torch.equal(view, torch.from_numpy(a.astype(a.dtype.newbyteorder("="))))
+    if a.dtype.isnative:
+        copy = to_tensors(record)[name]
+        assert view.dtype == copy.dtype and torch.equal(view, copy)
+        assert not view.numel() or (_inside(view, record[name].data) and not _inside(copy, record[name].data))
+
+
+def test_views_of_a_fortran_array_keep_its_values():
+    a = np.arange(12, dtype=np.float32).reshape(3, 4).T  # np.save writes it column-major
+    assert torch.equal(to_views(ArrayRecord({"w": Array(a)}))["w"], torch.from_numpy(a.copy()))
+
+
+@pytest.mark.parametrize(
+    "array, match",
+    [
+        (Array(dtype="float32", shape=(4,), stype="numpy.ndarray", data=Array(np.ones(4, np.float32)).data[:-4]), "w"),
+        (Array(dtype="float32", shape=(4,), stype="numpy.ndarray", data=b"not an npy file"), "w"),
+        (blob_array(b"\x00" * 8), "compressed qfl payload"),
+    ],
+)
+def test_views_refuse_what_is_not_a_whole_numpy_array_naming_the_key(array, match):
+    with pytest.raises(ValueError, match=match):
+        to_views(ArrayRecord({"w": array}))
+
+
+def test_consume_to_record_empties_the_dict_and_keeps_the_values():
+    tensors = {"a": torch.randn(3, 2), "b": torch.arange(4)}
+    expected = {k: t.clone() for k, t in tensors.items()}
+    record = consume_to_record(tensors)
+    assert tensors == {}
+    assert all(torch.equal(to_tensors(record)[k], t) for k, t in expected.items())
+    assert to_record(expected)["a"].data == record["a"].data
+
+
+def test_the_client_holds_the_model_it_trains_on_once():
+    """The replica in ``context.state`` shares its bytes with the record the user trained on:
+    a large model's client held three copies of it before (benchmarks/SCALE.md)."""
+    seen: dict[str, ArrayRecord] = {}
+    app = ClientApp(mods=[compression_mod])
+
+    @app.train()
+    def train(msg: Message, context):
+        seen["arrays"] = msg.content["arrays"]
+        out = {k: Array(a.numpy() + 0.01) for k, a in msg.content["arrays"].items()}
+        return Message(
+            RecordDict({"arrays": ArrayRecord(out), "metrics": MetricRecord({"num-examples": 4})}), reply_to=msg
+        )
+
+    model = ArrayRecord({"w": Array(np.random.default_rng(2).standard_normal((64, 32)).astype(np.float32))})
+    strategy = Compressed(
+        FedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_available_nodes=1, min_train_nodes=1),
+        uplink="topk(0.1) | qsgd(levels=7, norm=max, bucket=128)",
+        downlink="delta | topk(0.2) | qsgd(levels=15, norm=max, bucket=128)",
+    )
+    grid = FakeGrid(app, 1)
+    state = grid.contexts[grid.node_ids[0]].state
+    for rnd in (1, 2, 3):
+        new, _ = strategy.aggregate_train(
+            rnd, grid.send_and_receive(strategy.configure_train(rnd, model, ConfigRecord(), grid))
+        )
+        model = new or model
+        replica, _ = load_replica(state)
+        assert _inside(replica["w"], seen["arrays"]["w"].data)
+        assert held_memory(state) is not None
