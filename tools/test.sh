@@ -13,7 +13,7 @@ echo "== flwr 1.41: full suite"
 .venv/bin/python -m pytest -q "$@" || failed+=("flwr 1.41 suite")
 echo "== flwr 1.39: Flower integration, simulation engine and deployment tests"
 .venv139/bin/python -m pytest -q tests/test_strategy.py tests/test_replica.py tests/test_async.py tests/test_robustness.py \
-  tests/test_simulations.py tests/test_plugin.py tests/test_engine.py tests/test_launch.py tests/test_protocol.py tests/test_glue.py tests/test_dp.py tests/test_deploy.py tests/test_aggregate.py "$@" \
+  tests/test_simulations.py tests/test_plugin.py tests/test_engine.py tests/test_launch.py tests/test_protocol.py tests/test_glue.py tests/test_dp.py tests/test_deploy.py tests/test_aggregate.py tests/test_records.py "$@" \
   || failed+=("flwr 1.39 suite")
 echo "== style: ruff format --check, ruff check"
 .venv/bin/ruff format --check . || failed+=("ruff format (apply: .venv/bin/ruff format .)")
