@@ -117,6 +117,19 @@ def test_blobs_concatenate():
         decode(blob)
 
 
+@pytest.mark.parametrize("n", [10, 100_000, 3_000_000])  # a bytearray copied, a bytes in place, huge pages
+def test_raw_values_decode_in_place_from_bytes_and_copied_from_mutable_buffers(n):
+    x = torch.randn(n)
+    blob = encode(qfl.parse("identity").compress(x))
+    assert type(blob) is bytes and torch.equal(decode(blob).decompress(), x)
+    buf = bytearray(blob)
+    from_bytes, from_bytearray = decode(blob).decompress(), decode(buf).decompress()
+    start = len(blob) - 4 * n  # the values end the blob
+    assert from_bytes.data_ptr() == np.frombuffer(blob, np.uint8)[start:].ctypes.data  # a view: no pass
+    buf[start:] = bytes(4 * n)  # a receiver's mutable buffer changes later: its decoded values do not
+    assert torch.equal(from_bytearray, x) and torch.equal(from_bytes, x)
+
+
 # ------------------------------------------------------------------ real bits
 def test_sizes_are_bits_not_containers():
     x = torch.randn(100_000)

@@ -79,29 +79,11 @@ def raise_nonfinite(x: torch.Tensor) -> None:
     )
 
 
-def copy_tensor(x: torch.Tensor) -> torch.Tensor:
-    """A copy of a flat CPU tensor, allocated by numpy when large: numpy asks the kernel
-    for huge pages, which makes a fresh 40 MB buffer ~4x cheaper to fault in than a
-    torch allocation."""
-    if x.numel() < (1 << 20) or x.dtype not in _NUMPY_BITS:
-        return x.clone()
-    bits = _NUMPY_BITS[x.dtype]
-    out = torch.from_numpy(x.contiguous().view(bits).numpy().copy())
-    return out.view(x.dtype)
-
-
 def empty_float32(n: int) -> torch.Tensor:
-    """An uninitialised float32 tensor of n elements, numpy-allocated (see ``copy_tensor``)."""
+    """An uninitialised float32 tensor of n elements, numpy-allocated: numpy asks the
+    kernel for huge pages, which makes a fresh 40 MB buffer ~4x cheaper to fault in than
+    a torch allocation."""
     return torch.from_numpy(np.empty(n, np.float32))
-
-
-# dtype -> a dtype of the same size that numpy knows (bfloat16 travels as its 16 bits).
-_NUMPY_BITS = {
-    torch.float32: torch.float32,
-    torch.float64: torch.float64,
-    torch.float16: torch.float16,
-    torch.bfloat16: torch.int16,
-}
 
 
 def _overflow(part: Part) -> str | None:
@@ -266,12 +248,18 @@ class ValueOperator(Operator):
 
 @dataclass(frozen=True)
 class Identity(ValueOperator):
-    """No compression: the values as they are. Unbiased, zero variance, lossless."""
+    """No compression: the values as they are. Unbiased, zero variance, lossless.
+
+    The payload holds the tensor itself (flattened, a view when it is contiguous on the
+    CPU), not a copy, and ``decompress`` gives it back: a copy would be a pass over it
+    that nobody needs, since no caller changes a tensor in place after compressing it
+    (error memory and replicas build new tensors). A caller that does must encode first.
+    """
 
     name: ClassVar[str] = "identity"
 
     def _compress(self, x: torch.Tensor, generator: torch.Generator | None) -> Part:
-        return Raw(copy_tensor(x))
+        return Raw(x)
 
     def _decompress(self, part: Part, n: int) -> torch.Tensor:
         assert isinstance(part, Raw)

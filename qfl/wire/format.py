@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import struct
+import warnings
 
 import numpy as np
 import torch
@@ -53,6 +54,7 @@ from ..compress import (
 )
 from ..compress.quantizers import level_dtype
 from . import _bits as B
+from ._buffer import Blob
 from .layout import (
     BITS_VIEW,
     DEFAULT_LIMITS,
@@ -242,13 +244,40 @@ def encode(payload: Payload) -> bytes:
         _value_body(enc, value, body.values, k)
     else:
         _value_body(enc, value, body, n)
+    return _frame(enc.parts)
+
+
+#: Bytes copied into a blob between two checksum updates: small enough that the
+#: checksum reads them back from the cache, large enough that the calls cost nothing.
+_CHUNK = 1 << 18
+
+
+def _frame(parts: list[bytes | np.ndarray]) -> bytes:
+    """The blob of a content given in parts: each part is written once, straight into the
+    ``bytes`` that ships (see :mod:`._buffer`), and checksummed chunk by chunk right after
+    it is written, while the chunk is still in the cache, so the content is read from
+    memory once."""
+    arrays = [p.reshape(-1).view(np.uint8) if isinstance(p, np.ndarray) else np.frombuffer(p, np.uint8) for p in parts]
+    length = DIGEST_BYTES + sum(a.size for a in arrays)
+    head = MAGIC + bytes([VERSION]) + varint(length)
+    blob = Blob(len(head) + length)
+    out = blob.view
+    out[: len(head)] = np.frombuffer(head, np.uint8)
+    start = pos = len(head) + DIGEST_BYTES
     digest = xxhash.xxh3_64()
-    for p in enc.parts:
-        digest.update(p)
-    length = DIGEST_BYTES + sum(p.nbytes if isinstance(p, np.ndarray) else len(p) for p in enc.parts)
-    return b"".join(
-        [MAGIC, bytes([VERSION]), varint(length), digest.intdigest().to_bytes(DIGEST_BYTES, "little"), *enc.parts]
+    for a in arrays:
+        for i in range(0, a.size, _CHUNK):
+            piece = a[i : i + _CHUNK]
+            out[pos : pos + piece.size] = piece
+            pos += piece.size
+            if pos - start >= _CHUNK:
+                digest.update(out[start:pos])
+                start = pos
+    digest.update(out[start:pos])
+    out[len(head) : len(head) + DIGEST_BYTES] = np.frombuffer(
+        digest.intdigest().to_bytes(DIGEST_BYTES, "little"), np.uint8
     )
+    return blob.finish()
 
 
 # =========================================================================== decoding
@@ -290,6 +319,13 @@ class _Decoder:
     def array(self, count: int, dtype: str, what: str) -> np.ndarray:
         itemsize = np.dtype(dtype).itemsize
         return np.frombuffer(self.take(count * itemsize, what), dtype=dtype).copy()
+
+    def values(self, count: int, dtype: str, what: str) -> np.ndarray:
+        """Values in place when the blob is immutable (``bytes``: nobody can change them
+        under the receiver, and a copy would be a pass over them), else a copy."""
+        if not self.data.readonly:
+            return self.array(count, dtype, what)
+        return np.frombuffer(self.take(count * np.dtype(dtype).itemsize, what), dtype=dtype)
 
     def padded(self, nbytes: int, what: str) -> np.ndarray:
         """A stream copied into a buffer with 8 zero bytes of slack for 64-bit reads."""
@@ -340,10 +376,10 @@ class _Decoder:
         dtype = DTYPES_BY_CODE.get(code)
         if dtype is None:
             raise self.fail(f"unknown raw dtype code {code}")
-        arr = self.array(m, NUMPY_DTYPES[dtype], "raw values")
+        arr = self.values(m, NUMPY_DTYPES[dtype], "raw values")
         if dtype == torch.bool and arr.size and arr.max() > 1:
             raise self.fail("boolean values must be bytes 0 or 1")
-        t = torch.from_numpy(arr)
+        t = _tensor(arr)
         if dtype in BITS_VIEW:
             t = t.view(dtype)
         return Raw(t)
@@ -430,6 +466,16 @@ class _Decoder:
         }
         if status != B.OK:
             raise self.fail(f"corrupt {what}: {messages.get(status, status)}")
+
+
+def _tensor(arr: np.ndarray) -> torch.Tensor:
+    """``torch.from_numpy``, also of a read-only view of a blob (torch has no read-only
+    tensors and warns once about it; the values are documented as read-only instead)."""
+    if arr.flags.writeable:
+        return torch.from_numpy(arr)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(arr)
 
 
 def _value_part(dec: _Decoder, op: Operator | None, m: int) -> Part:
