@@ -15,6 +15,7 @@ from qfl import wire
 from qfl.wire import Limits, WireFormatError, decode, decode_all, encode, fuzz_inputs
 from qfl.wire import _bits as B
 from qfl.wire.fuzz_inputs import content_of, frame
+from qfl.wire.layout import SEGMENT, checksum
 
 SPECS = [s for s in fuzz_inputs.SPECS if s not in fuzz_inputs.EDGE_SPECS]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
@@ -266,7 +267,25 @@ def test_declared_counts_must_match_the_operator():
 
 
 def test_stype_names_the_version():
-    assert wire.STYPE == "qfl/v2"
+    assert wire.STYPE == "qfl/v3"
+
+
+@pytest.mark.parametrize("n", [0, 5, SEGMENT, 5 * SEGMENT + 3])
+@pytest.mark.parametrize("parallel", [False, True])
+def test_checksum_is_xxh3_of_the_segment_digests(n, parallel, monkeypatch):
+    import xxhash
+
+    from qfl.compress import runtime
+
+    monkeypatch.setattr(runtime, "FORCE_PARALLEL", parallel)
+    content = np.random.default_rng(n).integers(0, 256, n, dtype=np.uint8).tobytes()
+    segments = [content[i : i + SEGMENT] for i in range(0, n, SEGMENT)]
+    expected = xxhash.xxh3_64_digest(b"".join(xxhash.xxh3_64_digest(s)[::-1] for s in segments))[::-1]
+    assert checksum(content) == expected
+    # The encoder checksums while it writes, over the same segments.
+    x = torch.from_numpy(np.frombuffer(content, np.uint8).copy())
+    blob = encode(qfl.parse("identity").compress(x))
+    assert blob[len(blob) - len(content_of(blob)) - 8 :][:8] == checksum(content_of(blob))
 
 
 # ------------------------------------------------------ Elias coder: every code path
