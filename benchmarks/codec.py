@@ -144,7 +144,7 @@ class Method:
     """A codec under test. ``run(x)`` returns (nbytes, x_hat, {stage: seconds})."""
 
     name: str
-    kind: str  # "qfl", "peer", "floor"
+    kind: str  # "qfl", "peer", "floor", "bound"
     run: Callable[[torch.Tensor], tuple[int, torch.Tensor | None, dict[str, float]]]
     note: str = ""
 
@@ -191,6 +191,54 @@ def floor_method() -> Method:
         return 0, None, {"encode": t1 - t0}
 
     return Method("floor: x.amax()", "floor", run, note="one read pass over x")
+
+
+def bound_methods() -> list[Method]:
+    """What the least work of target (5) costs on this machine, next to the floor: the
+    passes over memory that identity, fp16 and bf16 cannot avoid with a fresh ``bytes``
+    blob (one read + one write into fresh memory, the checksum on each side; fp16: the
+    two casts and a 20 MB copy), timed with numpy and xxhash, no qfl code."""
+    import xxhash
+
+    clock = time.perf_counter
+
+    def fresh_copy(x: torch.Tensor):
+        t0 = clock()
+        np.copyto(np.empty(x.numel(), np.float32), x.numpy())
+        t1 = clock()
+        return 0, None, {"encode": t1 - t0}
+
+    reused: list[np.ndarray] = []
+
+    def reused_copy(x: torch.Tensor):
+        if not reused or reused[0].size != x.numel():
+            reused[:] = [np.ones(x.numel(), np.float32)]
+        t0 = clock()
+        np.copyto(reused[0], x.numpy())
+        t1 = clock()
+        return 0, None, {"encode": t1 - t0}
+
+    def checksum(x: torch.Tensor):
+        t0 = clock()
+        xxhash.xxh3_64_intdigest(x.numpy())
+        t1 = clock()
+        return 0, None, {"encode": t1 - t0}
+
+    def casts(x: torch.Tensor):
+        t0 = clock()
+        y = torch.from_numpy(np.empty(x.numel(), np.float16)).copy_(x)
+        t1 = clock()
+        z = torch.from_numpy(np.empty(x.numel(), np.float32)).copy_(y)
+        t2 = clock()
+        del z
+        return 0, None, {"encode": t1 - t0, "decode": t2 - t1}
+
+    return [
+        Method("bound: copy into fresh 40 MB", "bound", fresh_copy, note="np.empty (huge pages) + copy"),
+        Method("bound: copy into reused 40 MB", "bound", reused_copy, note="the same copy, pages already mapped"),
+        Method("bound: xxh3 of 40 MB", "bound", checksum, note="the checksum, once"),
+        Method("bound: fp16 casts, fresh", "bound", casts, note="torch casts to and back from fp16"),
+    ]
 
 
 def _container_bytes(tensors) -> int:
@@ -434,8 +482,8 @@ def table(rows: list[Row], n: int) -> str:
                 _ms(r.median("encode")),
                 _ms(r.median("decode")),
                 _ms(r.total()),
-                f"{nb:,}" if r.kind != "floor" else "-",
-                f"{8 * nb / n:.3f}" if r.kind != "floor" else "-",
+                f"{nb:,}" if r.kind not in ("floor", "bound") else "-",
+                f"{8 * nb / n:.3f}" if r.kind not in ("floor", "bound") else "-",
                 "-" if r.rel_err is None else f"{r.rel_err:.4g}",
             ]
         )
@@ -534,6 +582,11 @@ def main(argv: list[str] | None = None) -> int:
         "--threads", default="1,2", help="comma-separated thread counts, each run in its own process (default 1,2)"
     )
     ap.add_argument("--no-peers", action="store_true", help="skip bitsandbytes and fedlab")
+    ap.add_argument(
+        "--bounds",
+        action="store_true",
+        help="also time the memory passes target (5) cannot avoid (fresh vs reused buffer, checksum, casts)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", metavar="PATH", help="also write every measurement as JSON")
     args = ap.parse_args(argv)
@@ -566,6 +619,8 @@ def main(argv: list[str] | None = None) -> int:
         if (m := bnb_method()) is not None:
             methods.append(m)
         methods += fedlab_methods()
+    if args.bounds:
+        methods += bound_methods()
     methods += [qfl_method(name, spec, args.seed + 1) for name, spec in specs]
 
     meta = {
