@@ -275,9 +275,9 @@ def test_stype_names_the_version():
 def test_checksum_is_xxh3_of_the_segment_digests(n, parallel, monkeypatch):
     import xxhash
 
-    from qfl.compress import runtime
+    from qfl.wire import _buffer
 
-    monkeypatch.setattr(runtime, "FORCE_PARALLEL", parallel)
+    monkeypatch.setattr(_buffer, "_threads", lambda nbytes: 2 if parallel else 1)
     content = np.random.default_rng(n).integers(0, 256, n, dtype=np.uint8).tobytes()
     segments = [content[i : i + SEGMENT] for i in range(0, n, SEGMENT)]
     expected = xxhash.xxh3_64_digest(b"".join(xxhash.xxh3_64_digest(s)[::-1] for s in segments))[::-1]

@@ -562,7 +562,8 @@ def unframe(view: memoryview, start: int = 0) -> tuple[memoryview, int]:
 
 
 def decode_all(data: bytes | bytearray | memoryview, limits: Limits = DEFAULT_LIMITS) -> list[Payload]:
-    """Decode a concatenation of blobs (possibly empty) into payloads, in order."""
+    """Decode a concatenation of blobs (possibly empty) into payloads, in order (raw
+    values as in :func:`decode`)."""
     view = memoryview(data).cast("B") if not isinstance(data, memoryview) else data.cast("B")
     out, pos, budget = [], 0, limits.budget(len(view))
     while pos < len(view):
@@ -573,7 +574,12 @@ def decode_all(data: bytes | bytearray | memoryview, limits: Limits = DEFAULT_LI
 
 
 def decode(data: bytes | bytearray | memoryview, limits: Limits = DEFAULT_LIMITS) -> Payload:
-    """Decode exactly one blob; WireFormatError on anything else."""
+    """Decode exactly one blob; WireFormatError on anything else.
+
+    Raw values (identity, casts, values kept by a sparsifier) decoded from an immutable
+    blob (``bytes``) are read-only views into it, not copies; from a mutable buffer they
+    are copies, since its owner may change it later.
+    """
     view = memoryview(data).cast("B") if not isinstance(data, memoryview) else data.cast("B")
     content, end = unframe(view, 0)
     if end != len(view):
