@@ -288,6 +288,18 @@ def test_checksum_is_xxh3_of_the_segment_digests(n, parallel, monkeypatch):
     assert blob[len(blob) - len(content_of(blob)) - 8 :][:8] == checksum(content_of(blob))
 
 
+def test_a_forked_child_checksums_with_threads_of_its_own(monkeypatch):
+    import multiprocessing
+
+    from qfl.wire import _buffer
+
+    monkeypatch.setattr(_buffer, "_threads", lambda nbytes: 2)
+    content = bytes(range(256)) * (5 * SEGMENT // 256)
+    expected = checksum(content)  # starts this process's workers, which a fork does not copy
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        assert pool.apply_async(checksum, (content,)).get(timeout=120) == expected
+
+
 # ------------------------------------------------------ Elias coder: every code path
 def expected_block_bits(lv: np.ndarray) -> np.ndarray:
     """Per-block stream length from the definition (omega lengths checked above)."""

@@ -19,6 +19,7 @@ it is still in the cache: the content is read from memory once on each side.
 from __future__ import annotations
 
 import ctypes
+import os
 import sys
 import threading
 from collections.abc import Callable
@@ -90,7 +91,7 @@ class Blob:
 
 
 # ------------------------------------------------------------------------ threads
-_pool: list[ThreadPoolExecutor] = []
+_pool: dict[int, ThreadPoolExecutor] = {}  # by process id: a forked child has no workers
 _pool_lock = threading.Lock()
 
 
@@ -109,12 +110,16 @@ def _run(count: int, work: Callable[[int, int], None], threads: int) -> None:
     if threads <= 1 or count <= 1:
         work(0, count)
         return
-    if not _pool:
+    pid = os.getpid()
+    pool = _pool.get(pid)
+    if pool is None:
         with _pool_lock:
-            if not _pool:
-                _pool.append(ThreadPoolExecutor(max_workers=runtime.usable_cores(), thread_name_prefix="qfl-wire"))
+            pool = _pool.get(pid)
+            if pool is None:
+                _pool.clear()  # the parent's, whose threads did not survive the fork
+                pool = _pool[pid] = ThreadPoolExecutor(runtime.usable_cores(), thread_name_prefix="qfl-wire")
     bounds = [count * t // threads for t in range(threads + 1)]
-    futures = [_pool[0].submit(work, bounds[t], bounds[t + 1]) for t in range(1, threads)]
+    futures = [pool.submit(work, bounds[t], bounds[t + 1]) for t in range(1, threads)]
     try:
         work(bounds[0], bounds[1])
     finally:
