@@ -129,6 +129,11 @@ def test_raw_values_decode_in_place_from_bytes_and_copied_from_mutable_buffers(n
     assert from_bytes.data_ptr() == np.frombuffer(blob, np.uint8)[start:].ctypes.data  # a view: no pass
     buf[start:] = bytes(4 * n)  # a receiver's mutable buffer changes later: its decoded values do not
     assert torch.equal(from_bytearray, x) and torch.equal(from_bytes, x)
+    # Values a sparsifier kept are copied: a view of a few of them would hold the whole message.
+    sparse = encode(qfl.parse("randk(0.5)").compress(x, torch.Generator().manual_seed(0)))
+    kept = decode(sparse).body.values.values.data_ptr()
+    base = np.frombuffer(sparse, np.uint8).ctypes.data
+    assert not base <= kept < base + len(sparse)
 
 
 # ------------------------------------------------------------------ real bits

@@ -21,7 +21,7 @@ class Raw:
     """Values sent as they are, in ``values.dtype`` (lossless for that dtype).
 
     Neither side copies them when it need not: identity's payload holds the compressed
-    tensor itself, and a decoded payload views the blob's bytes (read-only).
+    tensor itself, and a decoded dense payload views the blob's bytes (read-only).
     """
 
     values: torch.Tensor

@@ -357,12 +357,13 @@ class _Decoder:
         except (ValueError, TypeError) as exc:
             raise self.fail(f"invalid parameters for {cls.name}: {exc}") from None
 
-    def raw(self, m: int) -> Raw:
+    def raw(self, m: int, in_place: bool) -> Raw:
         code = self.u8("raw dtype")
         dtype = DTYPES_BY_CODE.get(code)
         if dtype is None:
             raise self.fail(f"unknown raw dtype code {code}")
-        arr = self.values(m, NUMPY_DTYPES[dtype], "raw values")
+        what = "raw values"
+        arr = self.values(m, NUMPY_DTYPES[dtype], what) if in_place else self.array(m, NUMPY_DTYPES[dtype], what)
         if dtype == torch.bool and arr.size and arr.max() > 1:
             raise self.fail("boolean values must be bytes 0 or 1")
         t = _tensor(arr)
@@ -464,14 +465,16 @@ def _tensor(arr: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(arr)
 
 
-def _value_part(dec: _Decoder, op: Operator | None, m: int) -> Part:
+def _value_part(dec: _Decoder, op: Operator | None, m: int, dense: bool = False) -> Part:
+    """The values of a blob; raw ones in place only for a dense body (the values kept by
+    a sparsifier are few, and a view of them would hold the whole message in memory)."""
     if isinstance(op, QSGD):
         return dec.levels(m, op.bucket, op.levels)
     if isinstance(op, Grid):
         return dec.levels(m, op.bucket, op.max_level)
     if isinstance(op, Sign):
         return dec.signs(m)
-    part = dec.raw(m)
+    part = dec.raw(m, dense)
     if isinstance(op, FP16) and part.values.dtype != torch.float16:
         raise dec.fail(f"fp16 payload carries {part.values.dtype} values")
     if isinstance(op, BF16) and part.values.dtype != torch.bfloat16:
@@ -525,7 +528,7 @@ def _content(data: memoryview, limits: Limits, allowed: int | None = None) -> Pa
             idx = dec.positions(k, n)
             body = Sparse(idx, None, _value_part(dec, value, k))
     else:
-        body = _value_part(dec, value, n)
+        body = _value_part(dec, value, n, dense=True)
         if isinstance(op, Identity) and body.values.dtype != dtype:
             raise dec.fail(f"identity payload of {dtype} carries {body.values.dtype} values")
     if dec.pos != len(data):
@@ -576,9 +579,9 @@ def decode_all(data: bytes | bytearray | memoryview, limits: Limits = DEFAULT_LI
 def decode(data: bytes | bytearray | memoryview, limits: Limits = DEFAULT_LIMITS) -> Payload:
     """Decode exactly one blob; WireFormatError on anything else.
 
-    Raw values (identity, casts, values kept by a sparsifier) decoded from an immutable
-    blob (``bytes``) are read-only views into it, not copies; from a mutable buffer they
-    are copies, since its owner may change it later.
+    A dense body of raw values (identity, casts) decoded from an immutable blob
+    (``bytes``) is a read-only view into it, not a copy; from a mutable buffer it is a
+    copy, since its owner may change the buffer later.
     """
     view = memoryview(data).cast("B") if not isinstance(data, memoryview) else data.cast("B")
     content, end = unframe(view, 0)
