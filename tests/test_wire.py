@@ -129,6 +129,12 @@ def test_raw_values_decode_in_place_from_bytes_and_copied_from_mutable_buffers(n
     assert from_bytes.data_ptr() == np.frombuffer(blob, np.uint8)[start:].ctypes.data  # a view: no pass
     buf[start:] = bytes(4 * n)  # a receiver's mutable buffer changes later: its decoded values do not
     assert torch.equal(from_bytearray, x) and torch.equal(from_bytes, x)
+    # Compressing a decoded view again hands the kernels an aligned copy.
+    if from_bytes.data_ptr() % 4:
+        for spec in ("identity", "qsgd(16)", "fp16"):
+            again = qfl.parse(spec).compress(from_bytes, torch.Generator().manual_seed(0))
+            assert torch.equal(decode(encode(again)).decompress(), again.decompress())
+        assert qfl.parse("identity").compress(from_bytes).body.values.data_ptr() % 4 == 0
     # Values a sparsifier kept are copied: a view of a few of them would hold the whole message.
     sparse = encode(qfl.parse("randk(0.5)").compress(x, torch.Generator().manual_seed(0)))
     kept = decode(sparse).body.values.values.data_ptr()

@@ -165,6 +165,10 @@ class Operator(ABC):
             raise TypeError(f"{self} expects a torch.Tensor, got {type(x).__name__}")
         shape = tuple(x.shape)
         flat = x.detach().reshape(-1).to("cpu")
+        if flat.data_ptr() % flat.element_size():
+            # A view into a received blob (raw values are decoded in place, at any byte
+            # offset): the kernels read their arrays as aligned, so they get a copy.
+            flat = flat.clone()
         if x.dtype not in FLOAT_DTYPES:
             return Payload(IDENTITY, shape, x.dtype, Raw(flat.clone()), x.device)
         if not (self.checks_finite and flat.dtype == torch.float32):
