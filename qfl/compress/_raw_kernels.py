@@ -11,7 +11,7 @@ from __future__ import annotations
 import numba as nb
 import numpy as np
 
-from ._kernels import _max_key
+from ._kernels import count_nonfinite
 from .runtime import twin
 
 #: Elements per parallel task.
@@ -23,16 +23,16 @@ def _tasks(n: int) -> int:
 
 
 @twin
-def _max_keys(keys, out):
+def _nonfinite_counts(x, out):
     for c in nb.prange(out.size):
-        out[c] = _max_key(keys[c * CHUNK : c * CHUNK + CHUNK])
+        out[c] = count_nonfinite(x[c * CHUNK : c * CHUNK + CHUNK])
 
 
-def max_abs_key(x: np.ndarray) -> int:
-    """``max |x|`` of float32 ``x`` as its IEEE bits (>= 0x7F800000: NaN or Inf present)."""
-    out = np.zeros(_tasks(x.size), np.uint32)
-    _max_keys(x.size, x.view(np.uint32), out)
-    return int(out.max())
+def nonfinite_count(x: np.ndarray) -> int:
+    """Number of NaN/Inf elements of float32 ``x``."""
+    out = np.zeros(_tasks(x.size), np.int64)
+    _nonfinite_counts(x.size, x, out)
+    return int(out.sum())
 
 
 @nb.njit(inline="always", cache=True)
