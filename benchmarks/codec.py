@@ -51,6 +51,7 @@ Run (from the repository root)::
     PYTHONPATH=. python benchmarks/codec.py                       # 10M elements, 7 repeats
     PYTHONPATH=. python benchmarks/codec.py --ops topk,qsgd --repeats 9 --json out.json
     PYTHONPATH=. python benchmarks/codec.py --threads 2           # one thread count only
+    PYTHONPATH=. python benchmarks/codec.py --ops identity,fp16,bf16 --no-peers --bounds   # target (5)
 
 Exit status: 0 whether targets pass or fail (this is a measurement, not a test),
 2 on bad arguments.
@@ -139,12 +140,23 @@ def describe(x: torch.Tensor) -> str:
 
 
 # ============================================================================ methods
+_CLOCK = [time.perf_counter]
+
+
+def now() -> float:
+    """The clock every method is timed with: wall time, or with ``--clock thread`` the
+    calling thread's CPU time, which other processes cannot inflate by preempting it
+    (page faults count: the kernel zeroes a fresh page in the faulting thread's time)."""
+    return _CLOCK[0]()
+
+
+# ============================================================================ methods
 @dataclass
 class Method:
     """A codec under test. ``run(x)`` returns (nbytes, x_hat, {stage: seconds})."""
 
     name: str
-    kind: str  # "qfl", "peer", "floor"
+    kind: str  # "qfl", "peer", "floor", "bound"
     run: Callable[[torch.Tensor], tuple[int, torch.Tensor | None, dict[str, float]]]
     note: str = ""
 
@@ -152,7 +164,7 @@ class Method:
 def qfl_method(name: str, spec: str, seed: int) -> Method:
     op = qfl.parse(spec)
     gen = torch.Generator().manual_seed(seed)
-    clock = time.perf_counter
+    clock = now
 
     def run(x: torch.Tensor):
         t0 = clock()
@@ -182,7 +194,7 @@ def qfl_method(name: str, spec: str, seed: int) -> Method:
 
 
 def floor_method() -> Method:
-    clock = time.perf_counter
+    clock = now
 
     def run(x: torch.Tensor):
         t0 = clock()
@@ -191,6 +203,54 @@ def floor_method() -> Method:
         return 0, None, {"encode": t1 - t0}
 
     return Method("floor: x.amax()", "floor", run, note="one read pass over x")
+
+
+def bound_methods() -> list[Method]:
+    """What the least work of target (5) costs on this machine, next to the floor: the
+    passes over memory that identity, fp16 and bf16 cannot avoid with a fresh ``bytes``
+    blob (one read + one write into fresh memory, the checksum on each side; fp16: the
+    two casts and a 20 MB copy), timed with numpy and xxhash, no qfl code."""
+    import xxhash
+
+    clock = now
+
+    def fresh_copy(x: torch.Tensor):
+        t0 = clock()
+        torch.from_numpy(np.empty(x.numel(), np.float32)).copy_(x)
+        t1 = clock()
+        return 0, None, {"encode": t1 - t0}
+
+    reused: list[np.ndarray] = []
+
+    def reused_copy(x: torch.Tensor):
+        if not reused or reused[0].size != x.numel():
+            reused[:] = [np.ones(x.numel(), np.float32)]
+        t0 = clock()
+        torch.from_numpy(reused[0]).copy_(x)
+        t1 = clock()
+        return 0, None, {"encode": t1 - t0}
+
+    def checksum(x: torch.Tensor):
+        t0 = clock()
+        xxhash.xxh3_64_intdigest(x.numpy())
+        t1 = clock()
+        return 0, None, {"encode": t1 - t0}
+
+    def casts(x: torch.Tensor):
+        t0 = clock()
+        y = torch.from_numpy(np.empty(x.numel(), np.float16)).copy_(x)
+        t1 = clock()
+        z = torch.from_numpy(np.empty(x.numel(), np.float32)).copy_(y)
+        t2 = clock()
+        del z
+        return 0, None, {"encode": t1 - t0, "decode": t2 - t1}
+
+    return [
+        Method("bound: copy into fresh 40 MB", "bound", fresh_copy, note="np.empty (huge pages) + torch copy"),
+        Method("bound: copy into reused 40 MB", "bound", reused_copy, note="the same copy, pages already mapped"),
+        Method("bound: xxh3 of 40 MB", "bound", checksum, note="XXH3-64 of x, on one thread"),
+        Method("bound: fp16 casts, fresh", "bound", casts, note="torch casts to and back from fp16"),
+    ]
 
 
 def _container_bytes(tensors) -> int:
@@ -203,7 +263,7 @@ def bnb_method() -> Method | None:
     except Exception as exc:  # pragma: no cover - depends on the environment
         print(f"# bitsandbytes unavailable ({exc}); pip install -e .[bench]", file=sys.stderr)
         return None
-    clock = time.perf_counter
+    clock = now
 
     def run(x: torch.Tensor):
         t0 = clock()
@@ -254,7 +314,7 @@ def fedlab_methods() -> list[Method]:
     except Exception as exc:  # pragma: no cover - depends on the environment
         print(f"# fedlab unavailable ({exc}); pip install fedlab==1.3.0 --no-deps", file=sys.stderr)
         return []
-    clock = time.perf_counter
+    clock = now
     qsgd = quant.QSGDCompressor(n_bit=4)
     tk = topk.TopkCompressor(compress_ratio=0.01)
 
@@ -434,8 +494,8 @@ def table(rows: list[Row], n: int) -> str:
                 _ms(r.median("encode")),
                 _ms(r.median("decode")),
                 _ms(r.total()),
-                f"{nb:,}" if r.kind != "floor" else "-",
-                f"{8 * nb / n:.3f}" if r.kind != "floor" else "-",
+                f"{nb:,}" if r.kind not in ("floor", "bound") else "-",
+                f"{8 * nb / n:.3f}" if r.kind not in ("floor", "bound") else "-",
                 "-" if r.rel_err is None else f"{r.rel_err:.4g}",
             ]
         )
@@ -534,6 +594,18 @@ def main(argv: list[str] | None = None) -> int:
         "--threads", default="1,2", help="comma-separated thread counts, each run in its own process (default 1,2)"
     )
     ap.add_argument("--no-peers", action="store_true", help="skip bitsandbytes and fedlab")
+    ap.add_argument(
+        "--bounds",
+        action="store_true",
+        help="also time the memory passes target (5) cannot avoid (fresh vs reused buffer, checksum, casts)",
+    )
+    ap.add_argument(
+        "--clock",
+        choices=("wall", "thread"),
+        default="wall",
+        help="wall time (default), or the thread's CPU time: immune to other processes on a busy "
+        "machine, but blind to work on other threads, so only with --threads 1",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", metavar="PATH", help="also write every measurement as JSON")
     args = ap.parse_args(argv)
@@ -546,6 +618,10 @@ def main(argv: list[str] | None = None) -> int:
     if len(counts) > 1 or os.environ.get("NUMBA_NUM_THREADS") != str(counts[0]):
         return _per_thread_count(counts, argv if argv is not None else sys.argv[1:], args.json)
     args.threads = counts[0]
+    if args.clock == "thread":
+        if args.threads != 1:
+            ap.error("--clock thread misses the work of other threads: use it with --threads 1")
+        _CLOCK[0] = time.thread_time
     tensors = [t.strip() for t in args.tensors.split(",") if t.strip()]
     if not tensors or any(t not in ("gaussian", "update") for t in tensors):
         ap.error("--tensors takes a comma-separated subset of: gaussian, update")
@@ -566,6 +642,8 @@ def main(argv: list[str] | None = None) -> int:
         if (m := bnb_method()) is not None:
             methods.append(m)
         methods += fedlab_methods()
+    if args.bounds:
+        methods += bound_methods()
     methods += [qfl_method(name, spec, args.seed + 1) for name, spec in specs]
 
     meta = {
@@ -573,13 +651,14 @@ def main(argv: list[str] | None = None) -> int:
         "size": args.size,
         "repeats": args.repeats,
         "threads": args.threads,
+        "clock": args.clock,
         "machine": f"{platform.machine()}, {os.cpu_count()} logical CPUs, {platform.platform()}",
         "loadavg_start": os.getloadavg(),
         "versions": versions(),
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
     }
     print(f"# qfl codec benchmark  {meta['date']}")
-    print(f"# {meta['machine']}; threads={args.threads}; repeats={args.repeats} (medians)")
+    print(f"# {meta['machine']}; threads={args.threads}; repeats={args.repeats} (medians); clock={args.clock}")
     print("# " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()))
     print(
         "# load average at start: "

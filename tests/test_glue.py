@@ -152,7 +152,7 @@ def test_a_custom_start_keeps_its_checkpoints_and_results_with_two_changed_lines
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert sorted(results["train"]) == sorted(results["evaluate"]) == ["1", "2", "3"]
     assert list((tmp_path / "run").glob("model_round*.pt"))
-    assert all(a.stype == "qfl/v2" for m in grid.sent for a in m.content["arrays"].values())
+    assert all(a.stype == "qfl/v3" for m in grid.sent for a in m.content["arrays"].values())
     total = strategy.traffic.total()
     assert total.uplink < total.uplink_full / 3 and total.dropped == total.failures == 0
     assert results["train"]["3"]["qfl.uplink-bytes"] > 0  # qfl's counts reach the user's results file

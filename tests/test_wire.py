@@ -15,6 +15,7 @@ from qfl import wire
 from qfl.wire import Limits, WireFormatError, decode, decode_all, encode, fuzz_inputs
 from qfl.wire import _bits as B
 from qfl.wire.fuzz_inputs import content_of, frame
+from qfl.wire.layout import SEGMENT, checksum
 
 SPECS = [s for s in fuzz_inputs.SPECS if s not in fuzz_inputs.EDGE_SPECS]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
@@ -115,6 +116,30 @@ def test_blobs_concatenate():
     assert decode_all(b"") == []
     with pytest.raises(WireFormatError, match="trailing"):
         decode(blob)
+
+
+@pytest.mark.parametrize("n", [10, 100_000, 3_000_000])  # a bytearray copied, a bytes in place, huge pages
+def test_raw_values_decode_in_place_from_bytes_and_copied_from_mutable_buffers(n):
+    x = torch.randn(n)
+    blob = encode(qfl.parse("identity").compress(x))
+    assert type(blob) is bytes and torch.equal(decode(blob).decompress(), x)
+    buf = bytearray(blob)
+    from_bytes, from_bytearray = decode(blob).decompress(), decode(buf).decompress()
+    start = len(blob) - 4 * n  # the values end the blob
+    assert from_bytes.data_ptr() == np.frombuffer(blob, np.uint8)[start:].ctypes.data  # a view: no pass
+    buf[start:] = bytes(4 * n)  # a receiver's mutable buffer changes later: its decoded values do not
+    assert torch.equal(from_bytearray, x) and torch.equal(from_bytes, x)
+    # Compressing a decoded view again hands the kernels an aligned copy.
+    if from_bytes.data_ptr() % 4:
+        for spec in ("identity", "qsgd(16)", "fp16"):
+            again = qfl.parse(spec).compress(from_bytes, torch.Generator().manual_seed(0))
+            assert torch.equal(decode(encode(again)).decompress(), again.decompress())
+        assert qfl.parse("identity").compress(from_bytes).body.values.data_ptr() % 4 == 0
+    # Values a sparsifier kept are copied: a view of a few of them would hold the whole message.
+    sparse = encode(qfl.parse("randk(0.5)").compress(x, torch.Generator().manual_seed(0)))
+    kept = decode(sparse).body.values.values.data_ptr()
+    base = np.frombuffer(sparse, np.uint8).ctypes.data
+    assert not base <= kept < base + len(sparse)
 
 
 # ------------------------------------------------------------------ real bits
@@ -253,7 +278,37 @@ def test_declared_counts_must_match_the_operator():
 
 
 def test_stype_names_the_version():
-    assert wire.STYPE == "qfl/v2"
+    assert wire.STYPE == "qfl/v3"
+
+
+@pytest.mark.parametrize("n", [0, 5, SEGMENT, 5 * SEGMENT + 3])
+@pytest.mark.parametrize("parallel", [False, True])
+def test_checksum_is_xxh3_of_the_segment_digests(n, parallel, monkeypatch):
+    import xxhash
+
+    from qfl.wire import _buffer
+
+    monkeypatch.setattr(_buffer, "_threads", lambda nbytes: 2 if parallel else 1)
+    content = np.random.default_rng(n).integers(0, 256, n, dtype=np.uint8).tobytes()
+    segments = [content[i : i + SEGMENT] for i in range(0, n, SEGMENT)]
+    expected = xxhash.xxh3_64_digest(b"".join(xxhash.xxh3_64_digest(s)[::-1] for s in segments))[::-1]
+    assert checksum(content) == expected
+    # The encoder checksums while it writes, over the same segments.
+    x = torch.from_numpy(np.frombuffer(content, np.uint8).copy())
+    blob = encode(qfl.parse("identity").compress(x))
+    assert blob[len(blob) - len(content_of(blob)) - 8 :][:8] == checksum(content_of(blob))
+
+
+def test_a_forked_child_checksums_with_threads_of_its_own(monkeypatch):
+    import multiprocessing
+
+    from qfl.wire import _buffer
+
+    monkeypatch.setattr(_buffer, "_threads", lambda nbytes: 2)
+    content = bytes(range(256)) * (5 * SEGMENT // 256)
+    expected = checksum(content)  # starts this process's workers, which a fork does not copy
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        assert pool.apply_async(checksum, (content,)).get(timeout=120) == expected
 
 
 # ------------------------------------------------------ Elias coder: every code path

@@ -1,7 +1,7 @@
 """Between Flower records and tensors: ordinary arrays and qfl containers (both sides of the wire use it).
 
 A compressed ArrayRecord carries ONE Array, ``Array(dtype="uint8", shape=(n,),
-stype="qfl/v2", data=container)`` under :data:`CONTAINER_KEY`: the container
+stype="qfl/v3", data=container)`` under :data:`CONTAINER_KEY`: the container
 (:mod:`qfl.wire.container`) holds each tensor's name and blobs. Flower ships every Array
 as its own content-addressed objects, ~450 bytes each on the Fleet API whatever their
 size, so one Array per message instead of one per tensor is what keeps Flower's bytes

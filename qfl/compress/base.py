@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from ._kernels import count_nonfinite
+from ._raw_kernels import nonfinite_count
 from .payload import Levels, Part, Payload, Raw, Signs, Sparse
 
 #: Every concrete operator, by spec name.
@@ -61,9 +61,9 @@ def as_numpy_f32(x: torch.Tensor) -> np.ndarray:
 def check_finite(x: torch.Tensor) -> None:
     """Refuse NaN/Inf: they would poison the scales and, via error memory, every round after."""
     if x.dtype == torch.float32:
-        bad = int(count_nonfinite(x.contiguous().numpy()))
+        bad = nonfinite_count(x.contiguous().numpy()) > 0
     else:
-        bad = int((~torch.isfinite(x)).sum())
+        bad = not bool(torch.isfinite(x).all())
     if bad:
         raise_nonfinite(x)
 
@@ -79,29 +79,11 @@ def raise_nonfinite(x: torch.Tensor) -> None:
     )
 
 
-def copy_tensor(x: torch.Tensor) -> torch.Tensor:
-    """A copy of a flat CPU tensor, allocated by numpy when large: numpy asks the kernel
-    for huge pages, which makes a fresh 40 MB buffer ~4x cheaper to fault in than a
-    torch allocation."""
-    if x.numel() < (1 << 20) or x.dtype not in _NUMPY_BITS:
-        return x.clone()
-    bits = _NUMPY_BITS[x.dtype]
-    out = torch.from_numpy(x.contiguous().view(bits).numpy().copy())
-    return out.view(x.dtype)
-
-
 def empty_float32(n: int) -> torch.Tensor:
-    """An uninitialised float32 tensor of n elements, numpy-allocated (see ``copy_tensor``)."""
+    """An uninitialised float32 tensor of n elements, numpy-allocated: numpy asks the
+    kernel for huge pages, which makes a fresh 40 MB buffer ~4x cheaper to fault in than
+    a torch allocation."""
     return torch.from_numpy(np.empty(n, np.float32))
-
-
-# dtype -> a dtype of the same size that numpy knows (bfloat16 travels as its 16 bits).
-_NUMPY_BITS = {
-    torch.float32: torch.float32,
-    torch.float64: torch.float64,
-    torch.float16: torch.float16,
-    torch.bfloat16: torch.int16,
-}
 
 
 def _overflow(part: Part) -> str | None:
@@ -182,6 +164,10 @@ class Operator(ABC):
             raise TypeError(f"{self} expects a torch.Tensor, got {type(x).__name__}")
         shape = tuple(x.shape)
         flat = x.detach().reshape(-1).to("cpu")
+        if flat.data_ptr() % flat.element_size():
+            # A view into a received blob (raw values are decoded in place, at any byte
+            # offset): the kernels read their arrays as aligned, so they get a copy.
+            flat = flat.clone()
         if x.dtype not in FLOAT_DTYPES:
             return Payload(IDENTITY, shape, x.dtype, Raw(flat.clone()), x.device)
         if not (self.checks_finite and flat.dtype == torch.float32):
@@ -266,12 +252,18 @@ class ValueOperator(Operator):
 
 @dataclass(frozen=True)
 class Identity(ValueOperator):
-    """No compression: the values as they are. Unbiased, zero variance, lossless."""
+    """No compression: the values as they are. Unbiased, zero variance, lossless.
+
+    The payload holds the tensor itself (flattened, a view when it is contiguous on the
+    CPU), not a copy, and ``decompress`` gives it back: a copy would be a pass over it
+    that nobody needs, since no caller changes a tensor in place after compressing it
+    (error memory and replicas build new tensors). A caller that does must encode first.
+    """
 
     name: ClassVar[str] = "identity"
 
     def _compress(self, x: torch.Tensor, generator: torch.Generator | None) -> Part:
-        return Raw(copy_tensor(x))
+        return Raw(x)
 
     def _decompress(self, part: Part, n: int) -> torch.Tensor:
         assert isinstance(part, Raw)

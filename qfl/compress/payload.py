@@ -18,7 +18,11 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True, eq=False)
 class Raw:
-    """Values sent as they are, in ``values.dtype`` (lossless for that dtype)."""
+    """Values sent as they are, in ``values.dtype`` (lossless for that dtype).
+
+    Neither side copies them when it need not: identity's payload holds the compressed
+    tensor itself, and a decoded dense payload views the blob's bytes (read-only).
+    """
 
     values: torch.Tensor
 

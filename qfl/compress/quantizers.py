@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from . import _kernels as K
+from . import _raw_kernels as R
 from .base import Properties, ValueOperator, as_numpy_f32, draw_seed, empty_float32, raise_nonfinite
 from .payload import Levels, Part, Raw, Signs
 
@@ -183,20 +184,17 @@ class _Cast(ValueOperator):
 
     target: ClassVar[torch.dtype]
     unit_roundoff: ClassVar[float]
-    #: Smallest float32 magnitude that may round to Inf in the target format.
-    overflow_from: ClassVar[float]
+    #: Bits of Inf in the target format (with the sign bit clear): NaN's are above.
+    inf_bits: ClassVar[int]
     checks_finite: ClassVar[bool] = True
 
     def _compress(self, x: torch.Tensor, generator: torch.Generator | None) -> Part:
-        may_overflow = True
-        if x.dtype == torch.float32:
-            # One pass for both checks: the largest |x| (NaN/Inf have the largest keys).
-            key = int(K.max_abs_key(x.contiguous().numpy()))
-            if key >= int(K.NONFINITE_KEY):
-                raise_nonfinite(x)
-            may_overflow = float(np.uint32(key).view(np.float32)) >= self.overflow_from
         y = _empty_like_dtype(x.numel(), self.target).copy_(x)
-        if may_overflow and bool(torch.isinf(y).any()):
+        # One check, on the cast values (half the bytes of float32 input): NaN and Inf
+        # stay NaN and Inf, and a finite value beyond the format's range becomes Inf.
+        if R.max_abs_half_key(y.view(torch.int16).numpy().view(np.uint16)) >= self.inf_bits:
+            if not bool(torch.isfinite(x).all()):
+                raise_nonfinite(x)
             big = float(x.abs().max())
             hint = "use bf16 or a quantizer instead" if self.target == torch.float16 else "use a quantizer instead"
             raise ValueError(
@@ -228,7 +226,7 @@ class FP16(_Cast):
     name: ClassVar[str] = "fp16"
     target: ClassVar[torch.dtype] = torch.float16
     unit_roundoff: ClassVar[float] = 2.0**-11
-    overflow_from: ClassVar[float] = 65504.0
+    inf_bits: ClassVar[int] = 0x7C00
 
 
 @dataclass(frozen=True)
@@ -238,4 +236,4 @@ class BF16(_Cast):
     name: ClassVar[str] = "bf16"
     target: ClassVar[torch.dtype] = torch.bfloat16
     unit_roundoff: ClassVar[float] = 2.0**-8
-    overflow_from: ClassVar[float] = float(torch.finfo(torch.bfloat16).max)
+    inf_bits: ClassVar[int] = 0x7F80

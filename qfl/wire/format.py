@@ -1,8 +1,8 @@
-"""Payload <-> bytes: the qfl wire format, version 2.
+"""Payload <-> bytes: the qfl wire format, version 3.
 
 Layout of one blob (all integers little-endian, varints unsigned LEB128)::
 
-    b"QF" | version u8 | length varint | xxh3-64 u64 | content (length - 8 bytes)
+    b"QF" | version u8 | length varint | checksum u64 | content (length - 8 bytes)
 
     content = op-count u8 | ops | dtype u8 | ndim u8 | dims varint* | body
     op      = op-id u8 | field-count u8 | fields (tagged: none/int/float/bool/str)
@@ -11,9 +11,11 @@ Layout of one blob (all integers little-endian, varints unsigned LEB128)::
 The length prefix makes blobs self-delimiting, so several can travel in one Flower
 ``Array`` (a downlink catching a client up over several versions). The checksum turns a
 flipped bit anywhere into a clean error instead of a silently wrong model. It is
-XXH3-64 (xxhash), not zlib's CRC-32 (version 1): CRC-32 read ~1.2 GB/s here and cost
-more than all the coding of an 8-bit payload (33 ms per 40 MB per side), XXH3 reads
-~15 GB/s, and its 64-bit digest misses a random corruption with odds 2^-64, not 2^-32. The
+built on XXH3-64 (xxhash), not zlib's CRC-32 (version 1): CRC-32 read ~1.2 GB/s here and
+cost more than all the coding of an 8-bit payload (33 ms per 40 MB per side), XXH3 reads
+~15 GB/s, and its 64-bit digest misses a random corruption with odds 2^-64, not 2^-32.
+Since version 3 it is XXH3-64 over the digests of 1 MiB segments
+(:func:`qfl.wire.layout.checksum`), which two threads compute in half the time. The
 decoder checks every declared count against the bytes actually present and against
 ``Limits`` before it allocates, so a hostile or broken blob costs at most what its
 declared (and allowed) shape costs.
@@ -28,10 +30,10 @@ from __future__ import annotations
 import dataclasses
 import math
 import struct
+import warnings
 
 import numpy as np
 import torch
-import xxhash
 
 from ..compress import (
     BF16,
@@ -53,6 +55,7 @@ from ..compress import (
 )
 from ..compress.quantizers import level_dtype
 from . import _bits as B
+from ._buffer import Blob, fill
 from .layout import (
     BITS_VIEW,
     DEFAULT_LIMITS,
@@ -242,13 +245,25 @@ def encode(payload: Payload) -> bytes:
         _value_body(enc, value, body.values, k)
     else:
         _value_body(enc, value, body, n)
-    digest = xxhash.xxh3_64()
-    for p in enc.parts:
-        digest.update(p)
-    length = DIGEST_BYTES + sum(p.nbytes if isinstance(p, np.ndarray) else len(p) for p in enc.parts)
-    return b"".join(
-        [MAGIC, bytes([VERSION]), varint(length), digest.intdigest().to_bytes(DIGEST_BYTES, "little"), *enc.parts]
-    )
+    return _frame(enc.parts)
+
+
+def _frame(parts: list[bytes | np.ndarray]) -> bytes:
+    """The blob of a content given in parts: each part is written once, straight into the
+    ``bytes`` that ships, and checksummed right after (see :mod:`._buffer`)."""
+    arrays = [p.reshape(-1).view(np.uint8) if isinstance(p, np.ndarray) else np.frombuffer(p, np.uint8) for p in parts]
+    length = DIGEST_BYTES + sum(a.size for a in arrays)
+    head = MAGIC + bytes([VERSION]) + varint(length)
+    blob = Blob(len(head) + length)
+    out = blob.view
+    out[: len(head)] = np.frombuffer(head, np.uint8)
+    pieces, pos = [], 0
+    for a in arrays:
+        pieces.append((pos, a))
+        pos += a.size
+    digest = fill(out[len(head) + DIGEST_BYTES :], pieces)
+    out[len(head) : len(head) + DIGEST_BYTES] = np.frombuffer(digest, np.uint8)
+    return blob.finish()
 
 
 # =========================================================================== decoding
@@ -290,6 +305,13 @@ class _Decoder:
     def array(self, count: int, dtype: str, what: str) -> np.ndarray:
         itemsize = np.dtype(dtype).itemsize
         return np.frombuffer(self.take(count * itemsize, what), dtype=dtype).copy()
+
+    def values(self, count: int, dtype: str, what: str) -> np.ndarray:
+        """Values in place when the blob is immutable (``bytes``: nobody can change them
+        under the receiver, and a copy would be a pass over them), else a copy."""
+        if not self.data.readonly:
+            return self.array(count, dtype, what)
+        return np.frombuffer(self.take(count * np.dtype(dtype).itemsize, what), dtype=dtype)
 
     def padded(self, nbytes: int, what: str) -> np.ndarray:
         """A stream copied into a buffer with 8 zero bytes of slack for 64-bit reads."""
@@ -335,15 +357,16 @@ class _Decoder:
         except (ValueError, TypeError) as exc:
             raise self.fail(f"invalid parameters for {cls.name}: {exc}") from None
 
-    def raw(self, m: int) -> Raw:
+    def raw(self, m: int, in_place: bool) -> Raw:
         code = self.u8("raw dtype")
         dtype = DTYPES_BY_CODE.get(code)
         if dtype is None:
             raise self.fail(f"unknown raw dtype code {code}")
-        arr = self.array(m, NUMPY_DTYPES[dtype], "raw values")
+        what = "raw values"
+        arr = self.values(m, NUMPY_DTYPES[dtype], what) if in_place else self.array(m, NUMPY_DTYPES[dtype], what)
         if dtype == torch.bool and arr.size and arr.max() > 1:
             raise self.fail("boolean values must be bytes 0 or 1")
-        t = torch.from_numpy(arr)
+        t = _tensor(arr)
         if dtype in BITS_VIEW:
             t = t.view(dtype)
         return Raw(t)
@@ -432,14 +455,26 @@ class _Decoder:
             raise self.fail(f"corrupt {what}: {messages.get(status, status)}")
 
 
-def _value_part(dec: _Decoder, op: Operator | None, m: int) -> Part:
+def _tensor(arr: np.ndarray) -> torch.Tensor:
+    """``torch.from_numpy``, also of a read-only view of a blob (torch has no read-only
+    tensors and warns once about it; the values are documented as read-only instead)."""
+    if arr.flags.writeable:
+        return torch.from_numpy(arr)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(arr)
+
+
+def _value_part(dec: _Decoder, op: Operator | None, m: int, dense: bool = False) -> Part:
+    """The values of a blob; raw ones in place only for a dense body (the values kept by
+    a sparsifier are few, and a view of them would hold the whole message in memory)."""
     if isinstance(op, QSGD):
         return dec.levels(m, op.bucket, op.levels)
     if isinstance(op, Grid):
         return dec.levels(m, op.bucket, op.max_level)
     if isinstance(op, Sign):
         return dec.signs(m)
-    part = dec.raw(m)
+    part = dec.raw(m, dense)
     if isinstance(op, FP16) and part.values.dtype != torch.float16:
         raise dec.fail(f"fp16 payload carries {part.values.dtype} values")
     if isinstance(op, BF16) and part.values.dtype != torch.bfloat16:
@@ -493,7 +528,7 @@ def _content(data: memoryview, limits: Limits, allowed: int | None = None) -> Pa
             idx = dec.positions(k, n)
             body = Sparse(idx, None, _value_part(dec, value, k))
     else:
-        body = _value_part(dec, value, n)
+        body = _value_part(dec, value, n, dense=True)
         if isinstance(op, Identity) and body.values.dtype != dtype:
             raise dec.fail(f"identity payload of {dtype} carries {body.values.dtype} values")
     if dec.pos != len(data):
@@ -530,7 +565,8 @@ def unframe(view: memoryview, start: int = 0) -> tuple[memoryview, int]:
 
 
 def decode_all(data: bytes | bytearray | memoryview, limits: Limits = DEFAULT_LIMITS) -> list[Payload]:
-    """Decode a concatenation of blobs (possibly empty) into payloads, in order."""
+    """Decode a concatenation of blobs (possibly empty) into payloads, in order (raw
+    values as in :func:`decode`)."""
     view = memoryview(data).cast("B") if not isinstance(data, memoryview) else data.cast("B")
     out, pos, budget = [], 0, limits.budget(len(view))
     while pos < len(view):
@@ -541,7 +577,12 @@ def decode_all(data: bytes | bytearray | memoryview, limits: Limits = DEFAULT_LI
 
 
 def decode(data: bytes | bytearray | memoryview, limits: Limits = DEFAULT_LIMITS) -> Payload:
-    """Decode exactly one blob; WireFormatError on anything else."""
+    """Decode exactly one blob; WireFormatError on anything else.
+
+    A dense body of raw values (identity, casts) decoded from an immutable blob
+    (``bytes``) is a read-only view into it, not a copy; from a mutable buffer it is a
+    copy, since its owner may change the buffer later.
+    """
     view = memoryview(data).cast("B") if not isinstance(data, memoryview) else data.cast("B")
     content, end = unframe(view, 0)
     if end != len(view):

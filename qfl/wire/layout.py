@@ -1,4 +1,4 @@
-"""What the bytes of wire format version 2 mean: ids, codes, tags, and what a decoder accepts.
+"""What the bytes of wire format version 3 mean: ids, codes, tags, and what a decoder accepts.
 
 The numbering here is the format: a blob written by one build is read by another only if
 these tables agree, so they change only by adding entries (and a new version for
@@ -10,20 +10,25 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import xxhash
 
 from ..compress import BF16, FP16, QSGD, Bernoulli, Grid, Identity, Operator, RandK, Sign, TopK
+from ._buffer import SEGMENT as SEGMENT  # the checksum's segment length: part of the format
+from ._buffer import digest
 
 MAGIC = b"QF"
 #: 2: XXH3-64 checksum (was CRC-32); levels may be coded at a width per block.
-VERSION = 2
+#: 3: the checksum is XXH3-64 of the XXH3-64 digests of the content's 1 MiB segments
+#: (was XXH3-64 of the content), so that two threads can write and check a large blob.
+VERSION = 3
 #: Bytes of the checksum that precedes each blob's content.
 DIGEST_BYTES = 8
 
 
 def checksum(content) -> bytes:
-    """XXH3-64 of a blob's content, little-endian, as the blob carries it."""
-    return xxhash.xxh3_64_intdigest(content).to_bytes(DIGEST_BYTES, "little")
+    """The checksum a blob carries before its content (little-endian): XXH3-64 over the
+    little-endian XXH3-64 digests of the content's ``SEGMENT``-byte segments, the last
+    one shorter (an empty content has none). Every check of a blob goes through here."""
+    return digest(content)
 
 
 #: Operator ids of format version 1. Never renumber: add new ids instead.
