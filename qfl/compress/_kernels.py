@@ -155,15 +155,17 @@ def bucket_norms(x, bucket, use_max):
     n = x.size
     nbk = (n + bucket - 1) // bucket
     out = np.empty(nbk, np.float32)
-    keys = x.view(np.uint32)
     for b in range(nbk):
-        lo = b * bucket
-        hi = min(lo + bucket, n)
-        if use_max:
-            out[b] = np.uint32(_max_key(keys[lo:hi])).view(np.float32)
-        else:
-            out[b] = _rounded_up_f32(np.sqrt(_sum_sq(x[lo:hi])))
+        out[b] = _norm(x, b * bucket, min(b * bucket + bucket, n), use_max)
     return out
+
+
+@nb.njit(inline="always", cache=True)
+def _norm(x, lo, hi, use_max):
+    """l2 norm or max-abs of ``x[lo:hi]`` as float32 rounded up (see :func:`bucket_norms`)."""
+    if use_max:
+        return np.uint32(_max_key(x[lo:hi].view(np.uint32))).view(np.float32)
+    return _rounded_up_f32(np.sqrt(_sum_sq(x[lo:hi])))
 
 
 @nb.njit(cache=True)
@@ -264,17 +266,24 @@ def _round_piece(x, out, f, s, signed_grid, seed, i, end, u, filled):
 
 
 @nb.njit(inline="always", cache=True)
-def _levels_chunk(x, norms, bucket, s, signed_grid, seed, out, c, u):
+def _levels_chunk(x, norms, own_norms, use_max, bucket, s, signed_grid, seed, out, c, u):
     """Levels of chunk ``c`` (chunks start on a DRAW_BLOCK), bucket by bucket: whole
     blocks in one fused loop each, the pieces of blocks a bucket boundary cuts from
-    their block's draws (drawn once per block)."""
+    their block's draws (drawn once per block). With ``own_norms`` each bucket's norm is
+    computed here, right before its rounding reads the same values from L1."""
     i = c * CHUNK
     hi = min(i + CHUNK, x.size)
     b = i // bucket
     filled = -1
     while i < hi:
         end = min(hi, (b + 1) * bucket)
-        nrm = np.float64(norms[b])
+        if own_norms:  # the whole bucket's norm (the chunk it starts in stores it)
+            nrm32 = _norm(x, b * bucket, min(b * bucket + bucket, x.size), use_max)
+            if b * bucket >= c * CHUNK:
+                norms[b] = nrm32
+        else:
+            nrm32 = norms[b]
+        nrm = np.float64(nrm32)
         b += 1
         if not nrm > 0.0 or nrm == np.inf:  # zero (or, for the caller to refuse, NaN/Inf)
             out[i:end] = 0
@@ -297,22 +306,33 @@ def _levels_chunk(x, norms, bucket, s, signed_grid, seed, out, c, u):
 
 
 @twin
-def _levels(x, norms, bucket, s, signed_grid, seed, out):
+def _levels(x, norms, own_norms, use_max, bucket, s, signed_grid, seed, out):
     for c in nb.prange((x.size + CHUNK - 1) // CHUNK):
         u = np.empty(DRAW_BLOCK, np.float64)
-        _levels_chunk(x, norms, bucket, s, signed_grid, seed, out, c, u)
+        _levels_chunk(x, norms, own_norms, use_max, bucket, s, signed_grid, seed, out, c, u)
 
 
-def stochastic_levels(x, norms, bucket, s, signed_grid, seed, out):
-    """Unbiased stochastic rounding of ``x / norm * s`` to integers, into ``out``.
+#: Buckets up to this size get their norms in the rounding pass (one read of x, not
+#: two); larger ones, the whole tensor among them, in a pass of their own first.
+FUSED_BUCKET = 1 << 12
+
+
+def stochastic_levels(x, bucket, s, use_max, signed_grid, seed, out):
+    """Per-bucket norms (see :func:`bucket_norms`) and unbiased stochastic rounding of
+    ``x / norm * s`` to integers, into ``out``; returns the norms.
 
     QSGD (``signed_grid=False``) rounds the magnitude and keeps the sign apart, levels
     in [-s, s]. The AsyLPG grid (``signed_grid=True``) rounds the signed value down or
     up, also in [-s, s]. Both are unbiased: E[level] = x / norm * s. Element i's uniform
     is :func:`uniform_at` ``(seed, i)``, whatever the split of the work; chunks run in
-    parallel for large x.
+    parallel for large x. A bucket whose norm is not finite gets zero levels: the caller
+    checks the norms and refuses such input.
     """
-    _levels(x.size, x, norms, bucket, s, signed_grid, seed, out)
+    own = bucket <= FUSED_BUCKET
+    nbk = (x.size + bucket - 1) // bucket
+    norms = np.empty(nbk, np.float32) if own else bucket_norms(x, bucket, use_max)
+    _levels(x.size, x, norms, own, use_max, bucket, s, signed_grid, seed, out)
+    return norms
 
 
 @nb.njit(inline="always", cache=True)
