@@ -65,25 +65,47 @@ def uniform(seed, i):
     return np.float64(mix64(seed + np.uint64(i + 1) * GOLDEN_GAMMA) >> _S11) * _TWO_M53
 
 
+#: Elements per block of rounding draws: element ``i`` of block ``q = i // 64`` takes
+#: the high half of draw ``32 q + i % 64`` if ``i % 64 < 32``, else the low half of draw
+#: ``32 q + i % 64 - 32``. Halves of one draw go to elements 32 apart, not to neighbours,
+#: so that the rounding loop reads draws and values at unit stride and vectorises.
+DRAW_BLOCK = 64
+_HALF = DRAW_BLOCK // 2
+
+
 @nb.njit(inline="always", cache=True)
-def uniform_pair(seed, h):
-    """Uniforms in [0, 1) of elements 2h and 2h + 1, with 32 random bits each: the two
-    halves of one SplitMix64 output, a pure function of (seed, h).
+def _draw(seed, h):
+    return mix64(seed + np.uint64(h + 1) * GOLDEN_GAMMA)
+
+
+@nb.njit(inline="always", cache=True)
+def fill_draws(seed, q, u):
+    """Uniforms in [0, 1) of the DRAW_BLOCK elements of block ``q`` into ``u``, 32 random
+    bits each: the two halves of one SplitMix64 output per two elements, a pure function
+    of (seed, index).
 
     Stochastic rounding needs no more bits (a rounding probability off by < 2^-32 of
     a level is far below float32's resolution of the result), and the 64-bit mixer's two
-    multiplies are what the rounding kernels spend most of their time on: halving the
-    mixes took grid(8)'s rounding of 10M elements from ~2 to ~1 ns per element.
+    multiplies are what rounding spends most of its time on. Written as one unit-stride
+    loop over the block's 32 draws, it vectorises (AVX-512: 8 draws per instruction):
+    grid(8)'s rounding of 10M elements took ~20 ms with one scalar draw per two
+    neighbours, ~8 ms like this.
     """
-    r = mix64(seed + np.uint64(h + 1) * GOLDEN_GAMMA)
-    return np.float64(r >> _S32) * _TWO_M32, np.float64(r & _LO32) * _TWO_M32
+    lo = u[:_HALF]
+    hi = u[_HALF:DRAW_BLOCK]
+    h0 = q * _HALF
+    for k in range(_HALF):
+        r = _draw(seed, h0 + k)
+        lo[k] = np.float64(r >> _S32) * _TWO_M32
+        hi[k] = np.float64(r & _LO32) * _TWO_M32
 
 
-@nb.njit(inline="always", cache=True)
-def uniform_of(seed, i):
-    """Element i's half of :func:`uniform_pair` (for a pair cut by a segment boundary)."""
-    u0, u1 = uniform_pair(seed, i // 2)
-    return u0 if i % 2 == 0 else u1
+@nb.njit(cache=True)
+def uniform_at(seed, i):
+    """Element i's uniform of :func:`fill_draws`, alone (for tests and references)."""
+    q, p = i // DRAW_BLOCK, i % DRAW_BLOCK
+    r = _draw(seed, q * _HALF + p % _HALF)
+    return np.float64(r >> _S32) * _TWO_M32 if p < _HALF else np.float64(r & _LO32) * _TWO_M32
 
 
 @nb.njit(cache=True)
@@ -133,15 +155,17 @@ def bucket_norms(x, bucket, use_max):
     n = x.size
     nbk = (n + bucket - 1) // bucket
     out = np.empty(nbk, np.float32)
-    keys = x.view(np.uint32)
     for b in range(nbk):
-        lo = b * bucket
-        hi = min(lo + bucket, n)
-        if use_max:
-            out[b] = np.uint32(_max_key(keys[lo:hi])).view(np.float32)
-        else:
-            out[b] = _rounded_up_f32(np.sqrt(_sum_sq(x[lo:hi])))
+        out[b] = _norm(x, b * bucket, min(b * bucket + bucket, n), use_max)
     return out
+
+
+@nb.njit(inline="always", cache=True)
+def _norm(x, lo, hi, use_max):
+    """l2 norm or max-abs of ``x[lo:hi]`` as float32 rounded up (see :func:`bucket_norms`)."""
+    if use_max:
+        return np.uint32(_max_key(x[lo:hi].view(np.uint32))).view(np.float32)
+    return _rounded_up_f32(np.sqrt(_sum_sq(x[lo:hi])))
 
 
 @nb.njit(cache=True)
@@ -194,7 +218,8 @@ def fill_signs(negative, scale, out):
 # ----------------------------------------------------------- stochastic rounding
 @nb.njit(inline="always", cache=True)
 def _round_one(v, f, s, u, signed_grid):
-    """The level of one value: the grid rounds the signed value, QSGD its magnitude."""
+    """The level of one value: the grid rounds the signed value, QSGD its magnitude.
+    Branch-free, so that loops over it vectorise."""
     v = np.float64(v)
     if signed_grid:  # floor by truncating a positive number (v * f >= -s): no floor call
         return max(-s, min(s, np.int64(v * f + u + (s + 1)) - (s + 1)))
@@ -203,60 +228,111 @@ def _round_one(v, f, s, u, signed_grid):
 
 
 @nb.njit(inline="always", cache=True)
-def _round(xs, out, f, s, seed, base, signed_grid):
-    """Levels of ``xs`` (global indices from ``base``), two elements per random draw;
-    an element whose pair the segment cuts draws its half alone, so levels depend on
-    (seed, index) only, never on how the work is split."""
-    j = 0
-    if base % 2 and xs.size:
-        out[0] = _round_one(xs[0], f, s, uniform_of(seed, base), signed_grid)
-        j = 1
-    x2 = xs[j:]
-    o2 = out[j:]
-    h0 = (base + j) // 2
-    for k in range(x2.size // 2):
-        u0, u1 = uniform_pair(seed, h0 + k)
-        o2[2 * k] = _round_one(x2[2 * k], f, s, u0, signed_grid)
-        o2[2 * k + 1] = _round_one(x2[2 * k + 1], f, s, u1, signed_grid)
-    if x2.size % 2:
-        last = xs.size - 1
-        out[last] = _round_one(xs[last], f, s, uniform_of(seed, base + last), signed_grid)
+def _round(xs, us, out, f, s, signed_grid):
+    """Levels of ``xs`` with uniforms ``us``."""
+    for j in range(xs.size):
+        out[j] = _round_one(xs[j], f, s, us[j], signed_grid)
 
 
 @nb.njit(inline="always", cache=True)
-def _levels_chunk(x, norms, bucket, s, signed_grid, seed, out, c):
-    hi = min(c * CHUNK + CHUNK, x.size)
+def _round_block(xs, out, f, s, seed, q, signed_grid):
+    """Levels of one whole DRAW_BLOCK inside one bucket: draws and rounding fused in one
+    unit-stride loop over its 32 draws (each feeds elements k and 32 + k), which LLVM
+    vectorises whole."""
+    x0 = xs[:_HALF]
+    x1 = xs[_HALF:DRAW_BLOCK]
+    o0 = out[:_HALF]
+    o1 = out[_HALF:DRAW_BLOCK]
+    h0 = q * _HALF
+    for k in range(_HALF):
+        r = _draw(seed, h0 + k)
+        o0[k] = _round_one(x0[k], f, s, np.float64(r >> _S32) * _TWO_M32, signed_grid)
+        o1[k] = _round_one(x1[k], f, s, np.float64(r & _LO32) * _TWO_M32, signed_grid)
+
+
+@nb.njit(inline="always", cache=True)
+def _round_piece(x, out, f, s, signed_grid, seed, i, end, u, filled):
+    """Levels of ``x[i:end]``, a piece of one DRAW_BLOCK, with the block's draws in ``u``
+    (drawn now unless ``filled`` says they are there); returns the block drawn."""
+    q = i // DRAW_BLOCK
+    if q != filled:
+        fill_draws(seed, q, u)
+    us = u[i - q * DRAW_BLOCK : end - q * DRAW_BLOCK]
+    if signed_grid:
+        _round(x[i:end], us, out[i:end], f, s, True)
+    else:
+        _round(x[i:end], us, out[i:end], f, s, False)
+    return q
+
+
+@nb.njit(inline="always", cache=True)
+def _levels_chunk(x, norms, own_norms, use_max, bucket, s, signed_grid, seed, out, c, u):
+    """Levels of chunk ``c`` (chunks start on a DRAW_BLOCK), bucket by bucket: whole
+    blocks in one fused loop each, the pieces of blocks a bucket boundary cuts from
+    their block's draws (drawn once per block). With ``own_norms`` each bucket's norm is
+    computed here, right before its rounding reads the same values from L1."""
     i = c * CHUNK
+    hi = min(i + CHUNK, x.size)
+    b = i // bucket
+    filled = -1
     while i < hi:
-        b = i // bucket
         end = min(hi, (b + 1) * bucket)
-        nrm = np.float64(norms[b])
-        seg = out[i:end]
-        if nrm == 0.0:
-            seg[:] = 0
-        elif signed_grid:  # two calls: each compiles with the branch folded away
-            _round(x[i:end], seg, s / nrm, s, seed, i, True)
+        if own_norms:  # the whole bucket's norm (the chunk it starts in stores it)
+            nrm32 = _norm(x, b * bucket, min(b * bucket + bucket, x.size), use_max)
+            if b * bucket >= c * CHUNK:
+                norms[b] = nrm32
         else:
-            _round(x[i:end], seg, s / nrm, s, seed, i, False)
-        i = end
+            nrm32 = norms[b]
+        nrm = np.float64(nrm32)
+        b += 1
+        if not nrm > 0.0 or nrm == np.inf:  # zero (or, for the caller to refuse, NaN/Inf)
+            out[i:end] = 0
+            i = end
+            continue
+        f = s / nrm
+        head = min(end, (i + DRAW_BLOCK - 1) // DRAW_BLOCK * DRAW_BLOCK)
+        if head > i:
+            filled = _round_piece(x, out, f, s, signed_grid, seed, i, head, u, filled)
+            i = head
+        while i + DRAW_BLOCK <= end:
+            if signed_grid:  # two calls: each compiles with the branch folded away
+                _round_block(x[i : i + DRAW_BLOCK], out[i : i + DRAW_BLOCK], f, s, seed, i // DRAW_BLOCK, True)
+            else:
+                _round_block(x[i : i + DRAW_BLOCK], out[i : i + DRAW_BLOCK], f, s, seed, i // DRAW_BLOCK, False)
+            i += DRAW_BLOCK
+        if end > i:
+            filled = _round_piece(x, out, f, s, signed_grid, seed, i, end, u, filled)
+            i = end
 
 
 @twin
-def _levels(x, norms, bucket, s, signed_grid, seed, out):
+def _levels(x, norms, own_norms, use_max, bucket, s, signed_grid, seed, out):
     for c in nb.prange((x.size + CHUNK - 1) // CHUNK):
-        _levels_chunk(x, norms, bucket, s, signed_grid, seed, out, c)
+        u = np.empty(DRAW_BLOCK, np.float64)
+        _levels_chunk(x, norms, own_norms, use_max, bucket, s, signed_grid, seed, out, c, u)
 
 
-def stochastic_levels(x, norms, bucket, s, signed_grid, seed, out):
-    """Unbiased stochastic rounding of ``x / norm * s`` to integers, into ``out``.
+#: Buckets up to this size get their norms in the rounding pass (one read of x, not
+#: two); larger ones, the whole tensor among them, in a pass of their own first.
+FUSED_BUCKET = 1 << 12
+
+
+def stochastic_levels(x, bucket, s, use_max, signed_grid, seed, out):
+    """Per-bucket norms (see :func:`bucket_norms`) and unbiased stochastic rounding of
+    ``x / norm * s`` to integers, into ``out``; returns the norms.
 
     QSGD (``signed_grid=False``) rounds the magnitude and keeps the sign apart, levels
     in [-s, s]. The AsyLPG grid (``signed_grid=True``) rounds the signed value down or
-    up, also in [-s, s]. Both are unbiased: E[level] = x / norm * s.
-    Work is split in CHUNK ranges walked bucket by bucket, so the per-bucket factor is
-    computed once per bucket, not once per element; chunks run in parallel for large x.
+    up, also in [-s, s]. Both are unbiased: E[level] = x / norm * s. Element i's uniform
+    is :func:`uniform_at` ``(seed, i)``, whatever the split of the work; chunks run in
+    parallel for large x. A bucket whose norm is not finite gets zero levels: the caller
+    checks the norms and refuses such input.
     """
-    _levels(x.size, x, norms, bucket, s, signed_grid, seed, out)
+    own = bucket <= FUSED_BUCKET
+    nbk = (x.size + bucket - 1) // bucket
+    norms = np.empty(nbk, np.float32) if own else bucket_norms(x, bucket, use_max)
+    _levels(x.size, x, norms, own, use_max, bucket, s, signed_grid, seed, out)
+    return norms
 
 
 @nb.njit(inline="always", cache=True)

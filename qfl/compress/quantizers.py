@@ -36,11 +36,10 @@ def _quantize(
 ) -> Levels:
     v = as_numpy_f32(x)
     b = min(bucket or v.size, v.size) or 1  # a bucket beyond the tensor is the whole tensor
-    norms = K.bucket_norms(v, b, use_max)
-    if not np.isfinite(norms).all():  # the norm pass doubles as the NaN/Inf check
-        raise_nonfinite(x)
     levels = np.empty(v.size, level_dtype(s))
-    K.stochastic_levels(v, norms, b, s, signed_grid, draw_seed(generator), levels)
+    norms = K.stochastic_levels(v, b, s, use_max, signed_grid, draw_seed(generator), levels)
+    if not np.isfinite(norms).all():  # the norms double as the NaN/Inf check
+        raise_nonfinite(x)
     return Levels(torch.from_numpy(norms), torch.from_numpy(levels))
 
 

@@ -191,18 +191,23 @@ _load_checked = [-1.0, True]
 def use_parallel(n: int) -> bool:
     """Whether a kernel over ``n`` elements should run its parallel variant.
 
-    Only for large inputs, and only while the cores are not already saturated (1-minute
-    load average below the CPU count, re-read at most once a second). On a machine that
-    other processes keep busy -- Flower's simulation engine runs many clients on one
-    host; CI runners are shared -- every parallel region waits for a worker thread the
-    scheduler has parked, at a scheduler tick (4 ms) or more each time, which costs more
-    than the second core saves. Results do not depend on the choice (counter-based
-    randomness, fixed reduction order).
+    Only for large inputs, and, unless ``NUMBA_NUM_THREADS`` is set, only while the
+    cores are not already saturated (1-minute load average below the CPU count, re-read
+    at most once a second). On a machine that other processes keep busy -- Flower's
+    simulation engine runs many clients on one host; CI runners are shared -- every
+    parallel region waits for a worker thread the scheduler has parked, at a scheduler
+    tick (4 ms) or more each time, which costs more than the second core saves. A thread
+    count set in the environment is the user's decision and is honoured whatever the
+    load (the load average also counts this process's own threads, so a process that
+    keeps its cores busy would otherwise switch itself to serial kernels). Results do
+    not depend on the choice (counter-based randomness, fixed reduction order).
     """
     if FORCE_PARALLEL is not None:
         return FORCE_PARALLEL and n > 0
     if n < PARALLEL_MIN or start_pool() < 2 or usable_cores() < 2:
         return False
+    if "NUMBA_NUM_THREADS" in os.environ:
+        return True
     now = time.monotonic()
     if now - _load_checked[0] > 1.0:
         try:

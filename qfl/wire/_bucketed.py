@@ -29,44 +29,87 @@ _BUCKETS = 1 << 8
 
 
 @nb.njit(inline="always", cache=True)
-def _elias_floor(a):
-    """At most what a level of magnitude ``a`` costs in QSGD's Elias coding, its gap
-    beyond 1 bit aside (:func:`elias_gap_bits`): 0 for a zero, else a gap (>= 1 bit), a
-    sign and omega(a), whose length steps up by 2, 3, 1 and 4 bits at 2, 4, 8 and 16
-    (further steps are left out: five tests vectorise cheaply, and the bound only needs
-    to be low)."""
-    return 3 * np.int32(a >= 1) + 2 * np.int32(a >= 2) + 3 * np.int32(a >= 4) + np.int32(a >= 8) + 4 * np.int32(a >= 16)
+def _elias_floor(v):
+    """At most what a level ``v`` costs in QSGD's Elias coding, its gap beyond 1 bit
+    aside (:func:`elias_gap_bits`): 0 for a zero, else a gap (>= 1 bit), a sign and
+    omega(|v|), whose length steps up by 2, 3, 1 and 4 bits at 2, 4, 8 and 16 (further
+    steps are left out: five tests vectorise cheaply, and the bound only needs to be
+    low). ``v`` is clamped to [-16, 16] first, so |v| never overflows its type."""
+    a = max(-16, min(16, v))
+    a = a if a >= 0 else -a
+    return np.uint8(3 * (a >= 1) + 2 * (a >= 2) + 3 * (a >= 4) + (a >= 8) + 4 * (a >= 16))
 
 
-#: Most elements per work item of the planning passes (int32 partial sums of <= 18 bits
-#: each); the Elias block, so that items of the gap pass are exactly its blocks.
+#: Most elements per work item of the planning passes; the Elias block, so that items
+#: of the gap pass are exactly its blocks.
 _SPAN = ELIAS_BLOCK
+#: Elements per round of the byte scratch that the bound passes sum.
+_SCRATCH = 1 << 12
+_BYTES_TO_TOP = np.uint64(0x0101010101010101)
+_S56 = np.uint64(56)
+
+
+@nb.njit(inline="always", cache=True)
+def _byte_sum(scratch, m):
+    """Sum of ``scratch[:m]``, bytes of at most 31 each: eight at a time, as the top byte
+    of one multiply (their sum stays below 256)."""
+    whole = m - m % 8
+    t = np.int64(0)
+    words = scratch[:whole].view(np.uint64)
+    for k in range(words.size):
+        t += np.int64((words[k] * _BYTES_TO_TOP) >> _S56)
+    for j in range(whole, m):
+        t += np.int64(scratch[j])
+    return t
+
+
+@nb.njit(inline="always", cache=True)
+def _top(seg):
+    """Largest |level| of ``seg``, from its max and min in its own type (no overflow,
+    vectorises at the levels' width)."""
+    hi = seg[0]
+    lo = seg[0]
+    for j in range(seg.size):
+        hi = max(hi, seg[j])
+        lo = min(lo, seg[j])
+    return max(np.int64(hi), -np.int64(lo))
+
+
+@nb.njit(inline="always", cache=True)
+def _bit_length(t):
+    """Bit length of 0 <= t < 2**32 by halving (``math.frexp`` is a libm call: a third of
+    the planning pass)."""
+    w = 0
+    for k in (16, 8, 4, 2, 1):
+        if t >> k:
+            t >>= k
+            w += k
+    return w + (t > 0)
 
 
 @twin
-def _scan(levels, bucket, parts, size, per, top, elias):
-    """Per unit (``parts`` units of ``size`` elements per bucket, never straddling one):
-    the largest |level|; per work item of ``per`` consecutive units: :func:`_elias_floor`
-    summed over its levels. Two loops (a short one per unit, a long one per item) run
-    several times faster than one loop doing both per unit of 64 levels."""
+def _scan(levels, bucket, per, widths, elias):
+    """Per bucket: the bit length of its largest |level|; per work item of ``per`` buckets:
+    :func:`_elias_floor` summed over its levels. Each bound is stored as a byte into a
+    small scratch and summed from there: narrow stores let LLVM vectorise at byte width,
+    where a sum accumulated in the loop runs at 64 bits (numba widens small integers),
+    eight times slower."""
     n = levels.size
     for it in nb.prange(elias.size):
-        u0 = it * per
-        u1 = min(u0 + per, top.size)
-        for u in range(u0, u1):
-            lo = (u // parts) * bucket + (u % parts) * size
-            seg = levels[lo : min(lo + size, (u // parts + 1) * bucket, n)]
-            m = np.int32(0)
+        b0 = it * per
+        b1 = min(b0 + per, widths.size)
+        for b in range(b0, b1):
+            widths[b] = _bit_length(_top(levels[b * bucket : min(b * bucket + bucket, n)]))
+        scratch = np.empty(_SCRATCH, np.uint8)
+        f = np.int64(0)
+        lo = b0 * bucket
+        hi = min(b1 * bucket, n)
+        while lo < hi:
+            seg = levels[lo : min(lo + _SCRATCH, hi)]
             for j in range(seg.size):
-                m = max(m, abs(np.int32(seg[j])))
-            top[u] = m
-        last = u1 - 1
-        lo = min((u0 // parts) * bucket + (u0 % parts) * size, n)
-        hi = min((last // parts) * bucket + (last % parts) * size + size, (last // parts + 1) * bucket, n)
-        seg = levels[lo:hi]
-        f = np.int32(0)
-        for j in range(seg.size):
-            f += _elias_floor(abs(np.int32(seg[j])))
+                scratch[j] = _elias_floor(seg[j])
+            f += _byte_sum(scratch, seg.size)
+            lo += seg.size
         elias[it] = f
 
 
@@ -75,18 +118,23 @@ def _gaps(levels, out):
     """Per Elias block: what its gaps cost beyond 1 bit each, as far as the three levels
     before each level show (after a zero: gap >= 2, omega >= 3 bits; after three zeros:
     gap >= 4, omega >= 6). Shifted views instead of ``seg[j - k]`` keep the reads at
-    unit stride."""
+    unit stride; bytes summed as in :func:`_scan`."""
     n = levels.size
     for b in nb.prange(out.size):
         seg = levels[b * ELIAS_BLOCK : min(b * ELIAS_BLOCK + ELIAS_BLOCK, n)]
-        t = np.int32(0)
+        t = np.int64(0)
         for j in range(1, min(3, seg.size)):
-            t += 2 * np.int32((seg[j] != 0) & (seg[j - 1] == 0))
-        if seg.size > 3:
-            v, p1, p2, p3 = seg[3:], seg[2:-1], seg[1:-2], seg[:-3]
+            t += 2 * np.int64((seg[j] != 0) & (seg[j - 1] == 0))
+        scratch = np.empty(_SCRATCH, np.uint8)
+        lo = 3
+        while lo < seg.size:
+            hi = min(lo + _SCRATCH, seg.size)
+            v, p1, p2, p3 = seg[lo:hi], seg[lo - 1 : hi - 1], seg[lo - 2 : hi - 2], seg[lo - 3 : hi - 3]
             for j in range(v.size):
                 after1 = (v[j] != 0) & (p1[j] == 0)
-                t += 2 * np.int32(after1) + 3 * np.int32(after1 & (p2[j] == 0) & (p3[j] == 0))
+                scratch[j] = np.uint8(2 * after1 + 3 * (after1 & (p2[j] == 0) & (p3[j] == 0)))
+            t += _byte_sum(scratch, v.size)
+            lo = hi
         out[b] = t
 
 
@@ -275,14 +323,10 @@ def bucketed_plan(levels: np.ndarray, bucket: int) -> tuple[np.ndarray, np.ndarr
     at least the bound's bits."""
     n = levels.size
     nbk = (n + bucket - 1) // bucket
-    parts = (bucket + _SPAN - 1) // _SPAN  # units per bucket (one for small buckets)
-    size = (bucket + parts - 1) // parts
-    per = max(1, _SPAN // bucket)  # units per work item
-    top = np.zeros(nbk * parts, np.int32)  # units past the end of the last bucket stay empty
-    elias = np.zeros((top.size + per - 1) // per, np.int64)
-    _scan(n, levels, bucket, parts, size, per, top, elias)
-    tops = top if parts == 1 else top.reshape(nbk, parts).max(axis=1)
-    widths = np.frexp(tops.astype(np.float64))[1].astype(np.uint8)  # bit lengths, exact
+    per = max(1, _SPAN // bucket)  # buckets per work item
+    widths = np.empty(nbk, np.uint8)
+    elias = np.empty((nbk + per - 1) // per, np.int64)
+    _scan(n, levels, bucket, per, widths, elias)
     return widths, bucketed_offsets(widths, n, bucket), int(elias.sum())
 
 
@@ -293,14 +337,19 @@ def bucketed_encode(levels: np.ndarray, bucket: int, widths: np.ndarray, offsets
     return out
 
 
+@nb.njit(cache=True)
+def _offsets(widths, n, bucket, out):
+    out[0] = 0
+    for b in range(widths.size):
+        size = min(bucket, n - b * bucket)
+        w = np.int64(widths[b])
+        out[b + 1] = out[b] + ((size * (w + 1) + 7) // 8 if w else 0)
+
+
 def bucketed_offsets(widths: np.ndarray, n: int, bucket: int) -> np.ndarray:
     """Byte offset of each bucket's codes (one more entry than buckets), from the widths."""
-    sizes = np.full(widths.size, bucket, np.int64)
-    if widths.size:
-        sizes[-1] = n - bucket * (widths.size - 1)
-    w = widths.astype(np.int64)
-    offsets = np.zeros(widths.size + 1, np.int64)
-    np.cumsum(np.where(w > 0, (sizes * (w + 1) + 7) // 8, 0), out=offsets[1:])
+    offsets = np.empty(widths.size + 1, np.int64)
+    _offsets(widths, n, bucket, offsets)
     return offsets
 
 
