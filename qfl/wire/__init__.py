@@ -21,6 +21,7 @@ from ..compress import QSGD, Grid, Levels, Payload
 from ..compress.quantizers import level_dtype
 from ._bits import BLOCK as ELIAS_BLOCK
 from ._bits import omega_lengths
+from ._buffer import Blob
 from .container import CONTAINER_MAGIC, decode_container, pack, unpack
 from .format import decode, decode_all, encode
 from .layout import DEFAULT_LIMITS, MAGIC, VERSION, Limits, WireFormatError
@@ -59,6 +60,7 @@ STYPE = f"qfl/v{VERSION}"
 
 __all__ = [
     "CONTAINER_MAGIC",
+    "Blob",
     "DEFAULT_LIMITS",
     "ELIAS_BLOCK",
     "MAGIC",
