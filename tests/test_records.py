@@ -121,3 +121,15 @@ def test_the_client_holds_the_model_it_trains_on_once():
         replica, _ = load_replica(state)
         assert _inside(replica["w"], seen["arrays"]["w"].data)
         assert held_memory(state) is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_nonfinite_names_the_first_tensor_with_nan_or_inf_whatever_its_dtype(dtype):
+    from qfl.codec import nonfinite
+
+    big = torch.tensor([torch.finfo(dtype).max, -torch.finfo(dtype).max], dtype=dtype)
+    assert nonfinite({"ok": torch.randn(4, dtype=dtype), "big": big, "ints": torch.arange(3)}) is None
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        t = torch.randn(5, dtype=dtype)
+        t[3] = bad
+        assert nonfinite({"ok": torch.randn(4, dtype=dtype), "bad": t, "also": t.clone()}) == "bad"
