@@ -179,12 +179,6 @@ def count_nonfinite(x):
 
 
 @nb.njit(cache=True)
-def max_abs_key(x):
-    """``max |x|`` of float32 ``x`` as its IEEE bits (>= NONFINITE_KEY: NaN or Inf present)."""
-    return _max_key(x.view(np.uint32))
-
-
-@nb.njit(cache=True)
 def abs_sum_and_signs(x, negative):
     """sum |x_i| in float64 (eight interleaved accumulators, fixed order) and
     ``negative[i] = x[i] < 0``, in one serial pass."""
