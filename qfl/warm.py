@@ -6,8 +6,8 @@ compression in a fresh process then only loads machine code (~0.1 s) instead of
 compiling it (15-25 s) -- but only for the kernels and argument types some earlier
 process reached. This walks every operator family, each level width (int8, int16,
 int32), each input dtype, the serial and the parallel variants and the wire format's
-coders both ways, so that no later process compiles anything. ``tools/setup.sh`` runs it
-after installing.
+coders both ways, and the server's aggregation kernels, so that no later process
+compiles anything. ``tools/setup.sh`` runs it after installing.
 """
 
 from __future__ import annotations
@@ -103,5 +103,8 @@ def warm() -> Report:
     finally:
         runtime.FORCE_PARALLEL = old
     warm_other_kernels()
+    from .strategies._kernels import warm_kernels  # the server's: imports Flower, so only here
+
+    warm_kernels()
     compiled, loaded = counts()
     return Report(compiled, loaded, time.perf_counter() - start, str(runtime.cache_dir()))

@@ -244,3 +244,40 @@ def test_the_inner_strategy_skipped_on_the_average_gives_its_own_result(kind, mo
             m.setattr(streaming, "_without_inner", lambda *a: None)
             arrays[False], metrics_calling = calling.aggregate_train(rnd, replies)
         assert identical(arrays[True], arrays[False]) and dict(metrics_skipping) == dict(metrics_calling)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+@pytest.mark.parametrize("rate", [1.0, 0.7])
+def test_the_compiled_momentum_step_equals_numpy_bit_for_bit(dtype, rate):
+    """FedAvgMomentum's step from summed updates (one compiled pass for float32/float64
+    parameters, numpy otherwise) gives the model and velocity of its step from the
+    average, over rounds, statistics and counters included."""
+    rng = np.random.default_rng(3)
+    shapes = {"conv.weight": (8, 3, 5), "conv.bias": (8,), "bn.running_var": (8,), "bn.num_batches_tracked": ()}
+    start = {
+        k: np.asarray(rng.standard_normal(s) if k != "bn.num_batches_tracked" else 4).astype(
+            np.int64 if k.endswith("tracked") else dtype
+        )
+        for k, s in shapes.items()
+    }
+    fused, plain = (FedAvgMomentum(server_momentum=0.9, server_learning_rate=rate) for _ in range(2))
+    fused.current_arrays = plain.current_arrays = ArrayRecord({k: Array(v) for k, v in start.items()})
+    work = np.float64 if dtype == np.float64 else np.float32  # the sums' precision, as WeightedMean keeps them
+    for _ in range(3):
+        base = {k: v.copy() for k, v in fused._current_numpy().items()}
+        updates = {
+            k: (rng.standard_normal(v.size).astype(work) if v.dtype.kind == "f" else np.asarray([2.0]))
+            for k, v in base.items()
+        }
+
+        def mean(k, base=base, updates=updates):
+            if base[k].dtype.kind != "f":
+                return updates[k].reshape(base[k].shape)
+            return (base[k].astype(work) + updates[k].reshape(base[k].shape)).astype(base[k].dtype)
+
+        new = fused.step_updates(base, updates, mean)
+        expected = plain.step({k: mean(k) for k in base})
+        for k in shapes:
+            assert new[k].dtype == expected[k].dtype and new[k].tobytes() == expected[k].tobytes(), k
+        for k, v in plain.velocity.items():
+            assert fused.velocity[k].tobytes() == v.tobytes(), k

@@ -79,6 +79,64 @@ def test_rice_round_trip():
             assert np.array_equal(out, idx)
 
 
+def _rice_decode_bitwise(padded, nbits, r, k, n):
+    """The Rice decoder read one bit at a time: the status and indices qfl's windowed
+    decoder must give on every stream, well-formed or not."""
+    bits = np.unpackbits(padded)
+    pos, last, out = 0, -1, []
+    for _ in range(k):
+        q = 0
+        while True:
+            if pos >= nbits:
+                return B.ERR_OVERRUN, out
+            bit = bits[pos]
+            pos += 1
+            if bit == 0:
+                break
+            q += 1
+            if (q << r) >= n:
+                return B.ERR_RANGE, out
+        if pos + r > nbits:
+            return B.ERR_OVERRUN, out
+        rem = int("".join(map(str, bits[pos : pos + r])) or "0", 2)
+        pos += r
+        idx = last + 1 + ((q << r) | rem)
+        if idx >= n:
+            return B.ERR_RANGE, out
+        out.append(idx)
+        last = idx
+    return (B.OK if pos == nbits else B.ERR_TRAILING), out
+
+
+def test_rice_decode_gives_the_bitwise_status_on_any_stream():
+    """Valid streams, truncated or overlong declared lengths, too small ranges, long unary
+    runs (a whole 64-bit window of ones and more) and random bytes."""
+    rng = np.random.default_rng(7)
+    cases = []
+    for n, k, r in [(5000, 300, 3), (100, 100, 0), (1 << 20, 40, 2), (300, 3, 0), (64, 1, 0)]:
+        idx = np.sort(rng.choice(n, k, replace=False)).astype(np.int64)
+        bits = B.rice_bits(idx, r)
+        buf = B.rice_encode(idx, r, bits)
+        for nbits in (bits, bits - 1, bits + 3, bits // 2, max(bits - 70, 0)):
+            for nn in (n, max(n // 3, 1), idx[-1] + 1, 0):
+                cases.append((buf, nbits, r, k, nn))
+    for _ in range(300):
+        buf = rng.integers(0, 256, int(rng.integers(1, 40)), dtype=np.uint8)
+        if rng.random() < 0.5:
+            buf[: int(rng.integers(0, buf.size + 1))] = 0xFF  # runs of ones across windows
+        r = int(rng.integers(0, 6))
+        cases.append(
+            (buf, int(rng.integers(0, buf.size * 8 + 1)), r, int(rng.integers(1, 30)), int(rng.integers(0, 5000)))
+        )
+    for buf, nbits, r, k, n in cases:
+        padded = np.concatenate([buf, np.zeros(8, np.uint8)])
+        out = np.full(k, -1, np.int64)
+        status, expected = _rice_decode_bitwise(padded, nbits, r, k, n)
+        assert B.rice_decode(padded, nbits, r, k, n, out) == status, (nbits, r, k, n)
+        if status == B.OK:
+            assert out.tolist() == expected
+
+
 # ---------------------------------------------------------------- round trips
 @pytest.mark.parametrize("spec", SPECS)
 @pytest.mark.parametrize("dtype", DTYPES)

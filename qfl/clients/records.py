@@ -13,8 +13,9 @@ wire, tensor names and lengths included. Every compressed record is read through
 from __future__ import annotations
 
 import io
+import math
 import warnings
-from collections.abc import Collection, Mapping, MutableMapping
+from collections.abc import Callable, Collection, Mapping, MutableMapping
 
 import numpy as np
 import torch
@@ -27,11 +28,6 @@ from ..wire import DEFAULT_LIMITS, STYPE, Blob, Limits, WireFormatError, decode_
 
 #: Key of the one Array in a compressed ArrayRecord (the model's own keys are inside it).
 CONTAINER_KEY = "qfl"
-
-
-def _contiguous(a: np.ndarray) -> np.ndarray:
-    """C-contiguous, keeping 0-d arrays 0-d (``np.ascontiguousarray`` would make them 1-d)."""
-    return a if a.flags.c_contiguous else a.copy(order="C")
 
 
 def to_tensors(record: ArrayRecord) -> Tensors:
@@ -108,19 +104,34 @@ def numpy_array(a: np.ndarray) -> Array:
     """
     if a.dtype.hasobject:
         raise ValueError("object arrays cannot be sent (Flower refuses pickled arrays)")
-    a = _contiguous(a)
+    out, finish = new_array(a.dtype, a.shape)
+    out[...] = a
+    return finish()
+
+
+def new_array(dtype: np.dtype, shape: tuple[int, ...]) -> tuple[np.ndarray, Callable[[], Array]]:
+    """(a writable C-ordered array, ``finish``): the array lives in the .npy bytes of the
+    Flower Array ``finish()`` returns, so a kernel computing a model writes it straight
+    into what Flower ships, with no copy after (the server's momentum step does). The
+    array must not be written after ``finish``."""
+    dtype, shape = np.dtype(dtype), tuple(int(d) for d in shape)
     head = io.BytesIO()
-    header = np.lib.format.header_data_from_array_1_0(a)
+    header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape}
     try:
         np.lib.format.write_array_header_1_0(head, header)
     except ValueError:  # a header beyond 64 KiB: format 2.0, as np.save does
         head = io.BytesIO()
         np.lib.format.write_array_header_2_0(head, header)
     header = np.frombuffer(head.getvalue(), np.uint8)
-    blob = Blob(header.size + a.nbytes)  # the bytes Flower ships, written once in place
+    size = math.prod(shape) * dtype.itemsize
+    blob = Blob(header.size + size)  # the bytes Flower ships, written once in place
     blob.view[: header.size] = header
-    blob.view[header.size :] = a.reshape(-1).view(np.uint8)
-    return Array(dtype=str(a.dtype), shape=tuple(a.shape), stype=SType.NUMPY, data=blob.finish())
+    out = blob.view[header.size :].view(dtype).reshape(shape)
+
+    def finish() -> Array:
+        return Array(dtype=str(dtype), shape=shape, stype=SType.NUMPY, data=blob.finish())
+
+    return out, finish
 
 
 def numpy_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:

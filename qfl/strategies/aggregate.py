@@ -110,14 +110,18 @@ class WeightedMean:
 
     def tensors(self) -> dict[str, np.ndarray]:
         """The mean of every tensor (counters averaged as Flower does)."""
-        out = {}
-        for k, v in self.sums.items():
-            if k in self.values:
-                out[k] = np.asarray(v)
-            else:
-                t = self.base[k]
-                out[k] = apply_delta(t, torch.from_numpy(v).reshape(t.shape)).contiguous().numpy()
-        return out
+        return {k: self.mean_of(k) for k in self.sums}
+
+    def mean_of(self, key: str) -> np.ndarray:
+        """The mean of one tensor."""
+        if key in self.values:
+            return np.asarray(self.sums[key])
+        t = self.base[key]
+        return apply_delta(t, torch.from_numpy(self.sums[key]).reshape(t.shape)).contiguous().numpy()
+
+    def numpy_base(self) -> dict[str, np.ndarray | None]:
+        """The base tensors as numpy views (None where numpy has no dtype for one)."""
+        return {k: None if t.dtype == torch.bfloat16 else t.detach().numpy() for k, t in self.base.items()}
 
 
 def aggregate_round(
@@ -137,8 +141,8 @@ def aggregate_round(
         validate_message_reply_consistency(contents, key, check_arrayrecord=True)
         metrics = strategy.train_metrics_aggr_fn([RecordDict(dict(c.metric_records)) for c in contents], key)
         errors = [m for m in passed if m.has_error()]
-        tensors = mean_reply(protocol, accepted, key)
-        done = _without_inner(strategy, kind, tensors)
+        mean = mean_reply(protocol, accepted, key)
+        done = _without_inner(strategy, kind, mean)
         if done is not None:
             # What FedAvg.aggregate_train logs, with the real number of replies.
             log(INFO, "aggregate_train: Received %s results and %s failures", len(accepted), len(errors))
@@ -146,7 +150,7 @@ def aggregate_round(
                 log(INFO, "\t> Received error in reply from node %d: %s", msg.metadata.src_node_id, msg.error.reason)
             arrays, held = done
             return protocol.finish_train(arrays, metrics, protocol.traffic.at(server_round, "train"), held)
-        passed = [*errors, _as_reply(tensors, accepted[0], key)]
+        passed = [*errors, _as_reply(mean.tensors(), accepted[0], key)]
     arrays, inner_metrics = aggregate(server_round, passed)
     return protocol.finish_train(
         arrays, metrics if accepted else inner_metrics, protocol.traffic.at(server_round, "train")
@@ -154,23 +158,25 @@ def aggregate_round(
 
 
 def _without_inner(
-    strategy: Strategy, kind: type, tensors: dict[str, np.ndarray]
+    strategy: Strategy, kind: type, mean: WeightedMean
 ) -> tuple[ArrayRecord, dict[str, np.ndarray]] | None:
     """The inner strategy's result on the one averaged reply, as (arrays, the same as numpy
     arrays), when qfl can give it without Flower's round trip through serialised Arrays:
-    :data:`AVERAGE_ONLY` returns the average itself, :class:`FedAvgMomentum` steps from it
-    (before its first model, FedAvgM's average alone). None for every other strategy."""
+    :data:`AVERAGE_ONLY` returns the average itself, :class:`FedAvgMomentum` steps from the
+    summed updates (before its first model, FedAvgM's average alone). None for every other
+    strategy."""
     if kind in AVERAGE_ONLY or (kind is FedAvgMomentum and strategy.current_arrays is None):
+        tensors = mean.tensors()
         return numpy_record(tensors), tensors
     if kind is FedAvgMomentum:
-        new = strategy.step(tensors)
+        new = strategy.step_updates(mean.numpy_base(), mean.sums, mean.mean_of)
         return strategy.current_arrays, new
     return None
 
 
-def mean_reply(protocol: ServerProtocol, accepted: list[Message], key: str) -> dict[str, np.ndarray]:
-    """The weighted mean of the accepted (still compressed) replies' models, as arrays;
-    each update held from the first pass or decoded again."""
+def mean_reply(protocol: ServerProtocol, accepted: list[Message], key: str) -> WeightedMean:
+    """The weighted mean of the accepted (still compressed) replies' models; each update
+    held from the first pass or decoded again."""
     base: Tensors = protocol.base
     weights = [next(iter(m.content.metric_records.values()))[key] for m in accepted]
     mean = WeightedMean(base, weights)
@@ -184,7 +190,7 @@ def mean_reply(protocol: ServerProtocol, accepted: list[Message], key: str) -> d
                 # The reply passed every check with these very bytes: decoding is deterministic.
                 delta = decode_delta(decode_all(blobs[name], protocol.limits_for(t))[0])
             mean.add(name, delta, factor)
-    return mean.tensors()
+    return mean
 
 
 def _as_reply(tensors: dict[str, np.ndarray], first: Message, key: str) -> Message:

@@ -16,13 +16,14 @@ momentum to the rest.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import FedAvg, FedAvgM
 
-from ..clients.records import numpy_record, numpy_views
+from ..clients.records import new_array, numpy_array, numpy_views
+from ._kernels import momentum_step
 
 #: Suffixes of PyTorch's normalisation buffers (BatchNorm, InstanceNorm): averaged, never extrapolated.
 STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
@@ -67,33 +68,90 @@ class FedAvgMomentum(FedAvgM):
     def step(self, averaged: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The new model (also ``current_arrays``) from the round's weighted average.
 
-        qfl's streaming aggregation (:mod:`qfl.strategies.aggregate`) hands the average it
-        summed straight to this method: serialising it into Flower Arrays for FedAvg to
-        read back, scale by 1.0 and serialise again costs three model-sized copies.
+        qfl's streaming aggregation (:mod:`qfl.strategies.aggregate`) steps from the
+        updates it summed (:meth:`step_updates`); this is the step from an average Flower
+        computed.
         """
         current = self._current_numpy()
-        out = {}
-        for key, new in averaged.items():
-            old = current.get(key)
-            if old is None:
-                out[key] = new
-            elif self.is_statistic(key, old):  # averaged; FedAvg's float64 average back to the model's dtype
-                out[key] = np.asarray(new if np.issubdtype(old.dtype, np.floating) else np.rint(new), dtype=old.dtype)
-            else:
-                step = old - new
-                velocity = self.velocity.get(key)
-                if velocity is None:
-                    velocity = step
-                else:  # momentum * velocity + step, in place
-                    velocity *= self.server_momentum
-                    velocity += step
-                self.velocity[key] = velocity
-                # 1.0 * v is v exactly: the default rate saves a pass over the model.
-                moved = velocity if self.server_learning_rate == 1.0 else self.server_learning_rate * velocity
-                out[key] = np.asarray(old - moved, dtype=old.dtype)
-        self.current_arrays = numpy_record(out)
-        del out  # the model is held once, as the Arrays' bytes (and read through views of them)
+        self.current_arrays = ArrayRecord(
+            {key: numpy_array(self._moved(key, current.get(key), new)) for key, new in averaged.items()}
+        )
         return self._current_numpy()
+
+    def step_updates(
+        self,
+        base: Mapping[str, np.ndarray | None],
+        updates: Mapping[str, np.ndarray],
+        mean: Callable[[str], np.ndarray],
+    ) -> dict[str, np.ndarray]:
+        """:meth:`step` from the round's average given as ``base[key] + updates[key]``
+        (flat, the summed updates of qfl's streaming aggregation; a counter's entry is not
+        an update), ``mean(key)`` building a tensor's average wherever the compiled pass
+        does not apply.
+
+        Serialising the average into Flower Arrays for FedAvg to read back, scale by 1.0
+        and serialise again costs three model-sized copies; stepping from the average in
+        numpy five passes more. For every parameter of float32 or float64 the step is one
+        compiled pass (:func:`._kernels.momentum_step`) writing the new model straight into
+        the bytes of its Array, with numpy's result bit for bit.
+        """
+        current = self._current_numpy()
+        arrays = {}
+        for key, update in updates.items():
+            old, b = current.get(key), base.get(key)
+            if old is not None and b is not None and self._fused(key, old, b, update):
+                out, finish = new_array(old.dtype, old.shape)
+                velocity = self.velocity.get(key)
+                first = velocity is None
+                if first:
+                    velocity = np.empty_like(old)
+                scalar = old.dtype.type
+                momentum_step(
+                    old.size,
+                    b.reshape(-1),
+                    update,
+                    old.reshape(-1),
+                    velocity.reshape(-1),
+                    scalar(self.server_momentum),
+                    scalar(self.server_learning_rate),
+                    first,
+                    out.reshape(-1),
+                )
+                self.velocity[key] = velocity
+                arrays[key] = finish()
+            else:
+                arrays[key] = numpy_array(self._moved(key, old, mean(key)))
+        self.current_arrays = ArrayRecord(arrays)
+        return self._current_numpy()
+
+    def _fused(self, key: str, old: np.ndarray, base: np.ndarray, update: np.ndarray) -> bool:
+        """Whether the compiled step applies: a parameter (not a statistic) whose model, base,
+        update and velocity share one float dtype and size, C-contiguous."""
+        velocity = self.velocity.get(key)
+        arrays = (old, base, update) if velocity is None else (old, base, update, velocity)
+        return (
+            old.dtype in (np.float32, np.float64)
+            and not self.is_statistic(key, old)
+            and all(a.dtype == old.dtype and a.size == old.size and a.flags.c_contiguous for a in arrays)
+        )
+
+    def _moved(self, key: str, old: np.ndarray | None, new: np.ndarray) -> np.ndarray:
+        """One tensor of the new model from its average ``new`` (updating its velocity)."""
+        if old is None:
+            return new
+        if self.is_statistic(key, old):  # averaged; FedAvg's float64 average back to the model's dtype
+            return np.asarray(new if np.issubdtype(old.dtype, np.floating) else np.rint(new), dtype=old.dtype)
+        step = old - new
+        velocity = self.velocity.get(key)
+        if velocity is None:
+            velocity = step
+        else:  # momentum * velocity + step, in place
+            velocity *= self.server_momentum
+            velocity += step
+        self.velocity[key] = velocity
+        # 1.0 * v is v exactly: the default rate saves a pass over the model.
+        moved = velocity if self.server_learning_rate == 1.0 else self.server_learning_rate * velocity
+        return np.asarray(old - moved, dtype=old.dtype)
 
     def _current_numpy(self) -> dict[str, np.ndarray]:
         """``current_arrays`` as read-only numpy views of its bytes, kept while it is current."""

@@ -23,6 +23,7 @@ from ._bitio import (
     OK,
     U1,
     finish_bits,
+    leading_ones,
     omega_code_slow,
     omega_lengths,
     peek_bits,
@@ -206,25 +207,49 @@ def rice_encode(indices, r, nbits):
 
 @nb.njit(cache=True)
 def rice_decode(padded, nbits, r, k, n, out):
-    """Inverse of rice_encode for k indices in [0, n); returns a status code."""
+    """Inverse of rice_encode for k indices in [0, n); returns a status code.
+
+    A quotient's unary run is counted a window at a time (count-leading-zeros of the
+    inverted window): 8.2 vs 13.3 ms for 1.1M positions of 11M. Where a run could reach the
+    declared end or the range, it is read bit by bit instead, so a malformed stream
+    gets exactly the status the bitwise reader gives it (tests/test_wire.py compares them).
+    """
     pos = 0
     w, nw, bp = reader_at(padded, 0)
     last = -1
+    # The smallest quotient with (q << r) >= n, which no index in [0, n) has.
+    qlim = ((n - 1) >> r) + 1 if n > 0 else 0
     for i in range(k):
         q = 0
         while True:
             w, nw, bp = refill(padded, w, nw, bp)
-            if pos >= nbits:
-                return ERR_OVERRUN
-            bit = peek_bits(w, 1)
-            w = w << U1
-            nw -= 1
-            pos += 1
-            if bit == 0:
+            ones = leading_ones(w)
+            if ones < nw and pos + ones < nbits and q + ones < qlim:  # the run ends in the window
+                q += ones
+                w = (w << np.uint64(ones)) << U1
+                nw -= ones + 1
+                pos += ones + 1
                 break
-            q += 1
-            if (q << r) >= n:
-                return ERR_RANGE
+            if ones == nw and pos + ones <= nbits and q + ones < qlim:  # the whole window is ones
+                q += ones
+                pos += ones
+                w = np.uint64(0)
+                nw = 0
+                continue
+            while True:  # near the end or the range: bit by bit, for the exact status
+                w, nw, bp = refill(padded, w, nw, bp)
+                if pos >= nbits:
+                    return ERR_OVERRUN
+                bit = peek_bits(w, 1)
+                w = w << U1
+                nw -= 1
+                pos += 1
+                if bit == 0:
+                    break
+                q += 1
+                if (q << r) >= n:
+                    return ERR_RANGE
+            break
         if pos + r > nbits:
             return ERR_OVERRUN
         rem = 0

@@ -1,0 +1,40 @@
+"""The server's model-sized elementwise passes, compiled: one pass where numpy makes five.
+
+FedAvgMomentum's step from the round's summed updates, written in numpy, rebuilds the
+average (``base + update``), subtracts it from the model, scales and adds the velocity,
+subtracts that from the model and copies the result into Flower's Arrays: five passes
+over the model and three model-sized temporaries. The kernel here reads each element
+once, writes the velocity in place and the new model straight into the bytes Flower
+ships. It does the same IEEE operations in the same order and precision (the strategy
+passes the momentum and the rate in the model's dtype, as numpy's weak Python scalars
+are), so its result equals numpy's bit for bit (tests/test_momentum.py).
+"""
+
+from __future__ import annotations
+
+import numba as nb
+import numpy as np
+
+from ..compress.runtime import twin
+
+
+@twin
+def momentum_step(base, update, current, velocity, momentum, rate, first, out):
+    """``new = base + update``; ``v = momentum * v + (current - new)`` (``v = current - new``
+    on the first step); ``out = current - rate * v``: flat arrays of one float dtype."""
+    for i in nb.prange(out.size):
+        step = current[i] - (base[i] + update[i])
+        v = step if first else velocity[i] * momentum + step
+        velocity[i] = v
+        out[i] = current[i] - rate * v
+
+
+def warm_kernels() -> None:
+    """Reach every kernel here with the argument types aggregation brings -- the model
+    read-only (views of its Arrays' bytes) or writable, float32 and float64 -- in both
+    variants, for ``python -m qfl warm``."""
+    for dtype in (np.float32, np.float64):
+        work = np.zeros(3, dtype)
+        for current in (np.frombuffer(work.tobytes(), dtype), work.copy()):
+            for kernel in (momentum_step.serial, momentum_step.parallel):
+                kernel(work, work, current, work.copy(), dtype(0.5), dtype(1.0), True, work.copy())
