@@ -189,7 +189,7 @@ def test_streaming_memory_does_not_grow_with_the_number_of_replies(monkeypatch):
     assert peak(FedTrimmedAvg, 16, elements, monkeypatch) > 12 * size
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 def test_checks_on_a_sparse_update_equal_the_checks_on_its_dense_rebuild(dtype):
     """NaN, Inf, values beyond MAX_VALUE, a model taken beyond it (float16 overflows at 65504)
     and the norm: the same verdicts at the kept positions as on the dense tensor."""
@@ -209,6 +209,14 @@ def test_checks_on_a_sparse_update_equal_the_checks_on_its_dense_rebuild(dtype):
         assert beyond_range(base, sparse) == beyond_range(base, dense)
         n_sparse, n_dense = norm(sparse), norm(dense)
         assert n_sparse == pytest.approx(n_dense, rel=1e-12) or (np.isnan(n_sparse) and np.isnan(n_dense))
+    if dtype in (torch.float32, torch.float64):  # in range alone, beyond it added to the model's value
+        values = torch.zeros(100, dtype=dtype)
+        values[37] = 0.75 * MAX_VALUE
+        for at, verdict in ((idx[36], None), (idx[37], "w")):
+            high = base["w"].clone()
+            high.view(-1)[at] = 0.75 * MAX_VALUE
+            assert beyond_range({"w": high}, {"w": SparseDelta((50, 40), idx, values)}) == verdict
+            assert beyond_range({"w": high}, {"w": SparseDelta((50, 40), idx, values).dense()}) == verdict
 
 
 def test_updates_held_between_the_two_passes_fit_in_one_model(monkeypatch):

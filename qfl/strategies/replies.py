@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 from flwr.app import ConfigRecord, Message, RecordDict
 
 from ..clients.records import decode_record
@@ -26,6 +27,7 @@ from ..codec import (
 from ..protocol import REPLY_KEY, ProtocolError, ReplyInfo
 from ..spec import Policy
 from ..wire import Limits
+from ._kernels import sparse_beyond
 
 
 def reply_info(msg: Message, kind: str) -> ReplyInfo:
@@ -125,9 +127,25 @@ def beyond_range(base: Tensors, delta: Deltas) -> str | None:
     for k in base:
         d = delta[k]
         if isinstance(d, SparseDelta):
+            flat = base[k].detach().reshape(-1)
+            if _compiled(flat, d.values):  # one pass, no gathered copy
+                if sparse_beyond(flat.numpy(), d.indices.numpy(), d.values.numpy(), MAX_VALUE):
+                    return k
+                continue
             touched = apply_delta(gather(base[k], d.indices), d.values)
         else:
             touched = apply_delta(base[k], d)
         if out_of_range({k: touched}) is not None:
             return k
     return None
+
+
+def _compiled(base: torch.Tensor, values: torch.Tensor) -> bool:
+    """Whether the compiled sparse check applies: CPU float32/float64 values of the model's
+    dtype (their sum is then apply_delta's, in that dtype)."""
+    return (
+        base.dtype == values.dtype
+        and base.dtype in (torch.float32, torch.float64)
+        and base.device.type == values.device.type == "cpu"
+        and not (base.requires_grad or values.requires_grad)
+    )
