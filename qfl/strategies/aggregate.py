@@ -42,7 +42,7 @@ from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvg, FedAvgM, FedPro
 from flwr.serverapp.strategy.strategy_utils import validate_message_reply_consistency
 from flwr.supercore import log
 
-from ..clients.records import numpy_record, record_blobs
+from ..clients.records import new_array, numpy_array, numpy_record, numpy_views, record_blobs
 from ..codec import Delta, SparseDelta, Tensors, apply_delta, decode_delta, dense, is_float, numpy_memory_dtype
 from ..memory import memory_dtype
 from ..wire import decode_all
@@ -122,6 +122,21 @@ class WeightedMean:
         t = self.base[key]
         return apply_delta(t, torch.from_numpy(self.sums[key]).reshape(t.shape)).contiguous().numpy()
 
+    def record(self) -> ArrayRecord:
+        """The mean as Flower Arrays, each float tensor's ``base + sum`` written straight into
+        its Array's bytes (numpy's add, the same operation as :meth:`mean_of`, without the
+        copy :func:`numpy_record` makes of a finished mean)."""
+        arrays = {}
+        for k, total in self.sums.items():
+            t = self.base[k]
+            if k in self.values or t.dtype not in (torch.float32, torch.float64) or total.dtype != t.numpy().dtype:
+                arrays[k] = numpy_array(self.mean_of(k))
+                continue
+            out, finish = new_array(total.dtype, tuple(t.shape))
+            np.add(t.detach().reshape(-1).numpy(), total, out=out.reshape(-1))
+            arrays[k] = finish()
+        return ArrayRecord(arrays)
+
     def numpy_base(self) -> dict[str, np.ndarray | None]:
         """The base tensors as numpy views (None where numpy has no dtype for one)."""
         return {k: None if t.dtype == torch.bfloat16 else t.detach().numpy() for k, t in self.base.items()}
@@ -169,8 +184,8 @@ def _without_inner(
     summed updates (before its first model, FedAvgM's average alone). None for every other
     strategy."""
     if kind in AVERAGE_ONLY or (kind is FedAvgMomentum and strategy.current_arrays is None):
-        tensors = mean.tensors()
-        return numpy_record(tensors), tensors
+        arrays = mean.record()
+        return arrays, numpy_views(arrays)
     if kind is FedAvgMomentum:
         new = strategy.step_updates(mean.numpy_base(), mean.sums, mean.mean_of)
         return strategy.current_arrays, new
