@@ -20,6 +20,7 @@ import torch
 from numba.core.dispatcher import Dispatcher
 
 from .compress import runtime
+from .compress._kernels import count_outside
 from .spec import parse
 from .wire import ELIAS_BLOCK, decode, encode, warm_level_coders, warm_other_kernels
 
@@ -99,6 +100,8 @@ def warm() -> Report:
                 for t in (x, x.double(), x.half()) if spec in ("qsgd(16)", "topk(0.01)") else (x,):
                     payload = parse(spec).compress(t, torch.Generator().manual_seed(1))
                     decode(encode(payload)).decompress()
+            for t in (x, x.double()):  # the range check of updates and models (qfl.codec.out_of_range)
+                count_outside(t.numpy(), 1.0)
             warm_level_coders()
     finally:
         runtime.FORCE_PARALLEL = old

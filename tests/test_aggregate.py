@@ -283,9 +283,33 @@ def test_the_compiled_momentum_step_equals_numpy_bit_for_bit(dtype, rate):
                 return updates[k].reshape(base[k].shape)
             return (base[k].astype(work) + updates[k].reshape(base[k].shape)).astype(base[k].dtype)
 
-        new = fused.step_updates(base, updates, mean)
+        new, beyond = fused.step_updates(base, updates, mean)
+        assert beyond is None
         expected = plain.step({k: mean(k) for k in base})
         for k in shapes:
             assert new[k].dtype == expected[k].dtype and new[k].tobytes() == expected[k].tobytes(), k
         for k, v in plain.velocity.items():
             assert fused.velocity[k].tobytes() == v.tobytes(), k
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+def test_the_momentum_step_names_the_first_tensor_it_takes_beyond_range(dtype):
+    """The range check counted while the compiled step writes the model (and numpy's check
+    of the other tensors) names the first tensor with NaN, Inf or a value beyond the bound."""
+    from qfl.codec import MAX_VALUE
+
+    start = {"a": np.zeros(300, dtype), "b": np.zeros(300, dtype), "c": np.zeros(5, dtype)}
+    for poison, bound in ((np.nan, MAX_VALUE), (np.inf, MAX_VALUE), (-3.0, 2.5), (3.0, 2.5)):
+        s = FedAvgMomentum(server_momentum=0.9)
+        s.current_arrays = ArrayRecord({k: Array(v) for k, v in start.items()})
+        base = {k: v.copy() for k, v in s._current_numpy().items()}
+        work = np.float64 if dtype == np.float64 else np.float32
+        updates = {k: np.zeros(v.size, work) for k, v in base.items()}
+        updates["b"][123] = poison
+
+        def mean(k, base=base, updates=updates, work=work):
+            return (base[k].astype(work) + updates[k]).astype(base[k].dtype)
+
+        clean = {k: np.zeros_like(u) for k, u in updates.items()}
+        assert s.step_updates(base, clean, lambda k: base[k].copy(), bound=bound)[1] is None
+        assert s.step_updates(base, updates, mean, bound=bound)[1] == "b", (poison, bound)

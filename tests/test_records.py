@@ -133,3 +133,22 @@ def test_nonfinite_names_the_first_tensor_with_nan_or_inf_whatever_its_dtype(dty
         t = torch.randn(5, dtype=dtype)
         t[3] = bad
         assert nonfinite({"ok": torch.randn(4, dtype=dtype), "bad": t, "also": t.clone()}) == "bad"
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_the_compiled_range_check_counts_what_numpy_counts(dtype, kernel_mode):
+    """count_outside (one pass, in the values' dtype) against numpy's comparison in float64,
+    across chunk boundaries, for bounds a float32 cannot hold exactly and the largest float."""
+    import sys
+
+    from qfl.compress._kernels import CHUNK, count_outside
+
+    rng = np.random.default_rng(5)
+    x = (rng.standard_normal(3 * CHUNK + 17) * 10).astype(dtype)
+    x[[0, CHUNK - 1, CHUNK, 2 * CHUNK + 5, x.size - 1]] = [np.nan, np.inf, -np.inf, 1.5 + 2.0**-30, -(1.5 + 2.0**-30)]
+    x[7], x[8] = 1.5, np.nextafter(np.float32(1.5), np.float32(2))  # 1.5 + 2**-23
+    # 1.5 + 0.75 * 2**-23 rounds up to x[8] in float32: x[8] is beyond it all the same
+    for bound in (1.5, 1.5 + 2.0**-40, 1.5 + 0.75 * 2.0**-23, 1.5 + 2.0**-23, 2.0**40, sys.float_info.max):
+        wide = x.astype(np.float64)
+        expected = int(np.count_nonzero(~((-bound <= wide) & (wide <= bound))))
+        assert count_outside(x, bound) == expected, bound

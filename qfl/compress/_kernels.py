@@ -178,6 +178,41 @@ def count_nonfinite(x):
     return m
 
 
+@nb.njit(inline="always", cache=True)
+def _outside_chunk(x, bound):
+    m = 0
+    for i in range(x.size):
+        v = x[i]
+        m += not ((-bound <= v) & (v <= bound))  # NaN fails both: no branch, vectorised
+    return m
+
+
+@twin
+def _outside(x, bound, counts):
+    for c in nb.prange(counts.size):
+        counts[c] = _outside_chunk(x[c * CHUNK : c * CHUNK + CHUNK], bound)
+
+
+def count_outside(x: np.ndarray, bound: float) -> int:
+    """Number of elements of flat float32/float64 ``x`` that are NaN or beyond ``bound`` in
+    magnitude: one pass where numpy's ``min`` and ``max`` make two. The comparison runs
+    in ``x``'s own dtype (at full vector width) against the largest value of that dtype
+    not above ``bound``, which for float32 ``x`` is the same test as against ``bound``
+    itself."""
+    counts = np.zeros((x.size + CHUNK - 1) // CHUNK, np.int64)
+    _outside(x.size, x, largest_within(x.dtype, bound), counts)
+    return int(counts.sum())
+
+
+def largest_within(dtype: np.dtype, bound: float) -> np.floating:
+    """The largest value of float ``dtype`` not above ``bound`` (>= 0): comparing a value
+    of that dtype with it is comparing it with ``bound``, without widening."""
+    b = np.dtype(dtype).type(min(bound, float(np.finfo(dtype).max)))
+    if float(b) > bound:
+        b = np.nextafter(b, b.dtype.type(-np.inf))
+    return b
+
+
 @nb.njit(cache=True)
 def abs_sum_and_signs(x, negative):
     """sum |x_i| in float64 (eight interleaved accumulators, fixed order) and

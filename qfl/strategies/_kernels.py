@@ -26,14 +26,20 @@ from ..compress.runtime import twin
 
 
 @twin
-def momentum_step(base, update, current, velocity, momentum, rate, first, out):
+def momentum_step(base, update, current, velocity, momentum, rate, first, bound, out):
     """``new = base + update``; ``v = momentum * v + (current - new)`` (``v = current - new``
-    on the first step); ``out = current - rate * v``: flat arrays of one float dtype."""
+    on the first step); ``out = current - rate * v``: flat arrays of one float dtype.
+    Returns how many elements of ``out`` are NaN or beyond ``bound`` in magnitude (the
+    server's check of the new model, while its values are at hand)."""
+    outside = 0
     for i in nb.prange(out.size):
         step = current[i] - (base[i] + update[i])
         v = step if first else velocity[i] * momentum + step
         velocity[i] = v
-        out[i] = current[i] - rate * v
+        x = current[i] - rate * v
+        out[i] = x
+        outside += not ((-bound <= x) & (x <= bound))
+    return outside
 
 
 @nb.njit(cache=True)
@@ -63,7 +69,7 @@ def warm_kernels() -> None:
         work = np.zeros(3, dtype)
         for current in (np.frombuffer(work.tobytes(), dtype), work.copy()):
             for kernel in (momentum_step.serial, momentum_step.parallel):
-                kernel(work, work, current, work.copy(), dtype(0.5), dtype(1.0), True, work.copy())
+                kernel(work, work, current, work.copy(), dtype(0.5), dtype(1.0), True, dtype(1.0), work.copy())
         indices = np.arange(3, dtype=np.int64)
         sparse_beyond(work, indices, work, 1.0)
         scatter_add(work, indices, work, dtype(0.5))

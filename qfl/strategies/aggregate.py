@@ -48,7 +48,7 @@ from ..memory import memory_dtype
 from ..wire import decode_all
 from ._kernels import scatter_add
 from .momentum import FedAvgMomentum
-from .server import ServerProtocol
+from .server import UNCHECKED, ServerProtocol
 
 #: Strategy classes (exact classes, not their subclasses) whose ``aggregate_train`` is
 #: FedAvg's weighted average followed by a server step on that average alone.
@@ -166,8 +166,9 @@ def aggregate_round(
             log(INFO, "aggregate_train: Received %s results and %s failures", len(accepted), len(errors))
             for msg in errors:
                 log(INFO, "\t> Received error in reply from node %d: %s", msg.metadata.src_node_id, msg.error.reason)
-            arrays, held = done
-            return protocol.finish_train(arrays, metrics, protocol.traffic.at(server_round, "train"), held)
+            arrays, held, beyond = done
+            traffic = protocol.traffic.at(server_round, "train")
+            return protocol.finish_train(arrays, metrics, traffic, held, beyond)
         passed = [*errors, _as_reply(mean.tensors(), accepted[0], key)]
     arrays, inner_metrics = aggregate(server_round, passed)
     return protocol.finish_train(
@@ -177,18 +178,19 @@ def aggregate_round(
 
 def _without_inner(
     strategy: Strategy, kind: type, mean: WeightedMean
-) -> tuple[ArrayRecord, dict[str, np.ndarray]] | None:
+) -> tuple[ArrayRecord, dict[str, np.ndarray], str | None | object] | None:
     """The inner strategy's result on the one averaged reply, as (arrays, the same as numpy
-    arrays), when qfl can give it without Flower's round trip through serialised Arrays:
-    :data:`AVERAGE_ONLY` returns the average itself, :class:`FedAvgMomentum` steps from the
-    summed updates (before its first model, FedAvgM's average alone). None for every other
-    strategy."""
+    arrays, the first tensor beyond range or :data:`.server.UNCHECKED`), when qfl can give
+    it without Flower's round trip through serialised Arrays: :data:`AVERAGE_ONLY` returns
+    the average itself, :class:`FedAvgMomentum` steps from the summed updates, checking
+    the new model as it writes it (before its first model, FedAvgM's average alone).
+    None for every other strategy."""
     if kind in AVERAGE_ONLY or (kind is FedAvgMomentum and strategy.current_arrays is None):
         arrays = mean.record()
-        return arrays, numpy_views(arrays)
+        return arrays, numpy_views(arrays), UNCHECKED
     if kind is FedAvgMomentum:
-        new = strategy.step_updates(mean.numpy_base(), mean.sums, mean.mean_of)
-        return strategy.current_arrays, new
+        new, beyond = strategy.step_updates(mean.numpy_base(), mean.sums, mean.mean_of)
+        return strategy.current_arrays, new, beyond
     return None
 
 

@@ -19,10 +19,13 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
+import torch
 from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import FedAvg, FedAvgM
 
 from ..clients.records import new_array, numpy_array, numpy_views
+from ..codec import MAX_VALUE, out_of_range
+from ..compress._kernels import largest_within
 from ._kernels import momentum_step
 
 #: Suffixes of PyTorch's normalisation buffers (BatchNorm, InstanceNorm): averaged, never extrapolated.
@@ -83,11 +86,14 @@ class FedAvgMomentum(FedAvgM):
         base: Mapping[str, np.ndarray | None],
         updates: Mapping[str, np.ndarray],
         mean: Callable[[str], np.ndarray],
-    ) -> dict[str, np.ndarray]:
+        bound: float = MAX_VALUE,
+    ) -> tuple[dict[str, np.ndarray], str | None]:
         """:meth:`step` from the round's average given as ``base[key] + updates[key]``
         (flat, the summed updates of qfl's streaming aggregation; a counter's entry is not
         an update), ``mean(key)`` building a tensor's average wherever the compiled pass
-        does not apply.
+        does not apply. Returns the new model and the first of its tensors with NaN, Inf
+        or a value beyond ``bound`` (None if none): the check a server makes of every
+        aggregate, counted while the model is written rather than read again after.
 
         Serialising the average into Flower Arrays for FedAvg to read back, scale by 1.0
         and serialise again costs three model-sized copies; stepping from the average in
@@ -97,6 +103,7 @@ class FedAvgMomentum(FedAvgM):
         """
         current = self._current_numpy()
         arrays = {}
+        beyond = None
         for key, update in updates.items():
             old, b = current.get(key), base.get(key)
             if old is not None and b is not None and self._fused(key, old, b, update):
@@ -106,7 +113,7 @@ class FedAvgMomentum(FedAvgM):
                 if first:
                     velocity = np.empty_like(old)
                 scalar = old.dtype.type
-                momentum_step(
+                outside = momentum_step(
                     old.size,
                     b.reshape(-1),
                     update,
@@ -115,14 +122,19 @@ class FedAvgMomentum(FedAvgM):
                     scalar(self.server_momentum),
                     scalar(self.server_learning_rate),
                     first,
+                    largest_within(old.dtype, bound),
                     out.reshape(-1),
                 )
                 self.velocity[key] = velocity
                 arrays[key] = finish()
             else:
-                arrays[key] = numpy_array(self._moved(key, old, mean(key)))
+                moved = self._moved(key, old, mean(key))
+                outside = out_of_range({key: torch.from_numpy(moved)}, bound) is not None
+                arrays[key] = numpy_array(moved)
+            if outside and beyond is None:
+                beyond = key
         self.current_arrays = ArrayRecord(arrays)
-        return self._current_numpy()
+        return self._current_numpy(), beyond
 
     def _fused(self, key: str, old: np.ndarray, base: np.ndarray, update: np.ndarray) -> bool:
         """Whether the compiled step applies: a parameter (not a statistic) whose model, base,

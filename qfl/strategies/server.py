@@ -64,6 +64,10 @@ class CompositionError(TypeError):
 _REMEMBERED = 65536
 
 
+#: ``finish_train``'s default: the aggregate's range is not known yet and is checked there.
+UNCHECKED = object()
+
+
 class ServerProtocol:
     """Compression settings and state of one strategy.
 
@@ -416,22 +420,25 @@ class ServerProtocol:
         metrics: MetricRecord | None,
         traffic: Traffic,
         tensors: Mapping[str, np.ndarray] | None = None,
+        beyond: str | None | object = UNCHECKED,
     ) -> tuple[ArrayRecord | None, MetricRecord]:
         """The inner strategy's aggregate, refused if not finite (the model then stays as it
         was); ``tensors``, the same aggregate as arrays when the caller built it, is checked
-        instead of deserialising ``arrays`` again."""
+        instead of deserialising ``arrays`` again; ``beyond``, the check's verdict when the
+        caller computed it while writing the model (the first tensor beyond range, or None)."""
         if arrays is not None:
-            try:
-                given = tensor_views(tensors) if tensors is not None else None
-                bad = out_of_range(given if given is not None else to_views(arrays))
-            except ValueError:
-                bad = None  # not a plain model: nothing qfl can check
-            if bad is not None:
+            if beyond is UNCHECKED:
+                try:
+                    given = tensor_views(tensors) if tensors is not None else None
+                    beyond = out_of_range(given if given is not None else to_views(arrays))
+                except ValueError:
+                    beyond = None  # not a plain model: nothing qfl can check
+            if beyond is not None:
                 log(
                     ERROR,
                     "qfl: the aggregated model has NaN, Inf or values beyond %.3g in %s; keeping the previous model",
                     MAX_VALUE,
-                    bad,
+                    beyond,
                 )
                 arrays = None
         return arrays, with_traffic(metrics, traffic)
