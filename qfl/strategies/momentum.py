@@ -19,11 +19,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
-import torch
 from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import FedAvg, FedAvgM
 
-from ..clients.records import new_array, numpy_array, numpy_views
+from ..clients.records import new_array, numpy_array, numpy_views, tensor_views
 from ..codec import MAX_VALUE, out_of_range
 from ..compress._kernels import largest_within
 from ._kernels import momentum_step
@@ -129,7 +128,7 @@ class FedAvgMomentum(FedAvgM):
                 arrays[key] = finish()
             else:
                 moved = self._moved(key, old, mean(key))
-                outside = out_of_range({key: torch.from_numpy(moved)}, bound) is not None
+                outside = out_of_range(tensor_views({key: moved}), bound) is not None
                 arrays[key] = numpy_array(moved)
             if outside and beyond is None:
                 beyond = key
