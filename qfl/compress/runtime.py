@@ -269,6 +269,8 @@ class Twin:
         return self.parallel if parallel else self.serial
 
     def __call__(self, n: int, *args):
+        if n < PARALLEL_MIN and FORCE_PARALLEL is None:  # what use_parallel says, without the slot's overhead
+            return self.serial(*args)
         with parallel_slot(n) as parallel:
             return self.variant(parallel)(*args)
 
