@@ -226,55 +226,51 @@ def rice_decode(padded, nbits, r, k, n, out):
         size = ones + 1 + r
         if size <= nw and pos + size <= nbits and ones < qlim:  # the whole code in the window
             rest = (w << np.uint64(ones)) << U1
+            q = ones
             rem = np.int64((rest >> np.uint64(63 - r)) >> U1)  # r bits (none for r = 0)
             w = rest << np.uint64(r)
             nw -= size
             pos += size
-            idx = last + 1 + ((ones << r) | rem)
-            if idx >= n:
-                return ERR_RANGE
-            out[i] = idx
-            last = idx
-            continue
-        q = 0
-        while True:
-            w, nw, bp = refill(padded, w, nw, bp)
-            ones = leading_ones(w)
-            if ones < nw and pos + ones < nbits and q + ones < qlim:  # the run ends in the window
-                q += ones
-                w = (w << np.uint64(ones)) << U1
-                nw -= ones + 1
-                pos += ones + 1
-                break
-            if ones == nw and pos + ones <= nbits and q + ones < qlim:  # the whole window is ones
-                q += ones
-                pos += ones
-                w = np.uint64(0)
-                nw = 0
-                continue
-            while True:  # near the end or the range: bit by bit, for the exact status
+        else:
+            q = 0
+            while True:
                 w, nw, bp = refill(padded, w, nw, bp)
-                if pos >= nbits:
-                    return ERR_OVERRUN
-                bit = peek_bits(w, 1)
-                w = w << U1
-                nw -= 1
-                pos += 1
-                if bit == 0:
+                ones = leading_ones(w)
+                if ones < nw and pos + ones < nbits and q + ones < qlim:  # the run ends in the window
+                    q += ones
+                    w = (w << np.uint64(ones)) << U1
+                    nw -= ones + 1
+                    pos += ones + 1
                     break
-                q += 1
-                if (q << r) >= n:
-                    return ERR_RANGE
-            break
-        if pos + r > nbits:
-            return ERR_OVERRUN
-        rem = 0
-        if r > 0:
-            w, nw, bp = refill(padded, w, nw, bp)
-            rem = peek_bits(w, r)
-            w = w << np.uint64(r)
-            nw -= r
-            pos += r
+                if ones == nw and pos + ones <= nbits and q + ones < qlim:  # the whole window is ones
+                    q += ones
+                    pos += ones
+                    w = np.uint64(0)
+                    nw = 0
+                    continue
+                while True:  # near the end or the range: bit by bit, for the exact status
+                    w, nw, bp = refill(padded, w, nw, bp)
+                    if pos >= nbits:
+                        return ERR_OVERRUN
+                    bit = peek_bits(w, 1)
+                    w = w << U1
+                    nw -= 1
+                    pos += 1
+                    if bit == 0:
+                        break
+                    q += 1
+                    if (q << r) >= n:
+                        return ERR_RANGE
+                break
+            if pos + r > nbits:
+                return ERR_OVERRUN
+            rem = 0
+            if r > 0:
+                w, nw, bp = refill(padded, w, nw, bp)
+                rem = peek_bits(w, r)
+                w = w << np.uint64(r)
+                nw -= r
+                pos += r
         idx = last + 1 + ((q << r) | rem)
         if idx >= n:
             return ERR_RANGE
