@@ -311,5 +311,5 @@ def test_the_momentum_step_names_the_first_tensor_it_takes_beyond_range(dtype):
             return (base[k].astype(work) + updates[k]).astype(base[k].dtype)
 
         clean = {k: np.zeros_like(u) for k, u in updates.items()}
-        assert s.step_updates(base, clean, lambda k: base[k].copy(), bound=bound)[1] is None
+        assert s.step_updates(base, clean, lambda k, base=base: base[k].copy(), bound=bound)[1] is None
         assert s.step_updates(base, updates, mean, bound=bound)[1] == "b", (poison, bound)
