@@ -179,11 +179,17 @@ def count_nonfinite(x):
 
 
 @nb.njit(inline="always", cache=True)
+def outside(v, bound):
+    """Whether ``v`` is NaN or beyond ``bound`` in magnitude: NaN fails both comparisons,
+    and ``&`` rather than ``and`` leaves no branch, so loops over it vectorise."""
+    return not ((-bound <= v) & (v <= bound))
+
+
+@nb.njit(inline="always", cache=True)
 def _outside_chunk(x, bound):
     m = 0
     for i in range(x.size):
-        v = x[i]
-        m += not ((-bound <= v) & (v <= bound))  # NaN fails both: no branch, vectorised
+        m += outside(x[i], bound)
     return m
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import numba as nb
 import numpy as np
 
+from ..compress._kernels import outside
 from ..compress.runtime import twin
 
 
@@ -31,15 +32,15 @@ def momentum_step(base, update, current, velocity, momentum, rate, first, bound,
     on the first step); ``out = current - rate * v``: flat arrays of one float dtype.
     Returns how many elements of ``out`` are NaN or beyond ``bound`` in magnitude (the
     server's check of the new model, while its values are at hand)."""
-    outside = 0
+    beyond = 0
     for i in nb.prange(out.size):
         step = current[i] - (base[i] + update[i])
         v = step if first else velocity[i] * momentum + step
         velocity[i] = v
         x = current[i] - rate * v
         out[i] = x
-        outside += not ((-bound <= x) & (x <= bound))
-    return outside
+        beyond += outside(x, bound)
+    return beyond
 
 
 @nb.njit(cache=True)
@@ -48,8 +49,7 @@ def sparse_beyond(base, indices, values, bound):
     Inf or a magnitude beyond ``bound``: the rebuilt tensor's check at the positions a
     sparse update changes."""
     for i in range(indices.size):
-        x = base[indices[i]] + values[i]
-        if not (-bound <= x <= bound):  # NaN fails both comparisons
+        if outside(base[indices[i]] + values[i], bound):
             return True
     return False
 

@@ -129,7 +129,7 @@ class WeightedMean:
         arrays = {}
         for k, total in self.sums.items():
             t = self.base[k]
-            if k in self.values or t.dtype not in (torch.float32, torch.float64) or total.dtype != t.numpy().dtype:
+            if k in self.values or t.dtype not in (torch.float32, torch.float64):  # sums of these are in their dtype
                 arrays[k] = numpy_array(self.mean_of(k))
                 continue
             out, finish = new_array(total.dtype, tuple(t.shape))
