@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from qfl.compress import runtime
@@ -65,16 +66,18 @@ _THREADS = """
 import hashlib, json, numba, torch, qfl
 from qfl.compress import runtime
 from qfl.wire import decode, encode
-x = torch.randn(700_000, generator=torch.Generator().manual_seed(5)) * torch.rand(700_000) ** 3
-specs = ["qsgd(16)", "qsgd(255, bucket=512)", "grid(8)", "grid(3)", "topk(0.01)", "topk(0.3) | qsgd(16)",
-         "bernoulli(budget=0.05) | grid(4)", "bernoulli(0.1)", "randk(0.01) | qsgd(4)", "topk(0.02) | sign"]
+big = torch.randn(4_500_000, generator=torch.Generator().manual_seed(5)) * torch.rand(4_500_000) ** 3
+x = big[:700_000]
+specs = [(x, "qsgd(16)"), (big, "qsgd(255, bucket=512)"), (big, "grid(8)"), (x, "grid(3)"), (big, "fp16"),
+         (x, "topk(0.01)"), (x, "topk(0.3) | qsgd(16)"), (x, "bernoulli(budget=0.05) | grid(4)"),
+         (x, "bernoulli(0.1)"), (x, "randk(0.01) | qsgd(4)"), (x, "topk(0.02) | sign")]
 out = {}
 for mode, threads in (("serial", 2), ("parallel", 1), ("parallel", 2)):
     runtime.FORCE_PARALLEL = mode == "parallel"
     numba.set_num_threads(threads)
     digests = []
-    for s in specs:
-        blob = encode(qfl.parse(s).compress(x, torch.Generator().manual_seed(1)))
+    for t, s in specs:
+        blob = encode(qfl.parse(s).compress(t, torch.Generator().manual_seed(1)))
         y = decode(blob).decompress()
         digests.append(hashlib.sha256(blob).hexdigest() + hashlib.sha256(y.numpy().tobytes()).hexdigest())
     out[f"{mode}-{threads}"] = digests
@@ -86,7 +89,8 @@ def test_bytes_do_not_depend_on_thread_count():
     # The same bytes (and decoded values) from the serial variants and from the parallel
     # ones on 1 and on 2 numba threads: counter-based randomness, fixed reduction order,
     # chunking independent of the thread count. A subprocess, so that 2 threads exist
-    # even where the test run itself is limited to one.
+    # even where the test run itself is limited to one. Dense specs on 4.5M elements:
+    # buffers beyond runtime.HUGE_BUFFER, which parallel writers get faulted in first.
     out = subprocess.run(
         [sys.executable, "-c", _THREADS], env=_env(NUMBA_NUM_THREADS="2"), capture_output=True, text=True, timeout=900
     )
@@ -94,6 +98,24 @@ def test_bytes_do_not_depend_on_thread_count():
     runs = json.loads(out.stdout.strip().splitlines()[-1])
     assert runs["parallel-1"] == runs["serial-2"]
     assert runs["parallel-2"] == runs["serial-2"]
+
+
+def test_fault_in_touches_only_large_buffers_a_parallel_writer_fills():
+    n = runtime.HUGE_BUFFER + 3 * (1 << 21) + 5
+    buf = np.full(n, 7, np.uint8)
+    assert runtime.fault_in(buf, parallel=False) is buf and (buf == 7).all()
+    small = np.full(runtime.HUGE_BUFFER - 1, 7, np.uint8)
+    assert (runtime.fault_in(small, parallel=True) == 7).all()
+    runtime.fault_in(buf, parallel=True)  # one byte per huge page, written before the writer's own
+    touched = np.flatnonzero(buf != 7)
+    assert touched.tolist() == list(range(0, n, 1 << 21)) and (buf[touched] == 0).all()
+    grid = runtime.empty((runtime.HUGE_BUFFER // 16, 8), np.float32, parallel=True)
+    assert grid.shape == (runtime.HUGE_BUFFER // 16, 8) and grid.dtype == np.float32 and grid.flags.c_contiguous
+    runtime.FORCE_PARALLEL = False
+    try:  # None follows the kernels' own choice
+        assert (runtime.fault_in(np.full(n, 7, np.uint8)) == 7).all()
+    finally:
+        runtime.FORCE_PARALLEL = None
 
 
 @pytest.mark.slow

@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from . import runtime
 from ._raw_kernels import nonfinite_count
 from .payload import Levels, Part, Payload, Raw, Signs, Sparse
 
@@ -82,8 +83,9 @@ def raise_nonfinite(x: torch.Tensor) -> None:
 def empty_float32(n: int) -> torch.Tensor:
     """An uninitialised float32 tensor of n elements, numpy-allocated: numpy asks the
     kernel for huge pages, which makes a fresh 40 MB buffer ~4x cheaper to fault in than
-    a torch allocation."""
-    return torch.from_numpy(np.empty(n, np.float32))
+    a torch allocation. PyTorch's copies into it run on its threads: faulted in first
+    (:func:`.runtime.fault_in`)."""
+    return torch.from_numpy(runtime.empty(n, np.float32, torch.get_num_threads() > 1))
 
 
 def _overflow(part: Part) -> str | None:

@@ -11,6 +11,7 @@ import torch
 
 from . import _kernels as K
 from . import _raw_kernels as R
+from . import runtime
 from .base import Properties, ValueOperator, as_numpy_f32, draw_seed, empty_float32, raise_nonfinite
 from .payload import Levels, Part, Raw, Signs
 
@@ -36,7 +37,7 @@ def _quantize(
 ) -> Levels:
     v = as_numpy_f32(x)
     b = min(bucket or v.size, v.size) or 1  # a bucket beyond the tensor is the whole tensor
-    levels = np.empty(v.size, level_dtype(s))
+    levels = runtime.empty(v.size, level_dtype(s))
     norms = K.stochastic_levels(v, b, s, use_max, signed_grid, draw_seed(generator), levels)
     if not np.isfinite(norms).all():  # the norms double as the NaN/Inf check
         raise_nonfinite(x)
@@ -46,7 +47,7 @@ def _quantize(
 def _dequantize(part: Part, n: int, s: int, bucket: int | None, damping: float = 1.0) -> torch.Tensor:
     assert isinstance(part, Levels)
     factors = part.scales.numpy().astype(np.float64) * (damping / s)
-    out = np.empty(n, np.float32)
+    out = runtime.empty(n, np.float32)
     K.dequantize_levels(part.levels.numpy(), factors, min(bucket or n, n) or 1, out)
     return torch.from_numpy(out)
 
@@ -214,8 +215,8 @@ class _Cast(ValueOperator):
 def _empty_like_dtype(n: int, dtype: torch.dtype) -> torch.Tensor:
     """Uninitialised n-element tensor of a 16-bit float dtype, numpy-allocated."""
     if dtype == torch.float16:
-        return torch.from_numpy(np.empty(n, np.float16))
-    return torch.from_numpy(np.empty(n, np.int16)).view(dtype)
+        return torch.from_numpy(runtime.empty(n, np.float16, torch.get_num_threads() > 1))
+    return torch.from_numpy(runtime.empty(n, np.int16, torch.get_num_threads() > 1)).view(dtype)
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from flwr.serverapp.strategy import FedAvg, FedAvgM
 
 from ..clients.records import new_array, numpy_array, numpy_views, tensor_views
 from ..codec import MAX_VALUE, out_of_range
+from ..compress import runtime
 from ..compress._kernels import largest_within
 from ._kernels import momentum_step
 
@@ -110,7 +111,7 @@ class FedAvgMomentum(FedAvgM):
                 velocity = self.velocity.get(key)
                 first = velocity is None
                 if first:
-                    velocity = np.empty_like(old)
+                    velocity = runtime.empty(old.shape, old.dtype)
                 scalar = old.dtype.type
                 outside = momentum_step(
                     old.size,

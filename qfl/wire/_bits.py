@@ -14,6 +14,7 @@ from __future__ import annotations
 import numba as nb
 import numpy as np
 
+from ..compress import runtime
 from ..compress.runtime import twin
 from ._bitio import (
     ERR_CODE,
@@ -113,10 +114,11 @@ def pack_fixed(values: np.ndarray, offset: int, width: int) -> np.ndarray:
     is a plain serial byte copy (memory-bound: one vectorised pass).
     """
     n = values.size
-    buf = np.empty((n * width + 7) // 8, np.uint8)
     if width == 8:
-        _pack8(values, offset, buf)
+        buf = np.empty(n, np.uint8)
+        _pack8(values, offset, buf)  # serial
         return buf
+    buf = runtime.empty((n * width + 7) // 8, np.uint8)
     _pack(n, values, offset, width, buf)
     return buf
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import numba as nb
 import numpy as np
 
+from ..compress import runtime
 from ..compress.runtime import twin
 from ._bitio import ERR_RANGE, OK
 from ._elias import BLOCK as ELIAS_BLOCK
@@ -332,7 +333,7 @@ def bucketed_plan(levels: np.ndarray, bucket: int) -> tuple[np.ndarray, np.ndarr
 
 def bucketed_encode(levels: np.ndarray, bucket: int, widths: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     """The codes of every bucket, concatenated (``widths``/``offsets`` from :func:`bucketed_plan`)."""
-    out = np.empty(int(offsets[-1]), np.uint8)
+    out = runtime.empty(int(offsets[-1]), np.uint8)
     _encode(levels.size, levels, bucket, widths, offsets, out)
     return out
 

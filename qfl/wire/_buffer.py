@@ -6,7 +6,9 @@ pages (~10 ms for 40 MB here, as long as the copy itself). So the encoder asks C
 for an uninitialised ``bytes`` of the final size (``PyBytes_FromStringAndSize(NULL, n)``,
 the C API's way of building a ``bytes`` in place), asks the kernel to back a large one
 with huge pages (what numpy does for its own buffers: a 2 MB fault instead of 512 4 KB
-ones), and writes every section straight into it, before anyone else can see it.
+ones), faults it in from one thread when several will write it (huge pages faulted from
+two threads at once cost ~10x more here: :func:`qfl.compress.runtime.fault_in`), and
+writes every section straight into it, before anyone else can see it.
 Elsewhere than CPython on Linux it falls back to a ``bytearray`` copied once.
 
 The checksum (wire format 3) is XXH3-64 over the little-endian XXH3-64 digests of the
@@ -74,7 +76,7 @@ class Blob:
                 start = -(-addr // _HUGE) * _HUGE
                 end = (addr + n) // _HUGE * _HUGE
                 _madvise(start, end - start, _MADV_HUGEPAGE)  # advice only: a refusal costs speed, not data
-            self.view = np.frombuffer((ctypes.c_char * n).from_address(addr), np.uint8)
+            self.view = runtime.fault_in(np.frombuffer((ctypes.c_char * n).from_address(addr), np.uint8))
         else:
             self._keep = bytearray(n)
             self.view = np.frombuffer(self._keep, np.uint8)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import numba as nb
 import numpy as np
 
+from ..compress import runtime
 from ..compress.runtime import twin
 from ._bitio import (
     DEC_LEN,
@@ -382,7 +383,7 @@ def _concatenate(n, scratch, starts, bits):
     afterwards."""
     offsets = np.zeros(bits.size + 1, np.int64)
     np.cumsum(bits, out=offsets[1:])
-    out = np.empty((int(offsets[-1]) + 7) >> 3, np.uint8)
+    out = runtime.empty((int(offsets[-1]) + 7) >> 3, np.uint8)
     _copy_blocks(n, scratch, starts, offsets, bits, out)
     _join_partial_bytes(scratch, starts, offsets, bits, out)
     return out
@@ -430,7 +431,7 @@ def _encode_with(levels: np.ndarray, lower: np.ndarray, nonzero: np.ndarray):
     # nonzeros + lower bound (an omega code of g has at most g + 2 bits).
     sizes = np.minimum(levels.size - np.arange(lower.size, dtype=np.int64) * BLOCK, BLOCK)
     starts = _scratch_starts(sizes + nonzero + lower)
-    scratch = np.empty(int(starts[-1]) + 8, np.uint8)
+    scratch = runtime.empty(int(starts[-1]) + 8, np.uint8)
     bits = np.zeros(lower.size, np.int64)
     _encode_blocks(levels.size, levels, starts, nonzero, scratch, bits, GAP_CODE, GAP_LEN, SM_CODE, SM_LEN)
     return scratch, starts, bits

@@ -52,6 +52,7 @@ from ..compress import (
     Signs,
     Sparse,
     Sparsifier,
+    runtime,
 )
 from ..compress.quantizers import level_dtype
 from . import _bits as B
@@ -385,7 +386,7 @@ class _Decoder:
                 buf = np.frombuffer(self.take(nbytes, "fixed-width levels"), np.uint8)
             else:
                 buf = self.padded(nbytes, "fixed-width levels")
-            out = np.empty(m, level_dtype(max_level))  # both decoders write every element
+            out = runtime.empty(m, level_dtype(max_level))  # both decoders write every element
             status = B.unpack_fixed(buf, m, max_level, width, max_level, out)
         elif mode == LEVELS_ELIAS:
             nblk = (m + B.BLOCK - 1) // B.BLOCK
@@ -397,7 +398,7 @@ class _Decoder:
                     f"truncated: Elias block lengths add up to {total} bits, {8 * (len(self.data) - self.pos)} left"
                 )
             buf = self.padded((total + 7) // 8, "Elias level stream")
-            out = np.empty(m, level_dtype(max_level))
+            out = runtime.empty(m, level_dtype(max_level))
             status = B.elias_decode(buf, block_bits, m, max_level, out) if m else B.OK
         elif mode == LEVELS_BUCKETED:
             blk = self.varint("width block", max(m, 1))
@@ -408,7 +409,7 @@ class _Decoder:
                 raise self.fail(f"a block width of {int(widths.max())} bits exceeds the levels' {max_level}")
             offsets = B.bucketed_offsets(widths, m, blk)
             data = np.frombuffer(self.take(int(offsets[-1]), "block-coded levels"), np.uint8)
-            out = np.empty(m, level_dtype(max_level))  # the decoder writes every element
+            out = runtime.empty(m, level_dtype(max_level))  # the decoder writes every element
             status = B.bucketed_decode(data, blk, widths, offsets, max_level, out)
         else:
             raise self.fail(f"unknown levels coding {mode}")
