@@ -580,6 +580,41 @@ def test_bucketed_levels_round_trip_at_the_defined_size(kernel_mode):
                 assert B.bucketed_decode(data, bucket, widths, offsets, top - 1, out) == B.ERR_RANGE
 
 
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "grid(8)",
+        "grid(3)",
+        "qsgd(levels=255, bucket=512)",
+        "qsgd(levels=16)",
+        "topk(0.05) | qsgd(levels=7, bucket=64)",
+        "identity",
+        "fp16",
+        "bernoulli(0.2)",
+    ],
+)
+def test_the_encoder_writes_every_byte_of_the_blob(spec, kernel_mode, monkeypatch):
+    # Coded sections are written by their coder straight into the blob's uninitialised
+    # memory: the same blob whatever that memory held before. Sizes beyond a huge page
+    # and beyond Blob's in-place threshold, with a last partial group.
+    from qfl.wire import _buffer, format
+
+    x = torch.randn(3 * 1024 * 1024 + 13, generator=torch.Generator().manual_seed(3)) * torch.rand(3 * 1024 * 1024 + 13)
+    payload = qfl.parse(spec).compress(x, torch.Generator().manual_seed(4))
+    blobs = []
+    for junk in (0x00, 0xA5, 0xFF):
+
+        class Dirty(_buffer.Blob):
+            def __init__(self, n: int, junk: int = junk) -> None:
+                super().__init__(n)
+                self.view[:] = junk
+
+        monkeypatch.setattr(format, "Blob", Dirty)
+        blobs.append(encode(payload))
+    assert blobs[0] == blobs[1] == blobs[2]
+    assert torch.equal(decode(blobs[0]).decompress(), payload.decompress())
+
+
 def test_bucketed_plan_and_gaps_bound_elias_from_below():
     # Dense levels: a gap (>= 1 bit), a sign and omega(|level|) per nonzero, counted up to
     # |level| 16, where the first five steps of the omega length are; the level after the

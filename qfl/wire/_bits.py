@@ -107,18 +107,19 @@ def _pack(values, offset, width, buf):
         _pack_groups(values, offset, width, buf, c)
 
 
-def pack_fixed(values: np.ndarray, offset: int, width: int) -> np.ndarray:
-    """Pack ``values + offset`` (each in [0, 2**width)) into ``width`` bits each.
+def pack_fixed(values: np.ndarray, offset: int, width: int, out: np.ndarray | None = None) -> np.ndarray:
+    """Pack ``values + offset`` (each in [0, 2**width)) into ``width`` bits each, into
+    ``out`` (every one of its ``ceil(n * width / 8)`` bytes written) or a new buffer.
 
     Groups of 8 values fill exactly ``width`` bytes, so groups pack in parallel; width 8
     is a plain serial byte copy (memory-bound: one vectorised pass).
     """
     n = values.size
     if width == 8:
-        buf = np.empty(n, np.uint8)
+        buf = np.empty(n, np.uint8) if out is None else out
         _pack8(values, offset, buf)  # serial
         return buf
-    buf = runtime.empty((n * width + 7) // 8, np.uint8)
+    buf = runtime.empty((n * width + 7) // 8, np.uint8) if out is None else out
     _pack(n, values, offset, width, buf)
     return buf
 

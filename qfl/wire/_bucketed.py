@@ -331,9 +331,13 @@ def bucketed_plan(levels: np.ndarray, bucket: int) -> tuple[np.ndarray, np.ndarr
     return widths, bucketed_offsets(widths, n, bucket), int(elias.sum())
 
 
-def bucketed_encode(levels: np.ndarray, bucket: int, widths: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-    """The codes of every bucket, concatenated (``widths``/``offsets`` from :func:`bucketed_plan`)."""
-    out = runtime.empty(int(offsets[-1]), np.uint8)
+def bucketed_encode(
+    levels: np.ndarray, bucket: int, widths: np.ndarray, offsets: np.ndarray, out: np.ndarray | None = None
+) -> np.ndarray:
+    """The codes of every bucket, concatenated (``widths``/``offsets`` from :func:`bucketed_plan`),
+    into ``out`` (every one of its ``offsets[-1]`` bytes written) or a new buffer."""
+    if out is None:
+        out = runtime.empty(int(offsets[-1]), np.uint8)
     _encode(levels.size, levels, bucket, widths, offsets, out)
     return out
 

@@ -151,8 +151,9 @@ def digest(content: np.ndarray | memoryview) -> bytes:
 
 
 def fill(content: np.ndarray, pieces: list[tuple[int, np.ndarray]]) -> bytes:
-    """Write each ``(offset, uint8 array)`` into ``content`` (which they cover exactly)
-    and return its checksum, each piece checksummed right after it is written."""
+    """Write each ``(offset, uint8 array)`` into ``content`` and return the checksum of
+    all of it, each piece checksummed right after it is written (bytes between the
+    pieces are already written: sections a coder wrote in place)."""
     n = content.size
     small = [(o, a) for o, a in pieces if a.size < _PIECE]
     large = [(o, a) for o, a in pieces if a.size >= _PIECE]

@@ -31,6 +31,7 @@ import dataclasses
 import math
 import struct
 import warnings
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -127,13 +128,23 @@ def _np_bytes(t: torch.Tensor) -> np.ndarray:
     return t.numpy()
 
 
+@dataclasses.dataclass(frozen=True)
+class _Coded:
+    """A section that a coder writes straight into the blob, every one of its ``size``
+    bytes: the coded levels are the bulk of a blob, and a buffer of their own would cost
+    a fresh allocation (page faults) and a copy into the blob."""
+
+    size: int
+    write: Callable[[np.ndarray], object]
+
+
 class _Encoder:
     """Collects body sections; each method mirrors a ``_Decoder`` method."""
 
     def __init__(self) -> None:
-        self.parts: list[bytes | np.ndarray] = []
+        self.parts: list[bytes | np.ndarray | _Coded] = []
 
-    def put(self, b: bytes | np.ndarray) -> None:
+    def put(self, b: bytes | np.ndarray | _Coded) -> None:
         self.parts.append(b)
 
     def raw(self, part: Part, m: int) -> None:
@@ -179,10 +190,10 @@ class _Encoder:
             blk, widths, offsets = per_block
             self.put(bytes([LEVELS_BUCKETED]) + varint(blk))
             self.put(widths)
-            self.put(B.bucketed_encode(lv, blk, widths, offsets))
+            self.put(_Coded(int(offsets[-1]), lambda out: B.bucketed_encode(lv, blk, widths, offsets, out)))
         else:
             self.put(bytes([LEVELS_FIXED]))
-            self.put(B.pack_fixed(lv, max_level, width))
+            self.put(_Coded((lv.size * width + 7) // 8, lambda out: B.pack_fixed(lv, max_level, width, out)))
 
     def signs(self, part: Part) -> None:
         assert isinstance(part, Signs)
@@ -249,20 +260,32 @@ def encode(payload: Payload) -> bytes:
     return _frame(enc.parts)
 
 
-def _frame(parts: list[bytes | np.ndarray]) -> bytes:
+def _frame(parts: list[bytes | np.ndarray | _Coded]) -> bytes:
     """The blob of a content given in parts: each part is written once, straight into the
-    ``bytes`` that ships, and checksummed right after (see :mod:`._buffer`)."""
-    arrays = [p.reshape(-1).view(np.uint8) if isinstance(p, np.ndarray) else np.frombuffer(p, np.uint8) for p in parts]
+    ``bytes`` that ships (coded sections by their coder, first), and checksummed (right
+    after it is copied, for the others; see :mod:`._buffer`)."""
+    arrays = [
+        p
+        if isinstance(p, _Coded)
+        else p.reshape(-1).view(np.uint8)
+        if isinstance(p, np.ndarray)
+        else np.frombuffer(p, np.uint8)
+        for p in parts
+    ]
     length = DIGEST_BYTES + sum(a.size for a in arrays)
     head = MAGIC + bytes([VERSION]) + varint(length)
     blob = Blob(len(head) + length)
     out = blob.view
     out[: len(head)] = np.frombuffer(head, np.uint8)
+    content = out[len(head) + DIGEST_BYTES :]
     pieces, pos = [], 0
     for a in arrays:
-        pieces.append((pos, a))
+        if isinstance(a, _Coded):
+            a.write(content[pos : pos + a.size])
+        else:
+            pieces.append((pos, a))
         pos += a.size
-    digest = fill(out[len(head) + DIGEST_BYTES :], pieces)
+    digest = fill(content, pieces)
     out[len(head) : len(head) + DIGEST_BYTES] = np.frombuffer(digest, np.uint8)
     return blob.finish()
 
