@@ -654,6 +654,51 @@ def test_bucketed_levels_refuse_negative_zero_and_wide_buckets():
         decode(frame(bytes(content)))
 
 
+def _bucket_reference(data: bytes, size: int, w: int, max_level: int) -> tuple[list[int], bool]:
+    """One block's levels and validity, read bit by bit: ``w + 1`` bits per level, sign first."""
+    bits = "".join(f"{b:08b}" for b in data)
+    levels, ok = [], True
+    for i in range(size):
+        code = bits[i * (w + 1) : (i + 1) * (w + 1)]
+        neg, a = code[0] == "1", int(code[1:], 2)
+        ok &= a <= max_level and not (neg and a == 0)
+        levels.append(-a if neg else a)
+    return levels, ok
+
+
+def test_bucketed_decoder_agrees_with_a_bitwise_reader_on_any_bytes(kernel_mode):
+    # Random bytes as the codes of blocks of every width, with maxima at, below and above
+    # what a width can hold: the decoder's levels and its verdict (a negative zero or a
+    # magnitude beyond the maximum anywhere is an error) are the bitwise reader's. Blocks
+    # of 8-level groups and a partial group; invalid codes in every lane.
+    rng = np.random.default_rng(11)
+    for w in range(1, 12):
+        for max_level in sorted({1, (1 << w) - 1, max(1, (1 << w) - 2), (1 << w) // 2 + 1, 300, 2**20}):
+            for size in (8, 24, 64, 61):
+                for trial in range(12):
+                    nbytes = (size * (w + 1) + 7) // 8
+                    raw = rng.integers(0, 256, nbytes, dtype=np.uint8)
+                    if trial % 3 == 0:  # mostly valid: small magnitudes, then one bad lane or none
+                        lv = rng.integers(-min(max_level, (1 << w) - 1), min(max_level, (1 << w) - 1) + 1, size)
+                        lv[0] = min(max_level, (1 << w) - 1)  # the block's width stays w
+                        widths = np.array([w], np.uint8)
+                        offsets = np.array([0, nbytes], np.int64)
+                        raw = B.bucketed_encode(lv.astype(np.int32), size, widths, offsets)
+                        if trial % 2:
+                            lane = int(rng.integers(size))
+                            bits = [int(c) for c in "".join(f"{b:08b}" for b in raw)]
+                            bits[lane * (w + 1) : (lane + 1) * (w + 1)] = [1] + [0] * w  # a negative zero
+                            raw = np.packbits(np.array(bits, np.uint8))
+                    expected, ok = _bucket_reference(raw.tobytes(), size, w, max_level)
+                    out = np.full(size, 7, np.int32)
+                    status = B.bucketed_decode(
+                        raw, size, np.array([w], np.uint8), np.array([0, nbytes], np.int64), max_level, out
+                    )
+                    assert status == (B.OK if ok else B.ERR_RANGE), (w, max_level, size, raw.tobytes())
+                    if ok:
+                        assert out.tolist() == expected
+
+
 def test_bucketed_qsgd_takes_fewer_bits_than_the_fixed_width():
     # qsgd(255, bucket=512) on Gaussian data: |levels| ~ 11 |x| / sigma, so a bucket needs
     # 6-7 magnitude bits where the format-wide fixed width spends 9.

@@ -235,14 +235,34 @@ def _put_level(code, w, max_level, seg, i):
 
 
 @nb.njit(inline="always", cache=True)
+def _lanes(v, w1):
+    """``v`` in each of the 8 ``w1``-bit lanes of a group's word."""
+    r = np.uint64(0)
+    for j in range(8):
+        r |= np.uint64(v) << np.uint64(w1 * j)
+    return r
+
+
+@nb.njit(inline="always", cache=True)
 def _decode_groups(data, w1, max_level, seg):
     """Inverse of ``_encode_groups`` (also called with a literal ``w1``); 1 if any code
     is invalid. Unsigned indices: numba then needs no negative-index fix-up, which
-    would keep LLVM from merging the byte loads."""
+    would keep LLVM from merging the byte loads. Validity is tested once per group, on
+    all 8 lanes of its word at once (SWAR), not per level: a third less time. A negative
+    zero is a lane equal to its sign bit alone, found by the exact "any zero lane" test
+    on the word XOR the sign bits; a magnitude above ``max_level`` carries into its sign
+    bit when ``2**w - 1 - max_level`` is added to it (sign bits cleared first, so no
+    carry crosses a lane), a test skipped when no ``w``-bit magnitude can exceed it."""
     w = w1 - 1
     mask = (np.uint64(1) << np.uint64(w1)) - np.uint64(1)
     amask = (np.uint64(1) << np.uint64(w)) - np.uint64(1)
-    bad = np.int64(0)
+    lows = _lanes(1, w1)
+    signs = _lanes(np.uint64(1) << np.uint64(w), w1)
+    mags = _lanes(amask, w1)
+    room = np.int64(amask) - np.int64(max_level)
+    check_range = room > 0
+    over = _lanes(room if check_range else 0, w1)
+    bad = np.uint64(0)
     for g in range(seg.size // 8):
         p = np.uint64(g * w1)
         acc = np.uint64(0)
@@ -254,8 +274,11 @@ def _decode_groups(data, w1, max_level, seg):
             a = np.int64(code & amask)
             neg = np.int64(code >> np.uint64(w))
             seg[q + np.uint64(j)] = (a ^ -neg) + neg
-            bad |= np.int64(a > max_level) | (neg & np.int64(a == 0))
-    return bad
+        y = acc ^ signs
+        bad |= (y - lows) & ~y & signs
+        if check_range:
+            bad |= ((acc & mags) + over) & signs
+    return np.int64(bad != np.uint64(0))
 
 
 @nb.njit(inline="always", cache=True)
