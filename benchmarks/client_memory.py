@@ -42,7 +42,7 @@ from flwr.serverapp.strategy import FedAvg
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
 sys.path.insert(0, str(Path(__file__).parents[1] / "tests" / "apps" / "bigmodel"))
-from bigmodel.models import build, train_steps  # the models of scale.py and e2e.py
+from bigmodel.models import build, parse_model, train_steps  # the models of scale.py and e2e.py
 from fakes import FakeGrid  # the in-process Grid of the tests
 
 import qfl.clients.mod as mod
@@ -112,7 +112,7 @@ def make_app(model_name: str, phases: Phases, with_mod: bool) -> ClientApp:
         phases.enter("user function")
         model = build(model_name)
         model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
-        train_steps(model_name, model, 1, 1 if model_name == "gpt2" else 8, 16, 1)
+        train_steps(model_name, model, 1, 1 if parse_model(model_name)[0] == "gpt2" else 8, 16, 1)
         reply = Message(
             RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": MetricRecord({"num-examples": 8})}),
             reply_to=msg,
@@ -164,7 +164,7 @@ def run(model_name: str, rounds: int, with_mod: bool, phases: Phases) -> list[di
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="gpt2", help="gpt2, resnet18 or mlp (tests/apps/bigmodel)")
+    ap.add_argument("--model", default="gpt2", help="gpt2, resnet18 or mlp, with sizes or not (tests/apps/bigmodel)")
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args(argv)
     phases = Phases()

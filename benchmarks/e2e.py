@@ -43,6 +43,7 @@ import inspect
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -54,6 +55,9 @@ from qfl.strategies import Compressed
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = ROOT / "tests" / "apps" / "bigmodel"
+sys.path.insert(0, str(APP))
+from bigmodel.models import parse_model, split_models  # noqa: E402  (the app's own model names)
+
 MODELS = ("resnet18", "gpt2")
 ENCODE_LIMIT = 0.10  # client compress+encode / local training time
 SERVER_LIMIT_MS = 50.0  # server decode+aggregate, per reply, per 10M parameters
@@ -149,22 +153,24 @@ ROUND_HEADER = (
 def big_models(fed, args, tmp: Path, goals: list) -> dict:
     out = {}
     for name in args.models:
-        steps = args.steps if name == "resnet18" else args.gpt_steps
+        family = parse_model(name)[0]
+        steps = args.steps if family == "resnet18" else args.gpt_steps
         common = {
             "model": name,
             "tiny": args.tiny,
             "num-server-rounds": args.rounds,
             "fraction-train": 1.0,
             "local-steps": steps,
-            "batch-size": args.batch if name == "resnet18" else 1,
+            "batch-size": args.batch if family == "resnet18" else 1,
             "seq": args.seq,
             "seed": args.seed,
             "uplink": args.uplink or "",
             "downlink": args.downlink or "",
         }
+        stem = re.sub(r"[^\w.-]+", "_", name)  # a name with sizes, as a file name
         runs = {
             mode: run(
-                fed, {**common, "plain": mode == "plain"}, args.clients, tmp / f"{name}-{mode}.json", args.timeout
+                fed, {**common, "plain": mode == "plain"}, args.clients, tmp / f"{stem}-{mode}.json", args.timeout
             )
             for mode in ("plain", "qfl")
         }
@@ -186,7 +192,7 @@ def big_models(fed, args, tmp: Path, goals: list) -> dict:
             f"{p['server_peak_mb']:.0f} -> {q['server_peak_mb']:.0f} MB, client {p['client_peak_mb']:.0f} -> "
             f"{q['client_peak_mb']:.0f} MB"
         )
-        if name == "resnet18":
+        if family == "resnet18":
             goals.append((f"{name}: client compress+encode / {steps} steps' training", q["encode_ratio"], ENCODE_LIMIT))
         goals.append(
             (
@@ -258,7 +264,12 @@ def many_clients(fed, args, tmp: Path, checks: list) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", default="resnet18,gpt2", help="comma-separated: resnet18, gpt2; 'none' for none")
+    ap.add_argument(
+        "--models",
+        default="resnet18,gpt2",
+        help="comma-separated: resnet18, gpt2, each with sizes or not, e.g. 'gpt2(layers=24,width=1024,heads=16)'; "
+        "'none' for none",
+    )
     ap.add_argument("--clients", type=int, default=2, help="clients (all train every round)")
     ap.add_argument("--rounds", type=int, help="rounds per run (default 3; 1 with --tiny)")
     ap.add_argument("--steps", type=int, help="local steps, ResNet-18 (default 20; 2 with --tiny)")
@@ -289,9 +300,12 @@ def main(argv: list[str] | None = None) -> dict:
     ):
         if getattr(args, key) is None:
             setattr(args, key, small if tiny else full)
-    args.models = [] if args.models == "none" else [m.strip() for m in args.models.split(",") if m.strip()]
-    if any(m not in MODELS for m in args.models):
-        ap.error(f"--models takes a comma-separated subset of: {', '.join(MODELS)} (or 'none')")
+    try:
+        args.models = [] if args.models == "none" else split_models(args.models)
+    except ValueError as exc:
+        ap.error(f"--models: {exc}")
+    if any(parse_model(m)[0] not in MODELS for m in args.models):
+        ap.error(f"--models takes a comma-separated list of {', '.join(MODELS)}, each with sizes or not (or 'none')")
     if not args.models and not args.many:
         ap.error("nothing to run: give --models or --many")
     if min(args.clients, args.rounds, args.steps, args.batch, args.gpt_steps, args.seq, args.many_steps) < 1:

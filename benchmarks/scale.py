@@ -55,24 +55,25 @@ MB = 1 << 20
 # The models are the end-to-end app's (benchmarks/e2e.py), so both benchmarks measure the same ones.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "apps" / "bigmodel"))
 from bigmodel.measure import peak_rss, rss  # noqa: E402
-from bigmodel.models import build, train_steps  # noqa: E402
+from bigmodel.models import build, parse_model, split_models, train_steps  # noqa: E402
 
 
 # ============================================================================ measuring
 def run_model(name: str, args: argparse.Namespace, policy: Policy) -> dict:
     torch.manual_seed(args.seed)
+    family = parse_model(name)[0]
     model = build(name)
     params = sum(p.numel() for p in model.parameters())
     start = {k: v.detach().clone() for k, v in model.state_dict().items()}
     model_bytes = sum(v.numel() * v.element_size() for v in start.values())
-    steps = args.steps if name == "resnet18" else args.gpt_steps
+    steps = args.steps if family == "resnet18" else args.gpt_steps
     out = {"params": params, "model_bytes": model_bytes, "steps": steps, "clients": []}
     total = {k: torch.zeros_like(v, dtype=torch.float32) for k, v in start.items() if v.is_floating_point()}
     out["rss_model"] = rss()
     for c in range(args.clients):
         model.load_state_dict(start)
         t = time.perf_counter()
-        train_steps(name, model, steps, args.batch if name == "resnet18" else 1, args.seq, args.seed + c)
+        train_steps(name, model, steps, args.batch if family == "resnet18" else 1, args.seq, args.seed + c)
         train_s = time.perf_counter() - t
         trained = model.state_dict()
         delta = {k: (trained[k] - start[k]) if start[k].is_floating_point() else trained[k] for k in start}
@@ -125,7 +126,12 @@ def commit() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", default="resnet18,gpt2", help="comma-separated: resnet18, gpt2")
+    ap.add_argument(
+        "--models",
+        default="resnet18,gpt2",
+        help="comma-separated: resnet18, gpt2, each with sizes or not, "
+        "e.g. 'resnet18(width=128),gpt2(layers=24,width=1024,heads=16)'",
+    )
     ap.add_argument("--spec", default="topk(0.01) | qsgd(levels=16, bucket=512)", help="uplink spec")
     ap.add_argument("--min-elements", type=int, default=qfl.spec.MIN_ELEMENTS)
     ap.add_argument("--clients", type=int, default=2, help="replies per model")
@@ -135,9 +141,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seq", type=int, default=32, help="tokens per step, GPT-2-shaped")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    models = [m.strip() for m in args.models.split(",") if m.strip()]
-    if not models or any(m not in ("resnet18", "gpt2") for m in models):
-        ap.error("--models takes a comma-separated subset of: resnet18, gpt2")
+    try:
+        models = split_models(args.models)
+    except ValueError as exc:
+        ap.error(f"--models: {exc}")
+    if not models or any(parse_model(m)[0] not in ("resnet18", "gpt2") for m in models):
+        ap.error("--models takes a comma-separated list of resnet18 and gpt2, each with sizes or not")
     if min(args.clients, args.steps, args.batch, args.gpt_steps, args.seq) < 1:
         ap.error("--clients, --steps, --batch, --gpt-steps and --seq must be positive")
     policy = Policy.build(args.spec, args.min_elements)
@@ -169,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         later = r["clients"][1:] or r["clients"]
         enc = max(c["codec_s"] / c["train_s"] for c in later)
         dec = max(1e3 * c["server_s"] / (r["params"] / 1e7) for c in later)
-        if m == "resnet18":
+        if parse_model(m)[0] == "resnet18":
             goals.append((f"{m}: client compress+encode / {r['steps']} steps' training", enc, 0.10))
         goals.append((f"{m}: server decode+aggregate, ms per 10M parameters per reply", dec, 50.0))
     quiet = max(load_start[0], load_end[0]) <= cores

@@ -15,6 +15,8 @@ import importlib.util
 import io
 import json
 import math
+import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,9 +24,15 @@ import pytest
 from qfl.simulations import superlink
 from qfl.simulations.superlink import list_tagged_processes
 
+sys.path.insert(0, str(Path(__file__).parent / "apps" / "bigmodel"))
+from bigmodel.models import build, parse_model, resnet18, split_models
+
 pytestmark = pytest.mark.integration
 
 E2E = Path(__file__).parents[1] / "benchmarks" / "e2e.py"
+#: The models of the tiny run: one by its family's name, one with sizes of its own, which
+#: must reach the app (and Flower's run config on the way) intact.
+MODELS = ("resnet18", "gpt2(layers=1, heads=4, width=16)")
 
 
 def _load_benchmark():
@@ -50,7 +58,7 @@ def tiny(tmp_path_factory):
     text = io.StringIO()
     try:
         with contextlib.redirect_stdout(text):
-            results = _load_benchmark().main(["--tiny", "--many", "--out", str(out)])
+            results = _load_benchmark().main(["--tiny", "--many", "--models", ",".join(MODELS), "--out", str(out)])
     finally:
         mp.undo()
     return results, text.getvalue(), json.loads(out.read_text()), feds
@@ -87,9 +95,11 @@ def _check_bytes(plain: dict, ours: dict) -> None:
 def test_tiny_models_report_every_figure(tiny):
     results, text, written, _ = tiny
     assert written["goals"] == results["goals"]
-    for name in ("resnet18", "gpt2"):
+    for name in MODELS:
         runs = results["models"][name]["runs"]
         assert runs["plain"]["plain"] and not runs["qfl"]["plain"]
+        params = sum(p.numel() for p in build(name, tiny=True).parameters())
+        assert runs["plain"]["params"] == runs["qfl"]["params"] == params
         for run in runs.values():
             _check_run(run, clients=2, rounds=1)
         _check_bytes(runs["plain"], runs["qfl"])
@@ -103,6 +113,44 @@ def test_tiny_models_report_every_figure(tiny):
         assert goal["goal"] in text
     assert "NOT A VERDICT: --tiny" in text and not results["load"]["verdict"]
     assert "load average at start" in text and "load average at end" in text
+
+
+@pytest.mark.unit
+def test_model_names_take_sizes_and_refuse_what_they_do_not_know():
+    assert parse_model("gpt2") == ("gpt2", {})
+    assert parse_model(" gpt2(layers=24, width=1024, heads=16) ") == (
+        "gpt2",
+        {"layers": 24, "width": 1024, "heads": 16},
+    )
+    assert split_models("resnet18(width=96), gpt2(layers=2,width=64,heads=4),mlp") == [
+        "resnet18(width=96)",
+        "gpt2(layers=2,width=64,heads=4)",
+        "mlp",
+    ]
+    wide = sum(p.numel() for p in build("resnet18(width=16)").parameters())
+    assert wide == sum(p.numel() for p in resnet18(width=16).parameters())
+    assert sum(p.numel() for p in build("gpt2(vocab=100, layers=1)", tiny=True).parameters()) < sum(
+        p.numel() for p in build("gpt2", tiny=True).parameters()
+    )
+    for bad, says in (
+        ("bert", "unknown model 'bert'"),
+        ("gpt2(depth=3)", "takes each of vocab, width"),
+        ("gpt2(layers=0)", "layers must be a positive integer"),
+        ("gpt2(layers=2.5)", "layers must be a positive integer"),
+        ("gpt2(layers=True)", "layers must be a positive integer"),
+        ("gpt2(layers=2, layers=3)", "at most once"),
+        ("gpt2(12)", "sizes are keywords"),
+        ("gpt2(layers=", "expected a family name"),
+        ("os.system('x')", "expected a family name"),
+    ):
+        with pytest.raises(ValueError, match=re.escape(says)):
+            parse_model(bad)
+    with pytest.raises(ValueError, match="multiple of heads"):
+        build("gpt2(width=100, heads=3)")
+    with pytest.raises(ValueError, match="unknown model"):
+        split_models("resnet18,vgg16")
+    with pytest.raises(SystemExit):  # the benchmark's own parser says what --models takes
+        _load_benchmark().main(["--models", "gpt2(layers=-1)"])
 
 
 def test_tiny_many_clients_keep_replicas_right(tiny):

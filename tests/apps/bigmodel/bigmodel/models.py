@@ -9,16 +9,64 @@ that the codec-level and the end-to-end benchmarks measure the same models.
   tied head), 124M parameters;
 * ``mlp``: a two-layer perceptron (256-128-10, 34k parameters) for runs with many clients.
 
-``tiny=True`` shrinks every width (for smoke tests); the data are random images, tokens
+A model is named by its family, optionally with sizes, in Python's call syntax
+(:func:`parse_model`): ``gpt2(layers=24, width=1024, heads=16)`` is GPT-2 medium's
+shape, ``resnet18(width=128)`` a ResNet-18 four times the parameters; so the benchmarks
+run at sizes beyond the two they were written for without a change of code.
+
+``tiny=True`` shrinks every width (for smoke tests; sizes in the name still apply); the data are random images, tokens
 or vectors drawn from a seeded generator, so that a step costs what it costs on real data.
 """
 
 from __future__ import annotations
 
+import ast
+
 import torch
 from torch import nn
 
 MODELS = ("resnet18", "gpt2", "mlp")
+#: The sizes each family takes (keyword arguments of its constructor below).
+SIZES = {
+    "resnet18": ("classes", "width"),
+    "gpt2": ("vocab", "width", "layers", "heads", "positions"),
+    "mlp": ("inputs", "hidden", "classes"),
+}
+#: The sizes of ``tiny=True``.
+TINY = {
+    "resnet18": {"width": 8},
+    "gpt2": {"vocab": 512, "width": 32, "layers": 2, "heads": 2, "positions": 128},
+    "mlp": {"inputs": 64, "hidden": 32},
+}
+
+
+def parse_model(name: str) -> tuple[str, dict[str, int]]:
+    """``"gpt2(layers=24, width=1024)"`` -> ``("gpt2", {"layers": 24, "width": 1024})``;
+    a bare family name has no sizes. Parsed by Python's own parser (``ast``): a family of
+    :data:`MODELS` and positive integer sizes it takes, else ValueError naming what is allowed."""
+    try:
+        node = ast.parse(name.strip(), mode="eval").body
+    except SyntaxError:
+        node = None
+    if isinstance(node, ast.Name):
+        family, keywords, args = node.id, [], []
+    elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+        family, keywords, args = node.func.id, node.keywords, node.args
+    else:
+        raise ValueError(f"model {name!r}: expected a family name or family(size=int, ...), e.g. gpt2(layers=6)")
+    if family not in MODELS:
+        raise ValueError(f"unknown model {family!r}; known: {', '.join(MODELS)}")
+    if args:
+        raise ValueError(f"model {name!r}: sizes are keywords, one of {', '.join(SIZES[family])}")
+    sizes: dict[str, int] = {}
+    for kw in keywords:
+        value = kw.value.value if isinstance(kw.value, ast.Constant) else None
+        if kw.arg not in SIZES[family] or kw.arg in sizes:
+            raise ValueError(f"model {name!r}: {family} takes each of {', '.join(SIZES[family])} at most once")
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"model {name!r}: {kw.arg} must be a positive integer")
+        sizes[kw.arg] = value
+    return family, sizes
 
 
 class _Block(nn.Module):
@@ -76,15 +124,32 @@ def mlp(inputs: int = 256, hidden: int = 128, classes: int = 10) -> nn.Module:
     return nn.Sequential(nn.Linear(inputs, hidden), nn.ReLU(), nn.Linear(hidden, classes))
 
 
+def split_models(text: str) -> list[str]:
+    """A comma-separated list of model names (commas inside a name's parentheses stay),
+    each checked by :func:`parse_model`."""
+    names, depth, start = [], 0, 0
+    for i, ch in enumerate(text + ","):
+        depth += (ch == "(") - (ch == ")")
+        if ch == "," and depth == 0:
+            if text[start:i].strip():
+                names.append(text[start:i].strip())
+            start = i + 1
+    for name in names:
+        parse_model(name)
+    return names
+
+
 def build(name: str, tiny: bool = False) -> nn.Module:
-    """The model ``name`` (one of :data:`MODELS`), full size or shrunk for smoke tests."""
-    if name == "resnet18":
-        return resnet18(width=8 if tiny else 64)
-    if name == "gpt2":
-        return GPT2Shaped(vocab=512, width=32, layers=2, heads=2, positions=128) if tiny else GPT2Shaped()
-    if name == "mlp":
-        return mlp(inputs=64, hidden=32) if tiny else mlp()
-    raise ValueError(f"unknown model {name!r}; known: {', '.join(MODELS)}")
+    """The model ``name`` (:func:`parse_model`), full size or shrunk for smoke tests."""
+    family, sizes = parse_model(name)
+    sizes = {**TINY[family], **sizes} if tiny else sizes
+    if family == "resnet18":
+        return resnet18(**sizes)
+    if family == "gpt2":
+        if sizes.get("width", 768) % sizes.get("heads", 12):
+            raise ValueError(f"model {name!r}: width must be a multiple of heads")
+        return GPT2Shaped(**sizes)
+    return mlp(**sizes)
 
 
 def train_steps(name: str, model: nn.Module, steps: int, batch: int, seq: int, seed: int, lr: float = 0.01) -> float:
@@ -94,6 +159,7 @@ def train_steps(name: str, model: nn.Module, steps: int, batch: int, seq: int, s
     tokens, next-token loss; MLP: ``batch`` random vectors. Labels are random too: the
     point is a real gradient through every layer, not learning.
     """
+    name = parse_model(name)[0]
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     model.train()
@@ -102,8 +168,11 @@ def train_steps(name: str, model: nn.Module, steps: int, batch: int, seq: int, s
         opt.zero_grad()
         if name == "resnet18":
             x = torch.randn(batch, 3, 32, 32, generator=g)
-            loss = nn.functional.cross_entropy(model(x), torch.randint(0, 10, (batch,), generator=g))
+            classes = model[-1].out_features
+            loss = nn.functional.cross_entropy(model(x), torch.randint(0, classes, (batch,), generator=g))
         elif name == "gpt2":
+            if seq > model.pos.num_embeddings:
+                raise ValueError(f"{seq} tokens per step exceed the model's {model.pos.num_embeddings} positions")
             ids = torch.randint(0, model.tok.num_embeddings, (batch, seq + 1), generator=g)
             logits = model(ids[:, :-1])
             loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
