@@ -232,11 +232,14 @@ def fault_in(buf: np.ndarray, parallel: bool | None = None) -> np.ndarray:
     to write it; returns ``buf``. ``parallel`` says whether the writer runs on several
     threads (PyTorch's own pool, say); None: whether qfl's kernels would (:func:`use_parallel`).
 
-    Why: with huge pages, first touches from two threads at once are pathological.
-    Measured on the 2-vCPU machine (kernel 6.18, THP ``madvise``, defrag ``madvise``),
-    the parallel dequantisation of 10M levels took 45-50 ms into a fresh numpy buffer
-    against 3.4 ms serially (page faults included) and 1 ms into a buffer already
-    faulted in; the same kernel into 4 KB pages took ~9 ms either way. One byte written
+    Why: with huge pages, first touches from numba's threads are intermittently
+    pathological. Measured on the 2-vCPU machine (kernel 6.18, THP ``madvise``, defrag
+    ``madvise``), the parallel dequantisation of 10M levels into a fresh numpy buffer
+    took 4.4 ms in some runs of calls and 45-50 ms in others, against 3.4-4.7 ms
+    serially (page faults included) and 1-2 ms into a buffer already faulted in; into
+    4 KB pages ~9 ms either way; two Python threads filling halves of a fresh buffer
+    never showed it (benchmarks/fault_in.py: median 5.2 ms with this, 4.4 without; worst
+    call 5.9 ms with, 45 without). One byte written
     every 2 MiB, serially, faults every huge page in (1.4 ms per 40 MB; the 4 KB pages
     at an unaligned head or tail, and all pages where huge ones are refused, are left to
     the writer, whose threads fault those without harm), after which the parallel
