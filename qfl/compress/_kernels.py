@@ -20,7 +20,9 @@ Performance notes (they decide how the loops are written):
   costs far more than that when other processes share the cores. Compute-bound kernels
   (stochastic rounding, dequantisation) stay parallel.
 * Big outputs are allocated with numpy (``np.empty``), which asks the kernel for huge
-  pages: a fresh 40 MB buffer then costs ~3 ms of page faults instead of ~15 ms.
+  pages: a fresh 40 MB buffer then costs ~3 ms of page faults instead of ~15 ms. Those a
+  parallel variant writes come from ``runtime.empty``, which faults them in from one
+  thread first (:func:`.runtime.fault_in` says why).
 * Whether a call runs parallel, on which threading layer and where compiled kernels
   are cached is process policy, decided in :mod:`qfl.compress.runtime`.
 """
