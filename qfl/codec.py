@@ -157,7 +157,7 @@ def apply_delta(base: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
     if not is_float(update) or not is_float(base):
         return update.to(base.dtype).clone()
     work = memory_dtype(base.dtype)
-    if _numpy_ok(base) and _numpy_ok(update):
+    if numpy_ok(base) and numpy_ok(update):
         # The same IEEE operations in numpy, which runs them in the calling thread: torch's
         # elementwise kernels start a parallel region per call, slow on a busy server.
         w = numpy_memory_dtype(base.dtype)
@@ -176,10 +176,12 @@ def numpy_memory_dtype(dtype: torch.dtype) -> type:
 def gather(t: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """``t.reshape(-1)[indices]``, in numpy where it can (torch's indexing starts a parallel region)."""
     flat = t.detach().reshape(-1)
-    return torch.from_numpy(flat.numpy()[indices.numpy()]) if _numpy_ok(flat) else flat[indices]
+    return torch.from_numpy(flat.numpy()[indices.numpy()]) if numpy_ok(flat) else flat[indices]
 
 
-def _numpy_ok(t: torch.Tensor) -> bool:
+def numpy_ok(t: torch.Tensor) -> bool:
+    """Whether ``t`` can be worked on as a numpy view: on the CPU, a dtype numpy has (not
+    bfloat16), and no autograd history to keep."""
     return t.device.type == "cpu" and t.dtype != torch.bfloat16 and not t.requires_grad
 
 

@@ -22,6 +22,7 @@ from ..codec import (
     check_against,
     decode_delta,
     gather,
+    numpy_ok,
     out_of_range,
 )
 from ..protocol import REPLY_KEY, ProtocolError, ReplyInfo
@@ -146,6 +147,6 @@ def _compiled(base: torch.Tensor, values: torch.Tensor) -> bool:
     return (
         base.dtype == values.dtype
         and base.dtype in (torch.float32, torch.float64)
-        and base.device.type == values.device.type == "cpu"
-        and not (base.requires_grad or values.requires_grad)
+        and numpy_ok(base)
+        and numpy_ok(values)
     )
