@@ -80,12 +80,12 @@ def raise_nonfinite(x: torch.Tensor) -> None:
     )
 
 
-def empty_float32(n: int) -> torch.Tensor:
-    """An uninitialised float32 tensor of n elements, numpy-allocated: numpy asks the
-    kernel for huge pages, which makes a fresh 40 MB buffer ~4x cheaper to fault in than
-    a torch allocation. PyTorch's copies into it run on its threads: faulted in first
-    (:func:`.runtime.fault_in`)."""
-    return torch.from_numpy(runtime.empty(n, np.float32, torch.get_num_threads() > 1))
+def empty_tensor(n: int, dtype: type = np.float32) -> torch.Tensor:
+    """An uninitialised tensor of n elements of numpy ``dtype`` for PyTorch to copy into,
+    numpy-allocated: numpy asks the kernel for huge pages, which makes a fresh 40 MB buffer
+    ~4x cheaper to fault in than a torch allocation. PyTorch's copies run on its threads:
+    faulted in first when it has several (:func:`.runtime.fault_in`)."""
+    return torch.from_numpy(runtime.empty(n, dtype, torch.get_num_threads() > 1))
 
 
 def _overflow(part: Part) -> str | None:

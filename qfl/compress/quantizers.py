@@ -12,7 +12,7 @@ import torch
 from . import _kernels as K
 from . import _raw_kernels as R
 from . import runtime
-from .base import Properties, ValueOperator, as_numpy_f32, draw_seed, empty_float32, raise_nonfinite
+from .base import Properties, ValueOperator, as_numpy_f32, draw_seed, empty_tensor, raise_nonfinite
 from .payload import Levels, Part, Raw, Signs
 
 #: Largest number of QSGD levels; keeps every Elias code within one 64-bit word.
@@ -205,7 +205,7 @@ class _Cast(ValueOperator):
 
     def _decompress(self, part: Part, n: int) -> torch.Tensor:
         assert isinstance(part, Raw)
-        return empty_float32(part.values.numel()).copy_(part.values)
+        return empty_tensor(part.values.numel()).copy_(part.values)
 
     def properties(self, n: int) -> Properties:
         # Relative error per element <= u, so ||x - C(x)||^2 <= u^2 ||x||^2 (normal range).
@@ -215,8 +215,8 @@ class _Cast(ValueOperator):
 def _empty_like_dtype(n: int, dtype: torch.dtype) -> torch.Tensor:
     """Uninitialised n-element tensor of a 16-bit float dtype, numpy-allocated."""
     if dtype == torch.float16:
-        return torch.from_numpy(runtime.empty(n, np.float16, torch.get_num_threads() > 1))
-    return torch.from_numpy(runtime.empty(n, np.int16, torch.get_num_threads() > 1)).view(dtype)
+        return empty_tensor(n, np.float16)
+    return empty_tensor(n, np.int16).view(dtype)  # bfloat16: numpy has no such dtype
 
 
 @dataclass(frozen=True)
