@@ -481,16 +481,31 @@ def test_kernels_from_many_threads_at_once(process):
 
 
 @pytest.mark.parametrize(
-    "n,k", [(1_200_000, 12_000), (1_200_000, 1), (1_200_000, 250_000), (1_200_000, 600_000), (5000, 50), (5000, 5000)]
+    "n,k",
+    [
+        (1_200_000, 12_000),
+        (1_200_000, 1),
+        (1_200_000, 250_000),
+        (1_200_000, 600_000),
+        (300_000, 3_000),
+        (300_000, 150_000),
+        (5000, 50),
+        (5000, 5000),
+        (7, 3),
+        (1, 1),
+    ],
 )
 def test_topk_every_path_exact(kernel_mode, n, k):
     # 1.2M elements with k <= n/4 take the sampled-threshold path; k > n/4 the full radix
-    # select (parallel or serial); small n the serial select. Few distinct magnitudes
-    # make massive ties, which the sampled path must hand to the exact fallback.
+    # select on 16-bit digits (parallel or serial); fewer than 2^20 elements the radix
+    # select on 11-bit digits, in slices from 2^17 on. Few distinct magnitudes make
+    # massive ties, which the sampled path must hand to the exact fallback; magnitudes
+    # equal in all but their lowest mantissa bits leave the first digits no choice.
     from qfl.compress import _sparse_kernels as K
 
     g = torch.Generator().manual_seed(n + k)
-    for x in (torch.randn(n, generator=g), torch.randint(-3, 4, (n,), generator=g).float()):
+    near = (1 + torch.randint(0, 4096, (n,), generator=g) * 2.0**-23) * torch.randint(0, 2, (n,), generator=g).mul(2).sub(1)
+    for x in (torch.randn(n, generator=g), torch.randint(-3, 4, (n,), generator=g).float(), near.float()):
         idx, vals, bad = K.topk_select(x.numpy(), k)
         assert not bad
         ref = torch.topk(x.abs(), k, sorted=True)
@@ -509,7 +524,7 @@ def test_topk_every_path_exact(kernel_mode, n, k):
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
-@pytest.mark.parametrize("n,k", [(1_200_000, 12_000), (1_200_000, 600_000), (3000, 30)])
+@pytest.mark.parametrize("n,k", [(1_200_000, 12_000), (1_200_000, 600_000), (300_000, 3_000), (3000, 30)])
 def test_topk_detects_nonfinite_on_every_path(kernel_mode, bad, n, k):
     from qfl.compress import _sparse_kernels as K
 
