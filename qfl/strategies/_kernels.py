@@ -10,7 +10,9 @@ ships. It does the same IEEE operations in the same order and precision (the str
 passes the momentum and the rate in the model's dtype, as numpy's weak Python scalars
 are), so its result equals numpy's bit for bit (tests/test_aggregate.py).
 
-A sparse update (top-k, rand-k: a tenth of the model or less) is checked and summed at
+A dense update is checked in one pass over base and update, without rebuilding the
+tensor (numpy: a sum and a check per tensor, ~20 us each on the small tensors that make
+up half a ResNet's count). A sparse update (top-k, rand-k: a tenth of the model or less) is checked and summed at
 its kept positions. numpy gathers the model's values there, adds, reduces, and scales
 the values before ``ufunc.at``: four temporaries per tensor, ~25 ms for two ResNet-18
 replies at 10%. Here each is one pass over the kept positions, which the decoder has
@@ -55,6 +57,17 @@ def sparse_beyond(base, indices, values, bound):
 
 
 @nb.njit(cache=True)
+def dense_beyond(base, update, bound):
+    """How many elements of ``base + update`` (flat, one float dtype) are NaN, Inf or beyond
+    ``bound`` in magnitude: the rebuilt tensor's check without building it. Counting
+    rather than stopping at the first lets the loop vectorise; most tensors pass."""
+    beyond = 0
+    for i in range(base.size):
+        beyond += outside(base[i] + update[i], bound)
+    return beyond
+
+
+@nb.njit(cache=True)
 def scatter_add(total, indices, values, factor):
     """``total[indices] += values * factor`` (one float dtype; distinct indices)."""
     for i in range(indices.size):
@@ -72,4 +85,5 @@ def warm_kernels() -> None:
                 kernel(work, work, current, work.copy(), dtype(0.5), dtype(1.0), True, dtype(1.0), work.copy())
         indices = np.arange(3, dtype=np.int64)
         sparse_beyond(work, indices, work, 1.0)
+        dense_beyond(work, work, 1.0)
         scatter_add(work, indices, work, dtype(0.5))

@@ -28,7 +28,7 @@ from ..codec import (
 from ..protocol import REPLY_KEY, ProtocolError, ReplyInfo
 from ..spec import Policy
 from ..wire import Limits
-from ._kernels import sparse_beyond
+from ._kernels import dense_beyond, sparse_beyond
 
 
 def reply_info(msg: Message, kind: str) -> ReplyInfo:
@@ -124,7 +124,8 @@ def check_records(content: RecordDict, arrays: int, weight_key: str | None = Non
 
 def beyond_range(base: Tensors, delta: Deltas) -> str | None:
     """The first tensor the update takes to NaN, Inf or beyond MAX_VALUE (one rebuilt tensor
-    at a time; a sparse update's at its kept positions, the others keep the model's values), or None."""
+    at a time; a sparse update's at its kept positions, the others keep the model's values;
+    float32/float64 updates of the model's dtype by a compiled pass that builds nothing), or None."""
     for k in base:
         d = delta[k]
         if isinstance(d, SparseDelta):
@@ -135,6 +136,11 @@ def beyond_range(base: Tensors, delta: Deltas) -> str | None:
                 continue
             touched = apply_delta(gather(base[k], d.indices), d.values)
         else:
+            flat = base[k].detach().reshape(-1)
+            if _compiled(flat, d):  # one pass, nothing rebuilt
+                if dense_beyond(flat.numpy(), d.detach().reshape(-1).numpy(), MAX_VALUE):
+                    return k
+                continue
             touched = apply_delta(base[k], d)
         if out_of_range({k: touched}) is not None:
             return k
@@ -142,8 +148,8 @@ def beyond_range(base: Tensors, delta: Deltas) -> str | None:
 
 
 def _compiled(base: torch.Tensor, values: torch.Tensor) -> bool:
-    """Whether the compiled sparse check applies: CPU float32/float64 values of the model's
-    dtype (their sum is then apply_delta's, in that dtype)."""
+    """Whether the compiled checks apply: CPU float32/float64 values of the model's dtype
+    (their sum is then apply_delta's, in that dtype)."""
     return (
         base.dtype == values.dtype
         and base.dtype in (torch.float32, torch.float64)
