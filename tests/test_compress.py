@@ -504,7 +504,9 @@ def test_topk_every_path_exact(kernel_mode, n, k):
     from qfl.compress import _sparse_kernels as K
 
     g = torch.Generator().manual_seed(n + k)
-    near = (1 + torch.randint(0, 4096, (n,), generator=g) * 2.0**-23) * torch.randint(0, 2, (n,), generator=g).mul(2).sub(1)
+    near = (1 + torch.randint(0, 4096, (n,), generator=g) * 2.0**-23) * torch.randint(0, 2, (n,), generator=g).mul(
+        2
+    ).sub(1)
     for x in (torch.randn(n, generator=g), torch.randint(-3, 4, (n,), generator=g).float(), near.float()):
         idx, vals, bad = K.topk_select(x.numpy(), k)
         assert not bad

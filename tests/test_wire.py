@@ -724,3 +724,25 @@ def test_one_limits_bound_what_the_whole_container_declares():
     small = wire.pack({"in_proj_bias": encode(op.compress(torch.zeros(50_000)))})
     with pytest.raises(WireFormatError, match=r"tensor 'in_proj_bias': .* a \d+-byte container may declare"):
         wire.decode_container(small, Limits(max_expansion=64))
+
+
+def test_operator_headers_seen_before_decode_to_the_same_operators_and_the_cache_stays_bounded():
+    # Headers are looked up by their bytes once parsed; a header differing in any
+    # parameter is parsed anew, and no stream of distinct headers grows the cache past
+    # its bound.
+    from qfl.wire import format as F
+
+    F._OPS_SEEN.clear()
+    F._OP_LENGTHS.clear()
+    x = torch.randn(300, generator=torch.Generator().manual_seed(3))
+    for spec in ["qsgd(4)", "qsgd(4, norm=max, bucket=7)", "topk(0.1) | grid(4)", "randk(0.2) | sign", "fp16"]:
+        op = qfl.parse(spec)
+        blob = encode(op.compress(x, torch.Generator().manual_seed(0)))
+        first, again = decode(blob), decode(blob)
+        assert first.op == again.op == op
+        assert torch.equal(first.decompress(), again.decompress())
+    assert F._OPS_SEEN
+    for levels in range(1, 2 * F._OPS_SEEN_MAX):
+        op = qfl.parse(f"qsgd({levels}, bucket=64)")
+        assert decode(encode(op.compress(x, torch.Generator().manual_seed(levels)))).op == op
+        assert len(F._OPS_SEEN) <= F._OPS_SEEN_MAX

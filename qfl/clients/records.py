@@ -39,6 +39,40 @@ def to_tensors(record: ArrayRecord) -> Tensors:
     return {key: torch.from_numpy(np.array(a, order="C")) for key, a in numpy_views(record).items()}
 
 
+#: .npy headers numpy has parsed, by their bytes: (shape, fortran order, dtype). A model's
+#: headers repeat every round and every message; numpy's reader (``ast.literal_eval``)
+#: costs ~20 us each, 2.6 ms for a ResNet's 122 tensors. Emptied when full.
+_HEADERS: dict[bytes, tuple[tuple[int, ...], bool, np.dtype]] = {}
+_HEADERS_MAX = 4096
+
+
+def _header_bytes(data: bytes) -> bytes | None:
+    """The bytes of the .npy header ``data`` starts with, as its preamble states their
+    length (version 1.x: 2 bytes, later: 4); None if it states none. Only a cache key:
+    what numpy parsed is used only for these very bytes."""
+    if len(data) < 12 or data[:6] != np.lib.format.MAGIC_PREFIX:
+        return None
+    end = 10 + int.from_bytes(data[8:10], "little") if data[6] == 1 else 12 + int.from_bytes(data[8:12], "little")
+    return bytes(data[:end]) if end <= len(data) else None
+
+
+def _npy_header(data: bytes) -> tuple[tuple[int, ...], bool, np.dtype, int]:
+    """(shape, fortran order, dtype, data offset) of .npy bytes, by numpy's own header reader
+    (once per distinct header: :data:`_HEADERS`)."""
+    key = _header_bytes(data)
+    if key is not None and (seen := _HEADERS.get(key)) is not None:
+        return (*seen, len(key))
+    head = io.BytesIO(data)
+    version = np.lib.format.read_magic(head)
+    reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran, dtype = reader(head)
+    if key is not None and len(key) == head.tell():
+        if len(_HEADERS) >= _HEADERS_MAX:
+            _HEADERS.clear()
+        _HEADERS[key] = (shape, fortran, dtype)
+    return shape, fortran, dtype, head.tell()
+
+
 def _npy_view(arr: Array) -> np.ndarray:
     """The numpy array an ordinary Array serialises, as a read-only view of its bytes.
 
@@ -47,13 +81,10 @@ def _npy_view(arr: Array) -> np.ndarray:
     than the header declares.
     """
     data = arr.data
-    head = io.BytesIO(data)
-    version = np.lib.format.read_magic(head)
-    reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-    shape, fortran, dtype = reader(head)
+    shape, fortran, dtype, offset = _npy_header(data)
     if dtype.hasobject:
         raise ValueError("object arrays are not numbers")
-    flat = np.frombuffer(data, dtype=dtype, count=int(np.prod(shape, dtype=np.int64)), offset=head.tell())
+    flat = np.frombuffer(data, dtype=dtype, count=int(np.prod(shape, dtype=np.int64)), offset=offset)
     if not dtype.isnative:  # torch reads native byte order only: a copy then
         flat = flat.astype(dtype.newbyteorder("="))
     return flat.reshape(shape[::-1]).T if fortran else flat.reshape(shape)

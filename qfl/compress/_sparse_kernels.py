@@ -156,7 +156,9 @@ def _topk_radix(x, k, idx, vals):
     ``topk_select``. Returns the number of
     non-finite elements."""
     n = x.size
-    thresh, ties_needed, bad = _radix_select(x.view(np.uint32), k, min(8, max(1, n // _SLICE)), 16 if n >= _WIDE_DIGITS else 11)
+    thresh, ties_needed, bad = _radix_select(
+        x.view(np.uint32), k, min(8, max(1, n // _SLICE)), 16 if n >= _WIDE_DIGITS else 11
+    )
     nchunks = (n + CHUNK - 1) // CHUNK
     n_gt = np.zeros(nchunks, np.int64)
     n_eq = np.zeros(nchunks, np.int64)
