@@ -17,7 +17,7 @@ import xxhash
 
 from .compress import Identity, Payload, Sparse
 from .compress._kernels import count_outside
-from .compress.base import FLOAT_DTYPES
+from .compress.base import FLOAT_DTYPES, numpy_ok, subtract
 from .memory import compress_with_memory, memory_dtype
 from .spec import Policy
 
@@ -179,18 +179,12 @@ def gather(t: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(flat.numpy()[indices.numpy()]) if numpy_ok(flat) else flat[indices]
 
 
-def numpy_ok(t: torch.Tensor) -> bool:
-    """Whether ``t`` can be worked on as a numpy view: on the CPU, a dtype numpy has (not
-    bfloat16), and no autograd history to keep."""
-    return t.device.type == "cpu" and t.dtype != torch.bfloat16 and not t.requires_grad
-
-
 def model_delta(trained: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
     """What a client sends for one tensor: ``trained - start`` (floats) or the new value."""
     if not is_float(start):
         return trained.to(start.dtype)
     work = memory_dtype(start.dtype)
-    return trained.to(work) - start.to(work)
+    return subtract(trained.to(work), start.to(work))
 
 
 def nonfinite(tensors: Mapping[str, torch.Tensor]) -> str | None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from .compress import Operator, Payload
+from .compress.base import add, subtract
 
 
 def memory_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -35,12 +36,12 @@ def compensate(delta: torch.Tensor, memory: torch.Tensor | None) -> torch.Tensor
         raise ValueError(
             f"error memory of shape {tuple(memory.shape)} does not match an update of shape {tuple(delta.shape)}"
         )
-    return corrected + memory.to(corrected.device, corrected.dtype)
+    return add(corrected, memory.to(corrected.device, corrected.dtype))
 
 
 def update(corrected: torch.Tensor, sent: torch.Tensor) -> torch.Tensor:
     """The new residual: what was meant (``corrected``) minus what was sent."""
-    return corrected - sent.to(corrected.device, corrected.dtype)
+    return subtract(corrected, sent.to(corrected.device, corrected.dtype))
 
 
 def compress_with_memory(

@@ -68,3 +68,43 @@ def test_shape_mismatch_is_a_clear_error():
 def test_float64_memory_stays_float64():
     corrected = compensate(torch.zeros(2, dtype=torch.float64), None)
     assert update(corrected, torch.ones(2)).dtype == torch.float64
+
+
+def _same_bits(x: torch.Tensor, y: torch.Tensor) -> bool:
+    return (
+        x.dtype == y.dtype
+        and x.shape == y.shape
+        and torch.equal(x.contiguous().view(-1).view(torch.uint8), y.contiguous().view(-1).view(torch.uint8))
+    )
+
+
+@pytest.mark.parametrize("busy", [False, True])
+@pytest.mark.parametrize(
+    "shape, dtype",
+    [
+        ((), torch.float32),
+        ((7,), torch.float32),
+        ((300, 200), torch.float32),
+        ((70_000,), torch.float64),
+        ((5, 3), torch.bfloat16),
+    ],
+)
+def test_memory_arithmetic_is_torchs_whichever_way_it_runs(monkeypatch, busy, shape, dtype):
+    # compensate/update/model_delta run in numpy on saturated cores or below PyTorch's
+    # grain, else on PyTorch's threads: the same IEEE operation, so the same bits (a
+    # transposed view included); bfloat16, which numpy lacks, stays in torch.
+    from qfl.codec import model_delta
+    from qfl.compress import base, runtime
+    from qfl.memory import memory_dtype
+
+    monkeypatch.setattr(runtime, "saturated", lambda: busy)
+    g = torch.Generator().manual_seed(len(shape))
+    a, b = (torch.randn(shape, generator=g).to(dtype) for _ in range(2))
+    if a.dim() == 2:
+        a, b = a.t(), b.t()
+    assert base._in_numpy(a, b) == (dtype != torch.bfloat16 and (busy or a.numel() < base.TORCH_GRAIN))
+    assert _same_bits(base.add(a, b), a + b) and _same_bits(base.subtract(a, b), a - b)
+    w = memory_dtype(dtype)
+    assert _same_bits(compensate(a, b.to(w)), a.to(w) + b.to(w))
+    assert _same_bits(update(a.to(w), b), a.to(w) - b.to(w))
+    assert _same_bits(model_delta(a, b), a.to(w) - b.to(w))

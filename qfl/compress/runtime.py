@@ -209,6 +209,14 @@ def use_parallel(n: int) -> bool:
         return False
     if "NUMBA_NUM_THREADS" in os.environ:
         return True
+    return not saturated()
+
+
+def saturated() -> bool:
+    """Whether other work already keeps this process's cores busy: the 1-minute load
+    average at or above their count (re-read at most once a second). Then a parallel
+    region, numba's or PyTorch's, waits for threads the scheduler has parked
+    (:func:`use_parallel`)."""
     now = time.monotonic()
     if now - _load_checked[0] > 1.0:
         try:
@@ -217,7 +225,7 @@ def use_parallel(n: int) -> bool:
             load = 0.0
         _load_checked[0] = now
         _load_checked[1] = load < usable_cores()
-    return _load_checked[1]
+    return not _load_checked[1]
 
 
 #: numpy backs buffers of 4 MiB or more with transparent huge pages (``madvise``), and
