@@ -742,6 +742,11 @@ def test_operator_headers_seen_before_decode_to_the_same_operators_and_the_cache
         assert first.op == again.op == op
         assert torch.equal(first.decompress(), again.decompress())
     assert F._OPS_SEEN
+    # Content cut anywhere, its headers cached at every length: refused, never a payload.
+    content = content_of(encode(qfl.parse("topk(0.1) | qsgd(4, norm=max, bucket=7)").compress(x)))
+    for cut in range(len(content)):
+        with pytest.raises(WireFormatError):
+            decode(frame(content[:cut]))
     for levels in range(1, 2 * F._OPS_SEEN_MAX):
         op = qfl.parse(f"qsgd({levels}, bucket=64)")
         assert decode(encode(op.compress(x, torch.Generator().manual_seed(levels)))).op == op

@@ -367,7 +367,7 @@ class _Decoder:
         start = self.pos
         data = self.data
         for length in _OP_LENGTHS.get(data[start] if start < len(data) else -1, ()):
-            op = _OPS_SEEN.get(bytes(data[start : start + length]))
+            op = _OPS_SEEN.get(bytes(data[start : start + length])) if start + length <= len(data) else None
             if op is not None:
                 self.pos = start + length
                 return op
