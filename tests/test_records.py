@@ -75,7 +75,7 @@ def test_views_of_a_header_seen_before_read_their_own_bytes():
     # declares still refused.
     from qfl.clients import records
 
-    records._HEADERS.clear()
+    records._seen_header.cache_clear()
     arrays = {**ARRAYS, "fortran": np.arange(12, dtype=np.float32).reshape(3, 4).T}
     for name, a in arrays.items():
         first = to_views(ArrayRecord({name: Array(a)}))[name]
@@ -83,7 +83,7 @@ def test_views_of_a_header_seen_before_read_their_own_bytes():
         again = to_views(ArrayRecord({name: Array(other)}))[name]
         assert again.dtype == first.dtype and again.shape == first.shape
         assert torch.equal(again, torch.from_numpy(other.astype(other.dtype.newbyteorder("="))))
-    assert records._HEADERS
+    assert records._seen_header.cache_info().currsize
     data = Array(np.ones(4, np.float32)).data
     to_views(ArrayRecord({"w": Array(dtype="float32", shape=(4,), stype="numpy.ndarray", data=data)}))
     with pytest.raises(ValueError, match="w"):

@@ -12,6 +12,7 @@ wire, tensor names and lengths included. Every compressed record is read through
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import warnings
@@ -39,13 +40,6 @@ def to_tensors(record: ArrayRecord) -> Tensors:
     return {key: torch.from_numpy(np.array(a, order="C")) for key, a in numpy_views(record).items()}
 
 
-#: .npy headers numpy has parsed, by their bytes: (shape, fortran order, dtype). A model's
-#: headers repeat every round and every message; numpy's reader (``ast.literal_eval``)
-#: costs ~20 us each, 2.6 ms for a ResNet's 122 tensors. Emptied when full.
-_HEADERS: dict[bytes, tuple[tuple[int, ...], bool, np.dtype]] = {}
-_HEADERS_MAX = 4096
-
-
 def _header_bytes(data: bytes) -> bytes | None:
     """The bytes of the .npy header ``data`` starts with, as its preamble states their
     length (version 1.x: 2 bytes, later: 4); None if it states none. Only a cache key:
@@ -56,21 +50,29 @@ def _header_bytes(data: bytes) -> bytes | None:
     return bytes(data[:end]) if end <= len(data) else None
 
 
-def _npy_header(data: bytes) -> tuple[tuple[int, ...], bool, np.dtype, int]:
-    """(shape, fortran order, dtype, data offset) of .npy bytes, by numpy's own header reader
-    (once per distinct header: :data:`_HEADERS`)."""
-    key = _header_bytes(data)
-    if key is not None and (seen := _HEADERS.get(key)) is not None:
-        return (*seen, len(key))
+def _read_header(data: bytes) -> tuple[tuple[int, ...], bool, np.dtype, int]:
+    """(shape, fortran order, dtype, data offset) by numpy's own .npy header reader."""
     head = io.BytesIO(data)
     version = np.lib.format.read_magic(head)
     reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
     shape, fortran, dtype = reader(head)
-    if key is not None and len(key) == head.tell():
-        if len(_HEADERS) >= _HEADERS_MAX:
-            _HEADERS.clear()
-        _HEADERS[key] = (shape, fortran, dtype)
     return shape, fortran, dtype, head.tell()
+
+
+#: A model's headers repeat every round and every message; numpy's reader
+#: (``ast.literal_eval``) costs ~20 us each, 2.6 ms for a ResNet's 122 tensors.
+_seen_header = functools.lru_cache(maxsize=4096)(_read_header)
+
+
+def _npy_header(data: bytes) -> tuple[tuple[int, ...], bool, np.dtype, int]:
+    """:func:`_read_header`, once per distinct header's bytes (:func:`_header_bytes`) when the
+    preamble states where the header ends."""
+    key = _header_bytes(data)
+    if key is not None:
+        parsed = _seen_header(key)
+        if parsed[3] == len(key):
+            return parsed
+    return _read_header(data)
 
 
 def _npy_view(arr: Array) -> np.ndarray:

@@ -9,7 +9,9 @@ wire format name the operator in a header and the spec string name it in a confi
 from __future__ import annotations
 
 import dataclasses
+import operator
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -93,16 +95,18 @@ TORCH_GRAIN = 1 << 15
 
 def add(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a + b`` (same dtype and shape), computed where it cannot stall (:func:`_in_numpy`)."""
-    if _in_numpy(a, b):
-        return torch.from_numpy(np.asarray(a.detach().numpy() + b.detach().numpy()))
-    return a + b
+    return _elementwise(operator.add, a, b)
 
 
 def subtract(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a - b`` (same dtype and shape), computed where it cannot stall (:func:`_in_numpy`)."""
+    return _elementwise(operator.sub, a, b)
+
+
+def _elementwise(op: Callable[[Any, Any], Any], a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if _in_numpy(a, b):
-        return torch.from_numpy(np.asarray(a.detach().numpy() - b.detach().numpy()))
-    return a - b
+        return torch.from_numpy(np.asarray(op(a.detach().numpy(), b.detach().numpy())))
+    return op(a, b)
 
 
 def _in_numpy(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -128,15 +128,14 @@ def beyond_range(base: Tensors, delta: Deltas) -> str | None:
     float32/float64 updates of the model's dtype by a compiled pass that builds nothing), or None."""
     for k in base:
         d = delta[k]
+        flat = base[k].detach().reshape(-1)
         if isinstance(d, SparseDelta):
-            flat = base[k].detach().reshape(-1)
             if _compiled(flat, d.values):  # one pass, no gathered copy
                 if sparse_beyond(flat.numpy(), d.indices.numpy(), d.values.numpy(), MAX_VALUE):
                     return k
                 continue
             touched = apply_delta(gather(base[k], d.indices), d.values)
         else:
-            flat = base[k].detach().reshape(-1)
             if _compiled(flat, d):  # one pass, nothing rebuilt
                 if dense_beyond(flat.numpy(), d.detach().reshape(-1).numpy(), MAX_VALUE):
                     return k

@@ -323,7 +323,7 @@ class _Decoder:
     def u8(self, what: str) -> int:
         pos = self.pos  # indexed, not sliced: headers are read a byte at a time
         if pos >= len(self.data):
-            raise self.fail(f"truncated: {what} needs 1 bytes, 0 left")
+            self.take(1, what)  # raises the truncation error
         self.pos = pos + 1
         return self.data[pos]
 
