@@ -204,17 +204,21 @@ MAX_VALUE = 2.0**40
 def out_of_range(tensors: Mapping[str, Delta], bound: float = MAX_VALUE) -> str | None:
     """Name of the first float tensor with NaN, Inf or a value beyond ``bound``, or None."""
     for name, t in tensors.items():
-        v = _stored(t)
-        if v is None or not v.size:
-            continue
-        if v.dtype in (np.float32, np.float64):
-            if count_outside(v, bound):  # one compiled pass
-                return name
-        # No temporaries (abs, compare, all: three passes, two model-sized allocations);
-        # NaN propagates to the minimum and fails the comparison.
-        elif not (-bound <= float(v.min()) and float(v.max()) <= bound):
+        if values_outside(_stored(t), bound):
             return name
     return None
+
+
+def values_outside(v: np.ndarray | None, bound: float = MAX_VALUE) -> bool:
+    """Whether flat float values ``v`` hold NaN, Inf or a value beyond ``bound`` (None or
+    empty: no): :func:`out_of_range`'s test of one tensor, for values already in numpy."""
+    if v is None or not v.size:
+        return False
+    if v.dtype in (np.float32, np.float64):
+        return count_outside(v, bound) > 0  # one compiled pass
+    # No temporaries (abs, compare, all: three passes, two model-sized allocations);
+    # NaN propagates to the minimum and fails the comparison.
+    return not (-bound <= float(v.min()) and float(v.max()) <= bound)
 
 
 def norm(tensors: Mapping[str, Delta]) -> float:

@@ -254,6 +254,23 @@ def test_the_inner_strategy_skipped_on_the_average_gives_its_own_result(kind, mo
         assert identical(arrays[True], arrays[False]) and dict(metrics_skipping) == dict(metrics_calling)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+def test_the_mean_of_a_tensor_is_apply_delta_of_its_sum_bit_for_bit(dtype):
+    """WeightedMean.mean_of adds in numpy where it can; its result is apply_delta's (numpy
+    has no bfloat16: such a model never reaches it as numpy arrays)."""
+    from qfl.codec import apply_delta
+
+    g = torch.Generator().manual_seed(5)
+    base = {"w": (torch.randn(4, 6, generator=g) * 1e3).to(dtype), "s": torch.randn((), generator=g).to(dtype)}
+    mean = streaming.WeightedMean(base, [2.0, 5.0])
+    for key, t in base.items():
+        for factor in mean.factors:
+            mean.add(key, torch.randn(t.shape, generator=g).to(dtype), factor)
+        expected = apply_delta(t, torch.from_numpy(mean.sums[key]).reshape(t.shape))
+        got = mean.mean_of(key)
+        assert got.shape == tuple(t.shape) and torch.equal(torch.from_numpy(np.asarray(got)), expected)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
 @pytest.mark.parametrize("rate", [1.0, 0.7])
 def test_the_compiled_momentum_step_equals_numpy_bit_for_bit(dtype, rate):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+import warnings
 
 import numpy as np
 import pytest
@@ -198,6 +199,23 @@ def test_raw_values_decode_in_place_from_bytes_and_copied_from_mutable_buffers(n
     kept = decode(sparse).body.values.values.data_ptr()
     base = np.frombuffer(sparse, np.uint8).ctypes.data
     assert not base <= kept < base + len(sparse)
+
+
+@pytest.mark.parametrize("warn_always", [False, True])
+def test_values_read_in_place_never_surface_torch_s_read_only_warning(warn_always):
+    """torch warns about a tensor over read-only memory (once per process, or every time
+    under ``torch.set_warn_always``); the decoder's in-place values must not show it to
+    the user, whichever way torch is set and however often it decodes."""
+    blob = encode(qfl.parse("identity").compress(torch.randn(32)))
+    before = torch.is_warn_always_enabled()
+    torch.set_warn_always(warn_always)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            for _ in range(3):
+                decode(blob).decompress()
+    finally:
+        torch.set_warn_always(before)
 
 
 # ------------------------------------------------------------------ real bits

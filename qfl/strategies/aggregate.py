@@ -42,8 +42,18 @@ from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvg, FedAvgM, FedPro
 from flwr.serverapp.strategy.strategy_utils import validate_message_reply_consistency
 from flwr.supercore import log
 
-from ..clients.records import new_array, numpy_array, numpy_record, numpy_views, record_blobs
-from ..codec import Delta, SparseDelta, Tensors, apply_delta, decode_delta, dense, is_float, numpy_memory_dtype
+from ..clients.records import array_record, new_array, numpy_array, numpy_record, numpy_views, record_blobs
+from ..codec import (
+    Delta,
+    SparseDelta,
+    Tensors,
+    apply_delta,
+    decode_delta,
+    dense,
+    is_float,
+    numpy_memory_dtype,
+    numpy_ok,
+)
 from ..memory import memory_dtype
 from ..wire import decode_all
 from ._kernels import scatter_add
@@ -120,6 +130,10 @@ class WeightedMean:
         if key in self.values:
             return np.asarray(self.sums[key])
         t = self.base[key]
+        if t.dtype in (torch.float32, torch.float64) and numpy_ok(t):
+            # apply_delta's addition (the sum is in the model's dtype), without its torch
+            # round trip: a normalisation layer's small tensors are most of a ResNet's count.
+            return np.add(t.detach().numpy().reshape(-1), self.sums[key]).reshape(tuple(t.shape))
         return apply_delta(t, torch.from_numpy(self.sums[key]).reshape(t.shape)).contiguous().numpy()
 
     def record(self) -> ArrayRecord:
@@ -135,7 +149,7 @@ class WeightedMean:
             out, finish = new_array(total.dtype, tuple(t.shape))
             np.add(t.detach().reshape(-1).numpy(), total, out=out.reshape(-1))
             arrays[k] = finish()
-        return ArrayRecord(arrays)
+        return array_record(arrays)
 
     def numpy_base(self) -> dict[str, np.ndarray | None]:
         """The base tensors as numpy views (None where numpy has no dtype for one)."""

@@ -22,8 +22,8 @@ import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import FedAvg, FedAvgM
 
-from ..clients.records import new_array, numpy_array, numpy_views, tensor_views
-from ..codec import MAX_VALUE, out_of_range
+from ..clients.records import array_record, new_array, numpy_array, numpy_views
+from ..codec import MAX_VALUE, values_outside
 from ..compress import runtime
 from ..compress._kernels import largest_within
 from ._kernels import momentum_step
@@ -76,7 +76,7 @@ class FedAvgMomentum(FedAvgM):
         computed.
         """
         current = self._current_numpy()
-        self.current_arrays = ArrayRecord(
+        self.current_arrays = array_record(
             {key: numpy_array(self._moved(key, current.get(key), new)) for key, new in averaged.items()}
         )
         return self._current_numpy()
@@ -129,11 +129,11 @@ class FedAvgMomentum(FedAvgM):
                 arrays[key] = finish()
             else:
                 moved = self._moved(key, old, mean(key))
-                outside = out_of_range(tensor_views({key: moved}), bound) is not None
+                outside = moved.dtype.kind == "f" and values_outside(moved.reshape(-1), bound)
                 arrays[key] = numpy_array(moved)
             if outside and beyond is None:
                 beyond = key
-        self.current_arrays = ArrayRecord(arrays)
+        self.current_arrays = array_record(arrays)
         return self._current_numpy(), beyond
 
     def _fused(self, key: str, old: np.ndarray, base: np.ndarray, update: np.ndarray) -> bool:

@@ -22,6 +22,7 @@ from ..codec import (
     check_against,
     decode_delta,
     gather,
+    is_float,
     numpy_ok,
     out_of_range,
 )
@@ -126,9 +127,11 @@ def beyond_range(base: Tensors, delta: Deltas) -> str | None:
     """The first tensor the update takes to NaN, Inf or beyond MAX_VALUE (one rebuilt tensor
     at a time; a sparse update's at its kept positions, the others keep the model's values;
     float32/float64 updates of the model's dtype by a compiled pass that builds nothing), or None."""
-    for k in base:
+    for k, t in base.items():
+        if not is_float(t):  # the rebuilt tensor is not a float one (a counter): nothing to check
+            continue
         d = delta[k]
-        flat = base[k].detach().reshape(-1)
+        flat = t.detach().reshape(-1)
         if isinstance(d, SparseDelta):
             if _compiled(flat, d.values):  # one pass, no gathered copy
                 if sparse_beyond(flat.numpy(), d.indices.numpy(), d.values.numpy(), MAX_VALUE):

@@ -28,6 +28,7 @@ decoder and the framing.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import struct
 import warnings
@@ -513,14 +514,22 @@ class _Decoder:
             raise self.fail(f"corrupt {what}: {messages.get(status, status)}")
 
 
+_read_only_seen = False  # torch has warned about a read-only array (under our filter) already
+
+
 def _tensor(arr: np.ndarray) -> torch.Tensor:
     """``torch.from_numpy``, also of a read-only view of a blob (torch has no read-only
-    tensors and warns once about it; the values are documented as read-only instead)."""
-    if arr.flags.writeable:
+    tensors and warns about it once per process, unless ``torch.set_warn_always``; the
+    values are documented as read-only instead). The warning is silenced the first time
+    only: entering ``catch_warnings`` costs more than the rest of a small blob's values."""
+    global _read_only_seen
+    if arr.flags.writeable or (_read_only_seen and not torch.is_warn_always_enabled()):
         return torch.from_numpy(arr)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        return torch.from_numpy(arr)
+        t = torch.from_numpy(arr)
+    _read_only_seen = True
+    return t
 
 
 def _value_part(dec: _Decoder, op: Operator | None, m: int, dense: bool = False) -> Part:
@@ -540,6 +549,20 @@ def _value_part(dec: _Decoder, op: Operator | None, m: int, dense: bool = False)
     return part
 
 
+@functools.lru_cache(maxsize=_OPS_SEEN_MAX)
+def _composed(ops: Operator | tuple[Operator, Operator]) -> tuple[Operator, Sparsifier | None, Operator | None]:
+    """(the operator a blob header's one or two operators form, its sparsifier, its value
+    operator); ValueError for a list that forms none. Cached: the headers of a model's
+    blobs name the same few operators every message (bounded like :data:`_OPS_SEEN`)."""
+    if isinstance(ops, tuple):
+        op = Chain.of(ops)
+        if not isinstance(op, Chain):
+            raise ValueError("a two-operator header must form a chain")
+    else:
+        op = Chain.of([ops])
+    return (op, *_ops_of(op))
+
+
 def _content(data: memoryview, limits: Limits, allowed: int | None = None) -> Payload:
     """Parse one blob's content; ``allowed`` caps its element count (what is left of
     the ``max_total_elements`` budget of a ``decode_all`` call)."""
@@ -547,13 +570,12 @@ def _content(data: memoryview, limits: Limits, allowed: int | None = None) -> Pa
     nops = dec.u8("operator count")
     if nops not in (1, 2):
         raise dec.fail(f"operator count must be 1 or 2, got {nops}")
-    ops = [dec.op() for _ in range(nops)]
     try:
-        op = Chain.of(ops)
+        op, sparsifier, value = _composed(dec.op() if nops == 1 else (dec.op(), dec.op()))
     except ValueError as exc:
+        if isinstance(exc, WireFormatError):
+            raise
         raise dec.fail(str(exc)) from None
-    if len(ops) == 2 and not isinstance(op, Chain):
-        raise dec.fail("a two-operator header must form a chain")
     code = dec.u8("dtype")
     dtype = DTYPES_BY_CODE.get(code)
     if dtype is None:
@@ -571,7 +593,6 @@ def _content(data: memoryview, limits: Limits, allowed: int | None = None) -> Pa
             f"max_total_elements={limits.max_total_elements} and max_expansion={limits.max_expansion} "
             "elements per byte for all blobs of one array"
         )
-    sparsifier, value = _ops_of(op)
     if dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64) and not isinstance(op, Identity):
         raise dec.fail(f"{op} cannot apply to dtype {dtype}")
     if sparsifier is not None:
