@@ -66,14 +66,14 @@ def run_model(name: str, args: argparse.Namespace, policy: Policy) -> dict:
     params = sum(p.numel() for p in model.parameters())
     start = {k: v.detach().clone() for k, v in model.state_dict().items()}
     model_bytes = sum(v.numel() * v.element_size() for v in start.values())
-    steps = args.steps if family == "resnet18" else args.gpt_steps
+    steps = args.gpt_steps if family == "gpt2" else args.steps
     out = {"params": params, "model_bytes": model_bytes, "steps": steps, "clients": []}
     total = {k: torch.zeros_like(v, dtype=torch.float32) for k, v in start.items() if v.is_floating_point()}
     out["rss_model"] = rss()
     for c in range(args.clients):
         model.load_state_dict(start)
         t = time.perf_counter()
-        train_steps(name, model, steps, args.batch if family == "resnet18" else 1, args.seq, args.seed + c)
+        train_steps(name, model, steps, 1 if family == "gpt2" else args.batch, args.seq, args.seed + c)
         train_s = time.perf_counter() - t
         trained = model.state_dict()
         delta = {k: (trained[k] - start[k]) if start[k].is_floating_point() else trained[k] for k in start}
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--models",
         default="resnet18,gpt2",
-        help="comma-separated: resnet18, gpt2, each with sizes or not, "
+        help="comma-separated: resnet18, gpt2, mlp, each with sizes or not, "
         "e.g. 'resnet18(width=128),gpt2(layers=24,width=1024,heads=16)'",
     )
     ap.add_argument("--spec", default="topk(0.01) | qsgd(levels=16, bucket=512)", help="uplink spec")
@@ -145,8 +145,8 @@ def main(argv: list[str] | None = None) -> int:
         models = split_models(args.models)
     except ValueError as exc:
         ap.error(f"--models: {exc}")
-    if not models or any(parse_model(m)[0] not in ("resnet18", "gpt2") for m in models):
-        ap.error("--models takes a comma-separated list of resnet18 and gpt2, each with sizes or not")
+    if not models:
+        ap.error("--models: give at least one model")
     if min(args.clients, args.steps, args.batch, args.gpt_steps, args.seq) < 1:
         ap.error("--clients, --steps, --batch, --gpt-steps and --seq must be positive")
     policy = Policy.build(args.spec, args.min_elements)

@@ -172,3 +172,25 @@ def test_no_process_left_behind(tiny):
     feds = tiny[3]
     assert feds
     assert not {f.tag: list_tagged_processes(f.tag) for f in feds if list_tagged_processes(f.tag)}
+
+
+def test_the_in_process_aggregate_benchmark_reports_both_servers_per_model():
+    """benchmarks/aggregate.py on two tiny models: a row per server, the ratio between them
+    and a verdict line per model (its figures are the benchmark's, not the test's)."""
+    spec = importlib.util.spec_from_file_location("aggregate_benchmark", E2E.parent / "aggregate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    models = ["mlp(inputs=16, hidden=8)", "resnet18(width=4)"]
+    text = io.StringIO()
+    with contextlib.redirect_stdout(text):
+        assert module.main(["--models", ",".join(models), "--rounds", "2", "--clients", "2", "--steps", "1"]) == 0
+    out = text.getvalue()
+    for name in models:
+        assert re.search(
+            rf"{re.escape(name)}: aggregate_train, ms per 10M parameters per reply: [\d.e+]+ = [\d.]+x", out
+        )
+    assert out.count("qfl / plain FedAvg:") == 2
+    for mode in ("plain", "qfl"):
+        assert len(re.findall(rf"^\S.* {mode}\s+[\d.]+\s+[\d.]+\s+[\d.]+$", out, re.M)) == 2
+    with pytest.raises(SystemExit):
+        module.main(["--models", "vgg16"])

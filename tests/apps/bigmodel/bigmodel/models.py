@@ -183,5 +183,5 @@ def train_steps(name: str, model: nn.Module, steps: int, batch: int, seq: int, s
             )
         loss.backward()
         opt.step()
-        total += float(loss)
+        total += float(loss.detach())
     return total / max(steps, 1)
