@@ -26,6 +26,7 @@ The load average is printed at start and end; above 1 per core the run is not a 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import platform
 import statistics
@@ -131,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--models: {exc}")
     if min(args.clients, args.steps, args.batch, args.seq) < 1 or args.rounds < 2:
         ap.error("--clients, --steps, --batch and --seq must be positive, --rounds at least 2")
+    # Flower logs two lines per round at INFO; qfl's warnings (a dropped reply) stay visible.
+    logging.getLogger("flwr").setLevel(logging.WARNING)
     cores = os.cpu_count() or 1
     load_start = os.getloadavg()
     print(
