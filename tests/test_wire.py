@@ -13,6 +13,7 @@ from expected import container_bytes
 
 import qfl
 from qfl import wire
+from qfl.compress.quantizers import level_dtype
 from qfl.wire import Limits, WireFormatError, decode, decode_all, encode, fuzz_inputs
 from qfl.wire import _bits as B
 from qfl.wire.fuzz_inputs import content_of, frame
@@ -65,6 +66,32 @@ def test_elias_level_stream_round_trip_and_exact_length():
         out = np.zeros(n, np.int32)
         assert B.elias_decode(padded, blocks, n, s, out) == B.OK
         assert np.array_equal(out, lv)
+
+
+@pytest.mark.parametrize("width", range(1, 14))
+def test_fixed_width_levels_decode_as_their_bits_say_on_any_stream(width):
+    """unpack_fixed reads value i from bits [i*width, (i+1)*width), MSB first, minus the
+    offset, and reports ERR_RANGE exactly when one exceeds max_abs: on streams pack_fixed
+    wrote and on random bytes, every group length and tail (numpy's unpackbits as the
+    reference)."""
+    rng = np.random.default_rng(width)
+    offset = (1 << width) // 2 - 1 if width > 1 else 0
+    max_abs = max(offset, 0)
+    for n in (0, 1, 7, 8, 9, 63, 1000, 8 * 8192 + 13):  # 8192 groups: a parallel work item
+        values = rng.integers(-max_abs, max_abs + 1, n)
+        packed = B.pack_fixed(values, offset, width)
+        assert packed.size == (n * width + 7) // 8
+        for stream in (packed, rng.integers(0, 256, packed.size, dtype=np.uint8)):
+            padded = np.concatenate([stream, rng.integers(0, 256, 8, dtype=np.uint8)])  # slack: any bytes
+            bits = np.unpackbits(stream)[: n * width].reshape(n, width).astype(np.int64)
+            expected = bits @ (1 << np.arange(width - 1, -1, -1)) - offset
+            if stream is packed:
+                assert np.array_equal(expected, values)
+            out = np.zeros(n, level_dtype(max(max_abs, 1)))  # what the decoder allocates
+            status = B.unpack_fixed(padded if width != 8 else stream, n, offset, width, max_abs, out)
+            in_range = np.abs(expected) <= max_abs
+            assert np.array_equal(out[in_range], expected[in_range])
+            assert status == (B.OK if in_range.all() else B.ERR_RANGE)
 
 
 def test_rice_round_trip():

@@ -137,6 +137,27 @@ def _unpack8(buf, n, offset, max_abs, out):
 @nb.njit(inline="always", cache=True)
 def _unpack_groups(padded, n, offset, width, max_abs, out, c):
     bad = False
+    if width <= 8:
+        # A group of 8 values is ``width`` bytes: one 64-bit big-endian word holds it
+        # (the buffer's 8 bytes of slack cover the last), and each value is a shift and
+        # a mask of it, where the bit reader refills and tests per value.
+        mask = (np.uint64(1) << np.uint64(width)) - U1
+        for g in range(c * _GROUPS, min(c * _GROUPS + _GROUPS, (n + 7) // 8)):
+            p = g * width
+            w = np.uint64(0)
+            for b in range(8):
+                w = (w << np.uint64(8)) | np.uint64(padded[p + b])
+            if g * 8 + 8 <= n:
+                for k in range(8):  # a fixed trip count: unrolled
+                    v = np.int64((w >> np.uint64(64 - width * (k + 1))) & mask) - offset
+                    bad |= (v > max_abs) | (v < -max_abs)
+                    out[g * 8 + k] = v
+            else:  # the last, partial group
+                for k in range(n - g * 8):
+                    v = np.int64((w >> np.uint64(64 - width * (k + 1))) & mask) - offset
+                    bad |= (v > max_abs) | (v < -max_abs)
+                    out[g * 8 + k] = v
+        return bad
     for g in range(c * _GROUPS, min(c * _GROUPS + _GROUPS, (n + 7) // 8)):
         w, nw, bp = reader_at(padded, g * 8 * width)
         for j in range(g * 8, min(g * 8 + 8, n)):
