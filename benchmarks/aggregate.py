@@ -45,6 +45,7 @@ from qfl.strategies import Compressed, FedAvgMomentum, presets
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "tests" / "apps" / "bigmodel"))
+from bigmodel.measure import commit  # noqa: E402
 from bigmodel.models import build, parse_model, split_models, train_steps  # noqa: E402
 from fakes import FakeGrid  # noqa: E402
 
@@ -137,8 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     cores = os.cpu_count() or 1
     load_start = os.getloadavg()
     print(
-        f"# qfl in-process aggregate benchmark, {platform.machine()} {cores} CPUs, torch {torch.__version__}, "
-        f"{args.clients} replies per round, {args.rounds} rounds"
+        f"# qfl in-process aggregate benchmark, commit {commit(ROOT)}, {platform.machine()} {cores} CPUs, "
+        f"torch {torch.__version__}, {args.clients} replies per round, {args.rounds} rounds"
     )
     print(f"# load average at start: {load_start[0]:.2f} {load_start[1]:.2f} {load_start[2]:.2f}")
     results = {m: run_model(m, args) for m in models}

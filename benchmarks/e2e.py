@@ -58,16 +58,12 @@ from qfl.strategies import Compressed
 ROOT = Path(__file__).resolve().parents[1]
 APP = ROOT / "tests" / "apps" / "bigmodel"
 sys.path.insert(0, str(APP))
+from bigmodel.measure import commit  # noqa: E402
 from bigmodel.models import parse_model, split_models  # noqa: E402  (the app's own model names)
 
 ENCODE_LIMIT = 0.10  # client compress+encode / local training time
 SERVER_LIMIT_MS = 50.0  # server decode+aggregate, per reply, per 10M parameters
 HISTORY = inspect.signature(Compressed).parameters["history"].default  # the app keeps Compressed's default
-
-
-def commit() -> str:
-    proc = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
-    return proc.stdout.strip() or "unknown"
 
 
 def machine() -> str:
@@ -76,7 +72,7 @@ def machine() -> str:
     import torch
 
     return (
-        f"commit {commit()}, {platform.machine()} {os.cpu_count()} CPUs, Python {platform.python_version()}, "
+        f"commit {commit(ROOT)}, {platform.machine()} {os.cpu_count()} CPUs, Python {platform.python_version()}, "
         f"torch {torch.__version__}, numba {numba.__version__}, flwr {flwr.__version__}"
     )
 

@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -54,7 +53,7 @@ MB = 1 << 20
 
 # The models are the end-to-end app's (benchmarks/e2e.py), so both benchmarks measure the same ones.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "apps" / "bigmodel"))
-from bigmodel.measure import peak_rss, rss  # noqa: E402
+from bigmodel.measure import commit, peak_rss, rss  # noqa: E402
 from bigmodel.models import build, parse_model, split_models, train_steps  # noqa: E402
 
 
@@ -108,22 +107,6 @@ def verdict(ok: bool) -> str:
     return "PASS" if ok else "FAIL"
 
 
-def commit() -> str:
-    try:
-        return (
-            subprocess.run(
-                ["git", "rev-parse", "--short", "HEAD"],
-                cwd=Path(__file__).parent,
-                capture_output=True,
-                text=True,
-                timeout=10,
-            ).stdout.strip()
-            or "unknown"
-        )
-    except OSError:
-        return "unknown"
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
@@ -153,8 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     cores = os.cpu_count() or 1
     load_start = os.getloadavg()
     print(
-        f"# qfl scale benchmark, commit {commit()}, {platform.machine()} {cores} CPUs, torch {torch.__version__} "
-        f"({torch.get_num_threads()} threads), spec {args.spec!r}, min-elements {args.min_elements}"
+        f"# qfl scale benchmark, commit {commit(Path(__file__).parent)}, {platform.machine()} {cores} CPUs, "
+        f"torch {torch.__version__} ({torch.get_num_threads()} threads), spec {args.spec!r}, "
+        f"min-elements {args.min_elements}"
     )
     print(f"# load average at start: {load_start[0]:.2f} {load_start[1]:.2f} {load_start[2]:.2f}")
     results = {m: run_model(m, args, policy) for m in models}

@@ -26,8 +26,10 @@ round, and which nodes it sampled for the first time or again after skipping rou
 from __future__ import annotations
 
 import resource
+import subprocess
 import time
 from collections.abc import Iterable
+from pathlib import Path
 
 import psutil
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -48,6 +50,18 @@ CLIENT_KEYS = ("train-s", "app-s", "qfl-in-s", "qfl-out-s", "rss-mb", "peak-rss-
 def rss() -> int:
     """This process's resident set, bytes."""
     return psutil.Process().memory_info().rss
+
+
+def commit(where: Path) -> str:
+    """The short commit of the checkout ``where`` lies in ("unknown" outside git): what a
+    benchmark's figures were measured on, printed with them."""
+    try:
+        proc = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=where, capture_output=True, text=True, timeout=10
+        )
+    except OSError:
+        return "unknown"
+    return proc.stdout.strip() or "unknown"
 
 
 def peak_rss() -> int:
