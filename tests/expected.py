@@ -14,7 +14,7 @@ from collections.abc import Mapping
 import torch
 
 from qfl.compress import IDENTITY, QSGD, Chain, Grid, Operator, RandK, Sparsifier
-from qfl.wire import encode
+from qfl.wire import Group, encode
 from qfl.wire.layout import varint
 
 #: Magic, version, length, checksum, operator ids and parameters, dtype and shape: at most this.
@@ -26,17 +26,22 @@ def identity_bytes(t: torch.Tensor) -> int:
     return len(encode(IDENTITY.compress(t)))
 
 
-def container_bytes(sizes: Mapping[str, int]) -> int:
+def container_bytes(sizes: Mapping[str, int | Group]) -> int:
     """The size of the container of a message whose tensors' blobs take ``sizes`` bytes:
-    magic, version and count, then per tensor its name and the two lengths. Exact for
-    exact sizes, an upper bound for upper bounds."""
-    names = [k.encode() for k in sizes]
-    return (
-        3
-        + len(varint(len(sizes)))
-        + sum(len(varint(len(k))) + len(k) for k in names)
-        + sum(len(varint(n)) + n for n in sizes.values())
-    )
+    magic, version and count, then per tensor its name and the two lengths; a tensor that
+    travels in a :class:`~qfl.wire.Group` (given for each of its members) adds its name
+    and shape, and the group its marker, member count and blob once. Exact for exact
+    sizes, an upper bound for upper bounds."""
+    groups = {id(g): g for g in sizes.values() if isinstance(g, Group)}
+    alone = {k: n for k, n in sizes.items() if not isinstance(n, Group)}
+    total = 3 + len(varint(len(alone) + len(groups)))
+    total += sum(len(varint(len(k.encode()))) + len(k.encode()) + len(varint(n)) + n for k, n in alone.items())
+    for g in groups.values():
+        total += 1 + len(varint(len(g.members))) + len(varint(len(g.data))) + len(g.data)
+        for name, shape in g.members:
+            raw = name.encode()
+            total += len(varint(len(raw))) + len(raw) + len(varint(len(shape))) + sum(len(varint(d)) for d in shape)
+    return total
 
 
 def blob_bound(op: Operator, t: torch.Tensor) -> int:

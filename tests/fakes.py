@@ -21,7 +21,7 @@ from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_conte
 from flwr.supercore.task_identity import TaskIdentity
 
 from qfl.clients.records import CONTAINER_KEY, blob_array, record_blobs, record_bytes
-from qfl.wire import pack
+from qfl.wire import Group, Limits, decode_container, encode, pack
 
 
 def set_task_identity(run_id: int = 1, node_id: int = 0, task_id: int = 1) -> None:
@@ -31,9 +31,23 @@ def set_task_identity(run_id: int = 1, node_id: int = 0, task_id: int = 1) -> No
     TaskIdentity.task_id = task_id
 
 
+def blobs_of(record: ArrayRecord) -> dict[str, bytes]:
+    """Each tensor's own bytes in a compressed record; a member of a group (small lossless
+    tensors sharing one blob) as the blob it would travel in alone -- a container of these
+    is what a sender without groups writes, and what tests of hostile peers rewrite."""
+    out = {}
+    for k, v in record_blobs(record).items():
+        if isinstance(v, Group):
+            (payload,) = decode_container(pack({m: v for m, _ in v.members}), Limits())[k]
+            out[k] = encode(payload)
+        else:
+            out[k] = bytes(v)
+    return out
+
+
 def per_tensor(record: ArrayRecord) -> ArrayRecord:
     """A compressed record as one blob Array per tensor: what tests of hostile peers rewrite."""
-    return ArrayRecord({k: blob_array(bytes(v)) for k, v in record_blobs(record).items()})
+    return ArrayRecord({k: blob_array(b) for k, b in blobs_of(record).items()})
 
 
 def contained(arrays: ArrayRecord) -> ArrayRecord:

@@ -15,14 +15,14 @@ import random
 import pytest
 import torch
 from conftest import tiny_data, tiny_model
-from fakes import Capture, FakeGrid, contained, per_tensor
+from fakes import Capture, FakeGrid, blobs_of, contained, per_tensor
 from flwr.app import Array, ArrayRecord, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp.strategy import FedAvg
 
 import qfl
 from qfl.clients import LocalTraining, compression_mod, make_client_app
-from qfl.clients.records import blob_array, record_blobs, to_tensors
+from qfl.clients.records import blob_array, to_tensors
 from qfl.clients.state import load_replica
 from qfl.codec import digest
 from qfl.compress import IDENTITY, Levels, Payload, Raw, Sparse
@@ -371,7 +371,7 @@ def run_recorded(seed: int, sampling: int = 0):
             (
                 m.metadata.message_type,
                 m.metadata.dst_node_id or m.metadata.src_node_id,
-                {k: bytes(b) for r in m.content.array_records.values() for k, b in record_blobs(r).items()},
+                {k: b for r in m.content.array_records.values() for k, b in blobs_of(r).items()},
             )
             for m in messages
             if m.has_content()

@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import tiny_data, tiny_model
 from expected import container_bytes
-from fakes import Capture, FakeGrid
+from fakes import Capture, FakeGrid, blobs_of
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx, FedTrimmedAvg
@@ -24,7 +24,7 @@ from qfl.clients.state import load_replica
 from qfl.codec import digest
 from qfl.compress import IDENTITY, Payload, Raw
 from qfl.strategies import Compressed, MisconfigurationError, UpdateGuard
-from qfl.wire import STYPE, encode
+from qfl.wire import STYPE, Group, encode
 
 PLAN = LocalTraining(steps=5, lr=0.1)
 
@@ -98,13 +98,18 @@ def test_uplink_bytes_are_what_the_spec_implies():
         (arr,) = record.values()  # one container Array for all tensors
         assert arr.stype == STYPE and arr.dtype == "uint8" and arr.shape == (len(arr.data),)
         blobs = record_blobs(record, model)
-        assert len(arr.data) == container_bytes({k: len(b) for k, b in blobs.items()})
+        assert len(arr.data) == container_bytes({k: b if isinstance(b, Group) else len(b) for k, b in blobs.items()})
+        small = [k for k, t in model.items() if t.numel() < 1000 and t.is_floating_point()]
         for name, blob in blobs.items():
             t = model[name]
             if t.numel() >= 1000:  # rand-k of 64 float32 values: 256 bytes plus the header and seed
                 assert 256 + 8 < len(blob) <= 256 + 8 + 48
-            else:  # passthrough, lossless: raw bytes plus the header
+            elif not t.is_floating_point():  # a counter, the only int64 tensor: alone, raw bytes plus the header
                 assert t.numel() * t.element_size() < len(blob) <= t.numel() * t.element_size() + 48
+            else:  # passthrough, lossless, all float32 ones in one group: raw bytes plus one header
+                assert isinstance(blob, Group) and [m for m, _ in blob.members] == small
+                raw = sum(model[k].numel() * model[k].element_size() for k in small)
+                assert raw < len(blob.data) <= raw + 48
 
 
 # ------------------------------------------------------------- shared records
@@ -288,7 +293,7 @@ def test_bad_replies_are_dropped_with_a_reason_and_the_round_goes_on():
     replies = good_replies(strategy, grid)
     model = to_tensors(initial())
     big = "0.weight"
-    blobs = {k: bytes(v) for k, v in record_blobs(replies[1].content["arrays"]).items()}
+    blobs = blobs_of(replies[1].content["arrays"])
 
     flipped = dict(blobs)
     data = bytearray(flipped[big])
@@ -374,7 +379,7 @@ def test_mod_turns_a_corrupt_downlink_into_an_error_reply():
     grid = FakeGrid(app(), 1)
     strategy = Compressed(FedAvg(min_available_nodes=1, min_train_nodes=1), downlink="model | grid(8)")
     msg = list(strategy.configure_train(1, initial(), ConfigRecord(), grid))[0]
-    blobs = {k: bytes(v) for k, v in record_blobs(msg.content["arrays"]).items()}
+    blobs = blobs_of(msg.content["arrays"])
     content = RecordDict(dict(msg.content.items()))
     content["arrays"] = encode_record({**blobs, "0.weight": b"QF\x07"})
     msg.content = content

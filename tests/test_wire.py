@@ -560,7 +560,7 @@ HOSTILE_CONTAINERS = {
     "long varint": (container(1) + b"\x81\x80\x00a\x00", "not in its shortest form"),
     "65-bit varint": (container(1) + b"\xff" * 10 + b"\x01", "longer than 64 bits"),
     "bad magic": (b"QF\x01\x00", "not a qfl container: magic b'QF'"),
-    "bad version": (b"QC\x02\x00", "unsupported qfl container version 2"),
+    "bad version": (b"QC\x03\x00", "unsupported qfl container version 3"),
     "too short": (b"Q", "truncated container: magic"),
     "garbage entry": (container(1, entry(b"a", b"not a blob")), "tensor 'a': not a qfl payload"),
 }
@@ -588,6 +588,152 @@ def test_a_containers_tensors_share_max_total_elements():
         wire.decode_container(data, Limits(max_total_elements=499))
     # Per-tensor limits (a receiver that knows the shapes) bound each tensor alone.
     assert len(wire.decode_container(data, {f"t{i}": Limits(max_total_elements=100) for i in range(5)})) == 5
+
+
+def lossless_payloads() -> dict:
+    """A model's message as the client's mod builds it: small lossless tensors of two dtypes,
+    a scalar, a counter, one too large to group, a lone float64 one and a compressed one."""
+    g = torch.Generator().manual_seed(5)
+    ident = qfl.parse("identity")
+    return {
+        "conv.weight": qfl.parse("topk(0.1) | qsgd(16)").compress(torch.randn(400, generator=g), g),
+        "bn.weight": ident.compress(torch.randn(16, generator=g)),
+        "bn.bias": ident.compress(torch.randn(16, generator=g)),
+        "bn.num_batches_tracked": ident.compress(torch.tensor(7)),
+        "scale": ident.compress(torch.tensor(0.5)),
+        "half.a": ident.compress(torch.randn(3, 2, generator=g).to(torch.bfloat16)),
+        "big": ident.compress(torch.randn(wire.container.GROUP_MAX_ELEMENTS + 1, generator=g)),
+        "half.b": ident.compress(torch.randn(5, generator=g).to(torch.bfloat16)),
+        "double": ident.compress(torch.randn(4, generator=g, dtype=torch.float64)),
+        "fc.bias": ident.compress(torch.randn(10, generator=g)),
+    }
+
+
+def test_small_lossless_tensors_share_one_blob_and_decode_as_sent():
+    payloads = lossless_payloads()
+    grouped = wire.group_payloads(payloads)
+    groups = {id(v): v for v in grouped.values() if isinstance(v, wire.Group)}
+    # Per dtype, in order: float32 (bn.weight, bn.bias, scale, fc.bias) and bfloat16 (half.a, half.b);
+    # the counter, the lone float64, the large one and the compressed one travel alone.
+    assert sorted([m for m, _ in g.members] for g in groups.values()) == [
+        ["bn.weight", "bn.bias", "scale", "fc.bias"],
+        ["half.a", "half.b"],
+    ]
+    data = wire.pack({k: v if isinstance(v, wire.Group) else encode(v) for k, v in grouped.items()})
+    assert data[2] == 2  # a version 2 container: older readers refuse it by its version
+    alone = wire.pack({k: encode(v) for k, v in payloads.items()})
+    assert alone[2] == 1 and len(data) < len(alone)
+    decoded = wire.decode_container(data, {k: Limits(max_elements=p.numel) for k, p in payloads.items()})
+    # A group comes where its first member came, its members together.
+    assert list(decoded) == [
+        "conv.weight", "bn.weight", "bn.bias", "scale", "fc.bias", "bn.num_batches_tracked",
+        "half.a", "half.b", "big", "double",
+    ]  # fmt: skip
+    for k, p in payloads.items():
+        (q,) = decoded[k]
+        assert (q.op, q.shape, q.dtype) == (p.op, p.shape, p.dtype)
+        assert torch.equal(q.decompress(), p.decompress()), k
+    # What pack writes is what unpack reads, group included.
+    assert wire.pack({k: v if isinstance(v, wire.Group) else bytes(v) for k, v in wire.unpack(data).items()}) == data
+    # The records layer groups what it is given and sums the same.
+    from qfl.clients.records import decode_record, encode_record
+
+    record = encode_record(payloads)
+    assert bytes(record["qfl"].data) == data
+    assert list(decode_record(record)) == list(decoded)
+
+
+def test_one_tensor_of_its_dtype_travels_alone_and_the_container_stays_version_1():
+    payloads = {k: p for k, p in lossless_payloads().items() if k in ("conv.weight", "bn.weight", "half.a", "double")}
+    grouped = wire.group_payloads(payloads)
+    assert grouped == payloads
+    assert wire.pack({k: encode(p) for k, p in grouped.items()})[2] == 1
+
+
+def group(members: list[tuple[bytes, tuple[int, ...]]], data: bytes, count: int | None = None) -> bytes:
+    v = wire.layout.varint
+    body = b"".join(v(len(n)) + n + v(len(shape)) + b"".join(v(d) for d in shape) for n, shape in members)
+    return b"\0" + v(len(members) if count is None else count) + body + v(len(data)) + data
+
+
+def container2(count: int, *entries: bytes) -> bytes:
+    return wire.CONTAINER_MAGIC + bytes([2]) + wire.layout.varint(count) + b"".join(entries)
+
+
+_IDENT = qfl.parse("identity")
+_TEN = encode(_IDENT.compress(torch.arange(10.0)))
+HOSTILE_GROUPS = {
+    "no members": (container2(1, group([], _TEN)), "group 0 declares 0 members"),
+    "members beyond the bytes": (
+        container2(1, group([(b"a", (10,))], _TEN, count=2**30)),
+        "declares 1073741824 members",
+    ),
+    "a member twice": (container2(1, group([(b"a", (5,)), (b"a", (5,))], _TEN)), "'a' appears twice"),
+    "a member also a tensor": (
+        container2(2, entry(b"a", _TEN), group([(b"a", (5,)), (b"b", (5,))], _TEN)),
+        "'a' appears twice",
+    ),
+    "shapes short of the blob": (
+        container2(1, group([(b"a", (4,)), (b"b", (5,))], _TEN)),
+        "the group of 'a' and 1 more: dimension = 10 exceeds the allowed maximum 9",
+    ),
+    "shapes beyond the blob": (
+        container2(1, group([(b"a", (6,)), (b"b", (5,))], _TEN)),
+        r"must carry one identity payload of shape \(11,\), found \[\('identity', \(10,\)\)\]",
+    ),
+    "a compressed blob": (
+        container2(1, group([(b"a", (5,)), (b"b", (5,))], encode(qfl.parse("qsgd(4)").compress(torch.arange(10.0))))),
+        "must carry one identity payload",
+    ),
+    "two blobs": (container2(1, group([(b"a", (10,)), (b"b", (10,))], _TEN + _TEN)), "must carry one identity payload"),
+    "a 2-D blob": (
+        container2(1, group([(b"a", (5,)), (b"b", (5,))], encode(_IDENT.compress(torch.zeros(2, 5))))),
+        "ndim 2 exceeds the limit 1",
+    ),
+    "ndim beyond the bytes": (container2(1, b"\0\x01\x01a\x7f"), "truncated container: 'a' declares 127 dimensions"),
+    "a member beyond max_elements": (
+        container2(1, group([(b"a", (2**40,)), (b"b", (5,))], _TEN)),
+        r"'a': declared shape \(1099511627776,\) has 1099511627776 elements, above the limit",
+    ),
+    "a member beyond max_ndim": (container2(1, group([(b"a", (1,) * 33), (b"b", (9,))], _TEN)), "ndim 33 exceeds"),
+    "version 2 without a group": (container2(1, entry(b"a", _TEN)), "a version 2 container without a group"),
+    "a group in version 1": (container(1, group([(b"a", (5,)), (b"b", (5,))], _TEN)), "has 0 bytes, not 1 to 4096"),
+}
+
+
+@pytest.mark.parametrize("name", list(HOSTILE_GROUPS))
+def test_hostile_groups_raise_a_clear_wire_format_error(name):
+    data, reason = HOSTILE_GROUPS[name]
+    with pytest.raises(WireFormatError, match=reason):
+        wire.decode_container(data, Limits())
+
+
+def test_a_group_stays_within_its_members_limits_and_the_shared_budget():
+    data = container2(1, group([(b"a", (4,)), (b"b", (6,))], _TEN))
+    ok = wire.decode_container(data, {"a": Limits(max_elements=4), "b": Limits(max_elements=6)})
+    assert [p[0].decompress().tolist() for p in ok.values()] == [[0, 1, 2, 3], [4, 5, 6, 7, 8, 9]]
+    with pytest.raises(
+        WireFormatError, match=r"tensor 'b': declared shape \(6,\) has 6 elements, above the limit max_elements=5"
+    ):
+        wire.decode_container(data, {"a": Limits(max_elements=4), "b": Limits(max_elements=5)})
+    with pytest.raises(WireFormatError, match=r"unexpected \['b'\]"):
+        wire.decode_container(data, {"a": Limits()})
+    with pytest.raises(WireFormatError, match="declares 10 elements, above what is left \\(9\\)"):
+        wire.decode_container(data, Limits(max_total_elements=9))
+    # Every prefix of a grouped container is refused.
+    full = wire.pack(
+        {k: v if isinstance(v, wire.Group) else encode(v) for k, v in wire.group_payloads(lossless_payloads()).items()}
+    )
+    for cut in range(len(full)):
+        with pytest.raises(WireFormatError):
+            wire.decode_container(full[:cut], Limits())
+
+
+def test_pack_refuses_a_group_its_members_do_not_map_to():
+    grouped = wire.group_payloads(lossless_payloads())
+    g = grouped["bn.weight"]
+    with pytest.raises(ValueError, match="must each map to the group, once"):
+        wire.pack({"bn.weight": g, "bn.bias": g})  # scale and fc.bias missing
 
 
 def test_pack_refuses_names_it_cannot_write():

@@ -16,7 +16,7 @@ import functools
 import io
 import math
 import warnings
-from collections.abc import Callable, Collection, Mapping, MutableMapping
+from collections.abc import Callable, Collection, Iterator, Mapping, MutableMapping
 
 import numpy as np
 import torch
@@ -25,7 +25,20 @@ from flwr.common.constant import SType
 
 from ..codec import Tensors
 from ..compress import Payload
-from ..wire import DEFAULT_LIMITS, STYPE, Blob, Limits, WireFormatError, decode_container, encode, pack, unpack
+from ..wire import (
+    DEFAULT_LIMITS,
+    STYPE,
+    Blob,
+    Group,
+    Limits,
+    WireFormatError,
+    decode_container,
+    decoded,
+    encode,
+    group_payloads,
+    pack,
+    unpack,
+)
 
 #: Key of the one Array in a compressed ArrayRecord (the model's own keys are inside it).
 CONTAINER_KEY = "qfl"
@@ -215,10 +228,11 @@ def blob_array(data: bytes) -> Array:
 
 def encode_record(payloads: Mapping[str, Payload | list[Payload] | bytes]) -> ArrayRecord:
     """Payloads (or pre-encoded blobs, or lists of payloads sent in sequence) per tensor -> the
-    ArrayRecord of one container Array."""
-    blobs: dict[str, bytes | list[bytes]] = {}
-    for key, p in payloads.items():
-        if isinstance(p, bytes):
+    ArrayRecord of one container Array; small lossless payloads of one dtype share one blob
+    (:func:`qfl.wire.container.group_payloads`)."""
+    blobs: dict[str, bytes | list[bytes] | Group] = {}
+    for key, p in group_payloads(payloads).items():
+        if isinstance(p, (bytes, Group)):
             blobs[key] = p
         elif isinstance(p, list):
             blobs[key] = [encode(q) for q in p]
@@ -245,8 +259,9 @@ def container_of(record: ArrayRecord) -> memoryview:
     return memoryview(arr.data)
 
 
-def record_blobs(record: ArrayRecord, names: Collection[str] | None = None) -> dict[str, memoryview]:
-    """Each tensor's bytes in a compressed record (:func:`qfl.wire.unpack`: exactly ``names`` if given)."""
+def record_blobs(record: ArrayRecord, names: Collection[str] | None = None) -> dict[str, memoryview | Group]:
+    """Each tensor's bytes in a compressed record, or the :class:`~qfl.wire.container.Group` it
+    travels in (:func:`qfl.wire.unpack`: exactly ``names`` if given)."""
     return unpack(container_of(record), names)
 
 
@@ -260,6 +275,11 @@ def decode_record(
     its tensors. Raises WireFormatError naming the tensor for anything that is not valid.
     """
     return decode_container(container_of(record), limits)
+
+
+def decoded_record(record: ArrayRecord, limits: Mapping[str, Limits]) -> Iterator[tuple[str, list[Payload]]]:
+    """:func:`decode_record`, one container entry at a time (:func:`qfl.wire.decoded`)."""
+    return decoded(container_of(record), limits)
 
 
 def record_bytes(record: ArrayRecord) -> int:

@@ -42,7 +42,7 @@ from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvg, FedAvgM, FedPro
 from flwr.serverapp.strategy.strategy_utils import validate_message_reply_consistency
 from flwr.supercore import log
 
-from ..clients.records import array_record, new_array, numpy_array, numpy_record, numpy_views, record_blobs
+from ..clients.records import array_record, decoded_record, new_array, numpy_array, numpy_record, numpy_views
 from ..codec import (
     Delta,
     SparseDelta,
@@ -55,7 +55,6 @@ from ..codec import (
     numpy_ok,
 )
 from ..memory import memory_dtype
-from ..wire import decode_all
 from ._kernels import scatter_add
 from .momentum import FedAvgMomentum
 from .server import UNCHECKED, ServerProtocol
@@ -120,6 +119,13 @@ class WeightedMean:
             scatter_add(total, delta.indices.numpy(), values, total.dtype.type(factor))
         else:
             total += delta.reshape(-1).to(memory_dtype(t.dtype)).numpy() * factor
+
+    def in_order(self) -> None:
+        """Put the sums in the base model's order (replies are summed in the order their
+        containers carry tensors, where a group's members come together): the mean's
+        record and the strategy's model keep the model's order."""
+        if list(self.sums) != [k for k in self.base if k in self.sums]:
+            self.sums = {k: self.sums[k] for k in self.base if k in self.sums}
 
     def tensors(self) -> dict[str, np.ndarray]:
         """The mean of every tensor (counters averaged as Flower does)."""
@@ -214,16 +220,20 @@ def mean_reply(protocol: ServerProtocol, accepted: list[Message], key: str) -> W
     base: Tensors = protocol.base
     weights = [next(iter(m.content.metric_records.values()))[key] for m in accepted]
     mean = WeightedMean(base, weights)
+    limits = None
     for msg, factor in zip(accepted, mean.factors, strict=True):
         held = protocol.held.pop(id(msg), None)
-        blobs = None if held is not None else record_blobs(next(iter(msg.content.array_records.values())), base)
-        for name, t in base.items():
-            if held is not None:
-                delta = held[name]
-            else:
-                # The reply passed every check with these very bytes: decoding is deterministic.
-                delta = decode_delta(decode_all(blobs[name], protocol.limits_for(t))[0])
-            mean.add(name, delta, factor)
+        if held is not None:
+            for name, delta in held.items():
+                mean.add(name, delta, factor)
+            continue
+        if limits is None:
+            limits = {k: protocol.limits_for(t) for k, t in base.items()}
+        # The reply passed every check with these very bytes: decoding is deterministic.
+        # One container entry at a time (a group's small tensors together).
+        for name, payloads in decoded_record(next(iter(msg.content.array_records.values())), limits):
+            mean.add(name, decode_delta(payloads[0]), factor)
+    mean.in_order()
     return mean
 
 

@@ -7,6 +7,7 @@ naming what is wrong; the server drops and counts such a reply (:mod:`.server`).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -64,7 +65,8 @@ def decode_update(
     # refused before anything is allocated.
     payloads = decode_record(msg.content[akey], {k: tensor_limits(limits, t) for k, t in base.items()})
     delta = {}
-    for name, ps in payloads.items():
+    for name in base:  # the model's order (a group's members travel together)
+        ps = payloads[name]
         if len(ps) != 1:
             raise ValueError(f"{name}: {len(ps)} payloads, expected 1")
         check_against(name, ps[0], base[name], uplink)
@@ -77,7 +79,13 @@ def decode_update(
 
 def tensor_limits(limits: Limits, tensor) -> Limits:
     """Decoder limits for a reply's payload standing for ``tensor``: its own size."""
-    n = tensor.numel()
+    return _limits_of(limits, tensor.numel())
+
+
+@functools.lru_cache(maxsize=4096)
+def _limits_of(limits: Limits, n: int) -> Limits:
+    """Cached: building a Limits (its checks) cost ~20 us, per tensor per reply, and a
+    model has a few distinct sizes."""
     return Limits(
         max_elements=min(limits.max_elements, n),
         max_ndim=limits.max_ndim,

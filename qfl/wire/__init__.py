@@ -22,7 +22,7 @@ from ..compress.quantizers import level_dtype
 from ._bits import BLOCK as ELIAS_BLOCK
 from ._bits import omega_lengths
 from ._buffer import Blob
-from .container import CONTAINER_MAGIC, decode_container, pack, unpack
+from .container import CONTAINER_MAGIC, Group, decode_container, decoded, group_payloads, pack, unpack
 from .format import decode, decode_all, encode
 from .layout import DEFAULT_LIMITS, MAGIC, VERSION, Limits, WireFormatError
 
@@ -71,6 +71,9 @@ __all__ = [
     "decode",
     "decode_all",
     "decode_container",
+    "decoded",
+    "Group",
+    "group_payloads",
     "encode",
     "pack",
     "unpack",

@@ -60,7 +60,7 @@ from pathlib import Path
 
 import torch
 
-from .container import CONTAINER_MAGIC, decode_container, pack, unpack
+from .container import CONTAINER_MAGIC, Group, decode_container, pack, unpack
 from .format import decode, decode_all, encode
 from .fuzz_inputs import (
     FUZZ_LIMITS,
@@ -130,7 +130,7 @@ def check_one(data: bytes, limits: Limits = FUZZ_LIMITS) -> str | None:
             payloads = decode_all(blob, limits)
     except WireFormatError as exc:
         return str(exc)
-    if container and pack({k: bytes(v) for k, v in unpack(blob).items()}) != blob:
+    if container and pack({k: v if isinstance(v, Group) else bytes(v) for k, v in unpack(blob).items()}) != blob:
         raise ContractViolation("an accepted container is not what pack writes for its entries")
     total = 0
     for p in payloads:

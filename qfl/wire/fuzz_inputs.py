@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .container import pack
+from .container import Group, group_payloads, pack
 from .format import encode, unframe
 from .layout import DIGEST_BYTES, MAGIC, VERSION, Limits, checksum, varint
 
@@ -127,6 +127,12 @@ def seed_corpus(seed: int = 0) -> list[bytes]:
     out.append(as_raw_input(pack({**small, "chain": [chain[: len(chain) // 3], chain[len(chain) // 3 :]]})))
     out.append(as_raw_input(pack({"ünïcode.näme": encode(qfl.parse("topk(0.1)").compress(x, g))})))
     out.append(as_raw_input(pack({})))
+    # A group: small lossless tensors of one dtype in one blob, beside a compressed one.
+    lossless = {
+        f"bn{i}.{k}": qfl.parse("identity").compress(x[i : i + 3 + i].reshape(-1, 1)) for i in range(3) for k in "wb"
+    }
+    grouped = group_payloads({**lossless, "conv": qfl.parse("topk(0.1)").compress(x, g)})
+    out.append(as_raw_input(pack({k: v if isinstance(v, Group) else encode(v) for k, v in grouped.items()})))
     return out
 
 
