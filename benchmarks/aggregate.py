@@ -13,19 +13,22 @@ Clients: each applies its own real update -- ``--steps`` local SGD steps of the 
 computed once -- to the model it receives, so that every round carries update-shaped
 values without training time in the loop. The server: ``Compressed(FedAvgMomentum)``
 with ``presets.recommended`` (what ``e2e.py`` runs), and Flower's own ``FedAvg`` on the
-uncompressed replies of the same clients.
+uncompressed replies of the same clients; with ``--ungrouped`` also qfl with every tensor
+in its own blob (no group blobs for the small lossless tensors: qfl before 3d8b470). The
+runs' rounds are interleaved, so that a shared machine slowing down mid-run slows all.
 
 Printed per model: ms per round of ``aggregate_train`` (median of the rounds after the
 first, which pays one-off costs), ms per reply, ms per 10M parameters per reply against
 the 50 ms goal of issue 13 (PASS/FAIL), and the ratio to plain FedAvg of the same run.
 The load average is printed at start and end; above 1 per core the run is not a verdict::
 
-    PYTHONPATH=. python benchmarks/aggregate.py [--models 'resnet18(width=32),resnet18'] [--clients 3]
+    PYTHONPATH=. python benchmarks/aggregate.py [--models 'resnet18(width=32),resnet18'] [--clients 3] [--ungrouped]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import platform
@@ -41,6 +44,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from qfl.clients import compression_mod
 from qfl.strategies import Compressed, FedAvgMomentum, presets
+from qfl.wire import container
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
@@ -83,17 +87,33 @@ def client_app(updates: list[dict], compressed: bool) -> ClientApp:
     return app
 
 
-def time_rounds(strategy, grid: FakeGrid, arrays: ArrayRecord, rounds: int) -> list[float]:
-    """Seconds of each round's ``aggregate_train`` (the replies built beforehand)."""
-    out = []
+@contextlib.contextmanager
+def ungrouped(active: bool):
+    """While active, clients send every tensor as its own blob, as qfl did before small
+    lossless tensors shared a group blob (``qfl.wire.container.GROUP_MAX_ELEMENTS``)."""
+    saved = container.GROUP_MAX_ELEMENTS
+    container.GROUP_MAX_ELEMENTS = 0 if active else saved
+    try:
+        yield
+    finally:
+        container.GROUP_MAX_ELEMENTS = saved
+
+
+def time_rounds(runs: dict[str, tuple], start: ArrayRecord, rounds: int) -> dict[str, list[float]]:
+    """Seconds of each round's ``aggregate_train`` per run (the replies built beforehand),
+    the runs' rounds interleaved: a machine that slows down mid-benchmark slows them all."""
+    arrays = dict.fromkeys(runs, start)
+    out: dict[str, list[float]] = {mode: [] for mode in runs}
     for rnd in range(1, rounds + 1):
-        replies = grid.send_and_receive(strategy.configure_train(rnd, arrays, ConfigRecord(), grid))
-        start = time.perf_counter()
-        new, _ = strategy.aggregate_train(rnd, replies)
-        out.append(time.perf_counter() - start)
-        if new is None:
-            raise RuntimeError(f"round {rnd}: no aggregate (every reply dropped?)")
-        arrays = new
+        for mode, (strategy, grid) in runs.items():
+            with ungrouped(mode == "qfl-ungrouped"):
+                replies = grid.send_and_receive(strategy.configure_train(rnd, arrays[mode], ConfigRecord(), grid))
+            t0 = time.perf_counter()
+            new, _ = strategy.aggregate_train(rnd, replies)
+            out[mode].append(time.perf_counter() - t0)
+            if new is None:
+                raise RuntimeError(f"{mode}, round {rnd}: no aggregate (every reply dropped?)")
+            arrays[mode] = new
     return out
 
 
@@ -106,14 +126,16 @@ def run_model(name: str, args: argparse.Namespace) -> dict:
     sampling = {"fraction_train": 1.0, "fraction_evaluate": 0.0, "min_available_nodes": args.clients}
     # e2e.py's default run (3 rounds, 20 steps): both benchmarks compress with the same setting.
     setting = presets.recommended(3, args.clients, 20)
-    strategies = {
-        "plain": FedAvg(**sampling),
-        "qfl": Compressed(FedAvgMomentum(server_momentum=setting.server_momentum, **sampling), **setting.compression()),
-    }
-    times = {}
-    for mode, strategy in strategies.items():
-        grid = FakeGrid(client_app(updates, mode == "qfl"), args.clients)
-        times[mode] = time_rounds(strategy, grid, ArrayRecord(start), args.rounds)
+    modes = ["plain", "qfl"] + (["qfl-ungrouped"] if args.ungrouped else [])
+    runs = {}
+    for mode in modes:
+        if mode == "plain":
+            strategy = FedAvg(**sampling)
+        else:
+            inner = FedAvgMomentum(server_momentum=setting.server_momentum, **sampling)
+            strategy = Compressed(inner, **setting.compression())
+        runs[mode] = (strategy, FakeGrid(client_app(updates, mode != "plain"), args.clients))
+    times = time_rounds(runs, ArrayRecord(start), args.rounds)
     return {"params": params, "tensors": len(start), "times": times, "compression": setting.compression()}
 
 
@@ -126,6 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=32, help="tokens per step, GPT-2 shape")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--ungrouped", action="store_true", help="also qfl with every tensor in its own blob (no group blobs)"
+    )
     args = ap.parse_args(argv)
     try:
         models = split_models(args.models)
@@ -144,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# load average at start: {load_start[0]:.2f} {load_start[1]:.2f} {load_start[2]:.2f}")
     results = {m: run_model(m, args) for m in models}
     load_end = os.getloadavg()
-    print(f"\n{'model':24} {'params':>12} {'tensors':>7} {'run':>5} {'ms/round':>9} {'ms/reply':>9} {'ms/10M':>7}")
+    print(f"\n{'model':24} {'params':>12} {'tensors':>7} {'run':>13} {'ms/round':>9} {'ms/reply':>9} {'ms/10M':>7}")
     goals = []
     for m, r in results.items():
         per = {}
@@ -152,10 +177,12 @@ def main(argv: list[str] | None = None) -> int:
             ms = 1e3 * statistics.median(times[1:])
             per[mode] = ms / args.clients / (r["params"] / 1e7)
             print(
-                f"{m:24} {r['params']:12,} {r['tensors']:7} {mode:>5} {ms:9.1f} {ms / args.clients:9.2f} "
+                f"{m:24} {r['params']:12,} {r['tensors']:7} {mode:>13} {ms:9.1f} {ms / args.clients:9.2f} "
                 f"{per[mode]:7.1f}"
             )
         print(f"{'':24} qfl / plain FedAvg: {per['qfl'] / per['plain']:.2f}x; qfl: {r['compression']}")
+        if "qfl-ungrouped" in per:
+            print(f"{'':24} qfl / qfl without group blobs: {per['qfl'] / per['qfl-ungrouped']:.2f}x")
         goals.append((f"{m}: aggregate_train, ms per 10M parameters per reply", per["qfl"], SERVER_LIMIT_MS))
     quiet = max(load_start[0], load_end[0]) <= cores
     print(f"\n# load average at end: {load_end[0]:.2f} {load_end[1]:.2f} {load_end[2]:.2f}")

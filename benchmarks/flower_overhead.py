@@ -86,9 +86,13 @@ def pull_bytes(msg: Message) -> tuple[int, int]:
     return PullMessagesRequest(node=NODE).ByteSize(), outbound
 
 
-def layouts(blobs: dict[str, bytes]) -> dict[str, ArrayRecord]:
-    """The same blobs as one Array per tensor, and as qfl sends them."""
-    return {"per-tensor": ArrayRecord({k: blob_array(b) for k, b in blobs.items()}), "qfl": encode_record(blobs)}
+def layouts(blobs: dict[str, bytes], payloads: dict | None = None) -> dict[str, ArrayRecord]:
+    """The same blobs as one Array per tensor, and as qfl sends them (given the payloads, as
+    a client's mod does: its small lossless tensors of one dtype in one group blob)."""
+    return {
+        "per-tensor": ArrayRecord({k: blob_array(b) for k, b in blobs.items()}),
+        "qfl": encode_record(blobs if payloads is None else payloads),
+    }
 
 
 def downlink_message(record: ArrayRecord, settings: Settings, header: DownlinkHeader) -> Message:
@@ -115,7 +119,8 @@ def main() -> None:
     downlink = Policy.build(down_spec, args.min_elements)
     full = record_bytes(ArrayRecord({k: Array(v.numpy()) for k, v in state.items()}))
 
-    up_blobs = {k: encode(p) for k, p in compress_model(delta, uplink, generator)[0].items()}
+    up_payloads = compress_model(delta, uplink, generator)[0]
+    up_blobs = {k: encode(p) for k, p in up_payloads.items()}
     delta_blobs = {k: encode(p) for k, p in compress_model(delta, downlink, generator)[0].items()}
     resync_blobs = {k: encode(IDENTITY.compress(v)) for k, v in state.items()}
     settings = Settings("arrays", uplink, True, 42, 3, SESSION)
@@ -136,8 +141,9 @@ def main() -> None:
             content[REPLY_KEY] = ConfigRecord(ReplyInfo("update", 3_000_000, (3, DIGEST), full).to_config())
         return Message(content, reply_to=request)
 
-    for name, blobs in (("train reply", up_blobs), ("downlink delta", delta_blobs), ("downlink resync", resync_blobs)):
-        for layout, record in layouts(blobs).items():
+    messages = (("train reply", up_blobs), ("downlink delta", delta_blobs), ("downlink resync", resync_blobs))
+    for name, blobs in messages:
+        for layout, record in layouts(blobs, up_payloads if name == "train reply" else None).items():
             payload = record_bytes(record)
             if name == "train reply":
                 inbound, outbound = push_bytes(reply(record, layout))
@@ -150,7 +156,7 @@ def main() -> None:
                 f"{name:<18}{layout:<12}{len(record):>7}{payload:>10}{inbound:>10}{outbound:>10}"
                 f"{total - payload:>10}{total / payload:>8.3f}"
             )
-    record = layouts(up_blobs)["qfl"]
+    record = layouts(up_blobs, up_payloads)["qfl"]
     fixed = push_bytes(reply(record, "qfl"))[0] - record_bytes(record)
     floor = push_bytes(reply(record, "qfl", info=False))[0] - record_bytes(record)
     print(

@@ -183,14 +183,15 @@ def test_the_in_process_aggregate_benchmark_reports_both_servers_per_model():
     models = ["mlp(inputs=16, hidden=8)", "resnet18(width=4)"]
     text = io.StringIO()
     with contextlib.redirect_stdout(text):
-        assert module.main(["--models", ",".join(models), "--rounds", "2", "--clients", "2", "--steps", "1"]) == 0
+        args = ["--models", ",".join(models), "--rounds", "2", "--clients", "2", "--steps", "1", "--ungrouped"]
+        assert module.main(args) == 0
     out = text.getvalue()
     for name in models:
         assert re.search(
             rf"{re.escape(name)}: aggregate_train, ms per 10M parameters per reply: [\d.e+]+ = [\d.]+x", out
         )
-    assert out.count("qfl / plain FedAvg:") == 2
-    for mode in ("plain", "qfl"):
+    assert out.count("qfl / plain FedAvg:") == 2 and out.count("qfl / qfl without group blobs:") == 2
+    for mode in ("plain", "qfl", "qfl-ungrouped"):
         assert len(re.findall(rf"^\S.* {mode}\s+[\d.]+\s+[\d.]+\s+[\d.]+$", out, re.M)) == 2
     with pytest.raises(SystemExit):
         module.main(["--models", "vgg16"])
