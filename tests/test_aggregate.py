@@ -4,6 +4,7 @@ independent of the number of replies."""
 
 from __future__ import annotations
 
+import random
 import tracemalloc
 
 import numpy as np
@@ -15,7 +16,9 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp.exception import InconsistentMessageReplies
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx, FedTrimmedAvg, FedYogi, Strategy
 
+from qfl import wire
 from qfl.clients import compression_mod
+from qfl.clients.records import record_blobs
 from qfl.strategies import Compressed, FedAvgMomentum, compressed
 from qfl.strategies import aggregate as streaming
 
@@ -233,6 +236,36 @@ def test_updates_held_between_the_two_passes_fit_in_one_model(monkeypatch):
     assert sum(d.nbytes for delta in held.values() for d in delta.values()) <= size
     arrays, _ = s.aggregate_train(1, replies)  # a fresh round: held ones and decoded-again ones mixed
     assert arrays is not None and not s.protocol.held
+
+
+@pytest.mark.parametrize("kind", [FedAvg, FedAvgMomentum])
+def test_group_blobs_change_no_aggregate_bit_and_keep_the_models_order(kind, monkeypatch):
+    """Small lossless tensors sent in one group blob or each in its own blob: the same
+    model, bit for bit, in the model's order (its group members are not adjacent), with
+    replies held from the first pass and replies decoded again both summed."""
+    g = torch.Generator().manual_seed(1)
+    tensors = {
+        "b": torch.randn(10, generator=g).numpy(),
+        "w": torch.randn(300, 100, generator=g).numpy(),
+        "bn.num_batches_tracked": np.asarray(3, dtype=np.int64),
+        "bn.running_var": np.ones(10, dtype=np.float32),
+        "head": torch.randn(20, generator=g).numpy(),
+    }
+    base = ArrayRecord({k: Array(v) for k, v in tensors.items()})
+    results = []
+    for group_max in (wire.container.GROUP_MAX_ELEMENTS, 0):
+        monkeypatch.setattr(wire.container, "GROUP_MAX_ELEMENTS", group_max)
+        random.seed(0)  # FedAvg samples (and so orders) the replies with the random module
+        s = Compressed(kind(fraction_train=1.0, fraction_evaluate=0.0), uplink="topk(0.05)", min_elements=50)
+        grid = FakeGrid(client_app(), 12)
+        arrays = base
+        for rnd in (1, 2):
+            replies = grid.send_and_receive(s.configure_train(rnd, arrays, ConfigRecord(), grid))
+            groups = [v for r in replies for v in record_blobs(r.content["arrays"]).values()]
+            assert any(isinstance(v, wire.Group) for v in groups) == (group_max > 0)
+            arrays, _ = s.aggregate_train(rnd, replies)
+        results.append(arrays)
+    assert list(results[0]) == list(tensors) and identical(*results)
 
 
 @pytest.mark.parametrize("kind", [FedAvg, FedProx, FedAvgMomentum])
