@@ -21,7 +21,7 @@ from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_conte
 from flwr.supercore.task_identity import TaskIdentity
 
 from qfl.clients.records import CONTAINER_KEY, blob_array, record_blobs, record_bytes
-from qfl.wire import Group, Limits, decode_container, encode, pack
+from qfl.wire import Group, Limits, encode, pack
 
 
 def set_task_identity(run_id: int = 1, node_id: int = 0, task_id: int = 1) -> None:
@@ -38,7 +38,7 @@ def blobs_of(record: ArrayRecord) -> dict[str, bytes]:
     out = {}
     for k, v in record_blobs(record).items():
         if isinstance(v, Group):
-            (payload,) = decode_container(pack({m: v for m, _ in v.members}), Limits())[k]
+            (payload,) = v.decode(Limits())[k]
             out[k] = encode(payload)
         else:
             out[k] = bytes(v)

@@ -195,3 +195,17 @@ def test_the_in_process_aggregate_benchmark_reports_both_servers_per_model():
         assert len(re.findall(rf"^\S.* {mode}\s+[\d.]+\s+[\d.]+\s+[\d.]+$", out, re.M)) == 2
     with pytest.raises(SystemExit):
         module.main(["--models", "vgg16"])
+
+
+def test_the_container_decode_benchmark_compares_both_layouts():
+    """benchmarks/container_decode.py: a line per layout and their ratio (its figures are the benchmark's)."""
+    spec = importlib.util.spec_from_file_location("container_decode", E2E.parent / "container_decode.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    text = io.StringIO()
+    with contextlib.redirect_stdout(text):
+        assert module.main(["--model", "resnet18(width=4)", "--repeats", "2"]) == 0
+    out = text.getvalue()
+    assert re.search(r"one blob per tensor: [\d.]+ ms per container, [\d,]+ bytes", out)
+    assert re.search(r"one group blob: [\d.]+ ms per container, [\d,]+ bytes", out)
+    assert re.search(r"one group / one blob per tensor: [\d.]+x the time", out)

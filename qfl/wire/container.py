@@ -76,6 +76,45 @@ class Group:
         data = encode(Payload(first.op, (flat.numel(),), first.dtype, Raw(flat)))
         return Group(tuple((k, tuple(p.shape)) for k, p in payloads.items()), data)
 
+    def decode(self, limits: Limits | Mapping[str, Limits], budget: int | None = None) -> dict[str, list[Payload]]:
+        """The members as identity payloads viewing the one decoded blob; every declared
+        shape is checked against its member's limits (and the total against ``budget``,
+        what is left of a container's shared one) before the blob is decoded."""
+        sizes = []
+        for name, shape in self.members:
+            own = limits[name] if isinstance(limits, Mapping) else limits
+            if len(shape) > own.max_ndim:
+                raise WireFormatError(f"tensor {name!r}: ndim {len(shape)} exceeds the limit {own.max_ndim}")
+            n = math.prod(shape)
+            if n > own.max_elements:
+                raise WireFormatError(
+                    f"tensor {name!r}: declared shape {shape} has {n} elements, "
+                    f"above the limit max_elements={own.max_elements}"
+                )
+            sizes.append(n)
+        total = sum(sizes)
+        first = self.members[0][0]
+        if budget is not None and total > budget:
+            raise WireFormatError(
+                f"the group of {first!r} and {len(sizes) - 1} more declares {total} elements, above what is left "
+                f"({budget}) of the container's limits"
+            )
+        try:
+            payloads = decode_all(self.data, Limits(max_elements=total, max_ndim=1, max_total_elements=total))
+        except WireFormatError as exc:
+            raise WireFormatError(f"the group of {first!r} and {len(sizes) - 1} more: {exc}") from None
+        if len(payloads) != 1 or not isinstance(payloads[0].op, Identity) or payloads[0].shape != (total,):
+            raise WireFormatError(
+                f"the group of {first!r} and {len(sizes) - 1} more must carry one identity payload of shape "
+                f"({total},), found {[(str(p.op), p.shape) for p in payloads]}"
+            )
+        whole = payloads[0]
+        flat, out, at = whole.body.values, {}, 0
+        for (name, shape), n in zip(self.members, sizes, strict=True):
+            out[name] = [Payload(whole.op, shape, whole.dtype, Raw(flat[at : at + n].view(shape)))]
+            at += n
+        return out
+
 
 def groupable(p: object) -> bool:
     """Whether a payload may share a group's blob: a small dense identity payload on the CPU."""
@@ -158,9 +197,12 @@ class _Cursor:
 
     def varint(self, what: str) -> int:
         """An unsigned LEB128 of at most 64 bits, in its shortest form."""
-        v, shift = 0, 0
+        v, shift, data, pos = 0, 0, self.data, self.pos
         while True:
-            byte = self.take(1, what)[0]
+            if pos >= len(data):  # indexed, not sliced: names and shapes are read a byte at a time
+                raise WireFormatError(f"truncated container: {what} needs 1 bytes, 0 left")
+            byte = data[pos]
+            pos = self.pos = pos + 1
             v |= (byte & 0x7F) << shift
             if not byte & 0x80:
                 break
@@ -277,13 +319,11 @@ def decoded(
     entries = unpack(data, limits if per_name else None)
     budget = None if per_name else limits.budget(len(data))
     total = budget
-    done: set[str] = set()
     for name, blob in entries.items():
-        if name in done:
-            continue
         if isinstance(blob, Group):
-            out = _decode_group(blob, limits, budget)
-            done.update(out)
+            if name != blob.members[0][0]:
+                continue  # decoded with its first member
+            out = blob.decode(limits, budget)
             if budget is not None:
                 budget -= sum(p.numel for ps in out.values() for p in ps)
             yield from out.items()
@@ -303,42 +343,3 @@ def decoded(
         if budget is not None:
             budget -= sum(p.numel for p in payloads)
         yield name, payloads
-
-
-def _decode_group(group: Group, limits: Limits | Mapping[str, Limits], budget: int | None) -> dict[str, list[Payload]]:
-    """A group's members as identity payloads viewing its one decoded blob; every declared
-    shape is checked against its member's limits before the blob is decoded."""
-    sizes = []
-    for name, shape in group.members:
-        own = limits[name] if isinstance(limits, Mapping) else limits
-        if len(shape) > own.max_ndim:
-            raise WireFormatError(f"tensor {name!r}: ndim {len(shape)} exceeds the limit {own.max_ndim}")
-        n = math.prod(shape)
-        if n > own.max_elements:
-            raise WireFormatError(
-                f"tensor {name!r}: declared shape {shape} has {n} elements, "
-                f"above the limit max_elements={own.max_elements}"
-            )
-        sizes.append(n)
-    total = sum(sizes)
-    first = group.members[0][0]
-    if budget is not None and total > budget:
-        raise WireFormatError(
-            f"the group of {first!r} and {len(sizes) - 1} more declares {total} elements, above what is left "
-            f"({budget}) of the container's limits"
-        )
-    try:
-        payloads = decode_all(group.data, Limits(max_elements=total, max_ndim=1, max_total_elements=total))
-    except WireFormatError as exc:
-        raise WireFormatError(f"the group of {first!r} and {len(sizes) - 1} more: {exc}") from None
-    if len(payloads) != 1 or not isinstance(payloads[0].op, Identity) or payloads[0].shape != (total,):
-        raise WireFormatError(
-            f"the group of {first!r} and {len(sizes) - 1} more must carry one identity payload of shape ({total},), "
-            f"found {[(str(p.op), p.shape) for p in payloads]}"
-        )
-    whole = payloads[0]
-    flat, out, at = whole.body.values, {}, 0
-    for (name, shape), n in zip(group.members, sizes, strict=True):
-        out[name] = [Payload(whole.op, shape, whole.dtype, Raw(flat[at : at + n].view(shape)))]
-        at += n
-    return out
