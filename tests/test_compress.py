@@ -435,6 +435,65 @@ def test_kernels_serial_and_parallel_agree(kernel_mode):
         assert torch.equal(p.decompress(), q.decompress()), op
 
 
+def _splitmix_uniforms(seed: int, n: int) -> np.ndarray:
+    """Element i's rounding uniform, written from the documented definition in plain
+    numpy (uint64 arithmetic wraps): SplitMix64 of ``seed + (h + 1) * golden gamma`` for
+    draw ``h = 32 (i // 64) + i % 32``, its high half for ``i % 64 < 32``, else its low
+    half, times 2^-32."""
+    i = np.arange(n, dtype=np.uint64)
+    p = i % np.uint64(64)
+    z = np.uint64(seed) + (np.uint64(32) * (i // np.uint64(64)) + p % np.uint64(32) + np.uint64(1)) * np.uint64(
+        0x9E3779B97F4A7C15
+    )
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    z = z ^ (z >> np.uint64(31))
+    half = np.where(p < np.uint64(32), z >> np.uint64(32), z & np.uint64(0xFFFFFFFF))
+    return half.astype(np.float64) * 2.0**-32
+
+
+@pytest.mark.parametrize("n", [1000, 300_001])
+@pytest.mark.parametrize(
+    ("signed_grid", "s", "bucket", "use_max"),
+    [
+        (True, 127, None, True),  # grid(8): one bucket, norms in a pass of their own
+        (True, 7, 100, True),  # buckets that cut the draw blocks
+        (False, 255, 512, False),  # qsgd(255, bucket=512)
+        (False, 16, 37, True),
+        (False, 1 << 30, 8192, False),  # the largest QSGD level count, norms in their own pass
+    ],
+)
+def test_stochastic_levels_are_the_floor_of_value_plus_its_uniform(kernel_mode, n, signed_grid, s, bucket, use_max):
+    """Every element's level is exactly the documented rounding with its own uniform, a
+    function of (seed, index) only: whatever the kernels' vector tricks, the bucket
+    boundaries inside a block of draws, or the thread count (``kernel_mode``)."""
+    from qfl.compress import _kernels as K
+
+    rng = np.random.default_rng(n + s)
+    x = (rng.standard_normal(n) * rng.random(n) ** 3).astype(np.float32)
+    x[::97] = 0.0
+    x[5::89] = -0.0
+    b = min(bucket or n, n)
+    seed = 0x1234_5678_9ABC_DEF0 + n
+    levels = np.empty(n, np.int32 if s > 32767 else np.int16)
+    norms = K.stochastic_levels(x, b, s, use_max, signed_grid, np.uint64(seed), levels)
+
+    starts = np.arange(0, n, b)
+    if use_max:
+        assert norms.tolist() == np.maximum.reduceat(np.abs(x), starts).tolist()
+    else:
+        true = np.sqrt(np.add.reduceat(x.astype(np.float64) ** 2, starts))
+        assert (norms >= true).all() and (np.nextafter(norms, np.float32(0)) < true).all()
+    f = np.repeat(s / norms.astype(np.float64), np.diff(np.append(starts, n)))
+    u = _splitmix_uniforms(seed, n)
+    v = x.astype(np.float64)
+    if signed_grid:
+        want = np.clip(np.floor(v * f + u + (s + 1)) - (s + 1), -s, s)
+    else:
+        want = np.minimum(np.floor(np.abs(v) * f + u), s) * np.where(v < 0, -1, 1)
+    assert levels.tolist() == want.astype(np.int64).tolist()
+
+
 _THREADS_SCRIPT = """
 import sys, threading
 if sys.argv[1] == "ray":

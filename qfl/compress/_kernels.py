@@ -47,6 +47,8 @@ _TWO_M53 = 1.0 / 9007199254740992.0  # 2**-53
 _S32 = np.uint64(32)
 _LO32 = np.uint64(0xFFFFFFFF)
 _TWO_M32 = 1.0 / 4294967296.0  # 2**-32
+_ONE_BITS = np.uint64(0x3FF0000000000000)  # float64 1.0
+_S20 = np.uint64(20)
 
 #: Elements per parallel work chunk; large enough to amortise scheduling.
 CHUNK = 1 << 16
@@ -83,25 +85,35 @@ def _draw(seed, h):
 
 
 @nb.njit(inline="always", cache=True)
-def fill_draws(seed, q, u):
-    """Uniforms in [0, 1) of the DRAW_BLOCK elements of block ``q`` into ``u``, 32 random
-    bits each: the two halves of one SplitMix64 output per two elements, a pure function
-    of (seed, index).
+def fill_draws(seed, q, bits):
+    """The uniforms in [0, 1) of the DRAW_BLOCK elements of block ``q``, 32 random bits
+    each (the two halves of one SplitMix64 output per two elements, a pure function of
+    (seed, index)), written into the uint64 buffer ``bits`` as the float64 bit patterns
+    of ``1 + u``: read them with :func:`_uniform` on its float64 view.
 
     Stochastic rounding needs no more bits (a rounding probability off by < 2^-32 of
     a level is far below float32's resolution of the result), and the 64-bit mixer's two
-    multiplies are what rounding spends most of its time on. Written as one unit-stride
-    loop over the block's 32 draws, it vectorises (AVX-512: 8 draws per instruction):
-    grid(8)'s rounding of 10M elements took ~20 ms with one scalar draw per two
-    neighbours, ~8 ms like this.
+    multiplies are the core of the draw. Why bit patterns: ``1 + w 2^-32`` for a 32-bit
+    ``w`` is exact in float64, so OR-ing ``w << 20`` under the exponent of 1.0 and
+    subtracting 1.0 (exact: Sterbenz) gives ``w 2^-32`` bit for bit -- with integer and
+    float instructions every x86-64 vector unit has, where ``float64(w)`` of a uint64 is
+    a conversion AVX2 lacks (emulated lane by lane: grid(8)'s rounding of 10M elements
+    took 28 ms on an AVX2 machine, 13 ms like this). Written as one unit-stride loop
+    over the block's 32 draws, it vectorises.
     """
-    lo = u[:_HALF]
-    hi = u[_HALF:DRAW_BLOCK]
+    lo = bits[:_HALF]
+    hi = bits[_HALF:DRAW_BLOCK]
     h0 = q * _HALF
     for k in range(_HALF):
         r = _draw(seed, h0 + k)
-        lo[k] = np.float64(r >> _S32) * _TWO_M32
-        hi[k] = np.float64(r & _LO32) * _TWO_M32
+        lo[k] = _ONE_BITS | ((r >> _S32) << _S20)
+        hi[k] = _ONE_BITS | ((r & _LO32) << _S20)
+
+
+@nb.njit(inline="always", cache=True)
+def _uniform(one_plus_u):
+    """The uniform of a :func:`fill_draws` bit pattern read as float64."""
+    return one_plus_u - 1.0
 
 
 @nb.njit(cache=True)
@@ -260,45 +272,45 @@ def fill_signs(negative, scale, out):
 @nb.njit(inline="always", cache=True)
 def _round_one(v, f, s, u, signed_grid):
     """The level of one value: the grid rounds the signed value, QSGD its magnitude.
-    Branch-free, so that loops over it vectorise."""
+
+    Branch-free and in float64 and int32 only, so that loops over it vectorise on AVX2
+    too (int64 min/max and float64 -> int64 conversions are AVX-512 instructions; AVX2
+    emulates them lane by lane). The levels are those of truncating to int64 and
+    clamping after: truncation is monotonic and the bounds are integers, so clamping the
+    float first gives the same integer, which then fits int32 (the grid's s < 2^15,
+    QSGD's s <= 2^30, and the value before clamping is at most s + 1 above them).
+    """
     v = np.float64(v)
-    if signed_grid:  # floor by truncating a positive number (v * f >= -s): no floor call
-        return max(-s, min(s, np.int64(v * f + u + (s + 1)) - (s + 1)))
-    lv = min(s, np.int64(abs(v) * f + u))
+    if signed_grid:  # t = v f + u + s + 1 > 0, so truncating is flooring: no floor call
+        t = min(max(v * f + u + (s + 1), np.float64(1)), np.float64(2 * s + 1))
+        return np.int32(t) - np.int32(s + 1)
+    lv = np.int32(min(abs(v) * f + u, np.float64(s)))
     return -lv if v < 0.0 else lv
 
 
 @nb.njit(inline="always", cache=True)
 def _round(xs, us, out, f, s, signed_grid):
-    """Levels of ``xs`` with uniforms ``us``."""
+    """Levels of ``xs`` with the :func:`fill_draws` bit patterns ``us`` (float64 view)."""
     for j in range(xs.size):
-        out[j] = _round_one(xs[j], f, s, us[j], signed_grid)
+        out[j] = _round_one(xs[j], f, s, _uniform(us[j]), signed_grid)
 
 
 @nb.njit(inline="always", cache=True)
-def _round_block(xs, out, f, s, seed, q, signed_grid):
-    """Levels of one whole DRAW_BLOCK inside one bucket: draws and rounding fused in one
-    unit-stride loop over its 32 draws (each feeds elements k and 32 + k), which LLVM
-    vectorises whole."""
-    x0 = xs[:_HALF]
-    x1 = xs[_HALF:DRAW_BLOCK]
-    o0 = out[:_HALF]
-    o1 = out[_HALF:DRAW_BLOCK]
-    h0 = q * _HALF
-    for k in range(_HALF):
-        r = _draw(seed, h0 + k)
-        o0[k] = _round_one(x0[k], f, s, np.float64(r >> _S32) * _TWO_M32, signed_grid)
-        o1[k] = _round_one(x1[k], f, s, np.float64(r & _LO32) * _TWO_M32, signed_grid)
+def _round_block(xs, out, f, s, seed, q, signed_grid, bits):
+    """Levels of one whole DRAW_BLOCK inside one bucket: its draws into ``bits`` (in L1),
+    then one unit-stride rounding loop over the block, each loop vectorised whole."""
+    fill_draws(seed, q, bits)
+    _round(xs, bits.view(np.float64), out, f, s, signed_grid)
 
 
 @nb.njit(inline="always", cache=True)
-def _round_piece(x, out, f, s, signed_grid, seed, i, end, u, filled):
-    """Levels of ``x[i:end]``, a piece of one DRAW_BLOCK, with the block's draws in ``u``
-    (drawn now unless ``filled`` says they are there); returns the block drawn."""
+def _round_piece(x, out, f, s, signed_grid, seed, i, end, bits, filled):
+    """Levels of ``x[i:end]``, a piece of one DRAW_BLOCK, with the block's draws in
+    ``bits`` (drawn now unless ``filled`` says they are there); returns the block drawn."""
     q = i // DRAW_BLOCK
     if q != filled:
-        fill_draws(seed, q, u)
-    us = u[i - q * DRAW_BLOCK : end - q * DRAW_BLOCK]
+        fill_draws(seed, q, bits)
+    us = bits.view(np.float64)[i - q * DRAW_BLOCK : end - q * DRAW_BLOCK]
     if signed_grid:
         _round(x[i:end], us, out[i:end], f, s, True)
     else:
@@ -337,9 +349,10 @@ def _levels_chunk(x, norms, own_norms, use_max, bucket, s, signed_grid, seed, ou
             i = head
         while i + DRAW_BLOCK <= end:
             if signed_grid:  # two calls: each compiles with the branch folded away
-                _round_block(x[i : i + DRAW_BLOCK], out[i : i + DRAW_BLOCK], f, s, seed, i // DRAW_BLOCK, True)
+                _round_block(x[i : i + DRAW_BLOCK], out[i : i + DRAW_BLOCK], f, s, seed, i // DRAW_BLOCK, True, u)
             else:
-                _round_block(x[i : i + DRAW_BLOCK], out[i : i + DRAW_BLOCK], f, s, seed, i // DRAW_BLOCK, False)
+                _round_block(x[i : i + DRAW_BLOCK], out[i : i + DRAW_BLOCK], f, s, seed, i // DRAW_BLOCK, False, u)
+            filled = i // DRAW_BLOCK
             i += DRAW_BLOCK
         if end > i:
             filled = _round_piece(x, out, f, s, signed_grid, seed, i, end, u, filled)
@@ -349,7 +362,7 @@ def _levels_chunk(x, norms, own_norms, use_max, bucket, s, signed_grid, seed, ou
 @twin
 def _levels(x, norms, own_norms, use_max, bucket, s, signed_grid, seed, out):
     for c in nb.prange((x.size + CHUNK - 1) // CHUNK):
-        u = np.empty(DRAW_BLOCK, np.float64)
+        u = np.empty(DRAW_BLOCK, np.uint64)
         _levels_chunk(x, norms, own_norms, use_max, bucket, s, signed_grid, seed, out, c, u)
 
 
