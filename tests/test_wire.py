@@ -402,6 +402,34 @@ def test_checksum_is_xxh3_of_the_segment_digests(n, parallel, monkeypatch):
     assert blob[len(blob) - len(content_of(blob)) - 8 :][:8] == checksum(content_of(blob))
 
 
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("parallel", [False, True])
+def test_fill_writes_every_piece_and_checksums_what_the_blob_holds(seed, parallel, monkeypatch):
+    """Pieces large and small, across segment boundaries, around bytes a coder already
+    wrote: the blob holds each piece at its offset and the digest is the blob's."""
+    from qfl.wire import _buffer
+
+    monkeypatch.setattr(_buffer, "_threads", lambda nbytes: 2 if parallel else 1)
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(3 * SEGMENT, 6 * SEGMENT))
+    cuts = np.sort(rng.choice(np.arange(1, n), int(rng.integers(1, 9)), replace=False))
+    bounds = [0, *cuts.tolist(), n]
+    want = rng.integers(0, 256, n, dtype=np.uint8)
+    content = np.full(n, 0xA5, np.uint8)
+    pieces = []
+    for lo, hi in zip(bounds, bounds[1:]):
+        if rng.random() < 0.25:  # written in place by a coder before fill
+            content[lo:hi] = want[lo:hi]
+        else:
+            pieces.append((lo, want[lo:hi].copy()))
+    assert _buffer.fill(content, pieces) == checksum(want.tobytes())
+    assert np.array_equal(content, want)
+    big = [(o, a) for o, a in pieces if a.size >= _buffer._PIECE]
+    if len(big) > 1:
+        with pytest.raises(ValueError, match="offset order"):
+            _buffer.fill(content, big[::-1])
+
+
 def test_a_forked_child_checksums_with_threads_of_its_own(monkeypatch):
     import multiprocessing
 
