@@ -68,6 +68,25 @@ def test_elias_level_stream_round_trip_and_exact_length():
         assert np.array_equal(out, lv)
 
 
+def test_elias_block_bounds_of_int8_levels_are_the_exact_per_level_sums():
+    """The encoder sizes each block's scratch from these (bound + nonzeros): the int8
+    path's byte-width sums must equal the per-level definition, -128 and block and
+    scratch-round edges included (an undercount would write past the scratch)."""
+    from qfl.wire import _elias as E
+
+    rng = np.random.default_rng(5)
+    for n in (1, E._SCRATCH - 1, E._SCRATCH + 1, 2 * E.BLOCK + 3 * E._SCRATCH + 7):
+        for density in (0.0, 0.01, 0.5, 1.0):
+            lv = np.where(rng.random(n) < density, rng.integers(-128, 128, n), 0).astype(np.int8)
+            lv[rng.integers(0, n, 3)] = -128
+            a = np.abs(lv.astype(np.int64))
+            bits = np.where(a > 0, 2 + np.array([len(omega_reference(int(v))) if v else 0 for v in a]), 0)
+            starts = np.arange(0, n, E.BLOCK)
+            lower, nonzero = E._block_bounds(lv, E.OMEGA_BY_BITS)
+            assert lower.tolist() == np.add.reduceat(bits, starts).tolist()
+            assert nonzero.tolist() == np.add.reduceat(a > 0, starts).tolist()
+
+
 @pytest.mark.parametrize("width", range(1, 14))
 def test_fixed_width_levels_decode_as_their_bits_say_on_any_stream(width):
     """unpack_fixed reads value i from bits [i*width, (i+1)*width), MSB first, minus the

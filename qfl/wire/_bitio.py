@@ -30,6 +30,24 @@ TABLE_BITS = 16  # codes of at most this many bits decode with one table lookup
 TABLE_VALUES = 1 << 12  # values below this encode with one table lookup
 
 
+_BYTES_TO_TOP = np.uint64(0x0101010101010101)
+_S56 = np.uint64(56)
+
+
+@nb.njit(inline="always", cache=True)
+def byte_sum(scratch, m):
+    """Sum of ``scratch[:m]``, bytes of at most 31 each: eight at a time, as the top byte
+    of one multiply (their sum stays below 256)."""
+    whole = m - m % 8
+    t = np.int64(0)
+    words = scratch[:whole].view(np.uint64)
+    for k in range(words.size):
+        t += np.int64((words[k] * _BYTES_TO_TOP) >> _S56)
+    for j in range(whole, m):
+        t += np.int64(scratch[j])
+    return t
+
+
 @nb.njit(inline="always", cache=True)
 def bit_length(v):
     """Number of significant bits of 1 <= v < 2**53 (exact via the float exponent)."""

@@ -22,7 +22,7 @@ import numpy as np
 
 from ..compress import runtime
 from ..compress.runtime import twin
-from ._bitio import ERR_RANGE, OK
+from ._bitio import ERR_RANGE, OK, byte_sum
 from ._elias import BLOCK as ELIAS_BLOCK
 
 #: Buckets per parallel work item.
@@ -46,22 +46,6 @@ def _elias_floor(v):
 _SPAN = ELIAS_BLOCK
 #: Elements per round of the byte scratch that the bound passes sum.
 _SCRATCH = 1 << 12
-_BYTES_TO_TOP = np.uint64(0x0101010101010101)
-_S56 = np.uint64(56)
-
-
-@nb.njit(inline="always", cache=True)
-def _byte_sum(scratch, m):
-    """Sum of ``scratch[:m]``, bytes of at most 31 each: eight at a time, as the top byte
-    of one multiply (their sum stays below 256)."""
-    whole = m - m % 8
-    t = np.int64(0)
-    words = scratch[:whole].view(np.uint64)
-    for k in range(words.size):
-        t += np.int64((words[k] * _BYTES_TO_TOP) >> _S56)
-    for j in range(whole, m):
-        t += np.int64(scratch[j])
-    return t
 
 
 @nb.njit(inline="always", cache=True)
@@ -109,7 +93,7 @@ def _scan(levels, bucket, per, widths, elias):
             seg = levels[lo : min(lo + _SCRATCH, hi)]
             for j in range(seg.size):
                 scratch[j] = _elias_floor(seg[j])
-            f += _byte_sum(scratch, seg.size)
+            f += byte_sum(scratch, seg.size)
             lo += seg.size
         elias[it] = f
 
@@ -134,7 +118,7 @@ def _gaps(levels, out):
             for j in range(v.size):
                 after1 = (v[j] != 0) & (p1[j] == 0)
                 scratch[j] = np.uint8(2 * after1 + 3 * (after1 & (p2[j] == 0) & (p3[j] == 0)))
-            t += _byte_sum(scratch, v.size)
+            t += byte_sum(scratch, v.size)
             lo = hi
         out[b] = t
 
