@@ -277,8 +277,8 @@ def _round_one(v, f, s, u, signed_grid):
     too (int64 min/max and float64 -> int64 conversions are AVX-512 instructions; AVX2
     emulates them lane by lane). The levels are those of truncating to int64 and
     clamping after: truncation is monotonic and the bounds are integers, so clamping the
-    float first gives the same integer, which then fits int32 (the grid's s < 2^15,
-    QSGD's s <= 2^30, and the value before clamping is at most s + 1 above them).
+    float first gives the same integer, which then fits int32 (clamped, the grid's value
+    is at most 2s + 1 < 2^16 and QSGD's at most s <= 2^30).
     """
     v = np.float64(v)
     if signed_grid:  # t = v f + u + s + 1 > 0, so truncating is flooring: no floor call
