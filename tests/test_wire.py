@@ -75,7 +75,7 @@ def test_elias_block_bounds_of_int8_levels_are_the_exact_per_level_sums():
     from qfl.wire import _elias as E
 
     rng = np.random.default_rng(5)
-    for n in (1, E._SCRATCH - 1, E._SCRATCH + 1, 2 * E.BLOCK + 3 * E._SCRATCH + 7):
+    for n in (1, E.BYTE_SCRATCH - 1, E.BYTE_SCRATCH + 1, 2 * E.BLOCK + 3 * E.BYTE_SCRATCH + 7):
         for density in (0.0, 0.01, 0.5, 1.0):
             lv = np.where(rng.random(n) < density, rng.integers(-128, 128, n), 0).astype(np.int8)
             lv[rng.integers(0, n, 3)] = -128

@@ -30,6 +30,9 @@ TABLE_BITS = 16  # codes of at most this many bits decode with one table lookup
 TABLE_VALUES = 1 << 12  # values below this encode with one table lookup
 
 
+#: Elements per round of the byte scratches whose bounds :func:`byte_sum` adds up (a
+#: few KB: they stay in L1 between the loop that writes them and the sum).
+BYTE_SCRATCH = 1 << 12
 _BYTES_TO_TOP = np.uint64(0x0101010101010101)
 _S56 = np.uint64(56)
 

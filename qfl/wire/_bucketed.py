@@ -22,7 +22,7 @@ import numpy as np
 
 from ..compress import runtime
 from ..compress.runtime import twin
-from ._bitio import ERR_RANGE, OK, byte_sum
+from ._bitio import BYTE_SCRATCH, ERR_RANGE, OK, byte_sum
 from ._elias import BLOCK as ELIAS_BLOCK
 
 #: Buckets per parallel work item.
@@ -44,8 +44,6 @@ def _elias_floor(v):
 #: Most elements per work item of the planning passes; the Elias block, so that items
 #: of the gap pass are exactly its blocks.
 _SPAN = ELIAS_BLOCK
-#: Elements per round of the byte scratch that the bound passes sum.
-_SCRATCH = 1 << 12
 
 
 @nb.njit(inline="always", cache=True)
@@ -85,12 +83,12 @@ def _scan(levels, bucket, per, widths, elias):
         b1 = min(b0 + per, widths.size)
         for b in range(b0, b1):
             widths[b] = _bit_length(_top(levels[b * bucket : min(b * bucket + bucket, n)]))
-        scratch = np.empty(_SCRATCH, np.uint8)
+        scratch = np.empty(BYTE_SCRATCH, np.uint8)
         f = np.int64(0)
         lo = b0 * bucket
         hi = min(b1 * bucket, n)
         while lo < hi:
-            seg = levels[lo : min(lo + _SCRATCH, hi)]
+            seg = levels[lo : min(lo + BYTE_SCRATCH, hi)]
             for j in range(seg.size):
                 scratch[j] = _elias_floor(seg[j])
             f += byte_sum(scratch, seg.size)
@@ -110,10 +108,10 @@ def _gaps(levels, out):
         t = np.int64(0)
         for j in range(1, min(3, seg.size)):
             t += 2 * np.int64((seg[j] != 0) & (seg[j - 1] == 0))
-        scratch = np.empty(_SCRATCH, np.uint8)
+        scratch = np.empty(BYTE_SCRATCH, np.uint8)
         lo = 3
         while lo < seg.size:
-            hi = min(lo + _SCRATCH, seg.size)
+            hi = min(lo + BYTE_SCRATCH, seg.size)
             v, p1, p2, p3 = seg[lo:hi], seg[lo - 1 : hi - 1], seg[lo - 2 : hi - 2], seg[lo - 3 : hi - 3]
             for j in range(v.size):
                 after1 = (v[j] != 0) & (p1[j] == 0)

@@ -23,6 +23,7 @@ import numpy as np
 from ..compress import runtime
 from ..compress.runtime import twin
 from ._bitio import (
+    BYTE_SCRATCH,
     DEC_LEN,
     DEC_VALUE,
     ERR_OVERRUN,
@@ -265,10 +266,6 @@ def _encode_sparse(blk, buf, p, gap_code, gap_len, sm_code, sm_len):
     return _flush(buf, p, p0, acc, nacc)
 
 
-#: Levels per round of the byte scratches that :func:`_lb8` sums.
-_SCRATCH = 1 << 12
-
-
 @nb.njit(inline="always", cache=True)
 def _lb8(blk, bound, nonzero):
     """(lower bound, nonzeros) of an int8 block: 2 + omega(|v|) bits per nonzero, as a
@@ -281,7 +278,7 @@ def _lb8(blk, bound, nonzero):
     nz = np.int64(0)
     lo = 0
     while lo < blk.size:
-        seg = blk[lo : min(lo + _SCRATCH, blk.size)]
+        seg = blk[lo : min(lo + BYTE_SCRATCH, blk.size)]
         for i in range(seg.size):
             v = seg[i]
             a = np.uint8(v if v >= 0 else -v)  # |-128| is 128 as a byte
@@ -323,11 +320,11 @@ def _block_bounds(levels, by_bits):
     nblk = (n + BLOCK - 1) // BLOCK
     lower = np.empty(nblk, np.int64)
     nonzero = np.empty(nblk, np.int64)
-    scratch = np.empty(2 * _SCRATCH, np.uint8)
+    scratch = np.empty(2 * BYTE_SCRATCH, np.uint8)
     for b in range(nblk):
         blk = levels[b * BLOCK : min(b * BLOCK + BLOCK, n)]
         if levels.itemsize == 1:
-            lower[b], nonzero[b] = _lb8(blk, scratch[:_SCRATCH], scratch[_SCRATCH:])
+            lower[b], nonzero[b] = _lb8(blk, scratch[:BYTE_SCRATCH], scratch[BYTE_SCRATCH:])
         else:
             lower[b], nonzero[b] = _lb_any(blk, by_bits)
     return lower, nonzero

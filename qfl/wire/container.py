@@ -94,19 +94,18 @@ class Group:
                 )
             sizes.append(n)
         total = sum(sizes)
-        first = self.members[0][0]
+        label = f"the group of {self.members[0][0]!r} and {len(sizes) - 1} more"
         if budget is not None and total > budget:
             raise WireFormatError(
-                f"the group of {first!r} and {len(sizes) - 1} more declares {total} elements, above what is left "
-                f"({budget}) of the container's limits"
+                f"{label} declares {total} elements, above what is left ({budget}) of the container's limits"
             )
         try:
             payloads = decode_all(self.data, Limits(max_elements=total, max_ndim=1, max_total_elements=total))
         except WireFormatError as exc:
-            raise WireFormatError(f"the group of {first!r} and {len(sizes) - 1} more: {exc}") from None
+            raise WireFormatError(f"{label}: {exc}") from None
         if len(payloads) != 1 or not isinstance(payloads[0].op, Identity) or payloads[0].shape != (total,):
             raise WireFormatError(
-                f"the group of {first!r} and {len(sizes) - 1} more must carry one identity payload of shape "
+                f"{label} must carry one identity payload of shape "
                 f"({total},), found {[(str(p.op), p.shape) for p in payloads]}"
             )
         whole = payloads[0]
