@@ -363,3 +363,131 @@ def test_the_momentum_step_names_the_first_tensor_it_takes_beyond_range(dtype):
         clean = {k: np.zeros_like(u) for k, u in updates.items()}
         assert s.step_updates(base, clean, lambda k, base=base: base[k].copy(), bound=bound)[1] is None
         assert s.step_updates(base, updates, mean, bound=bound)[1] == "b", (poison, bound)
+
+
+def _shared(sizes: dict[str, tuple[int, ...]], dtype=torch.float32, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Tensors lying back to back in one storage, as a group's members are decoded."""
+    g = torch.Generator().manual_seed(seed)
+    total = sum(int(np.prod(s)) for s in sizes.values())
+    flat, out, at = torch.randn(total, generator=g).to(dtype), {}, 0
+    for name, shape in sizes.items():
+        n = int(np.prod(shape))
+        out[name] = flat[at : at + n].view(shape)
+        at += n
+    return out
+
+
+def test_runs_are_the_adjacent_tensors_of_one_storage_in_memory_order():
+    """Only tensors that follow each other in ONE storage form a run (in memory order, the
+    mapping's order aside); adjacent memory of two storages, another dtype, a gap, a
+    strided view, an empty tensor, an integer tensor, a sparse update or a tensor that
+    needs grad each break it, and the run's values are exactly the members'."""
+    from qfl.codec import SparseDelta, Update, dense_runs, layout_of
+
+    group = _shared({"a": (4,), "b": (2, 3), "c": (5,), "d": (3,)})
+    raw = np.arange(12, dtype=np.float32)
+    split = {"p": torch.from_numpy(raw[:6]), "q": torch.from_numpy(raw[6:])}  # adjacent, two storages
+    mixed = torch.zeros(64, dtype=torch.uint8)
+    f32, f64 = mixed[:16].view(torch.float32), mixed[16:32].view(torch.float64)  # one storage, two dtypes
+    gap = _shared({"g0": (3,), "skip": (2,), "g1": (3,)}, seed=1)
+    update = {
+        "c": group["c"],
+        "x": torch.randn(7),
+        "a": group["a"],
+        "p": split["p"],
+        "q": split["q"],
+        "f32": f32,
+        "f64": f64,
+        "g0": gap["g0"],
+        "g1": gap["g1"],
+        "t": torch.randn(3, 4)[:, :2],
+        "e": group["a"][:0],
+        "i": torch.arange(4),
+        "s": SparseDelta((9,), torch.tensor([1, 4]), torch.ones(2)),
+        "grad": torch.ones(3, requires_grad=True),
+        "b": group["b"],
+        "d": group["d"],
+    }
+    runs, rest = dense_runs(update)
+    assert [r.names for r in runs] == [("a", "b", "c", "d")]
+    assert np.array_equal(runs[0].values, np.concatenate([group[k].reshape(-1).numpy() for k in "abcd"]))
+    assert sorted(rest) == sorted(k for k in update if k not in "abcd")
+    found = Update(update).layout()  # an Update finds the same, once
+    assert [r.names for r in found[0]] == [("a", "b", "c", "d")] and found[1] == rest
+    assert layout_of(update) == ((), tuple(update))  # any other mapping: no scan, all rest
+    half = {k: group[k] for k in "ab"}  # a run needs two members
+    assert [r.names for r in dense_runs(half)[0]] == [("a", "b")] and dense_runs({"a": group["a"]}) == ((), ("a",))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_checks_of_an_update_with_runs_are_the_checks_one_by_one(dtype):
+    """An Update's runs are checked in one pass each; the verdict (the first tensor in the
+    model's order), the model-range verdict and the norm are those of checking every
+    tensor alone, wherever the bad value lies (a run member, a tensor outside the run,
+    several at once)."""
+    from qfl.codec import MAX_VALUE, Update, norm, out_of_range
+    from qfl.strategies.replies import beyond_range
+
+    sizes = {"n0": (6,), "n1": (2, 4), "n2": (5,), "n3": (3,)}
+    g = torch.Generator().manual_seed(2)
+    base = {
+        "w": torch.randn(8, 8, generator=g).to(dtype),
+        **{k: torch.randn(s, generator=g).to(dtype) for k, s in sizes.items()},
+        "count": torch.tensor(3),
+    }
+    order = ["n2", "w", "n0", "count", "n3", "n1"]  # the model's order is not the memory's
+    base = {k: base[k] for k in order}
+    poisons = [(), (("n1", 3, float("nan")),), (("n3", 0, float("inf")),), (("w", 5, 2 * MAX_VALUE),)]
+    poisons += [(("n1", 1, float("nan")), ("n2", 4, float("inf"))), (("n0", 2, -2 * MAX_VALUE), ("w", 0, float("nan")))]
+    for poison in poisons:
+        for near in (False, True):
+            members = _shared(sizes, dtype, seed=3)
+            plain = {"w": torch.randn(8, 8, generator=g).to(dtype), **members, "count": torch.tensor(4)}
+            plain = {k: plain[k] for k in order}
+            for name, at, value in poison:
+                plain[name].view(-1)[at] = value
+            model = dict(base)
+            if near:  # in range alone, out of it added to the model's value
+                model["n0"] = base["n0"].clone()
+                model["n0"][1] = 0.75 * MAX_VALUE
+                plain["n0"].view(-1)[1] = 0.75 * MAX_VALUE
+            update = Update(plain)
+            assert update.layout()[0], "the members form a run"
+            assert out_of_range(update) == out_of_range(dict(plain))
+            assert beyond_range(model, update) == beyond_range(model, dict(plain))
+            a, b = norm(update), norm(dict(plain))
+            assert a == pytest.approx(b, rel=1e-12) or (np.isnan(a) and np.isnan(b)) or a == b
+
+
+def test_packed_sums_equal_the_sums_tensor_by_tensor_bit_for_bit():
+    """WeightedMean sums a run in one flat array whose slices are its members' sums: the
+    same bits as adding tensor by tensor, for replies with the run, a reply whose run has
+    other members (added member by member into the slices), and a run first seen after
+    its members were summed alone."""
+    from qfl.codec import Update
+
+    sizes = {"n0": (6,), "n1": (2, 4), "n2": (5,)}
+    g = torch.Generator().manual_seed(4)
+    base = {"w": torch.randn(10, generator=g), **{k: torch.randn(s, generator=g) for k, s in sizes.items()}}
+
+    def reply(seed, names=tuple(sizes)):
+        members = _shared({k: sizes[k] for k in names}, seed=seed)
+        out = {"w": torch.randn(10, generator=g), **members}
+        for k in sizes:
+            out.setdefault(k, torch.randn(sizes[k], generator=g))
+        return out
+
+    for layouts in ((None, None, None), (None, ("n0", "n1"), None), ("plain", None, None)):
+        replies = [reply(10 + i, tuple(sizes) if lay in (None, "plain") else lay) for i, lay in enumerate(layouts)]
+        packed = streaming.WeightedMean(base, [1.0, 3.0, 5.0])
+        alone = streaming.WeightedMean(base, [1.0, 3.0, 5.0])
+        for r, lay, f in zip(replies, layouts, packed.factors, strict=True):
+            packed.add_update(dict(r) if lay == "plain" else Update(r), f)
+            for k, d in r.items():
+                alone.add(k, d, f)
+        assert bool(packed.packed) == (layouts[0] is None)
+        packed.in_order()
+        alone.in_order()
+        assert list(packed.sums) == list(alone.sums)
+        assert all(packed.sums[k].tobytes() == alone.sums[k].tobytes() for k in alone.sums)
+        assert identical(packed.record(), alone.record())

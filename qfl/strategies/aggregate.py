@@ -32,7 +32,7 @@ inherited value does not count, so a subclass of it decides again.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from logging import INFO
 
 import numpy as np
@@ -45,12 +45,14 @@ from flwr.supercore import log
 from ..clients.records import array_record, decoded_record, new_array, numpy_array, numpy_record, numpy_views
 from ..codec import (
     Delta,
+    Run,
     SparseDelta,
     Tensors,
     apply_delta,
     decode_delta,
     dense,
     is_float,
+    layout_of,
     numpy_memory_dtype,
     numpy_ok,
 )
@@ -97,6 +99,40 @@ class WeightedMean:
         self.factors = [w / total for w in weights]
         self.sums: dict[str, np.ndarray] = {}
         self.values: set[str] = set()
+        #: One flat sum per run of tensors (:class:`~qfl.codec.Run`) whose members' sums
+        #: in ``sums`` are views of it, by the run's names.
+        self.packed: dict[tuple[str, ...], np.ndarray] = {}
+
+    def add_update(self, update: Mapping[str, Delta], factor: float) -> None:
+        """:meth:`add` for every tensor of one reply; an :class:`~qfl.codec.Update`'s runs
+        one addition each (the same elementwise arithmetic as :meth:`add`'s)."""
+        runs, rest = layout_of(update)
+        for run in runs:
+            total = self.packed.get(run.names)
+            if total is None and self._packable(run):
+                total = self.packed[run.names] = np.zeros(run.values.size, run.values.dtype)
+                at = 0
+                for k in run.names:
+                    n = self.base[k].numel()
+                    self.sums[k] = total[at : at + n]
+                    at += n
+            if total is not None and total.dtype == run.values.dtype and total.size == run.values.size:
+                total += run.values * factor
+            else:  # a layout the first reply did not have: member by member (into views)
+                for k in run.names:
+                    self.add(k, update[k], factor)
+        for k in rest:
+            self.add(k, update[k], factor)
+
+    def _packable(self, run: Run) -> bool:
+        """Whether a run's members can be summed in one flat array: none summed yet, each a
+        float update summed in the run's dtype, the sizes adding up."""
+        if any(k in self.sums for k in run.names):
+            return False
+        members = [self.base[k] for k in run.names]
+        return sum(t.numel() for t in members) == run.values.size and all(
+            is_float(t) and numpy_memory_dtype(t.dtype) == run.values.dtype for t in members
+        )
 
     def add(self, key: str, delta: Delta, factor: float) -> None:
         t = self.base[key]
@@ -224,8 +260,7 @@ def mean_reply(protocol: ServerProtocol, accepted: list[Message], key: str) -> W
     for msg, factor in zip(accepted, mean.factors, strict=True):
         held = protocol.held.pop(id(msg), None)
         if held is not None:
-            for name, delta in held.items():
-                mean.add(name, delta, factor)
+            mean.add_update(held, factor)
             continue
         if limits is None:
             limits = {k: protocol.limits_for(t) for k, t in base.items()}

@@ -10,20 +10,25 @@ from __future__ import annotations
 import functools
 import math
 
+import numpy as np
 import torch
 from flwr.app import ConfigRecord, Message, RecordDict
 
 from ..clients.records import decode_record
 from ..codec import (
     MAX_VALUE,
+    Delta,
     Deltas,
+    Run,
     SparseDelta,
     Tensors,
+    Update,
     apply_delta,
     check_against,
     decode_delta,
     gather,
     is_float,
+    layout_of,
     numpy_ok,
     out_of_range,
 )
@@ -64,7 +69,7 @@ def decode_update(
     # as the limit: a blob declaring more (a hostile "size far beyond the model") is
     # refused before anything is allocated.
     payloads = decode_record(msg.content[akey], {k: tensor_limits(limits, t) for k, t in base.items()})
-    delta = {}
+    delta = Update()
     for name in base:  # the model's order (a group's members travel together)
         ps = payloads[name]
         if len(ps) != 1:
@@ -134,27 +139,45 @@ def check_records(content: RecordDict, arrays: int, weight_key: str | None = Non
 def beyond_range(base: Tensors, delta: Deltas) -> str | None:
     """The first tensor the update takes to NaN, Inf or beyond MAX_VALUE (one rebuilt tensor
     at a time; a sparse update's at its kept positions, the others keep the model's values;
-    float32/float64 updates of the model's dtype by a compiled pass that builds nothing), or None."""
+    float32/float64 updates of the model's dtype by a compiled pass that builds nothing), or None.
+
+    An :class:`~qfl.codec.Update`'s runs are checked one compiled pass each, against the
+    model's tensors concatenated (a copy of ~100 small tensors, one call); only when
+    something fails are the tensors checked one by one, to name the first."""
+    runs, rest = layout_of(delta)
+    if runs:
+        if not any(_run_beyond(base, delta, r) for r in runs) and not any(_beyond(base[k], delta[k]) for k in rest):
+            return None
     for k, t in base.items():
-        if not is_float(t):  # the rebuilt tensor is not a float one (a counter): nothing to check
-            continue
-        d = delta[k]
-        flat = t.detach().reshape(-1)
-        if isinstance(d, SparseDelta):
-            if _compiled(flat, d.values):  # one pass, no gathered copy
-                if sparse_beyond(flat.numpy(), d.indices.numpy(), d.values.numpy(), MAX_VALUE):
-                    return k
-                continue
-            touched = apply_delta(gather(base[k], d.indices), d.values)
-        else:
-            if _compiled(flat, d):  # one pass, nothing rebuilt
-                if dense_beyond(flat.numpy(), d.detach().reshape(-1).numpy(), MAX_VALUE):
-                    return k
-                continue
-            touched = apply_delta(base[k], d)
-        if out_of_range({k: touched}) is not None:
+        if _beyond(t, delta[k]):
             return k
     return None
+
+
+def _beyond(t: torch.Tensor, d: Delta) -> bool:
+    """Whether the update ``d`` takes the model's tensor ``t`` beyond range."""
+    if not is_float(t):  # the rebuilt tensor is not a float one (a counter): nothing to check
+        return False
+    flat = t.detach().reshape(-1)
+    if isinstance(d, SparseDelta):
+        if _compiled(flat, d.values):  # one pass, no gathered copy
+            return sparse_beyond(flat.numpy(), d.indices.numpy(), d.values.numpy(), MAX_VALUE)
+        touched = apply_delta(gather(t, d.indices), d.values)
+    else:
+        if _compiled(flat, d):  # one pass, nothing rebuilt
+            return dense_beyond(flat.numpy(), d.detach().reshape(-1).numpy(), MAX_VALUE) > 0
+        touched = apply_delta(t, d)
+    return out_of_range({"": touched}) is not None
+
+
+def _run_beyond(base: Tensors, delta: Deltas, run: Run) -> bool:
+    """:func:`_beyond` for every member of ``run`` at once: one compiled pass over the
+    model's members concatenated when each is of the run's dtype, else one by one."""
+    members = [base[k].detach().reshape(-1) for k in run.names]
+    dtype = torch.float64 if run.values.dtype == np.float64 else torch.float32
+    if all(m.dtype == dtype and numpy_ok(m) for m in members):
+        return dense_beyond(np.concatenate([m.numpy() for m in members]), run.values, MAX_VALUE) > 0
+    return any(_beyond(base[k], delta[k]) for k in run.names)
 
 
 def _compiled(base: torch.Tensor, values: torch.Tensor) -> bool:
