@@ -97,6 +97,41 @@ class Update(dict):
         return self._layout
 
 
+class Model(dict):
+    """A model, name -> tensor, whose tensors do not change while it is held (the server's
+    base of a training round: read-only views of an ArrayRecord's bytes). The range check
+    of a :class:`Run` needs the model's members of the run concatenated; this keeps that
+    copy for every reply of the round (a few runs at most: beyond :data:`_KEPT_RUNS`
+    layouts, which only clients grouping differently would bring, it is made each time)."""
+
+    _concatenated: dict[tuple[tuple[str, ...], torch.dtype], np.ndarray | None] | None = None
+
+    def concatenated(self, names: tuple[str, ...], dtype: torch.dtype) -> np.ndarray | None:
+        """:func:`concatenated` of this model, kept."""
+        if self._concatenated is None:
+            self._concatenated = {}
+        kept, key = self._concatenated, (names, dtype)
+        if key in kept:
+            return kept[key]
+        out = concatenated(self, names, dtype)
+        if len(kept) < _KEPT_RUNS:
+            kept[key] = out
+        return out
+
+
+#: How many run layouts a :class:`Model` keeps concatenated.
+_KEPT_RUNS = 4
+
+
+def concatenated(model: Mapping[str, torch.Tensor], names: tuple[str, ...], dtype: torch.dtype) -> np.ndarray | None:
+    """The tensors ``names`` of ``model`` flat and back to back in one numpy array, or None
+    unless every one is a CPU tensor of ``dtype`` numpy can view."""
+    members = [model[k].detach() for k in names]
+    if not all(m.dtype == dtype and numpy_ok(m) for m in members):
+        return None
+    return np.concatenate([m.numpy().reshape(-1) for m in members])
+
+
 def layout_of(deltas: Mapping[str, Delta]) -> tuple[tuple[Run, ...], tuple[str, ...]]:
     """An :class:`Update`'s runs and the rest; any other mapping is all rest (no scan: its
     tensors are separate allocations, a rebuilt model's or a client's)."""
@@ -115,7 +150,15 @@ def dense_runs(deltas: Mapping[str, Delta]) -> tuple[tuple[Run, ...], tuple[str,
     rest: list[str] = []
     candidates = []
     for name, t in deltas.items():
-        if isinstance(t, torch.Tensor) and t.dtype in _RUN_DTYPES and t.numel() and numpy_ok(t) and t.is_contiguous():
+        # numpy_ok's test, inline (float32/float64 are numpy's): this runs per tensor per reply.
+        if (
+            isinstance(t, torch.Tensor)
+            and t.dtype in _RUN_DTYPES
+            and t.is_cpu
+            and not t.requires_grad
+            and t.numel()
+            and t.is_contiguous()
+        ):
             candidates.append((t.data_ptr(), name, t))
         else:
             rest.append(name)

@@ -229,8 +229,16 @@ class Operator(ABC):
     def decompress(self, payload: Payload) -> torch.Tensor:
         """Rebuild the tensor a payload describes (always with the payload's own operator)."""
         op = payload.op
-        flat = op._decompress(payload.body, payload.numel)
-        return flat.to(payload.dtype).reshape(payload.shape).to(payload.device)
+        out = op._decompress(payload.body, payload.numel)
+        # Each step only when it changes something: a server decodes a model's ~100 small
+        # tensors per reply, and a no-op .to() or .reshape() costs ~1.5 us of dispatch.
+        if out.dtype != payload.dtype:
+            out = out.to(payload.dtype)
+        if out.shape != payload.shape:
+            out = out.reshape(payload.shape)
+        if not (out.is_cpu and payload.device.type == "cpu"):
+            out = out.to(payload.device)
+        return out
 
     def decompress_sparse(self, payload: Payload) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``(positions, values)`` of a sparse payload, or None for a dense one.

@@ -19,12 +19,14 @@ from ..codec import (
     MAX_VALUE,
     Delta,
     Deltas,
+    Model,
     Run,
     SparseDelta,
     Tensors,
     Update,
     apply_delta,
     check_against,
+    concatenated,
     decode_delta,
     gather,
     is_float,
@@ -172,11 +174,12 @@ def _beyond(t: torch.Tensor, d: Delta) -> bool:
 
 def _run_beyond(base: Tensors, delta: Deltas, run: Run) -> bool:
     """:func:`_beyond` for every member of ``run`` at once: one compiled pass over the
-    model's members concatenated when each is of the run's dtype, else one by one."""
-    members = [base[k].detach().reshape(-1) for k in run.names]
+    model's members concatenated (kept by a :class:`~qfl.codec.Model` for the round's
+    replies) when each is of the run's dtype, else one by one."""
     dtype = torch.float64 if run.values.dtype == np.float64 else torch.float32
-    if all(m.dtype == dtype and numpy_ok(m) for m in members):
-        return dense_beyond(np.concatenate([m.numpy() for m in members]), run.values, MAX_VALUE) > 0
+    model = base.concatenated(run.names, dtype) if isinstance(base, Model) else concatenated(base, run.names, dtype)
+    if model is not None:
+        return dense_beyond(model, run.values, MAX_VALUE) > 0
     return any(_beyond(base[k], delta[k]) for k in run.names)
 
 

@@ -35,7 +35,7 @@ from ..clients.records import (
     to_record,
     to_views,
 )
-from ..codec import MAX_VALUE, Deltas, Tensors, apply_delta, norm, out_of_range
+from ..codec import MAX_VALUE, Deltas, Model, Tensors, apply_delta, norm, out_of_range
 from ..protocol import (
     CLIPPING_NORM,
     REPLY_KEY,
@@ -276,7 +276,7 @@ class ServerProtocol:
                     "Compressed(DifferentialPrivacyClientSide...(FedAvg(...), ...)), qfl reports the clients' errors."
                 )
             self._pending = server_round
-            self._base, self._full_bytes = model, full
+            self._base, self._full_bytes = Model(model), full
             self._clip = self._clipping_norm(messages)
         return self.compress_messages(server_round, self.traffic.at(server_round, phase), messages, model, full)
 
