@@ -6,10 +6,15 @@ without Flower; ``benchmarks/e2e.py`` runs the same models (``tests/apps/bigmode
 Flower in the simulation engine:
 
 * **client**: local SGD steps on synthetic data (the training time), then the model
-  change compressed tensor by tensor with error memory (``qfl.codec.compress_model``,
-  the mod's path) and encoded (``qfl.wire.encode``) -- compress+encode time and bytes;
-* **server**: each reply decoded and decompressed (``qfl.wire.decode``) and added into
-  one running float32 sum -- decode+aggregate time per reply, per 10M parameters;
+  change compressed tensor by tensor with error memory (``qfl.codec.compress_model``)
+  and encoded into one container (``qfl.clients.records.encode_record``): the mod's
+  path -- compress+encode time and bytes;
+* **server**: each reply decoded as a Compressed server decodes it (each tensor within
+  its own size, a sparse update held sparse: ``decode_record``, ``decode_delta``), its
+  three checks (values, the model it makes, its norm) and its addition into the
+  streaming weighted sum (``qfl.strategies.aggregate.WeightedMean``) -- decode+aggregate
+  time per reply, per 10M parameters (Flower's message handling and the server
+  optimiser's step are ``benchmarks/aggregate.py``'s);
 * **memory**: the process's resident set (psutil) after each phase, next to the model's
   own size, and its peak (``ru_maxrss``).
 
@@ -35,6 +40,7 @@ verdict. Run::
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
 import sys
@@ -44,9 +50,12 @@ from pathlib import Path
 import torch
 
 import qfl
-from qfl import wire
-from qfl.codec import compress_model
+from qfl.clients.records import decode_record, encode_record, record_bytes
+from qfl.codec import Model, Update, compress_model, decode_delta, norm, out_of_range
 from qfl.spec import Policy
+from qfl.strategies.aggregate import WeightedMean
+from qfl.strategies.replies import beyond_range, tensor_limits
+from qfl.wire import DEFAULT_LIMITS
 
 MB = 1 << 20
 
@@ -67,7 +76,9 @@ def run_model(name: str, args: argparse.Namespace, policy: Policy) -> dict:
     model_bytes = sum(v.numel() * v.element_size() for v in start.values())
     steps = args.gpt_steps if family == "gpt2" else args.steps
     out = {"params": params, "model_bytes": model_bytes, "steps": steps, "clients": []}
-    total = {k: torch.zeros_like(v, dtype=torch.float32) for k, v in start.items() if v.is_floating_point()}
+    base = Model(start)
+    limits = {k: tensor_limits(DEFAULT_LIMITS, t) for k, t in base.items()}
+    mean = WeightedMean(base, [1.0] * args.clients)
     out["rss_model"] = rss()
     for c in range(args.clients):
         model.load_state_dict(start)
@@ -78,27 +89,30 @@ def run_model(name: str, args: argparse.Namespace, policy: Policy) -> dict:
         delta = {k: (trained[k] - start[k]) if start[k].is_floating_point() else trained[k] for k in start}
         t = time.perf_counter()
         payloads, _, _ = compress_model(delta, policy, torch.Generator().manual_seed(c), memory={})
-        blobs = {k: wire.encode(p) for k, p in payloads.items()}
+        record = encode_record(payloads)
         codec_s = time.perf_counter() - t
         del payloads, delta
         rss_client = rss()
         t = time.perf_counter()
-        for k, blob in blobs.items():
-            x = wire.decode(blob).decompress()
-            if k in total:
-                total[k].add_(x.reshape(total[k].shape))
+        decoded = decode_record(record, limits)
+        update = Update((k, decode_delta(decoded[k][0])) for k in base)
+        bad = out_of_range(update) or beyond_range(base, update)
+        if bad is not None or not math.isfinite(norm(update)):
+            raise RuntimeError(f"client {c}: the server would drop this reply ({bad} out of range)")
+        mean.add_update(update, mean.factors[c])
         server_s = time.perf_counter() - t
+        del decoded, update
         out["clients"].append(
             {
                 "train_s": train_s,
                 "codec_s": codec_s,
                 "server_s": server_s,
-                "bytes": sum(len(b) for b in blobs.values()),
+                "bytes": record_bytes(record),
                 "rss_client": rss_client,
                 "rss_server": rss(),
             }
         )
-        del blobs
+        del record
     out["peak_rss"] = peak_rss()
     return out
 
