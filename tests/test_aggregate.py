@@ -425,7 +425,7 @@ def test_checks_of_an_update_with_runs_are_the_checks_one_by_one(dtype):
     model's order), the model-range verdict and the norm are those of checking every
     tensor alone, wherever the bad value lies (a run member, a tensor outside the run,
     several at once)."""
-    from qfl.codec import MAX_VALUE, Update, norm, out_of_range
+    from qfl.codec import MAX_VALUE, Model, Update, norm, out_of_range
     from qfl.strategies.replies import beyond_range
 
     sizes = {"n0": (6,), "n1": (2, 4), "n2": (5,), "n3": (3,)}
@@ -454,7 +454,9 @@ def test_checks_of_an_update_with_runs_are_the_checks_one_by_one(dtype):
             update = Update(plain)
             assert update.layout()[0], "the members form a run"
             assert out_of_range(update) == out_of_range(dict(plain))
-            assert beyond_range(model, update) == beyond_range(model, dict(plain))
+            expected = beyond_range(model, dict(plain))
+            kept = Model(model)  # the server's base: its members concatenated once per round
+            assert beyond_range(model, update) == beyond_range(kept, update) == beyond_range(kept, update) == expected
             a, b = norm(update), norm(dict(plain))
             assert a == pytest.approx(b, rel=1e-12) or (np.isnan(a) and np.isnan(b)) or a == b
 
@@ -491,3 +493,25 @@ def test_packed_sums_equal_the_sums_tensor_by_tensor_bit_for_bit():
         assert list(packed.sums) == list(alone.sums)
         assert all(packed.sums[k].tobytes() == alone.sums[k].tobytes() for k in alone.sums)
         assert identical(packed.record(), alone.record())
+
+
+def test_a_model_keeps_a_few_concatenated_layouts_per_dtype():
+    """Model.concatenated gives concatenated()'s array (None where a member is of another
+    dtype), keyed by names and dtype, and keeps at most _KEPT_RUNS layouts: clients that
+    group differently cannot make the server hold a copy per layout."""
+    from qfl import codec
+
+    g = torch.Generator().manual_seed(6)
+    model = codec.Model({f"t{i}": torch.randn(3 + i, generator=g) for i in range(8)})
+    model["d"] = torch.randn(4, generator=g, dtype=torch.float64)
+    names = ("t0", "t1", "t2")
+    first = model.concatenated(names, torch.float32)
+    assert np.array_equal(first, np.concatenate([model[k].numpy() for k in names]))
+    assert model.concatenated(names, torch.float32) is first  # kept
+    assert model.concatenated(names, torch.float64) is None  # another dtype: none, kept apart
+    assert model.concatenated(("t0", "d"), torch.float32) is None
+    for i in range(3, 8):
+        layout = ("t0", f"t{i}")
+        expected = codec.concatenated(model, layout, torch.float32)
+        assert np.array_equal(model.concatenated(layout, torch.float32), expected)
+    assert len(model._concatenated) == codec._KEPT_RUNS
