@@ -55,8 +55,9 @@ class FedAvgMomentum(FedAvgM):
         self.velocity: dict[str, np.ndarray] = {}
 
     def is_statistic(self, key: str, value: np.ndarray) -> bool:
-        """Whether ``key`` is averaged rather than moved by momentum."""
-        return not np.issubdtype(value.dtype, np.floating) or key.endswith(self.statistics)
+        """Whether ``key`` is averaged rather than moved by momentum (``dtype.kind``, numpy's
+        floating kind, rather than ``np.issubdtype``: ~5 us per call, per tensor per round)."""
+        return value.dtype.kind != "f" or key.endswith(self.statistics)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -152,7 +153,7 @@ class FedAvgMomentum(FedAvgM):
         if old is None:
             return new
         if self.is_statistic(key, old):  # averaged; FedAvg's float64 average back to the model's dtype
-            return np.asarray(new if np.issubdtype(old.dtype, np.floating) else np.rint(new), dtype=old.dtype)
+            return np.asarray(new if old.dtype.kind == "f" else np.rint(new), dtype=old.dtype)
         step = old - new
         velocity = self.velocity.get(key)
         if velocity is None:
