@@ -209,3 +209,26 @@ def test_the_container_decode_benchmark_compares_both_layouts():
     assert re.search(r"one blob per tensor: [\d.]+ ms per container, [\d,]+ bytes", out)
     assert re.search(r"one group blob: [\d.]+ ms per container, [\d,]+ bytes", out)
     assert re.search(r"one group / one blob per tensor: [\d.]+x the time", out)
+
+
+def test_the_scale_benchmark_runs_the_servers_per_reply_path(monkeypatch):
+    """benchmarks/scale.py on two tiny models: a row per reply and the goals per model; its
+    server side is the real one, so a reply the server's checks refuse ends the run."""
+    spec = importlib.util.spec_from_file_location("scale_benchmark", E2E.parent / "scale.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    models = ["mlp(inputs=16, hidden=8)", "resnet18(width=4)"]
+    args = ["--models", ",".join(models), "--clients", "2", "--steps", "1", "--batch", "2"]
+    text = io.StringIO()
+    with contextlib.redirect_stdout(text):
+        assert module.main(args) == 0
+    out = text.getvalue()
+    for name in models:
+        goal = rf"{re.escape(name)}: server decode\+aggregate, ms per 10M parameters per reply: [\d.e+]+"
+        assert re.search(goal, out)
+        rows = [line.split() for line in out.splitlines() if line.startswith(name + " ")]
+        assert len(rows) == 2 and all(int(row[-5].replace(",", "")) > 0 for row in rows)  # bytes per reply
+    assert re.search(r"resnet18\(width=4\): client compress\+encode / 1 steps' training: [\d.e+-]+ = [\d.]+x", out)
+    monkeypatch.setattr(module, "out_of_range", lambda update: next(iter(update)))
+    with pytest.raises(RuntimeError, match="would drop this reply"), contextlib.redirect_stdout(io.StringIO()):
+        module.main(args)
