@@ -73,7 +73,7 @@ class Run:
     ``values``, all of theirs as one flat array viewing that buffer.
 
     A group's small lossless tensors arrive in one blob and are decoded as views of it
-    (:class:`qfl.wire.Group`): a ResNet's ~100 normalisation tensors. A server passes
+    (:class:`qfl.wire.Group`): ResNet-18's ~80 normalisation tensors of 122. A server passes
     over every update four times (its values' range, the range of the model it makes,
     its norm, the sum), and each pass over one small tensor costs ~10 us of Python and
     dispatch for ~100 values: over the run it is one call.
