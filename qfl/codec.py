@@ -150,15 +150,7 @@ def dense_runs(deltas: Mapping[str, Delta]) -> tuple[tuple[Run, ...], tuple[str,
     rest: list[str] = []
     candidates = []
     for name, t in deltas.items():
-        # numpy_ok's test, inline (float32/float64 are numpy's): this runs per tensor per reply.
-        if (
-            isinstance(t, torch.Tensor)
-            and t.dtype in _RUN_DTYPES
-            and t.is_cpu
-            and not t.requires_grad
-            and t.numel()
-            and t.is_contiguous()
-        ):
+        if isinstance(t, torch.Tensor) and t.dtype in _RUN_DTYPES and t.numel() and numpy_ok(t) and t.is_contiguous():
             candidates.append((t.data_ptr(), name, t))
         else:
             rest.append(name)
@@ -177,11 +169,10 @@ def dense_runs(deltas: Mapping[str, Delta]) -> tuple[tuple[Run, ...], tuple[str,
 
     for ptr, name, t in sorted(candidates, key=lambda c: c[0]):
         size = t.numel() * t.element_size()
-        if names and first is not None and t.dtype == first.dtype and ptr == end:
-            if t.untyped_storage().data_ptr() == storage:
-                names.append(name)
-                end += size
-                continue
+        if first is not None and t.dtype == first.dtype and ptr == end and t.untyped_storage().data_ptr() == storage:
+            names.append(name)
+            end += size
+            continue
         close()
         names.append(name)
         first, storage, end = t, t.untyped_storage().data_ptr(), ptr + size
