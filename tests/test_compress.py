@@ -705,10 +705,12 @@ def test_randk_positions_match_floyd_definition():
         "topk(0.1) | fp16",
     ],
 )
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 def test_a_sparse_payload_read_sparsely_is_its_decompression(spec, dtype):
-    """What a server sums at the kept positions equals the dense rebuild, through the wire."""
-    x = torch.randn(40, 53, generator=torch.Generator().manual_seed(3)).to(dtype)
+    """What a server sums at the kept positions equals the dense rebuild, through the wire
+    (float64 raw values too: rebuilt through float32 they differed from what was sent)."""
+    # Drawn in float64, so that a float64 tensor has values float32 cannot hold.
+    x = torch.randn(40, 53, generator=torch.Generator().manual_seed(3), dtype=torch.float64).to(dtype)
     payload = qfl.wire.decode(qfl.wire.encode(qfl.parse(spec).compress(x, torch.Generator().manual_seed(4))))
     idx, values = payload.decompress_sparse()
     assert idx.dtype == torch.int64 and values.dtype == dtype and bool((idx[1:] > idx[:-1]).all())

@@ -63,9 +63,12 @@ class Sparsifier(Operator):
         assert isinstance(part, Sparse)
         k = part.count
         values = inner._decompress(part.values, k) if inner is not None else _raw_values(part.values)
-        out = np.empty(n, np.float32)
+        # float64 values (a float64 tensor's raw kept values) stay float64: through float32
+        # they would no longer be what decompress_sparse gives and the server sums.
+        wide = values.dtype == torch.float64
+        out = np.empty(n, np.float64 if wide else np.float32)
         idx = self.positions(part, n) if k else torch.zeros(0, dtype=torch.int64)
-        vals = values.to(torch.float32).contiguous().numpy()
+        vals = values.to(torch.float64 if wide else torch.float32).contiguous().numpy()
         # Zeros and kept values in one pass over a numpy-allocated buffer (no zero-fill, then
         # scatter, over a torch allocation).
         if idx.numel() != vals.size or K.scatter(idx.to(torch.int64).contiguous().numpy(), vals, out) != 0:
