@@ -225,9 +225,11 @@ def compress_model(
     With ``memory`` (a dict, possibly empty) error feedback is applied to every tensor
     whose operator is lossy; lossless ones need none. Returns (payloads, what the
     receiver will rebuild, new memory); without ``keep_sent`` the second is empty, so a
-    caller that does not need it does not hold a model-sized copy of it. With
-    ``consume`` each tensor is popped from ``tensors`` (then a dict) once compressed:
-    the update is released as the new memory grows, not held beside all of it.
+    caller that does not need it does not hold a model-sized copy of it (and a sparse
+    payload's memory is updated at its kept positions only). With ``consume`` the
+    tensors are handed over: each is popped from ``tensors`` (then a dict) once
+    compressed, so the update is released as the new memory grows, not held beside all
+    of it, and it may become that memory (written in place).
     """
     payloads: dict[str, Payload] = {}
     sent: dict[str, torch.Tensor] = {}
@@ -236,10 +238,12 @@ def compress_model(
         t = tensors.pop(name) if consume else tensors[name]  # type: ignore[attr-defined]
         op = policy.operator_for(name, t)
         if memory is not None and not isinstance(op, Identity):
-            payload, rebuilt, new_memory[name] = compress_with_memory(op, t, memory.get(name), generator)
+            payload, rebuilt, new_memory[name] = compress_with_memory(
+                op, t, memory.get(name), generator, keep_sent, owned=consume
+            )
         else:
             payload = op.compress(t, generator)
-            rebuilt = payload.decompress()
+            rebuilt = payload.decompress() if keep_sent else None
         payloads[name] = payload
         if keep_sent:
             sent[name] = rebuilt

@@ -19,7 +19,8 @@ from __future__ import annotations
 import torch
 
 from .compress import Operator, Payload
-from .compress.base import add, subtract
+from .compress.base import add, add_, numpy_ok, subtract
+from .compress.payload import Levels, Part, Raw, Signs, Sparse
 
 
 def memory_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -27,8 +28,10 @@ def memory_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def compensate(delta: torch.Tensor, memory: torch.Tensor | None) -> torch.Tensor:
-    """``delta + memory`` in memory precision (no memory yet: just ``delta``)."""
+def compensate(delta: torch.Tensor, memory: torch.Tensor | None, owned: bool = False) -> torch.Tensor:
+    """``delta + memory`` in memory precision (no memory yet: just ``delta``); added into
+    ``delta`` itself when the caller hands it over (``owned``), or into its cast when
+    casting made a copy."""
     corrected = delta.to(memory_dtype(delta.dtype))
     if memory is None:
         return corrected
@@ -36,7 +39,10 @@ def compensate(delta: torch.Tensor, memory: torch.Tensor | None) -> torch.Tensor
         raise ValueError(
             f"error memory of shape {tuple(memory.shape)} does not match an update of shape {tuple(delta.shape)}"
         )
-    return add(corrected, memory.to(corrected.device, corrected.dtype))
+    memory = memory.to(corrected.device, corrected.dtype)
+    if owned or corrected is not delta:
+        return add_(corrected, memory)
+    return add(corrected, memory)
 
 
 def update(corrected: torch.Tensor, sent: torch.Tensor) -> torch.Tensor:
@@ -49,13 +55,69 @@ def compress_with_memory(
     delta: torch.Tensor,
     memory: torch.Tensor | None,
     generator: torch.Generator | None = None,
-) -> tuple[Payload, torch.Tensor, torch.Tensor]:
+    keep_sent: bool = True,
+    owned: bool = False,
+) -> tuple[Payload, torch.Tensor | None, torch.Tensor]:
     """Compress ``delta + memory``; return (payload, what the receiver rebuilds, new memory).
 
     The second element is exactly what ``decompress`` yields on the other side (same
     code, same input), so the memory tracks the receiver's view bit for bit.
+
+    Without ``keep_sent`` the second element is None, and a sparse payload's new memory
+    is ``delta + memory`` changed at the kept positions only (:func:`sparse_update`):
+    the dense rebuild, a model-sized tensor of zeros, and a second model-sized result
+    are never made. ``owned``: the caller hands ``delta`` over, so the memory is added
+    into it and it may become the new memory.
     """
-    corrected = compensate(delta, memory)
+    corrected = compensate(delta, memory, owned)
     payload = op.compress(corrected, generator)
+    if not keep_sent:
+        new = sparse_update(corrected, payload, owned or corrected is not delta)
+        if new is not None:
+            return payload, None, new
     sent = payload.decompress()
-    return payload, sent, update(corrected, sent)
+    return payload, sent if keep_sent else None, update(corrected, sent)
+
+
+def sparse_update(corrected: torch.Tensor, payload: Payload, owned: bool) -> torch.Tensor | None:
+    """``update(corrected, payload.decompress())`` for a sparse payload, bit for bit, in
+    O(kept) beyond one copy of ``corrected`` (none when ``owned``: it is written in
+    place); None when the payload is dense or ``corrected`` cannot be written as a flat
+    numpy array.
+
+    Away from the kept positions ``corrected - 0`` is ``corrected`` exactly; at them it
+    is the same IEEE subtraction of the same values: ``decompress()`` equals
+    ``decompress_sparse()`` scattered into zeros (``Operator.decompress_sparse``). The
+    dense way makes two model-sized tensors per message, the rebuild and the result, on
+    fresh pages whose faults cost a large model's client more than the compression.
+    """
+    if not (numpy_ok(corrected) and corrected.is_contiguous()):
+        return None
+    sparse = payload.decompress_sparse()
+    if sparse is None:
+        return None
+    positions, values = sparse
+    if not owned or _shares_memory(payload.body, corrected):
+        corrected = corrected.clone()
+    flat = corrected.numpy().reshape(-1)
+    index = positions.numpy()
+    flat[index] -= values.to(corrected.dtype).numpy()
+    return corrected
+
+
+def _shares_memory(part: Part, t: torch.Tensor) -> bool:
+    """Whether any tensor of a payload body lies in ``t``'s memory (then ``t`` cannot be
+    written): the operators' bodies are fresh, but a body may hold its input's values."""
+    if isinstance(part, Sparse):
+        held = [] if part.indices is None else [part.indices]
+        return any(_overlap(h, t) for h in held) or _shares_memory(part.values, t)
+    names = {Raw: ("values",), Levels: ("scales", "levels"), Signs: ("negative",)}[type(part)]
+    return any(_overlap(getattr(part, name), t) for name in names)
+
+
+def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether the storages of ``a`` and ``b`` overlap in memory (views made through numpy
+    have storages of their own over the same bytes)."""
+    sa, sb = a.untyped_storage(), b.untyped_storage()
+    start_a, start_b = sa.data_ptr(), sb.data_ptr()
+    return start_a < start_b + sb.nbytes() and start_b < start_a + sa.nbytes()

@@ -104,7 +104,66 @@ def test_memory_arithmetic_is_torchs_whichever_way_it_runs(monkeypatch, busy, sh
         a, b = a.t(), b.t()
     assert base._in_numpy(a, b) == (dtype != torch.bfloat16 and (busy or a.numel() < base.TORCH_GRAIN))
     assert _same_bits(base.add(a, b), a + b) and _same_bits(base.subtract(a, b), a - b)
+    into = a.clone()
+    assert base.add_(into, b) is into and _same_bits(into, a + b)
     w = memory_dtype(dtype)
     assert _same_bits(compensate(a, b.to(w)), a.to(w) + b.to(w))
+    assert _same_bits(compensate(a.to(w).clone(), b.to(w), owned=True), a.to(w) + b.to(w))
     assert _same_bits(update(a.to(w), b), a.to(w) - b.to(w))
     assert _same_bits(model_delta(a, b), a.to(w) - b.to(w))
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(-1).view(torch.uint8)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "topk(0.05)",
+        "randk(0.1)",
+        "bernoulli(0.2) | grid(4)",
+        "topk(0.1) | qsgd(7, norm=max, bucket=128)",
+        "signtopk(0.1)",
+        "qsgd(4)",
+        "grid(8)",
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+@pytest.mark.parametrize("owned", [False, True])
+def test_memory_without_the_rebuild_is_the_same_bits(spec, dtype, owned):
+    # keep_sent=False updates a sparse payload's memory at its kept positions only (in
+    # place when the update is handed over): the same bits as corrected - decompress(),
+    # round after round, and an update not handed over is never written.
+    op = qfl.parse(spec)
+    g = torch.Generator().manual_seed(5)
+    dense_memory = sparse_memory = None
+    for r in range(4):
+        delta = (torch.randn(37, 29, generator=g, dtype=torch.float64) * 10.0**-r).to(dtype)
+        before = delta.clone()
+        p1, sent, dense_memory = compress_with_memory(op, delta, dense_memory, torch.Generator().manual_seed(r))
+        p2, none, sparse_memory = compress_with_memory(
+            op, delta.clone() if owned else delta, sparse_memory, torch.Generator().manual_seed(r), False, owned
+        )
+        assert none is None and torch.equal(sent, p2.decompress())
+        assert sparse_memory.dtype == dense_memory.dtype and sparse_memory.shape == delta.shape
+        assert torch.equal(_bits(sparse_memory), _bits(dense_memory)), f"round {r}"
+        assert torch.equal(_bits(delta), _bits(before))
+
+
+def test_a_body_holding_the_input_is_not_written_over(monkeypatch):
+    # An operator whose payload keeps a view of its input (raw values of every position):
+    # the new memory is written into a copy, so the payload still says what was meant.
+    op = qfl.parse("topk(1.0)")
+    real = type(op).select
+
+    def select_views(self, x, generator):
+        indices, seed, _ = real(self, x, generator)  # every position, in order
+        return indices, seed, x.reshape(-1)
+
+    monkeypatch.setattr(type(op), "select", select_views)
+    delta = torch.randn(50, generator=torch.Generator().manual_seed(1))
+    payload, _, new = compress_with_memory(op, delta, None, None, keep_sent=False, owned=True)
+    assert payload.body.values.values.data_ptr() == delta.data_ptr()
+    assert torch.equal(payload.decompress(), delta) and new.data_ptr() != delta.data_ptr()
+    assert torch.equal(new, torch.zeros(50))

@@ -103,6 +103,17 @@ def subtract(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return _elementwise(operator.sub, a, b)
 
 
+def add_(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a += b`` in place, returning ``a`` (writable; same dtype and shape): :func:`add`'s
+    arithmetic without a fresh result, whose pages a large model pays to fault in."""
+    if _in_numpy(a, b):
+        out = a.detach().numpy()
+        np.add(out, b.detach().numpy(), out=out)
+    else:
+        a.add_(b)
+    return a
+
+
 def _elementwise(op: Callable[[Any, Any], Any], a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if _in_numpy(a, b):
         return torch.from_numpy(np.asarray(op(a.detach().numpy(), b.detach().numpy())))
