@@ -6,9 +6,12 @@ without Flower; ``benchmarks/e2e.py`` runs the same models (``tests/apps/bigmode
 Flower in the simulation engine:
 
 * **client**: local SGD steps on synthetic data (the training time), then the model
-  change compressed tensor by tensor with error memory (``qfl.codec.compress_model``)
-  and encoded into one container (``qfl.clients.records.encode_record``): the mod's
-  path -- compress+encode time and bytes;
+  change compressed tensor by tensor with error memory (``qfl.codec.compress_model``,
+  called as the mod calls it: the update handed over, no rebuild kept) and encoded into
+  one container (``qfl.clients.records.encode_record``): the mod's path --
+  compress+encode time and bytes. Each client compresses with the error memory the
+  client before it left, as a client does from its second round on (the first has
+  none: its reply is the one the goals leave out);
 * **server**: each reply decoded as a Compressed server decodes it (each tensor within
   its own size, a sparse update held sparse: ``decode_record``, ``decode_delta``), its
   three checks (values, the model it makes, its norm) and its addition into the
@@ -79,6 +82,7 @@ def run_model(name: str, args: argparse.Namespace, policy: Policy) -> dict:
     base = Model(start)
     limits = {k: tensor_limits(DEFAULT_LIMITS, t) for k, t in base.items()}
     mean = WeightedMean(base, [1.0] * args.clients)
+    memory: dict[str, torch.Tensor] = {}  # the error memory the previous client left (see the module doc)
     out["rss_model"] = rss()
     for c in range(args.clients):
         model.load_state_dict(start)
@@ -88,7 +92,9 @@ def run_model(name: str, args: argparse.Namespace, policy: Policy) -> dict:
         trained = model.state_dict()
         delta = {k: (trained[k] - start[k]) if start[k].is_floating_point() else trained[k] for k in start}
         t = time.perf_counter()
-        payloads, _, _ = compress_model(delta, policy, torch.Generator().manual_seed(c), memory={})
+        payloads, _, memory = compress_model(
+            delta, policy, torch.Generator().manual_seed(c), memory, keep_sent=False, consume=True
+        )
         record = encode_record(payloads)
         codec_s = time.perf_counter() - t
         del payloads, delta
