@@ -92,9 +92,20 @@ def run(fed, config: dict, nodes: int, out: Path, timeout: float) -> dict:
             raise RuntimeError(
                 f"{config['model']} ({'plain' if config['plain'] else 'qfl'}), round {i}: {r['errors']} of "
                 f"{r['replies']} replies were errors (a client crashed or ran out of memory?); the run's log "
-                f"{flower.log_path} ends:\n{tail(flower.log, 40)}"
+                f"{flower.log_path} ends:\n{tail(_log_lines(flower), 40)}"
             )
     return result
+
+
+def _log_lines(flower) -> str:
+    """The run's log as the file holds it now, blank lines dropped: Flower's simulation
+    engine may still append after the CLI returned, and a client's traceback is what a
+    reader of the error needs."""
+    try:
+        text = flower.log_path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        text = flower.log
+    return "\n".join(line for line in text.splitlines() if line.strip())
 
 
 def later(result: dict) -> list[dict]:

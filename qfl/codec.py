@@ -288,6 +288,31 @@ def apply_delta(base: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
     return (base.to(work) + update.to(work)).to(base.dtype)
 
 
+def apply_payload(base: torch.Tensor, payload: Payload) -> torch.Tensor:
+    """``apply_delta(base, payload.decompress())``, bit for bit, without the dense rebuild
+    of a sparse payload: ``base + 0`` (what the rebuild's zeros give: a copy, but for a
+    negative zero, which becomes +0) with the kept positions added. A downlink step of a
+    large model is mostly zeros; the rebuild wrote them into a model-sized tensor on
+    fresh pages for one addition. ``base`` is never written.
+    """
+    if (
+        is_float(base)
+        and numpy_ok(base)
+        and payload.dtype in (torch.float32, torch.float64, torch.float16)
+        and payload.shape == tuple(base.shape)
+    ):
+        sparse = payload.decompress_sparse()
+        if sparse is not None:
+            positions, values = sparse
+            w = numpy_memory_dtype(base.dtype)
+            b = base.detach().numpy().reshape(-1)
+            moved = np.add(b.astype(w, copy=False), 0)  # fresh, in the memory precision
+            at = positions.numpy()
+            moved[at] = b[at].astype(w, copy=False) + values.numpy().astype(w, copy=False)
+            return torch.from_numpy(moved.astype(b.dtype, copy=False).reshape(base.shape))
+    return apply_delta(base, payload.decompress())
+
+
 def numpy_memory_dtype(dtype: torch.dtype) -> type:
     """:func:`qfl.memory.memory_dtype` as a numpy type."""
     return np.float64 if memory_dtype(dtype) == torch.float64 else np.float32

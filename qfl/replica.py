@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .codec import Tensors, apply_delta, compress_model, digest, model_delta
+from .codec import Tensors, apply_payload, compress_model, digest, model_delta
 from .compress import IDENTITY, Payload
 from .protocol import FULL, DownlinkHeader
 from .spec import Policy
@@ -140,8 +140,8 @@ class ServerDownlink:
             # into float64 after aggregating, and clients cast them back on loading anyway.
             target = {k: model[k].to(self.replica[k].dtype) for k in model}
             delta = {k: model_delta(target[k], self.replica[k]) for k in model}
-            payloads, sent, _ = compress_model(delta, self.policy, self.generator)
-            self.replica = {k: apply_delta(self.replica[k], sent[k]) for k in model}
+            payloads, _, _ = compress_model(delta, self.policy, self.generator, keep_sent=False)
+            self.replica = {k: apply_payload(self.replica[k], payloads[k]) for k in model}
             self._steps[self.version] = {k: encode(p) for k, p in payloads.items()}
             while len(self._steps) > self.history:
                 self._steps.popitem(last=False)
@@ -352,7 +352,7 @@ def _step(base: torch.Tensor, payload: Payload, name: str) -> torch.Tensor:
     """``base`` plus one decoded step, refused unless the step has the replica's shape."""
     if payload.shape != tuple(base.shape):
         raise DownlinkError(f"{name}: a step of shape {payload.shape} for a replica of shape {tuple(base.shape)}")
-    return apply_delta(base, payload.decompress())
+    return apply_payload(base, payload)
 
 
 def _anchor_model(

@@ -175,3 +175,29 @@ def test_compact_initial_replica_makes_resyncs_cheaper_and_exact():
     assert digest(receive(compact, 1, early)) == digest(compact.replica)
     # The first replica is 8-bit, yet the replica tracks the model: error feedback.
     assert float((compact.replica["w"] - model(0.03)["w"]).abs().max()) < 0.1
+
+
+@pytest.mark.parametrize(
+    "spec", ["topk(0.1)", "delta | topk(0.15) | qsgd(15, norm=max, bucket=128)", "randk(0.2)", "grid(8)", "identity"]
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_a_step_applied_from_its_payload_is_the_dense_step(spec, dtype):
+    # What a client adds to its replica (and the server to its copy of it): the kept
+    # positions added to base + 0, negative zeros turned +0 as the dense rebuild's zeros
+    # turn them; digests on both sides depend on these bits.
+    from qfl.codec import apply_delta, apply_payload, model_delta
+
+    g = torch.Generator().manual_seed(11)
+    base = torch.randn(23, 41, generator=g, dtype=torch.float64).to(dtype)
+    base[3, :7] = -0.0
+    target = base + torch.randn(23, 41, generator=g).to(dtype) * 0.01
+    op = qfl.parse(spec.removeprefix("delta | "))
+    payload = qfl.wire.decode(qfl.wire.encode(op.compress(model_delta(target, base), torch.Generator().manual_seed(2))))
+    before = base.clone()
+    got, want = apply_payload(base, payload), apply_delta(base, payload.decompress())
+    assert got.dtype == want.dtype == dtype and got.shape == want.shape
+    assert torch.equal(_bits(got), _bits(want)) and torch.equal(_bits(base), _bits(before))
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(-1).view(torch.uint8)
