@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from .compress import Operator, Payload
-from .compress.base import add, add_, numpy_ok, subtract
+from .compress.base import add, add_, numpy_ok, subtract, subtract_
 from .compress.payload import Levels, Part, Raw, Signs, Sparse
 
 
@@ -66,8 +66,9 @@ def compress_with_memory(
     Without ``keep_sent`` the second element is None, and a sparse payload's new memory
     is ``delta + memory`` changed at the kept positions only (:func:`sparse_update`):
     the dense rebuild, a model-sized tensor of zeros, and a second model-sized result
-    are never made. ``owned``: the caller hands ``delta`` over, so the memory is added
-    into it and it may become the new memory.
+    are never made; a dense payload's rebuild is subtracted in place when ``delta +
+    memory`` is this call's own. ``owned``: the caller hands ``delta`` over, so the
+    memory is added into it and it may become the new memory.
     """
     corrected = compensate(delta, memory, owned)
     payload = op.compress(corrected, generator)
@@ -76,7 +77,14 @@ def compress_with_memory(
         if new is not None:
             return payload, None, new
     sent = payload.decompress()
-    return payload, sent if keep_sent else None, update(corrected, sent)
+    if keep_sent or not (owned or corrected is not delta) or _holds(payload, sent, corrected):
+        return payload, sent if keep_sent else None, update(corrected, sent)
+    return payload, None, subtract_(corrected, sent.to(corrected.device, corrected.dtype))
+
+
+def _holds(payload: Payload, sent: torch.Tensor, t: torch.Tensor) -> bool:
+    """Whether the payload or its rebuild lies in ``t``'s memory (``t`` cannot be written)."""
+    return _overlap(sent, t) or _shares_memory(payload.body, t)
 
 
 def sparse_update(corrected: torch.Tensor, payload: Payload, owned: bool) -> torch.Tensor | None:

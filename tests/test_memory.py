@@ -106,6 +106,8 @@ def test_memory_arithmetic_is_torchs_whichever_way_it_runs(monkeypatch, busy, sh
     assert _same_bits(base.add(a, b), a + b) and _same_bits(base.subtract(a, b), a - b)
     into = a.clone()
     assert base.add_(into, b) is into and _same_bits(into, a + b)
+    into = a.clone()
+    assert base.subtract_(into, b) is into and _same_bits(into, a - b)
     w = memory_dtype(dtype)
     assert _same_bits(compensate(a, b.to(w)), a.to(w) + b.to(w))
     assert _same_bits(compensate(a.to(w).clone(), b.to(w), owned=True), a.to(w) + b.to(w))
@@ -168,3 +170,12 @@ def test_a_body_holding_the_input_is_not_written_over(monkeypatch):
     assert payload.body.values.values.data_ptr() == delta.data_ptr()
     assert torch.equal(payload.decompress(), delta) and new.data_ptr() != delta.data_ptr()
     assert torch.equal(new, torch.zeros(50))
+
+
+def test_a_dense_body_holding_the_input_is_not_written_over():
+    # identity's payload is its input itself: the residual goes into a fresh tensor.
+    delta = torch.randn(50, generator=torch.Generator().manual_seed(2))
+    kept = delta.clone()
+    payload, _, new = compress_with_memory(qfl.parse("identity"), delta, None, None, keep_sent=False, owned=True)
+    assert torch.equal(payload.decompress(), kept) and torch.equal(delta, kept)
+    assert torch.equal(new, torch.zeros(50)) and new.data_ptr() != delta.data_ptr()

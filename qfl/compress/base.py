@@ -106,11 +106,22 @@ def subtract(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def add_(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a += b`` in place, returning ``a`` (writable; same dtype and shape): :func:`add`'s
     arithmetic without a fresh result, whose pages a large model pays to fault in."""
+    return _elementwise_into(np.add, a, b)
+
+
+def subtract_(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a -= b`` in place, returning ``a``: :func:`subtract`'s arithmetic (see :func:`add_`)."""
+    return _elementwise_into(np.subtract, a, b)
+
+
+def _elementwise_into(op: np.ufunc, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if _in_numpy(a, b):
         out = a.detach().numpy()
-        np.add(out, b.detach().numpy(), out=out)
-    else:
+        op(out, b.detach().numpy(), out=out)
+    elif op is np.add:
         a.add_(b)
+    else:
+        a.sub_(b)
     return a
 
 
