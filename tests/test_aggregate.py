@@ -304,6 +304,27 @@ def test_the_mean_of_a_tensor_is_apply_delta_of_its_sum_bit_for_bit(dtype):
         assert got.shape == tuple(t.shape) and torch.equal(torch.from_numpy(np.asarray(got)), expected)
 
 
+def test_the_momentum_step_from_sums_takes_a_value_as_its_mean_not_as_an_update():
+    """A reply may carry a value (an integer payload) for a float tensor, as clients do for
+    counters the server holds as float: the step from the summed replies then moves to
+    the values' mean, as the step from Flower's average does, not to base + their sum."""
+    base = {"w": torch.tensor([1.0, 2.0, 3.0]), "b": torch.tensor([0.5, 0.5])}
+    fused, plain = (FedAvgMomentum(server_momentum=0.9) for _ in range(2))
+    fused.current_arrays = plain.current_arrays = ArrayRecord({k: Array(v.numpy()) for k, v in base.items()})
+    for rnd in range(2):
+        mean = streaming.WeightedMean(
+            {k: torch.from_numpy(v.copy()) for k, v in fused._current_numpy().items()}, [1.0, 3.0]
+        )
+        for factor in mean.factors:
+            mean.add("w", torch.tensor([7, 8, 9]), factor)
+            mean.add("b", torch.tensor([0.1, -0.2]), factor)
+        new, beyond = fused.step_updates(mean.numpy_base(), mean.sums, mean.mean_of)
+        expected = plain.step(mean.tensors())
+        assert beyond is None and mean.values == {"w"}
+        for k in base:
+            assert new[k].tobytes() == expected[k].tobytes(), (rnd, k, new[k], expected[k])
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
 @pytest.mark.parametrize("rate", [1.0, 0.7])
 def test_the_compiled_momentum_step_equals_numpy_bit_for_bit(dtype, rate):

@@ -194,8 +194,13 @@ class WeightedMean:
         return array_record(arrays)
 
     def numpy_base(self) -> dict[str, np.ndarray | None]:
-        """The base tensors as numpy views (None where numpy has no dtype for one)."""
-        return {k: None if t.dtype == torch.bfloat16 else t.detach().numpy() for k, t in self.base.items()}
+        """The base tensors as numpy views: None where numpy has no dtype for one, and where
+        the sum is of values rather than updates (``base + sum`` is not that tensor's mean:
+        :meth:`mean_of` is)."""
+        return {
+            k: None if t.dtype == torch.bfloat16 or k in self.values else t.detach().numpy()
+            for k, t in self.base.items()
+        }
 
 
 def aggregate_round(
