@@ -71,13 +71,14 @@ def compress_with_memory(
     memory is added into it and it may become the new memory.
     """
     corrected = compensate(delta, memory, owned)
+    writable = owned or corrected is not delta  # handed over, or a tensor compensate made
     payload = op.compress(corrected, generator)
     if not keep_sent:
-        new = sparse_update(corrected, payload, owned or corrected is not delta)
+        new = sparse_update(corrected, payload, writable)
         if new is not None:
             return payload, None, new
     sent = payload.decompress()
-    if keep_sent or not (owned or corrected is not delta) or _holds(payload, sent, corrected):
+    if keep_sent or not writable or _holds(payload, sent, corrected):
         return payload, sent if keep_sent else None, update(corrected, sent)
     return payload, None, subtract_(corrected, sent.to(corrected.device, corrected.dtype))
 
