@@ -106,22 +106,23 @@ def subtract(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def add_(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a += b`` in place, returning ``a`` (writable; same dtype and shape): :func:`add`'s
     arithmetic without a fresh result, whose pages a large model pays to fault in."""
-    return _elementwise_into(np.add, a, b)
+    return _elementwise_into(np.add, torch.Tensor.add_, a, b)
 
 
 def subtract_(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a -= b`` in place, returning ``a``: :func:`subtract`'s arithmetic (see :func:`add_`)."""
-    return _elementwise_into(np.subtract, a, b)
+    return _elementwise_into(np.subtract, torch.Tensor.sub_, a, b)
 
 
-def _elementwise_into(op: np.ufunc, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def _elementwise_into(
+    op: np.ufunc, in_torch: Callable[[torch.Tensor, torch.Tensor], Any], a: torch.Tensor, b: torch.Tensor
+) -> torch.Tensor:
+    """``op`` into ``a``: numpy's ufunc where :func:`_in_numpy` says, else torch's in-place method."""
     if _in_numpy(a, b):
         out = a.detach().numpy()
         op(out, b.detach().numpy(), out=out)
-    elif op is np.add:
-        a.add_(b)
     else:
-        a.sub_(b)
+        in_torch(a, b)
     return a
 
 
