@@ -15,7 +15,7 @@ import random
 import pytest
 import torch
 from conftest import tiny_data, tiny_model
-from fakes import Capture, FakeGrid, blobs_of, contained, per_tensor
+from fakes import AsyncFakeGrid, Capture, FakeGrid, blobs_of, contained, per_tensor
 from flwr.app import Array, ArrayRecord, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp.strategy import FedAvg
@@ -24,9 +24,9 @@ import qfl
 from qfl.clients import LocalTraining, compression_mod, make_client_app
 from qfl.clients.records import blob_array, to_tensors
 from qfl.clients.state import load_replica
-from qfl.codec import digest
+from qfl.codec import MAX_VALUE, digest
 from qfl.compress import IDENTITY, Levels, Payload, Raw, Sparse
-from qfl.strategies import Compressed, UpdateGuard
+from qfl.strategies import AsyncCompressed, Compressed, UpdateGuard
 from qfl.wire import WireFormatError, decode, encode
 
 PLAN = LocalTraining(steps=2, lr=0.1)
@@ -228,6 +228,50 @@ def test_hostile_clients_are_dropped_every_round_and_honest_updates_aggregated_e
     # The server never trusted the hostile nodes' replicas: they are resynced every round.
     assert strategy.downlink.resyncs == {"new": len(grid.node_ids), "behind": 0, "lost": len(names) * (ROUNDS - 1)}
     assert set(strategy.downlink.nodes) == set(honest)
+
+
+def test_the_asynchronous_server_drops_every_hostile_reply_and_applies_only_honest_ones():
+    """The same attacks against AsyncCompressed, plus an update in range whose model is
+    not: 3.bias starts at half of MAX_VALUE (equal across classes, so the honest clients
+    still train) and a client sends 0.75 MAX_VALUE for it."""
+    beyond = replace(
+        "3.bias",
+        lambda a: blob_of(Payload(IDENTITY, (4,), torch.float32, Raw(torch.full((4,), 0.75 * MAX_VALUE)))),
+    )
+    attacks = {**ATTACKS, "beyond": (beyond, "takes 3.bias beyond")}
+    grid = AsyncFakeGrid(honest_app(), HONEST + len(attacks))
+    hostile = dict(zip(grid.node_ids[HONEST:], attacks, strict=True))
+    for node, name in hostile.items():
+        grid.apps[node] = honest_app(mods=(attack_mod(attacks[name][0]), compression_mod))
+    start = tiny_model().state_dict()
+    start["3.bias"] = torch.full((4,), 0.5 * MAX_VALUE)
+    strategy = AsyncCompressed(
+        concurrency=len(grid.node_ids),
+        max_staleness=len(grid.node_ids),
+        uplink=UPLINK,
+        downlink=DOWNLINK,
+        min_elements=MIN_ELEMENTS,
+        guard=UpdateGuard(max_update_norm=50.0),
+        poll_interval=0.0,
+        seed=3,
+    )
+    with Capture() as log:
+        result = strategy.start(grid, ArrayRecord(start), num_updates=2 * HONEST)
+    assert strategy.stats.applied == 2 * HONEST
+    sent = {}  # node -> replies the server took in (those pulled after the last version are not)
+    for reply in grid.received:
+        if reply.metadata.reply_to_message_id not in strategy.jobs:
+            sent[reply.metadata.src_node_id] = sent.get(reply.metadata.src_node_id, 0) + 1
+    dropped = [line for line in log.lines if "dropped the reply" in line]
+    for node, name in hostile.items():
+        mine = [line for line in dropped if f"node {node} " in line]
+        assert sent.get(node, 0) >= 1 and len(mine) == sent[node], name
+        assert all(attacks[name][1] in line for line in mine), (name, mine[:1])
+    assert strategy.stats.dropped == len(dropped) == sum(sent[n] for n in hostile)
+    assert strategy.stats.accepted + strategy.stats.stale == sum(sent.get(n, 0) for n in grid.node_ids[:HONEST])
+    assert not set(hostile) & set(strategy.downlink.nodes)  # no hostile replica is trusted
+    model = to_tensors(result.arrays)
+    assert all(bool(torch.isfinite(t).all()) and float(t.abs().max()) < MAX_VALUE for t in model.values())
 
 
 def test_without_per_tensor_limits_a_huge_declaration_would_be_decoded():

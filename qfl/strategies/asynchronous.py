@@ -43,9 +43,9 @@ from flwr.serverapp.strategy import Result
 from flwr.supercore import log
 
 from ..clients.records import record_bytes, to_record, to_tensors
-from ..codec import Tensors, apply_delta, is_float, norm, out_of_range
+from ..codec import MAX_VALUE, Tensors, apply_delta, is_float, norm
 from .compressed import compression_settings
-from .replies import full_uplink
+from .replies import beyond_range, full_uplink
 from .server import ServerProtocol
 from .traffic import with_traffic
 
@@ -247,13 +247,16 @@ class AsyncCompressed(ServerProtocol):
             return model
         try:
             _, delta, info = self.decode_update(reply, model)
-            if out_of_range({k: apply_delta(model[k], delta[k]) for k in model}) is not None:
-                raise ValueError("the update takes the model beyond qfl.codec.MAX_VALUE")
+            # The model the update makes, checked one tensor at a time without building it
+            # (as the synchronous server does): a model-sized copy per reply for nothing.
+            bad = beyond_range(model, delta)
+            if bad is not None:
+                raise ValueError(f"the update takes {bad} beyond {MAX_VALUE:.3g}")
         except (ValueError, TypeError, OverflowError) as exc:  # WireFormatError, ProtocolError, ...
             self.stats.dropped += 1
             self._drop(traffic, reply, exc, self.version)
             return model
-        if not self.screen(traffic, [(reply, norm(delta))]):
+        if not self.screen(traffic, [(reply, norm(delta))], self.version):
             self.stats.dropped += 1
             return model
         self.acknowledge(reply, info)
