@@ -577,6 +577,23 @@ def _per_thread_count(counts: list[int], argv: list[str], json_path: str | None)
     return status
 
 
+def selected(specs: list[tuple[str, str]], ops: str) -> list[tuple[str, str]]:
+    """The (row name, spec) pairs ``--ops`` keeps: those whose name or spec contains one of
+    its comma-separated patterns, or whose name one matches as a regex. Commas inside
+    parentheses belong to a spec ("qsgd(255, bucket=512)"), which is no valid regex."""
+    pats = [p.strip() for p in re.split(r",(?![^()]*\))", ops) if p.strip()]
+
+    def matches(pattern: str, name: str, spec: str) -> bool:
+        if pattern in name or pattern in spec:
+            return True
+        try:
+            return re.search(pattern, name) is not None
+        except re.error:
+            return False
+
+    return [(name, spec) for name, spec in specs if any(matches(p, name, spec) for p in pats)]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
@@ -633,10 +650,7 @@ def main(argv: list[str] | None = None) -> int:
 
     specs = our_specs(args.size)
     if args.ops:
-        pats = [p.strip() for p in args.ops.split(",") if p.strip()]
-        specs = [
-            (name, spec) for name, spec in specs if any(p in name or p in spec or re.search(p, name) for p in pats)
-        ]
+        specs = selected(specs, args.ops)
     methods: list[Method] = [floor_method()]
     if not args.no_peers:
         if (m := bnb_method()) is not None:

@@ -232,3 +232,23 @@ def test_the_scale_benchmark_runs_the_servers_per_reply_path(monkeypatch):
     monkeypatch.setattr(module, "out_of_range", lambda update: next(iter(update)))
     with pytest.raises(RuntimeError, match="would drop this reply"), contextlib.redirect_stdout(io.StringIO()):
         module.main(args)
+
+
+def test_the_codec_benchmark_selects_specs_with_commas(monkeypatch):
+    """benchmarks/codec.py --ops: a spec with a comma inside its parentheses is one pattern
+    (it used to be split in two and crash as a regex), beside names and regexes."""
+    spec = importlib.util.spec_from_file_location("codec_benchmark", E2E.parent / "codec.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    specs = module.our_specs(10_000)
+    names = [name for name, _ in specs]
+
+    def kept(ops):
+        return [name for name, _ in module.selected(specs, ops)]
+
+    assert kept("qsgd(255, bucket=512)") == ["qsgd(255, bucket=512)"]
+    assert kept("qsgd(16, norm=max)") == ["qsgd(16, norm=max)"]  # not every row with "qsgd(16"
+    assert kept("qsgd(255, bucket=512),grid(8)") == [n for n in names if n in ("qsgd(255, bucket=512)", "grid(8)")]
+    assert kept("^fp16$, identity") == [n for n in names if n in ("fp16", "identity")]
+    assert kept("no such operator") == []
