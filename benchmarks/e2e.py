@@ -23,8 +23,9 @@ at batch ``--batch``; a GPT-2-small-shaped decoder, 124M, ``--gpt-steps`` steps 
 with sizes, e.g. ``resnet18(width=32)``: ``--steps`` at ``--batch`` but GPT-2's) with
 ``--clients`` clients for ``--rounds`` rounds; ``--many``:
 ``--many-clients`` virtual clients (an MLP) at ``--many-fraction`` participation for
-``--many-rounds`` rounds -- qfl's per-client overhead, the server's memory over rounds,
-and whether clients that skip rounds come back to a correct replica (resyncs, drops and
+``--many-rounds`` rounds -- qfl's per-client overhead, the server's memory over rounds
+(qfl's strategy state apart from the contexts Flower's engine keeps for every node in the
+server process), and whether clients that skip rounds come back to a correct replica (resyncs, drops and
 failures from the strategy's traffic counters; a client whose replica drifted fails the
 digest check and is counted). ``--tiny`` shrinks every model and runs one round (two
 for ``--many``): a smoke test, not a measurement.
@@ -251,6 +252,19 @@ def many_clients(fed, args, tmp: Path, checks: list) -> dict:
             f"{r['rounds'][-1]['server_rss_mb']:.0f} MB after round {len(r['rounds'])}, "
             f"peak {r['server_peak_rss_mb']:.0f} MB"
         )
+    memory = server_memory(runs["plain"], ours)
+    print(
+        f"server state (qfl's strategy: downlink replica, steps, checkpoint, offers): "
+        f"{memory['state_mb'][0]:.2f} MB after round 1, {memory['state_mb'][1]:.2f} MB after round "
+        f"{len(ours['rounds'])}; node records {memory['nodes'][0]} -> {memory['nodes'][1]}"
+    )
+    print(
+        f"contexts Flower's simulation engine keeps in the server process: {memory['contacted']} nodes contacted x "
+        f"{memory['client_state_kb']:.0f} KB of qfl client state (replica + error memory) = "
+        f"{memory['contexts_mb']:.1f} MB; from round 1 on the process grew {memory['growth_mb']:.1f} MB beyond "
+        f"plain Flower's growth, for {memory['contexts_growth_mb']:.1f} MB of contexts added "
+        f"({memory['growth_per_context']:.2f}x)"
+    )
     total, first = ours["total"], sum(r["first_contacts"] for r in ours["rounds"])
     back = sum(r["returning"] for r in ours["rounds"])
     print(
@@ -267,7 +281,35 @@ def many_clients(fed, args, tmp: Path, checks: list) -> dict:
             and all(r["replies"] == r["messages"] for r in ours["rounds"]),
         )
     )
-    return {"runs": runs, "summary": figures, "per_client_overhead_s": overhead}
+    return {"runs": runs, "summary": figures, "per_client_overhead_s": overhead, "memory": memory}
+
+
+def server_memory(plain: dict, ours: dict) -> dict:
+    """What the server process holds in the many-clients run, apart: qfl's strategy state
+    (bounded by its history, whatever the number of clients) and the contexts Flower's
+    simulation engine keeps in the same process for every node it ran, which with qfl
+    hold the client state (replica + error memory, reported by each reply) -- memory a
+    deployment spreads over its SuperNodes. Their growth from round 1 is set beside the
+    process's growth beyond plain Flower's."""
+    rounds, MB = ours["rounds"], 1 << 20
+    state = ours["total"]["client_state_bytes"]
+    contacted = [sum(r["first_contacts"] for r in rounds[: i + 1]) for i in range(len(rounds))]
+
+    def growth(run):
+        return run["rounds"][-1]["server_rss_mb"] - run["rounds"][0]["server_rss_mb"]
+
+    added = (contacted[-1] - contacted[0]) * state / MB
+    beyond = growth(ours) - growth(plain)
+    return {
+        "state_mb": (rounds[0].get("server_state_bytes", 0) / MB, rounds[-1].get("server_state_bytes", 0) / MB),
+        "nodes": (rounds[0].get("server_state_nodes", 0), rounds[-1].get("server_state_nodes", 0)),
+        "contacted": contacted[-1],
+        "client_state_kb": state / 1024,
+        "contexts_mb": contacted[-1] * state / MB,
+        "growth_mb": beyond,
+        "contexts_growth_mb": added,
+        "growth_per_context": beyond / added if added > 0 else float("nan"),
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -166,6 +166,14 @@ def test_tiny_many_clients_keep_replicas_right(tiny):
     assert ours["total"]["dropped"] == ours["total"]["failures"] == 0
     assert results["checks"] and all(c["pass"] for c in results["checks"])
     assert "qfl per client per round" in text and "server RSS (qfl)" in text
+    # The strategy's own state and the contexts the engine holds, apart.
+    memory = results["many"]["memory"]
+    assert all(r["server_state_bytes"] > 0 and r["server_state_nodes"] > 0 for r in ours["rounds"])
+    assert "server_state_bytes" not in runs["plain"]["rounds"][0]
+    assert memory["contacted"] == first and memory["client_state_kb"] * 1024 == ours["total"]["client_state_bytes"]
+    assert memory["client_state_kb"] * 1024 >= ours["model_bytes"]  # the replica at least
+    assert memory["nodes"][1] <= first
+    assert "contexts Flower's simulation engine keeps" in text
 
 
 def test_no_process_left_behind(tiny):

@@ -20,7 +20,9 @@ Server: :class:`Measured`, a strategy around the one the app runs (plain FedAvg 
 (the round's wall time) and ``aggregate_train`` alone (decode + validate + aggregate),
 counts the bytes of every ``Array`` in the messages and replies it passes (what crosses
 the wire, the same count for both), notes the server process's memory after every
-round, and which nodes it sampled for the first time or again after skipping rounds.
+round (and, for qfl, the bytes and node records its downlink keeps:
+``ServerDownlink.state_size``), and which nodes it sampled for the first time or again
+after skipping rounds.
 """
 
 from __future__ import annotations
@@ -170,6 +172,13 @@ class Measured(Strategy):
             server_rss_mb=rss() / MB,
             server_peak_rss_mb=peak_rss() / MB,
         )
+        # qfl's own server state apart from the process's memory, which in Flower's
+        # simulation engine also holds every node's context (qfl's client state).
+        downlink = getattr(self.strategy, "downlink", None)
+        if downlink is not None:
+            size = downlink.state_size()
+            row["server_state_bytes"] = sum(v for k, v in size.items() if k.endswith("_bytes"))
+            row["server_state_nodes"] = size["nodes"]
         return out
 
     def configure_evaluate(
