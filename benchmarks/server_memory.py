@@ -22,6 +22,11 @@ measurement. Both paths run in this one process, so the figures are ratios of on
 Run::
 
     PYTHONPATH=. python benchmarks/server_memory.py [--clients 4,16,64] [--uplink "topk(0.01) | qsgd(16)"]
+        [--strategies fedavg,fedadam,...]
+
+With ``--strategies`` each inner strategy qfl sums one reply at a time is measured in turn,
+and a goal line per strategy compares the streaming path's traced peak at the largest N
+with its peak at the smallest (O(model): no growth with N).
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ import psutil
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvg, FedAvgM, FedProx, FedYogi
 
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
@@ -48,8 +53,27 @@ from bigmodel.models import resnet18  # the model of scale.py and e2e.py
 from fakes import FakeGrid  # the in-process Grid of the tests
 
 from qfl.clients import compression_mod
-from qfl.strategies import Compressed
+from qfl.strategies import Compressed, FedAvgMomentum
 from qfl.strategies import aggregate as streaming
+
+#: ``--strategies``: the inner strategies qfl aggregates one reply at a time (``LINEAR``).
+STRATEGIES = {
+    "fedavg": FedAvg,
+    "fedavgm": FedAvgM,
+    "fedprox": FedProx,
+    "fedadam": FedAdam,
+    "fedyogi": FedYogi,
+    "fedadagrad": FedAdagrad,
+    "fedavgmomentum": FedAvgMomentum,
+}
+#: The streaming path's traced peak at the largest N over its peak at the smallest: O(model)
+#: means no growth with N, up to this much for allocator noise.
+FLAT = 1.25
+
+
+def inner(name: str):
+    """A fresh inner strategy of ``--strategies``' ``name``, sampling every node."""
+    return STRATEGIES[name](fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=1, min_available_nodes=1)
 
 
 def client_app() -> ClientApp:
@@ -106,17 +130,18 @@ def timed(fn, into: dict, name: str):
     return run
 
 
-def measure(model: ArrayRecord, replies: list[Message], uplink: str, per_reply: bool) -> tuple[int, int, dict]:
-    """(traced peak, rss growth, seconds per part) of one aggregate_train over ``replies``.
+def measure(
+    model: ArrayRecord, replies: list[Message], uplink: str, per_reply: bool, strategy_name: str = "fedavg"
+) -> tuple[int, int, dict]:
+    """(traced peak, rss growth, seconds per part) of one aggregate_train over ``replies``,
+    with the inner strategy ``strategy_name`` (a key of :data:`STRATEGIES`).
 
     Parts: ``total``; ``checks``, the first decode of every reply with every check (the
     norms the guard needs, and the rebuilt replies on the per-reply path); ``second``,
     the streaming path's second decode of the accepted replies into the running sum.
     """
     grid = FakeGrid(client_app(), len(replies))
-    strategy = Compressed(
-        FedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=1, min_available_nodes=1), uplink=uplink
-    )
+    strategy = Compressed(inner(strategy_name), uplink=uplink)
     strategy.configure_train(1, model, ConfigRecord(), grid)
     seconds: dict[str, float] = {}
     strategy.protocol.train_replies = timed(strategy.protocol.train_replies, seconds, "checks")
@@ -143,8 +168,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--clients", default="4,16,64")
     parser.add_argument("--uplink", default="topk(0.01) | qsgd(16)")
+    parser.add_argument(
+        "--strategies",
+        default="fedavg",
+        help=f"comma-separated inner strategies, of: {', '.join(STRATEGIES)} (default fedavg)",
+    )
     args = parser.parse_args(argv)
     counts = sorted(int(c) for c in args.clients.split(","))
+    names = [n.strip().lower() for n in args.strategies.split(",") if n.strip()]
+    if not names or any(n not in STRATEGIES for n in names):
+        parser.error(f"--strategies takes a comma-separated subset of: {', '.join(STRATEGIES)}")
     torch.manual_seed(0)
     model = ArrayRecord(resnet18().state_dict())
     size = sum(a.numpy().nbytes for a in model.values())
@@ -157,22 +190,37 @@ def main(argv: list[str] | None = None) -> int:
     replies = grid.send_and_receive(maker.configure_train(1, model, ConfigRecord(), grid))
     up = np.mean([sum(len(a.data) for a in next(iter(r.content.array_records.values())).values()) for r in replies])
     print(f"{len(replies)} replies made in {time.perf_counter() - t:.0f} s, {up / 2**20:.2f} MiB each ({args.uplink})")
-    measure(model, replies[:1], args.uplink, False)  # warm-up: compiled kernels, first-use allocations
-    print(f"{'N':>4} {'path':>9} {'traced/model':>13} {'rss/model':>10} {'seconds':>8} {'checks':>7} {'second':>7}")
-    for n in counts:
-        row = {}
-        for per_reply in (False, True):
-            traced, grown, seconds = measure(model, replies[:n], args.uplink, per_reply)
-            row[per_reply] = (traced, grown, seconds)
+    verdicts = []
+    for name in names:
+        measure(model, replies[:1], args.uplink, False, name)  # warm-up: compiled kernels, first-use allocations
+        print(f"\n## inner strategy {STRATEGIES[name].__name__}")
+        print(f"{'N':>4} {'path':>9} {'traced/model':>13} {'rss/model':>10} {'seconds':>8} {'checks':>7} {'second':>7}")
+        peaks: dict[bool, list[int]] = {False: [], True: []}
+        for n in counts:
+            row = {}
+            for per_reply in (False, True):
+                traced, grown, seconds = measure(model, replies[:n], args.uplink, per_reply, name)
+                row[per_reply] = (traced, grown, seconds)
+                peaks[per_reply].append(traced)
+                print(
+                    f"{n:>4} {'per-reply' if per_reply else 'streaming':>9} {traced / size:>13.2f} "
+                    f"{grown / size:>10.2f} {seconds['total']:>8.2f} {seconds['checks']:>7.2f} "
+                    f"{seconds.get('second', 0.0):>7.2f}"
+                )
+            (ts, rs, ss), (tp, rp, sp) = row[False], row[True]
             print(
-                f"{n:>4} {'per-reply' if per_reply else 'streaming':>9} {traced / size:>13.2f} {grown / size:>10.2f} "
-                f"{seconds['total']:>8.2f} {seconds['checks']:>7.2f} {seconds.get('second', 0.0):>7.2f}"
+                f"{n:>4} streaming/per-reply: traced {ts / tp:.3f}, rss {rs / max(rp, 1):.3f}, time "
+                f"{ss['total'] / sp['total']:.2f}; second decode / first decode+checks "
+                f"{ss['second'] / ss['checks']:.2f}"
             )
-        (ts, rs, ss), (tp, rp, sp) = row[False], row[True]
-        print(
-            f"{n:>4} streaming/per-reply: traced {ts / tp:.3f}, rss {rs / max(rp, 1):.3f}, time "
-            f"{ss['total'] / sp['total']:.2f}; second decode / first decode+checks {ss['second'] / ss['checks']:.2f}"
+        growth, theirs = peaks[False][-1] / peaks[False][0], peaks[True][-1] / peaks[True][0]
+        verdicts.append(
+            f"{STRATEGIES[name].__name__}: streaming traced peak at N={counts[-1]} / at N={counts[0]} = {growth:.2f}x "
+            f"(per-reply {theirs:.1f}x); O(model) needs <= {FLAT}x -> {'PASS' if growth <= FLAT else 'FAIL'}"
         )
+    print("\ngoals (server memory O(model), not O(clients x model)):")
+    for line in verdicts:
+        print("  " + line)
     return 0
 
 
