@@ -120,3 +120,65 @@ def test_async_reaches_the_sync_accuracy_band():
     sync_acc = sync_result.evaluate_metrics_serverapp[6]["accuracy"]
     async_acc = result.evaluate_metrics_serverapp[max(result.evaluate_metrics_serverapp)]["accuracy"]
     assert async_acc >= sync_acc - 0.05
+
+
+def test_clients_without_the_mod_stop_the_run_with_a_clear_error():
+    """Every node lacks compression_mod: no reply is ever usable, so the run must not wait
+    for updates that never come (nor end at max_time with the initial model)."""
+    import pytest
+
+    from qfl.strategies import MisconfigurationError
+
+    plain = make_client_app(tiny_model, tiny_data, default=PLAN, mods=())
+    for grid in (AsyncFakeGrid(plain, 4), AsyncFakeGrid(PlainReplies(), 4)):
+        s = strategy(concurrency=3)
+        with pytest.raises(MisconfigurationError, match="compression_mod"):
+            s.start(grid, initial(), num_updates=5, max_time=60)
+        assert s.stats.applied == 0
+
+
+def test_one_client_without_the_mod_among_working_ones_is_dropped_and_the_run_goes_on():
+    grid = AsyncFakeGrid(app(), 4)
+    grid.apps[grid.node_ids[1]] = make_client_app(tiny_model, tiny_data, default=PLAN, mods=())
+    grid.apps[grid.node_ids[2]] = PlainReplies()
+    s = strategy(concurrency=4)
+    s.start(grid, initial(), num_updates=8)
+    assert s.stats.applied == 8
+    assert s.stats.failed >= 1 and s.stats.dropped >= 1  # the one that crashed, the one that answered plainly
+
+
+class PlainReplies:
+    """A ClientApp that answers every train message with a model of its own, no qfl record
+    (it never reads the message's arrays)."""
+
+    def __call__(self, msg, context):
+        from flwr.app import Message, RecordDict
+
+        return Message(RecordDict({"arrays": initial(), "metrics": MetricRecord({"num-examples": 10})}), reply_to=msg)
+
+
+class Switching:
+    """Node by node, answers its n-th message (1-based) without the mod when n is in
+    ``plain_at[node]``, else as the working ClientApp does."""
+
+    def __init__(self, plain_at: dict[int, set[int]]) -> None:
+        self.plain_at, self.seen, self.good, self.plain = plain_at, {}, app(), PlainReplies()
+
+    def __call__(self, msg, context):
+        node = msg.metadata.dst_node_id
+        self.seen[node] = self.seen.get(node, 0) + 1
+        handler = self.plain if self.seen[node] in self.plain_at.get(node, ()) else self.good
+        return handler(msg, context)
+
+
+def test_a_usable_reply_clears_the_nodes_seen_without_the_mod():
+    """With two nodes both busy, the first node's first reply and the second node's third
+    lack qfl's record, with usable replies in between: never both at once, so the run goes
+    on (counting the two as distinct nodes without the mod across the run would stop it)."""
+    grid = AsyncFakeGrid(app(), 2)
+    a, b = grid.node_ids
+    switching = Switching({a: {1}, b: {3}})
+    grid.apps = {a: switching, b: switching}
+    s = strategy(concurrency=2)
+    s.start(grid, initial(), num_updates=6)
+    assert s.stats.applied == 6 and s.stats.dropped == 2

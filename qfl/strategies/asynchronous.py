@@ -44,6 +44,8 @@ from flwr.supercore import log
 
 from ..clients.records import record_bytes, to_record, to_tensors
 from ..codec import MAX_VALUE, Tensors, apply_delta, is_float, norm
+from ..protocol import REPLY_KEY
+from ..wire import STYPE
 from .compressed import compression_settings
 from .replies import beyond_range, full_uplink
 from .server import ServerProtocol
@@ -131,6 +133,10 @@ class AsyncCompressed(ServerProtocol):
         self.version = 0
         self.jobs: dict[str, _Job] = {}  # message id -> job
         self.buffer: list[tuple[Tensors, float, float]] = []  # (delta, staleness-weighted n, n)
+        # Nodes whose replies showed no compression_mod since the last reply that did, and
+        # how many nodes a dispatch last saw: see _misconfigured.
+        self._unmodded: dict[int, str] = {}
+        self._pool = 0
 
     def summary(self) -> None:
         """Log the settings."""
@@ -195,7 +201,9 @@ class AsyncCompressed(ServerProtocol):
 
     def _dispatch(self, grid: Grid, model: Tensors, full_bytes: int, config: dict) -> None:
         busy = {job.node for job in self.jobs.values()}
-        idle = [n for n in grid.get_node_ids() if n not in busy]
+        nodes = list(grid.get_node_ids())
+        self._pool = len(nodes)
+        idle = [n for n in nodes if n not in busy]
         self.rng.shuffle(idle)
         chosen = idle[: max(0, self.concurrency - len(self.jobs))]
         if not chosen:
@@ -230,9 +238,15 @@ class AsyncCompressed(ServerProtocol):
             traffic.failures += 1
             self.downlink.forget(job.node)
             log(WARNING, "qfl async: node %s failed: %s", job.node, reply.error.reason)
+            if STYPE in (reply.error.reason or ""):  # it could not read qfl's blobs
+                self._misconfigured(job.node, reply.error.reason)
             return model
         traffic.uplink += sum(record_bytes(r) for r in reply.content.array_records.values())
         traffic.uplink_full += full_uplink(reply, full_bytes)
+        if REPLY_KEY in reply.content:
+            self._unmodded.clear()
+        else:
+            self._misconfigured(job.node, "a reply without qfl's record")
         staleness = self.version - job.version
         if staleness > self.max_staleness:
             self.stats.stale += 1
@@ -278,6 +292,20 @@ class AsyncCompressed(ServerProtocol):
         self.version += 1
         self.stats.applied += 1
         return {k: apply_delta(model[k], update[k]) for k in model}
+
+    def _misconfigured(self, node: int, reason: str) -> None:
+        """Stop the run when every node that could be busy showed no ``compression_mod``.
+
+        Without it no reply is ever usable: the run would wait for ``num_updates`` that
+        never come (or end at ``max_time`` with the initial model). As in a synchronous
+        round none of whose replies could be used, that is a MisconfigurationError, here
+        once as many distinct nodes as can be busy at once (``concurrency``, at most the
+        nodes connected) replied so since the last reply that carried qfl's record. A few
+        such nodes among working ones are dropped and logged.
+        """
+        self._unmodded[node] = reason
+        if len(self._unmodded) >= max(1, min(self.concurrency, self._pool)):
+            self.check_misconfigured(self.version, "train", list(self._unmodded.values()), usable=0)
 
     def _expire(self) -> None:
         now = time.monotonic()
