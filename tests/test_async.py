@@ -82,9 +82,9 @@ def test_a_silent_client_times_out_and_frees_its_slot():
 def test_failed_replies_do_not_stop_the_run():
     grid = AsyncFakeGrid(app(), 3)
     grid.fail[1002] = lambda m: True
-    s = strategy()
+    s = strategy(max_unusable=2)  # counted in a row: usable replies come in between
     s.start(grid, initial(), num_updates=8)
-    assert s.stats.failed >= 1 and s.stats.applied == 8
+    assert s.stats.failed > 2 and s.stats.applied == 8
 
 
 def test_state_stays_bounded_and_replicas_match_after_many_versions():
@@ -182,3 +182,33 @@ def test_a_usable_reply_clears_the_nodes_seen_without_the_mod():
     s = strategy(concurrency=2)
     s.start(grid, initial(), num_updates=6)
     assert s.stats.applied == 6 and s.stats.dropped == 2
+
+
+def test_a_run_where_no_reply_is_ever_usable_stops_with_the_last_problem():
+    """Every node fails, or none answers: without a limit the run would wait forever for
+    its updates. With max_unusable=None it keeps waiting (here until max_time)."""
+    import pytest
+
+    grid = AsyncFakeGrid(app(), 3)
+    for nid in grid.node_ids:
+        grid.fail[nid] = lambda m: True
+    s = strategy(max_unusable=12)
+    with pytest.raises(RuntimeError, match=r"last 12 replies brought no usable update .*node failed"):
+        s.start(grid, initial(), num_updates=5, max_time=60)
+    assert s.stats.failed == 12 and s.stats.applied == 0
+
+    grid = AsyncFakeGrid(app(), 2)
+    grid.silent.update(grid.node_ids)
+    s = strategy(max_unusable=4, message_timeout=0.01, poll_interval=0.005)
+    with pytest.raises(RuntimeError, match="did not answer within"):
+        s.start(grid, initial(), num_updates=5, max_time=60)
+    assert s.stats.timed_out == 4
+
+    grid = AsyncFakeGrid(app(), 2)
+    for nid in grid.node_ids:
+        grid.fail[nid] = lambda m: True
+    s = strategy(max_unusable=None)
+    s.start(grid, initial(), num_updates=5, max_time=0.5)
+    assert s.stats.failed > 12 and s.stats.applied == 0
+    with pytest.raises(ValueError, match="max_unusable"):
+        strategy(max_unusable=0)

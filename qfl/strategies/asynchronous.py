@@ -94,6 +94,11 @@ class AsyncCompressed(ServerProtocol):
         Pause between pulls when nothing arrived.
     seed : int
         Seeds client selection and compression.
+    max_unusable : int or None
+        The run stops with a RuntimeError naming the last problem when this many replies
+        in a row (failures, dropped replies and clients timed out) brought no usable
+        update: otherwise it would wait forever for ``num_updates`` (or end at
+        ``max_time`` with the model unchanged). None keeps waiting.
     **compression
         As for :class:`Compressed` (uplink, downlink, error_feedback, min_elements, ...).
     """
@@ -112,6 +117,7 @@ class AsyncCompressed(ServerProtocol):
         arrayrecord_key: str = "arrays",
         configrecord_key: str = "config",
         seed: int = 0,
+        max_unusable: int | None = 100,
         **compression: Any,
     ) -> None:
         super().__init__(**compression_settings("AsyncCompressed()", {**compression, "seed": seed}))
@@ -120,6 +126,10 @@ class AsyncCompressed(ServerProtocol):
                 "concurrency and buffer_size must be >= 1 and max_staleness >= 0, got "
                 f"{concurrency}, {buffer_size}, {max_staleness}"
             )
+        if max_unusable is not None and max_unusable < 1:
+            raise ValueError(f"max_unusable must be >= 1 or None, got {max_unusable}")
+        self.max_unusable = max_unusable
+        self._unusable, self._last_problem = 0, ""  # replies in a row without a usable update
         self.concurrency, self.buffer_size, self.max_staleness = concurrency, buffer_size, max_staleness
         self.staleness_exponent, self.server_lr = staleness_exponent, server_lr
         self.message_timeout, self.poll_interval = message_timeout, poll_interval
@@ -240,6 +250,7 @@ class AsyncCompressed(ServerProtocol):
             log(WARNING, "qfl async: node %s failed: %s", job.node, reply.error.reason)
             if STYPE in (reply.error.reason or ""):  # it could not read qfl's blobs
                 self._misconfigured(job.node, reply.error.reason)
+            self._no_update(f"node {job.node} failed: {reply.error.reason}")
             return model
         traffic.uplink += sum(record_bytes(r) for r in reply.content.array_records.values())
         traffic.uplink_full += full_uplink(reply, full_bytes)
@@ -249,6 +260,7 @@ class AsyncCompressed(ServerProtocol):
             self._misconfigured(job.node, "a reply without qfl's record")
         staleness = self.version - job.version
         if staleness > self.max_staleness:
+            self._unusable = 0  # a trained update, late: the clients work
             self.stats.stale += 1
             self.strip(reply)  # its replica report is still good news for the downlink
             log(
@@ -269,10 +281,13 @@ class AsyncCompressed(ServerProtocol):
         except (ValueError, TypeError, OverflowError) as exc:  # WireFormatError, ProtocolError, ...
             self.stats.dropped += 1
             self._drop(traffic, reply, exc, self.version)
+            self._no_update(f"the reply of node {job.node} was dropped: {exc}")
             return model
         if not self.screen(traffic, [(reply, norm(delta))], self.version):
             self.stats.dropped += 1
+            self._no_update(f"the update of node {job.node} failed the norm checks (UpdateGuard, clipping)")
             return model
+        self._unusable = 0
         self.acknowledge(reply, info)
         traffic.client_state_bytes = max(traffic.client_state_bytes, info.state_bytes)
         n = _examples(reply, self.weighted_by_key)
@@ -307,6 +322,18 @@ class AsyncCompressed(ServerProtocol):
         if len(self._unmodded) >= max(1, min(self.concurrency, self._pool)):
             self.check_misconfigured(self.version, "train", list(self._unmodded.values()), usable=0)
 
+    def _no_update(self, problem: str) -> None:
+        """Count a reply (or a silence) that brought no usable update; stop the run at
+        ``max_unusable`` in a row, when nothing suggests the next one will."""
+        self._unusable, self._last_problem = self._unusable + 1, problem
+        if self.max_unusable is not None and self._unusable >= self.max_unusable:
+            raise RuntimeError(
+                f"qfl async: the last {self._unusable} replies brought no usable update "
+                f"({self.stats.failed} failed, {self.stats.dropped} dropped, {self.stats.timed_out} timed out "
+                f"in the run; the last: {self._last_problem}). Fix the ClientApp or the clients' settings, or pass "
+                "AsyncCompressed(max_unusable=None) to keep waiting."
+            )
+
     def _expire(self) -> None:
         now = time.monotonic()
         for mid, job in list(self.jobs.items()):
@@ -315,6 +342,7 @@ class AsyncCompressed(ServerProtocol):
                 self.stats.timed_out += 1
                 self.downlink.forget(job.node)
                 log(WARNING, "qfl async: node %s did not answer within %.0f s", job.node, self.message_timeout)
+                self._no_update(f"node {job.node} did not answer within {self.message_timeout:.0f} s")
 
     def _metrics(self) -> MetricRecord:
         s = self.stats
