@@ -254,13 +254,17 @@ class AsyncCompressed(ServerProtocol):
             return model
         traffic.uplink += sum(record_bytes(r) for r in reply.content.array_records.values())
         traffic.uplink_full += full_uplink(reply, full_bytes)
-        if REPLY_KEY in reply.content:
+        modded = REPLY_KEY in reply.content
+        if modded:
             self._unmodded.clear()
         else:
             self._misconfigured(job.node, "a reply without qfl's record")
         staleness = self.version - job.version
         if staleness > self.max_staleness:
-            self._unusable = 0  # a trained update, late: the clients work
+            if modded:  # a trained update, late: the clients work
+                self._unusable = 0
+            else:
+                self._no_update(f"node {job.node} replied without qfl's record")
             self.stats.stale += 1
             self.strip(reply)  # its replica report is still good news for the downlink
             log(
@@ -328,7 +332,7 @@ class AsyncCompressed(ServerProtocol):
         self._unusable, self._last_problem = self._unusable + 1, problem
         if self.max_unusable is not None and self._unusable >= self.max_unusable:
             raise RuntimeError(
-                f"qfl async: the last {self._unusable} replies brought no usable update "
+                f"qfl async: the last {self._unusable} replies (or timeouts) brought no usable update "
                 f"({self.stats.failed} failed, {self.stats.dropped} dropped, {self.stats.timed_out} timed out "
                 f"in the run; the last: {self._last_problem}). Fix the ClientApp or the clients' settings, or pass "
                 "AsyncCompressed(max_unusable=None) to keep waiting."
