@@ -44,7 +44,6 @@ import psutil
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvg, FedAvgM, FedProx, FedYogi
 
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
@@ -53,19 +52,12 @@ from bigmodel.models import resnet18  # the model of scale.py and e2e.py
 from fakes import FakeGrid  # the in-process Grid of the tests
 
 from qfl.clients import compression_mod
-from qfl.strategies import Compressed, FedAvgMomentum
+from qfl.strategies import Compressed
 from qfl.strategies import aggregate as streaming
 
-#: ``--strategies``: the inner strategies qfl aggregates one reply at a time (``LINEAR``).
-STRATEGIES = {
-    "fedavg": FedAvg,
-    "fedavgm": FedAvgM,
-    "fedprox": FedProx,
-    "fedadam": FedAdam,
-    "fedyogi": FedYogi,
-    "fedadagrad": FedAdagrad,
-    "fedavgmomentum": FedAvgMomentum,
-}
+#: ``--strategies``: the inner strategies qfl aggregates one reply at a time, by lower-case
+#: class name (qfl's own list, ``LINEAR``).
+STRATEGIES = {kind.__name__.lower(): kind for kind in sorted(streaming.LINEAR, key=lambda k: k.__name__)}
 #: The streaming path's traced peak at the largest N over its peak at the smallest: O(model)
 #: means no growth with N, up to this much for allocator noise.
 FLAT = 1.25
@@ -183,9 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     size = sum(a.numpy().nbytes for a in model.values())
     print(f"model: {sum(a.numpy().size for a in model.values()) / 1e6:.1f}M elements, {size / 2**20:.1f} MiB")
     grid = FakeGrid(client_app(), max(counts))
-    maker = Compressed(
-        FedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=1, min_available_nodes=1), uplink=args.uplink
-    )
+    maker = Compressed(inner("fedavg"), uplink=args.uplink)
     t = time.perf_counter()
     replies = grid.send_and_receive(maker.configure_train(1, model, ConfigRecord(), grid))
     up = np.mean([sum(len(a.data) for a in next(iter(r.content.array_records.values())).values()) for r in replies])
