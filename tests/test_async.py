@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import pytest
 from conftest import tiny_data, tiny_model
 from fakes import AsyncFakeGrid, FakeGrid
-from flwr.app import ArrayRecord, MetricRecord
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
 
 from qfl.clients import LocalTraining, evaluate, make_client_app
 from qfl.clients.state import load_replica
 from qfl.codec import digest
-from qfl.strategies import AsyncCompressed, Compressed
+from qfl.strategies import AsyncCompressed, Compressed, MisconfigurationError
 
 PLAN = LocalTraining(steps=5, lr=0.1)
 
@@ -125,10 +126,6 @@ def test_async_reaches_the_sync_accuracy_band():
 def test_clients_without_the_mod_stop_the_run_with_a_clear_error():
     """Every node lacks compression_mod: no reply is ever usable, so the run must not wait
     for updates that never come (nor end at max_time with the initial model)."""
-    import pytest
-
-    from qfl.strategies import MisconfigurationError
-
     plain = make_client_app(tiny_model, tiny_data, default=PLAN, mods=())
     for grid in (AsyncFakeGrid(plain, 4), AsyncFakeGrid(PlainReplies(), 4)):
         s = strategy(concurrency=3)
@@ -152,8 +149,6 @@ class PlainReplies:
     (it never reads the message's arrays)."""
 
     def __call__(self, msg, context):
-        from flwr.app import Message, RecordDict
-
         return Message(RecordDict({"arrays": initial(), "metrics": MetricRecord({"num-examples": 10})}), reply_to=msg)
 
 
@@ -187,8 +182,6 @@ def test_a_usable_reply_clears_the_nodes_seen_without_the_mod():
 def test_a_run_where_no_reply_is_ever_usable_stops_with_the_last_problem():
     """Every node fails, or none answers: without a limit the run would wait forever for
     its updates. With max_unusable=None it keeps waiting (here until max_time)."""
-    import pytest
-
     grid = AsyncFakeGrid(app(), 3)
     for nid in grid.node_ids:
         grid.fail[nid] = lambda m: True
