@@ -252,7 +252,7 @@ def many_clients(fed, args, tmp: Path, checks: list) -> dict:
             f"{r['rounds'][-1]['server_rss_mb']:.0f} MB after round {len(r['rounds'])}, "
             f"peak {r['server_peak_rss_mb']:.0f} MB"
         )
-    memory = server_memory(runs["plain"], ours)
+    memory = process_memory(runs["plain"], ours)
     print(
         f"server state (qfl's strategy: downlink replica, steps, checkpoint, offers): "
         f"{memory['state_mb'][0]:.2f} MB after round 1, {memory['state_mb'][1]:.2f} MB after round "
@@ -284,7 +284,7 @@ def many_clients(fed, args, tmp: Path, checks: list) -> dict:
     return {"runs": runs, "summary": figures, "per_client_overhead_s": overhead, "memory": memory}
 
 
-def server_memory(plain: dict, ours: dict) -> dict:
+def process_memory(plain: dict, ours: dict) -> dict:
     """What the server process holds in the many-clients run, apart: qfl's strategy state
     (bounded by its history, whatever the number of clients) and the contexts Flower's
     simulation engine keeps in the same process for every node it ran, which with qfl

@@ -44,11 +44,9 @@ from flwr.supercore import log
 
 from ..clients.records import record_bytes, to_record, to_tensors
 from ..codec import MAX_VALUE, Tensors, apply_delta, is_float, norm
-from ..protocol import REPLY_KEY
-from ..wire import STYPE
 from .compressed import compression_settings
 from .replies import beyond_range, full_uplink
-from .server import ServerProtocol
+from .server import ServerProtocol, without_mod
 from .traffic import with_traffic
 
 
@@ -129,7 +127,7 @@ class AsyncCompressed(ServerProtocol):
         if max_unusable is not None and max_unusable < 1:
             raise ValueError(f"max_unusable must be >= 1 or None, got {max_unusable}")
         self.max_unusable = max_unusable
-        self._unusable, self._last_problem = 0, ""  # replies in a row without a usable update
+        self._unusable = 0  # replies in a row without a usable update
         self.concurrency, self.buffer_size, self.max_staleness = concurrency, buffer_size, max_staleness
         self.staleness_exponent, self.server_lr = staleness_exponent, server_lr
         self.message_timeout, self.poll_interval = message_timeout, poll_interval
@@ -248,17 +246,18 @@ class AsyncCompressed(ServerProtocol):
             traffic.failures += 1
             self.downlink.forget(job.node)
             log(WARNING, "qfl async: node %s failed: %s", job.node, reply.error.reason)
-            if STYPE in (reply.error.reason or ""):  # it could not read qfl's blobs
-                self._misconfigured(job.node, reply.error.reason)
+            if (why := without_mod(reply)) is not None:
+                self._misconfigured(job.node, why)
             self._no_update(f"node {job.node} failed: {reply.error.reason}")
             return model
         traffic.uplink += sum(record_bytes(r) for r in reply.content.array_records.values())
         traffic.uplink_full += full_uplink(reply, full_bytes)
-        modded = REPLY_KEY in reply.content
+        why = without_mod(reply)
+        modded = why is None
         if modded:
             self._unmodded.clear()
         else:
-            self._misconfigured(job.node, "a reply without qfl's record")
+            self._misconfigured(job.node, why)
         staleness = self.version - job.version
         if staleness > self.max_staleness:
             if modded:  # a trained update, late: the clients work
@@ -329,12 +328,12 @@ class AsyncCompressed(ServerProtocol):
     def _no_update(self, problem: str) -> None:
         """Count a reply (or a silence) that brought no usable update; stop the run at
         ``max_unusable`` in a row, when nothing suggests the next one will."""
-        self._unusable, self._last_problem = self._unusable + 1, problem
+        self._unusable += 1
         if self.max_unusable is not None and self._unusable >= self.max_unusable:
             raise RuntimeError(
                 f"qfl async: the last {self._unusable} replies (or timeouts) brought no usable update "
                 f"({self.stats.failed} failed, {self.stats.dropped} dropped, {self.stats.timed_out} timed out "
-                f"in the run; the last: {self._last_problem}). Fix the ClientApp or the clients' settings, or pass "
+                f"in the run; the last: {problem}). Fix the ClientApp or the clients' settings, or pass "
                 "AsyncCompressed(max_unusable=None) to keep waiting."
             )
 

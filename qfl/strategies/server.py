@@ -313,8 +313,8 @@ class ServerProtocol:
         for msg in self._without_errors(replies, traffic, passed, unmodded):
             traffic.uplink += sum(record_bytes(r) for r in msg.content.array_records.values())
             traffic.uplink_full += full_uplink(msg, self._full_bytes)
-            if REPLY_KEY not in msg.content:
-                unmodded.append("a reply without qfl's record")
+            if (why := without_mod(msg)) is not None:
+                unmodded.append(why)
             try:
                 akey, delta, info = self.decode_update(msg, base, sparse=not rebuild)
                 # Without rebuilding, only the verdict on the model the update makes is kept,
@@ -368,16 +368,16 @@ class ServerProtocol:
             passed.append(msg)
             traffic.failures += 1
             self.downlink.forget(self.node_of(msg))
-            if STYPE in (msg.error.reason or ""):
-                unmodded.append(msg.error.reason)
+            if (why := without_mod(msg)) is not None:
+                unmodded.append(why)
 
     def evaluate_replies(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
         """Evaluate replies without qfl's record, after acknowledging the replica each reports."""
         traffic = self.traffic.at(server_round, "evaluate")
         passed, unmodded = [], []
         for msg in self._without_errors(replies, traffic, passed, unmodded):
-            if REPLY_KEY not in msg.content:
-                unmodded.append("a reply without qfl's record")
+            if (why := without_mod(msg)) is not None:
+                unmodded.append(why)
             try:
                 info = reply_info(msg, "report")
                 check_records(msg.content, arrays=0, weight_key=self.weight_key)
@@ -514,6 +514,15 @@ class ServerProtocol:
         return Message(
             content=RecordDict({k: v for k, v in msg.content.items() if k != REPLY_KEY}), metadata=msg.metadata
         )
+
+
+def without_mod(msg: Message) -> str | None:
+    """Why a reply shows a client without ``compression_mod``, or None: an error naming qfl's
+    payload type (the client could not read qfl's blobs), or content without qfl's record."""
+    if msg.has_error():
+        reason = msg.error.reason or ""
+        return reason if STYPE in reason else None
+    return None if REPLY_KEY in msg.content else "a reply without qfl's record"
 
 
 def encode_blobs(blobs: Mapping[str, bytes]) -> ArrayRecord:
