@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from conftest import tiny_data, tiny_model
 from fakes import AsyncFakeGrid, FakeGrid
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
 
 from qfl.clients import LocalTraining, evaluate, make_client_app
+from qfl.clients.records import decode_record
 from qfl.clients.state import load_replica
 from qfl.codec import digest
 from qfl.strategies import AsyncCompressed, Compressed, MisconfigurationError
@@ -107,6 +109,63 @@ def test_state_stays_bounded_and_replicas_match_after_many_versions():
         replica, held = load_replica(grid.contexts[nid].state)
         assert held >= version and digest(replica) == s.downlink._digests[held]
     assert s.traffic.total().dropped == 0 and s.stats.dropped == 0
+
+
+def fedbuff_replay(grid: AsyncFakeGrid, start: dict, buffer_size: int, lr: float, exponent: float, versions: int):
+    """The model FedBuff's rule makes of the replies in the order the server took them
+    in, in float64, each update decoded densely from the reply's own blobs:
+    ``model + lr * sum_i n_i (1 + s_i)^-a delta_i / sum_i n_i`` every ``buffer_size``
+    updates, s_i the versions since the model its client was sent, a counter the newest."""
+    sent = {m.metadata.message_id: int(m.content["config"]["server-round"]) for m in grid.sent}
+    model = {k: v.double() if v.is_floating_point() else v.clone() for k, v in start.items()}
+    version, buffered = 0, []
+    for reply in grid.received:
+        if version >= versions:
+            break  # the server stops taking replies in once done
+        staleness = version - sent[reply.metadata.reply_to_message_id]
+        delta = {
+            k: ps[0].decompress().reshape(model[k].shape) for k, ps in decode_record(reply.content["arrays"]).items()
+        }
+        n = float(reply.content["metrics"]["num-examples"])
+        buffered.append((delta, n * (1 + staleness) ** -exponent, n))
+        if len(buffered) < buffer_size:
+            continue
+        total = sum(b[2] for b in buffered)
+        for k, t in model.items():
+            if t.is_floating_point():
+                model[k] = t + lr * sum(d[k].double() * w for d, w, _ in buffered) / total
+            else:
+                model[k] = buffered[-1][0][k].to(t.dtype)
+        version, buffered = version + 1, []
+    return model
+
+
+@pytest.mark.parametrize("uplink", ["topk(0.2) | qsgd(16)", "randk(0.3)", "qsgd(16)"])
+def test_buffered_updates_are_summed_as_they_arrive_into_fedbuffs_step(uplink):
+    """Sparse and dense uplinks: the server's model is FedBuff's step of the very updates
+    it took in (staleness-weighted, divided by the examples), and between steps it holds
+    one sum of the model's size, not one update per buffered reply."""
+    held = []
+
+    class Sampled(AsyncFakeGrid):
+        def pull_messages(self, message_ids):
+            held.append(s.state_size())
+            return super().pull_messages(message_ids)
+
+    grid = Sampled(app(), 5, delays={1000: 0, 1001: 2, 1002: 1, 1003: 4, 1004: 0})
+    s = strategy(concurrency=4, buffer_size=4, max_staleness=50, staleness_exponent=0.5, server_lr=0.8, uplink=uplink)
+    start = tiny_model().state_dict()
+    result = s.start(grid, ArrayRecord(start), num_updates=5)
+    assert s.stats.applied == 5 and s.stats.accepted == 20 and s.stats.staleness_sum > 0
+    expected = fedbuff_replay(grid, start, 4, 0.8, 0.5, 5)
+    got = result.arrays.to_torch_state_dict()
+    assert got.keys() == expected.keys()
+    for k, t in got.items():
+        assert t.dtype == start[k].dtype
+        torch.testing.assert_close(t.double(), expected[k].double(), rtol=1e-5, atol=1e-6, msg=k)
+    model_bytes = sum(t.nbytes for t in start.values())
+    assert max(z["buffered"] for z in held) == 3
+    assert all(z["buffer_bytes"] <= model_bytes for z in held)
 
 
 def test_async_reaches_the_sync_accuracy_band():

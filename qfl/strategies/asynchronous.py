@@ -8,17 +8,19 @@ that with ``grid.push_messages`` / ``grid.pull_messages`` (no round barrier):
 * it keeps up to ``concurrency`` clients busy, handing each idle node the current model
   (compressed exactly as in :class:`Compressed`: the node's downlink replica may be
   several versions old, it then receives the chain of steps since its version);
-* each reply is decoded and checked like a synchronous one, then buffered; every
-  ``buffer_size`` updates (FedBuff, Nguyen et al. 2022; 1 = apply at once, FedAsync)
-  the server model moves by
+* each reply is decoded and checked like a synchronous one, then added into one running
+  sum (a sparse update at its kept positions only); every ``buffer_size`` updates
+  (FedBuff, Nguyen et al. 2022; 1 = apply at once, FedAsync) the server model moves by
   ``server_lr * sum_i n_i (1 + s_i)^-a delta_i / sum_i n_i``, where s_i is the number of
   server versions since client i's model was sent (staleness) and n_i its example
   count (the polynomial staleness weight of FedAsync, Xie et al. 2019);
 * updates with staleness above ``max_staleness`` are rejected (counted, not applied);
   failed replies and clients silent for longer than ``message_timeout`` free their slot.
 
-State is bounded: at most ``concurrency`` jobs and ``buffer_size`` decoded updates,
-plus the downlink's bounded history.
+State is bounded: at most ``concurrency`` jobs, one model-sized sum however large
+``buffer_size`` (not one decoded update per buffered reply: server memory O(model), as
+the synchronous server's streaming aggregation, :mod:`qfl.strategies.aggregate`), plus
+the downlink's bounded history.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from dataclasses import dataclass
 from logging import INFO, WARNING
 from typing import Any
 
+import torch
 from flwr.app import (
     ArrayRecord,
     ConfigRecord,
@@ -43,7 +46,8 @@ from flwr.serverapp.strategy import Result
 from flwr.supercore import log
 
 from ..clients.records import record_bytes, to_record, to_tensors
-from ..codec import MAX_VALUE, Tensors, apply_delta, is_float, norm
+from ..codec import MAX_VALUE, Deltas, Tensors, apply_delta, dense, is_float, norm
+from .aggregate import WeightedMean
 from .compressed import compression_settings
 from .replies import beyond_range, full_uplink
 from .server import ServerProtocol, without_mod
@@ -140,7 +144,12 @@ class AsyncCompressed(ServerProtocol):
         self.stats = AsyncStats()
         self.version = 0
         self.jobs: dict[str, _Job] = {}  # message id -> job
-        self.buffer: list[tuple[Tensors, float, float]] = []  # (delta, staleness-weighted n, n)
+        # The buffered updates: sum_i n_i (1 + s_i)^-a delta_i (None when empty), how many,
+        # sum_i n_i, and the newest value of each tensor that carries values (counters).
+        self._sum: WeightedMean | None = None
+        self.buffered = 0
+        self._examples = 0.0
+        self._newest: dict[str, torch.Tensor] = {}
         # Nodes whose replies showed no compression_mod since the last reply that did, and
         # how many nodes a dispatch last saw: see _misconfigured.
         self._unmodded: dict[int, str] = {}
@@ -275,7 +284,7 @@ class AsyncCompressed(ServerProtocol):
             )
             return model
         try:
-            _, delta, info = self.decode_update(reply, model)
+            _, delta, info = self.decode_update(reply, model, sparse=True)
             # The model the update makes, checked one tensor at a time without building it
             # (as the synchronous server does): a model-sized copy per reply for nothing.
             bad = beyond_range(model, delta)
@@ -294,22 +303,38 @@ class AsyncCompressed(ServerProtocol):
         self.acknowledge(reply, info)
         traffic.client_state_bytes = max(traffic.client_state_bytes, info.state_bytes)
         n = _examples(reply, self.weighted_by_key)
-        self.buffer.append((delta, n * (1 + staleness) ** -self.staleness_exponent, n))
+        self._buffer(model, delta, n * (1 + staleness) ** -self.staleness_exponent, n)
         self.stats.staleness_sum += staleness
         self.stats.accepted += 1
-        if len(self.buffer) < self.buffer_size:
+        if self.buffered < self.buffer_size:
             return model
-        total = sum(b[2] for b in self.buffer)
-        update = {}
-        for k, t in model.items():
-            if is_float(t):
-                update[k] = sum(d[k].double() * (w / total) for d, w, _ in self.buffer) * self.server_lr
-            else:
-                update[k] = self.buffer[-1][0][k]  # counters and masks: the newest value
-        self.buffer.clear()
+        model = self._step(model)
         self.version += 1
         self.stats.applied += 1
-        return {k: apply_delta(model[k], update[k]) for k in model}
+        return model
+
+    def _buffer(self, model: Tensors, delta: Deltas, weight: float, examples: float) -> None:
+        """Add one accepted update into the running sum, with its staleness-weighted weight."""
+        if self._sum is None:
+            self._sum = WeightedMean(model, [1.0])
+        self._sum.add_update(delta, weight)
+        self._newest.update({k: dense(d) for k, d in delta.items() if not (is_float(model[k]) and is_float(d))})
+        self.buffered += 1
+        self._examples += examples
+
+    def _step(self, model: Tensors) -> Tensors:
+        """The next model, ``model + server_lr * sum_i n_i (1 + s_i)^-a delta_i / sum_i n_i``;
+        a tensor that carries values (a counter) takes the newest reply's. Empties the buffer."""
+        assert self._sum is not None
+        scale = self.server_lr / self._examples
+        new = {}
+        for k, t in model.items():
+            if k in self._newest:
+                new[k] = apply_delta(t, self._newest[k])
+            else:
+                new[k] = apply_delta(t, torch.from_numpy(self._sum.sums[k] * scale).reshape(t.shape))
+        self._sum, self.buffered, self._examples, self._newest = None, 0, 0.0, {}
+        return new
 
     def _misconfigured(self, node: int, reason: str) -> None:
         """Stop the run when every node that could be busy showed no ``compression_mod``.
@@ -361,8 +386,10 @@ class AsyncCompressed(ServerProtocol):
         return with_traffic(metrics, self.traffic.total())
 
     def state_size(self) -> dict[str, int]:
-        """Bounded server state: jobs in flight, buffered updates, downlink history."""
-        return {"jobs": len(self.jobs), "buffered": len(self.buffer), **self.downlink.state_size()}
+        """Bounded server state: jobs in flight, buffered updates and the bytes of their one
+        sum, downlink history."""
+        held = sum(a.nbytes for a in self._sum.sums.values()) if self._sum is not None else 0
+        return {"jobs": len(self.jobs), "buffered": self.buffered, "buffer_bytes": held, **self.downlink.state_size()}
 
 
 def _examples(reply: Message, key: str) -> float:
