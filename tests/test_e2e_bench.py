@@ -111,6 +111,9 @@ def test_tiny_models_report_every_figure(tiny):
     for goal in goals.values():
         assert goal["value"] > 0 and goal["pass"] == (goal["value"] <= goal["limit"])
         assert goal["goal"] in text
+    for name in MODELS:  # beside the absolute goal, plain Flower's own figure of the same run
+        plain = results["models"][name]["summary"]["plain"]["aggregate_ms_per_10m"]
+        assert f"({name}: plain Flower's aggregate_train in the same run: {plain:.3g} ms" in text
     assert "NOT A VERDICT: --tiny" in text and not results["load"]["verdict"]
     assert "load average at start" in text and "load average at end" in text
 
