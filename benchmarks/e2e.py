@@ -293,19 +293,19 @@ def process_memory(plain: dict, ours: dict) -> dict:
     process's growth beyond plain Flower's."""
     rounds, MB = ours["rounds"], 1 << 20
     state = ours["total"]["client_state_bytes"]
-    contacted = [sum(r["first_contacts"] for r in rounds[: i + 1]) for i in range(len(rounds))]
+    contacted = sum(r["first_contacts"] for r in rounds)
 
     def growth(run):
         return run["rounds"][-1]["server_rss_mb"] - run["rounds"][0]["server_rss_mb"]
 
-    added = (contacted[-1] - contacted[0]) * state / MB
+    added = (contacted - rounds[0]["first_contacts"]) * state / MB
     beyond = growth(ours) - growth(plain)
     return {
         "state_mb": (rounds[0].get("server_state_bytes", 0) / MB, rounds[-1].get("server_state_bytes", 0) / MB),
         "nodes": (rounds[0].get("server_state_nodes", 0), rounds[-1].get("server_state_nodes", 0)),
-        "contacted": contacted[-1],
+        "contacted": contacted,
         "client_state_kb": state / 1024,
-        "contexts_mb": contacted[-1] * state / MB,
+        "contexts_mb": contacted * state / MB,
         "growth_mb": beyond,
         "contexts_growth_mb": added,
         "growth_per_context": beyond / added if added > 0 else float("nan"),

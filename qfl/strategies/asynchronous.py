@@ -316,6 +316,8 @@ class AsyncCompressed(ServerProtocol):
     def _buffer(self, model: Tensors, delta: Deltas, weight: float, examples: float) -> None:
         """Add one accepted update into the running sum, with its staleness-weighted weight."""
         if self._sum is None:
+            # Its round factors go unused: each update is added with its own weight, and the
+            # total of the examples, known only when the buffer is full, divides in _step.
             self._sum = WeightedMean(model, [1.0])
         self._sum.add_update(delta, weight)
         self._newest.update({k: dense(d) for k, d in delta.items() if not (is_float(model[k]) and is_float(d))})
